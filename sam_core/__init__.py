@@ -1,0 +1,20 @@
+"""sam_core: Segment Anything, checkpoint-compatible with the official package."""
+
+from .build import build_sam, build_sam_vit_b, build_sam_vit_h, build_sam_vit_l, sam_model_registry
+from .checkpoint import CheckpointError
+from .config import PRESETS, SamConfig, get_config
+from .predictor import ImageEmbedding, SamPredictor
+
+__all__ = [
+    "CheckpointError",
+    "ImageEmbedding",
+    "PRESETS",
+    "SamConfig",
+    "SamPredictor",
+    "build_sam",
+    "build_sam_vit_b",
+    "build_sam_vit_h",
+    "build_sam_vit_l",
+    "get_config",
+    "sam_model_registry",
+]

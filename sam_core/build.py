@@ -1,0 +1,96 @@
+"""Model builders and the drop-in ``sam_model_registry``."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Callable, Dict, Optional, Union
+
+import torch
+
+from .checkpoint import load_state_dict_strict, read_checkpoint
+from .config import PRESET_ALIASES, PRESETS, SamConfig, get_config
+from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+ATTENTION_BACKENDS = ("sdpa", "reference")
+
+
+def build_sam(
+    config: Union[SamConfig, str] = "vit_h",
+    checkpoint: "Optional[os.PathLike[str] | str]" = None,
+    *,
+    device: "Optional[torch.device | str]" = None,
+    attention_backend: str = "sdpa",
+) -> Sam:
+    """Build SAM from a preset name or :class:`SamConfig`, optionally loading a checkpoint.
+
+    The model is returned in eval mode on ``device`` (default CPU). Checkpoints are read with
+    ``weights_only=True`` and loaded strictly; see :mod:`sam_core.checkpoint` for the errors.
+    """
+    preset = None
+    if isinstance(config, str):
+        preset = PRESET_ALIASES.get(config, config)
+        config = get_config(config)
+    c = config
+    grid = c.image_embedding_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=c.image_size,
+            patch_size=c.patch_size,
+            embed_dim=c.encoder_embed_dim,
+            depth=c.encoder_depth,
+            num_heads=c.encoder_num_heads,
+            mlp_ratio=c.mlp_ratio,
+            out_chans=c.prompt_embed_dim,
+            window_size=c.window_size,
+            global_attn_indexes=c.encoder_global_attn_indexes,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=c.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(c.image_size, c.image_size),
+            mask_in_chans=c.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            transformer_dim=c.prompt_embed_dim,
+            transformer=TwoWayTransformer(
+                depth=c.decoder_depth,
+                embedding_dim=c.prompt_embed_dim,
+                mlp_dim=c.decoder_mlp_dim,
+                num_heads=c.decoder_num_heads,
+            ),
+            num_multimask_outputs=c.num_multimask_outputs,
+            iou_head_depth=c.iou_head_depth,
+            iou_head_hidden_dim=c.iou_head_hidden_dim,
+        ),
+        pixel_mean=c.pixel_mean,
+        pixel_std=c.pixel_std,
+    )
+    sam.eval()
+    set_attention_backend(sam, attention_backend)
+    if checkpoint is not None:
+        load_state_dict_strict(sam, read_checkpoint(checkpoint), expected=preset)
+    if device is not None:
+        sam.to(device)
+    return sam
+
+
+def set_attention_backend(model: torch.nn.Module, backend: str) -> None:
+    """Switch every attention layer between ``sdpa`` (fused) and ``reference`` (explicit softmax)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}.")
+    for module in model.modules():
+        if hasattr(module, "use_sdpa"):
+            module.use_sdpa = backend == "sdpa"
+
+
+def _registry() -> Dict[str, Callable[..., Sam]]:
+    names = list(PRESET_ALIASES) + list(PRESETS)
+    return {name: partial(build_sam, name) for name in names}
+
+
+# Drop-in for ``segment_anything.sam_model_registry``: ``sam_model_registry["vit_b"](checkpoint=p)``.
+sam_model_registry: Dict[str, Callable[..., Sam]] = _registry()
+build_sam_vit_h = sam_model_registry["vit_h"]
+build_sam_vit_l = sam_model_registry["vit_l"]
+build_sam_vit_b = sam_model_registry["vit_b"]

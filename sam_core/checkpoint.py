@@ -1,0 +1,150 @@
+"""Loading official-format SAM checkpoints: read safely, filter keys, load strictly with clear errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .config import PRESETS
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used, with the reason and what to do."""
+
+
+# Wrappers that training frameworks put around a state dict.
+_WRAPPER_KEYS = ("model", "state_dict")
+
+
+def _clean_key(key: str) -> str:
+    """Drop the ``module.`` prefix of DataParallel/DDP and ``_orig_mod.`` of torch.compile, which
+    can stand before any submodule (``image_encoder._orig_mod.blocks.0...``)."""
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    return ".".join(part for part in key.split(".") if part != "_orig_mod")
+
+
+def filter_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Pure ``state_dict -> state_dict``: unwrap ``model``/``state_dict``, strip ``module.`` and
+    ``_orig_mod.``. Raises :class:`CheckpointError` if no tensors are found."""
+    sd: Any = checkpoint
+    while isinstance(sd, Mapping) and not _looks_like_state_dict(sd):
+        inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            break
+        sd = inner
+    if not isinstance(sd, Mapping) or not _looks_like_state_dict(sd):
+        raise CheckpointError(
+            "The checkpoint holds no state dict of tensors (looked at the top level and under "
+            f"{list(_WRAPPER_KEYS)})."
+        )
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # metadata such as epoch counters riding along in the dict
+        out[_clean_key(key)] = value
+    return out
+
+
+def _looks_like_state_dict(d: Mapping[str, Any]) -> bool:
+    return len(d) > 0 and any(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def read_checkpoint(path: "os.PathLike[str] | str") -> Dict[str, torch.Tensor]:
+    """Read a ``.pth`` file with ``weights_only=True`` (never runs pickled code) and filter it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {path!r} does not exist or is not a file.")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"Checkpoint {path!r} is an empty file.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"Checkpoint {path!r} contains pickled objects other than tensors; refusing to "
+                "load it (loading runs with weights_only=True, so no code in it was executed). "
+                "Re-save it as a plain state dict: torch.save(model.state_dict(), path)."
+            ) from e
+        raise CheckpointError(_unreadable(path, head)) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(_unreadable(path, head)) from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"Checkpoint {path!r} holds a {type(obj).__name__}, not a state dict."
+        )
+    return filter_state_dict(obj)
+
+
+def _unreadable(path: str, head: bytes) -> str:
+    if head.startswith(b"PK"):
+        return (
+            f"Checkpoint {path!r} is truncated or corrupt (a damaged zip archive); "
+            "download or copy it again."
+        )
+    return f"{path!r} is not a PyTorch checkpoint (torch.load could not read it)."
+
+
+def guess_preset(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Name of the preset whose encoder width and depth match ``state_dict``, if any."""
+    width = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if width is None:
+        return None
+    blocks = {k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")}
+    for name, cfg in PRESETS.items():
+        if cfg.encoder_embed_dim == width.shape[0] and cfg.encoder_depth == len(blocks):
+            return name
+    return None
+
+
+def describe(state_dict: Mapping[str, torch.Tensor]) -> str:
+    width = state_dict.get("image_encoder.patch_embed.proj.weight")
+    blocks = {k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")}
+    w = "?" if width is None else width.shape[0]
+    return f"encoder width {w}, depth {len(blocks)}"
+
+
+def load_state_dict_strict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Optional[str] = None,
+) -> None:
+    """Copy ``state_dict`` into ``model`` requiring the exact key set and shapes.
+
+    ``expected`` names the preset the caller asked for, so a checkpoint of another size is
+    reported as such ("looks like vit_l") rather than as a wall of shape errors.
+    """
+    own = model.state_dict()
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if not (mismatched or missing or unexpected):
+        model.load_state_dict(state_dict, strict=True)
+        return
+    guess = guess_preset(state_dict)
+    if expected is not None and guess is not None and guess != expected:
+        raise CheckpointError(
+            f"This checkpoint is a {guess} model ({describe(state_dict)}) but model type "
+            f"{expected!r} was requested; build it with sam_model_registry[{guess!r}]."
+        )
+    parts = []
+    for title, items in (
+        ("shape mismatches", mismatched),
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+    ):
+        if items:
+            parts.append(f"{len(items)} {title}: " + ", ".join(items))
+    what = f" for model type {expected!r}" if expected else ""
+    raise CheckpointError(f"Checkpoint does not match the model{what}. " + "; ".join(parts))
