@@ -1,5 +1,6 @@
 """sam_core: Segment Anything, checkpoint-compatible with the official package."""
 
+from .amg import SA1B_PRESET, SamAutomaticMaskGenerator
 from .build import build_sam, build_sam_vit_b, build_sam_vit_h, build_sam_vit_l, sam_model_registry
 from .checkpoint import CheckpointError
 from .config import PRESETS, SamConfig, get_config
@@ -10,6 +11,8 @@ __all__ = [
     "ImageEmbedding",
     "PRESETS",
     "SamConfig",
+    "SA1B_PRESET",
+    "SamAutomaticMaskGenerator",
     "SamPredictor",
     "build_sam",
     "build_sam_vit_b",

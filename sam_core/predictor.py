@@ -56,7 +56,7 @@ class SamPredictor:
             raise ValueError("set_images needs at least one image.")
         tensors, sizes = [], []
         for i, image in enumerate(images):
-            _check_image(image, i if len(images) > 1 else None)
+            check_image(image, i if len(images) > 1 else None)
             if image_format != self.model.image_format:
                 image = image[..., ::-1]
             resized = self.transform.apply_image(np.ascontiguousarray(image))
@@ -209,7 +209,7 @@ class SamPredictor:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
 
-def _check_image(image: np.ndarray, index: Optional[int]) -> None:
+def check_image(image: np.ndarray, index: Optional[int]) -> None:
     where = "" if index is None else f" (image {index})"
     if not isinstance(image, np.ndarray):
         raise ValueError(f"Expected an HxWx3 uint8 numpy array{where}, got {type(image).__name__}.")

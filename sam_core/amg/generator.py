@@ -1,0 +1,321 @@
+"""``SamAutomaticMaskGenerator``: every object in an image as masks, from a grid of point prompts.
+
+Same constructor, defaults, outputs and records as ``segment_anything.SamAutomaticMaskGenerator``.
+In ``mode="exact"`` (default) the arithmetic is the official one, in the same order, so a model
+with ``attention_backend="reference"`` gives bit-identical records; what changes is where work
+is done and how much of it:
+
+- the predicted-IoU filter runs on the low-res decoder output, so only survivors are upsampled;
+- stability, binarisation, boxes, uncropping and RLE run on survivors in chunks whose
+  full-resolution size is bounded (``max_chunk_pixels``), with one host transfer per chunk;
+- crops are encoded several at a time (``encoder_batch_size``);
+- crop layers with no surviving mask do not crash.
+
+``mode="fast"`` adds bf16 autocast for encoder and decoder; its deviation from exact is measured
+by ``tests/test_amg_fast_mode.py`` and ``bench/amg.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torchvision.ops.boxes import batched_nms, box_area
+
+from ..modeling import Sam
+from ..predictor import ImageEmbedding, SamPredictor, check_image
+from .mask_data import MaskData
+from .masks import (
+    area_from_rle,
+    batched_mask_to_box,
+    box_xyxy_to_xywh,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    coco_encode_rle,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    mask_to_rle,
+    remove_small_regions,
+    rle_to_mask,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+    uncrop_points,
+)
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+MODES = ("exact", "fast")
+
+# The settings of the SA-1B release (see shared REFERENCE): 32x32 points, two crop layers
+# (1 + 4 + 16 crops) with points halved per layer, official thresholds, holes/islands < 100 px removed.
+SA1B_PRESET: Dict[str, Any] = dict(
+    points_per_side=32,
+    pred_iou_thresh=0.88,
+    stability_score_thresh=0.95,
+    stability_score_offset=1.0,
+    box_nms_thresh=0.7,
+    crop_n_layers=2,
+    crop_nms_thresh=0.7,
+    crop_overlap_ratio=512 / 1500,
+    crop_n_points_downscale_factor=2,
+    min_mask_region_area=100,
+)
+PRESETS: Dict[str, Dict[str, Any]] = {"sa1b": SA1B_PRESET}
+
+
+class SamAutomaticMaskGenerator:
+    def __init__(
+        self,
+        model: Sam,
+        points_per_side: Optional[int] = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[List[np.ndarray]] = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+        *,
+        mode: str = "exact",
+        encoder_batch_size: int = 4,
+        max_chunk_pixels: int = 64 * 1024 * 1024,
+    ) -> None:
+        """Arguments as the official generator's; beyond them (keyword-only):
+
+        mode: "exact" (fp32, official arithmetic) or "fast" (bf16 autocast).
+        encoder_batch_size: crops encoded per encoder forward.
+        max_chunk_pixels: bound on full-resolution mask pixels held at once (memory cap).
+        """
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("Give exactly one of points_per_side or point_grids.")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}.")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        for name, value in (("points_per_batch", points_per_batch), ("encoder_batch_size", encoder_batch_size),
+                            ("crop_n_points_downscale_factor", crop_n_points_downscale_factor),
+                            ("max_chunk_pixels", max_chunk_pixels)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if crop_n_layers < 0:
+            raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}.")
+        if points_per_side is not None:
+            if points_per_side < 1:
+                raise ValueError(f"points_per_side must be >= 1, got {points_per_side}.")
+            self.point_grids = build_all_layer_point_grids(
+                points_per_side, crop_n_layers, crop_n_points_downscale_factor
+            )
+        else:
+            if len(point_grids) < crop_n_layers + 1:
+                raise ValueError(
+                    f"point_grids has {len(point_grids)} grids; crop_n_layers={crop_n_layers} "
+                    f"needs {crop_n_layers + 1} (one per layer)."
+                )
+            for i, grid in enumerate(point_grids):
+                g = np.asarray(grid)
+                if g.ndim != 2 or g.shape[1] != 2 or not np.all((g >= 0) & (g <= 1)):
+                    raise ValueError(f"point_grids[{i}] must be Nx2 (x, y) in [0, 1].")
+            self.point_grids = point_grids
+        if output_mode == "coco_rle":
+            from pycocotools import mask as _  # noqa: F401  (fail early if missing)
+        if min_mask_region_area > 0:
+            import cv2  # noqa: F401
+
+        amp = torch.bfloat16 if mode == "fast" else None
+        self.predictor = SamPredictor(model, amp_dtype=amp)
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+        self.mode = mode
+        self.encoder_batch_size = encoder_batch_size
+        self.max_chunk_pixels = max_chunk_pixels
+
+    @classmethod
+    def from_preset(cls, preset: str, model: Sam, **overrides: Any) -> "SamAutomaticMaskGenerator":
+        """A generator with a named preset's settings (``"sa1b"``), ``overrides`` applied on top."""
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+        return cls(model, **{**PRESETS[preset], **overrides})
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+        """Masks for an HxWx3 uint8 RGB image, as a list of records (official keys and types):
+
+        segmentation (HxW bool array, or RLE dict per ``output_mode``), area (int),
+        bbox (XYWH), predicted_iou (float), point_coords ([[x, y]]), stability_score (float),
+        crop_box (XYWH).
+        """
+        check_image(image, None)
+        data = self.generate_mask_data(image)
+        return self.records(data)
+
+    @torch.no_grad()
+    def generate_mask_data(self, image: np.ndarray) -> MaskData:
+        """All masks of ``image`` after NMS and small-region removal, as numpy columns + RLEs."""
+        data = self._generate_masks(image)
+        if self.min_mask_region_area > 0:
+            data = self.postprocess_small_regions(
+                data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
+            )
+        return data
+
+    def records(self, data: MaskData) -> List[Dict[str, Any]]:
+        """Official-format records from the columns of :meth:`generate_mask_data`."""
+        if self.output_mode == "coco_rle":
+            segmentations = [coco_encode_rle(rle) for rle in data["rles"]]
+        elif self.output_mode == "binary_mask":
+            segmentations = [rle_to_mask(rle) for rle in data["rles"]]
+        else:
+            segmentations = data["rles"]
+        boxes = box_xyxy_to_xywh(data["boxes"]).tolist()
+        crop_boxes = box_xyxy_to_xywh(data["crop_boxes"]).tolist()
+        return [
+            {
+                "segmentation": segmentations[i],
+                "area": area_from_rle(data["rles"][i]),
+                "bbox": boxes[i],
+                "predicted_iou": data["iou_preds"][i].item(),
+                "point_coords": [data["points"][i].tolist()],
+                "stability_score": data["stability_score"][i].item(),
+                "crop_box": crop_boxes[i],
+            }
+            for i in range(len(segmentations))
+        ]
+
+    # ------------------------------------------------------------------ stages
+    def _generate_masks(self, image: np.ndarray) -> MaskData:
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        data = MaskData.empty(self.predictor.device)
+        for start in range(0, len(crop_boxes), self.encoder_batch_size):
+            boxes = crop_boxes[start : start + self.encoder_batch_size]
+            crops = [image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes]
+            embeddings = self.predictor.set_images(crops)
+            for embedding, box, layer in zip(embeddings, boxes, layer_idxs[start:]):
+                data.cat(self._process_crop(embedding, box, layer, orig_size))
+        self.predictor.reset_image()
+
+        if len(crop_boxes) > 1 and len(data) > 0:
+            # Across crops, prefer masks from smaller (more zoomed-in) crops.
+            scores = 1 / box_area(data["crop_boxes"])
+            keep = batched_nms(data["boxes"].float(), scores, torch.zeros_like(scores),
+                               iou_threshold=self.crop_nms_thresh)
+            data.filter(keep)
+        data.to_numpy()
+        return data
+
+    def _process_crop(
+        self, embedding: ImageEmbedding, crop_box: List[int], layer_idx: int, orig_size: Tuple[int, int]
+    ) -> MaskData:
+        self.predictor.set_embedding(embedding)
+        crop_h, crop_w = embedding.original_size
+        points_for_image = self.point_grids[layer_idx] * np.array([[crop_w, crop_h]])
+        data = MaskData.empty(self.predictor.device)
+        for start in range(0, len(points_for_image), self.points_per_batch):
+            points = points_for_image[start : start + self.points_per_batch]
+            data.cat(self._process_batch(points, (crop_h, crop_w), crop_box, orig_size))
+        if len(data) > 0:
+            keep = batched_nms(data["boxes"].float(), data["iou_preds"],
+                               torch.zeros_like(data["iou_preds"]), iou_threshold=self.box_nms_thresh)
+            data.filter(keep)
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = torch.tensor([crop_box], device=data["boxes"].device).repeat(len(data), 1)
+        return data
+
+    def _process_batch(
+        self, points: np.ndarray, im_size: Tuple[int, int], crop_box: List[int], orig_size: Tuple[int, int]
+    ) -> MaskData:
+        """Decode one batch of point prompts and keep the masks that pass every filter."""
+        p = self.predictor
+        model = p.model
+        device = p.device
+        # float64 points as the official code passes them (normalised in float64, then cast).
+        in_points = torch.as_tensor(p.transform.apply_coords(points, im_size), device=device)
+        in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=device)
+        with p._autocast():
+            sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]),
+                                                 boxes=None, masks=None)
+            low_res, iou_preds = model.mask_decoder(
+                image_embeddings=p.features,
+                image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
+        n_out = low_res.shape[1]
+        low_res = low_res.float().flatten(0, 1)  # (B*3, 256, 256)
+        iou_preds = iou_preds.float().flatten(0, 1)  # (B*3,)
+        points_t = torch.as_tensor(points.repeat(n_out, axis=0), device=device)  # (B*3, 2) float64
+
+        # IoU filter first: it needs no pixels, and most candidates fail it.
+        if self.pred_iou_thresh > 0.0:
+            keep = iou_preds > self.pred_iou_thresh
+            low_res, iou_preds, points_t = low_res[keep], iou_preds[keep], points_t[keep]
+
+        out = MaskData.empty(device)
+        orig_h, orig_w = orig_size
+        chunk = max(1, self.max_chunk_pixels // max(1, orig_h * orig_w))
+        for s in range(0, low_res.shape[0], chunk):
+            out.cat(self._filter_and_encode(low_res[s : s + chunk], iou_preds[s : s + chunk],
+                                            points_t[s : s + chunk], crop_box, orig_size))
+        return out
+
+    def _filter_and_encode(self, low_res, iou_preds, points, crop_box, orig_size) -> MaskData:
+        """Upsample survivors to the crop, score stability, binarise, box, drop crop-edge masks, RLE."""
+        p = self.predictor
+        threshold = p.model.mask_threshold
+        masks = p.model.postprocess_masks(low_res[:, None], p.input_size, p.original_size)[:, 0]
+        stability = calculate_stability_score(masks, threshold, self.stability_score_offset)
+        if self.stability_score_thresh > 0.0:
+            keep = stability >= self.stability_score_thresh
+            masks, iou_preds, points, stability = masks[keep], iou_preds[keep], points[keep], stability[keep]
+        masks = masks > threshold
+        boxes = batched_mask_to_box(masks)
+        orig_h, orig_w = orig_size
+        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        if not torch.all(keep):
+            masks, iou_preds, points, stability, boxes = (
+                masks[keep], iou_preds[keep], points[keep], stability[keep], boxes[keep])
+        rles = mask_to_rle(uncrop_masks(masks, crop_box, orig_h, orig_w))
+        return MaskData(iou_preds=iou_preds, points=points, stability_score=stability,
+                        boxes=boxes, rles=rles)
+
+    @staticmethod
+    def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
+        """Fill holes and drop islands smaller than ``min_area``, then NMS again, preferring masks
+        that did not change. Edits ``mask_data`` (numpy columns) in place and returns it."""
+        if len(mask_data["rles"]) == 0:
+            return mask_data
+        new_masks, scores = [], []
+        for rle in mask_data["rles"]:
+            mask = rle_to_mask(rle)
+            mask, changed_holes = remove_small_regions(mask, min_area, mode="holes")
+            mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
+            new_masks.append(torch.as_tensor(mask).unsqueeze(0))
+            scores.append(float(not (changed_holes or changed_islands)))
+        masks = torch.cat(new_masks, dim=0)
+        boxes = batched_mask_to_box(masks)
+        scores_t = torch.as_tensor(scores)
+        keep = batched_nms(boxes.float(), scores_t, torch.zeros(len(boxes)), iou_threshold=nms_thresh)
+        changed = [int(i) for i in keep if scores[int(i)] == 0.0]
+        if changed:
+            for i, rle in zip(changed, mask_to_rle(masks[changed])):
+                mask_data["rles"][i] = rle
+                mask_data["boxes"][i] = boxes[i].numpy()
+        mask_data.filter(keep)
+        return mask_data

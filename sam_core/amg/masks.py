@@ -1,0 +1,196 @@
+"""Mask, box, grid and RLE operations of automatic mask generation.
+
+Each function gives the same numbers as its namesake in ``segment_anything.utils.amg``; the RLE
+encoder differs only in speed (one host transfer per batch instead of one per mask).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+Rle = Dict[str, Any]  # uncompressed COCO RLE: {"size": [h, w], "counts": [int, ...]}, column-major
+
+
+# ------------------------------------------------------------------ grids and crops
+def build_point_grid(n_per_side: int) -> np.ndarray:
+    """(n*n)x2 grid of (x, y) points evenly spaced in [0, 1]^2, at cell centres."""
+    offset = 1 / (2 * n_per_side)
+    points_one_side = np.linspace(offset, 1 - offset, n_per_side)
+    points_x = np.tile(points_one_side[None, :], (n_per_side, 1))
+    points_y = np.tile(points_one_side[:, None], (1, n_per_side))
+    return np.stack([points_x, points_y], axis=-1).reshape(-1, 2)
+
+
+def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> List[np.ndarray]:
+    """One grid per crop layer; layer i has ``n_per_side / scale_per_layer**i`` points a side."""
+    return [build_point_grid(int(n_per_side / (scale_per_layer**i))) for i in range(n_layers + 1)]
+
+
+def generate_crop_boxes(
+    im_size: Tuple[int, int], n_layers: int, overlap_ratio: float
+) -> Tuple[List[List[int]], List[int]]:
+    """XYXY crop boxes of every layer (layer i: (2**i)**2 overlapping crops) and their layer index."""
+    im_h, im_w = im_size
+    short_side = min(im_h, im_w)
+    crop_boxes, layer_idxs = [[0, 0, im_w, im_h]], [0]
+
+    def crop_len(orig_len: int, n_crops: int, overlap: int) -> int:
+        return int(math.ceil((overlap * (n_crops - 1) + orig_len) / n_crops))
+
+    for i_layer in range(n_layers):
+        n_crops_per_side = 2 ** (i_layer + 1)
+        overlap = int(overlap_ratio * short_side * (2 / n_crops_per_side))
+        crop_w = crop_len(im_w, n_crops_per_side, overlap)
+        crop_h = crop_len(im_h, n_crops_per_side, overlap)
+        crop_box_x0 = [int((crop_w - overlap) * i) for i in range(n_crops_per_side)]
+        crop_box_y0 = [int((crop_h - overlap) * i) for i in range(n_crops_per_side)]
+        for x0, y0 in product(crop_box_x0, crop_box_y0):
+            crop_boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
+            layer_idxs.append(i_layer + 1)
+    return crop_boxes, layer_idxs
+
+
+# ------------------------------------------------------------------ boxes and scores
+def calculate_stability_score(masks: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
+    """IoU of the masks thresholded at ``threshold + offset`` and ``threshold - offset``: ...xHxW -> ...
+
+    Counts accumulate as int16 per row then int32, as the official code does (same results).
+    """
+    intersections = (masks > (mask_threshold + offset)).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+    unions = (masks > (mask_threshold - offset)).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+    return intersections / unions
+
+
+def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
+    """Tight XYXY boxes (inclusive max) of ...xHxW boolean masks -> ...x4 int64; [0,0,0,0] if empty."""
+    if masks.numel() == 0:
+        return torch.zeros(*masks.shape[:-2], 4, device=masks.device, dtype=torch.long)
+    shape = masks.shape
+    h, w = shape[-2:]
+    masks = masks.flatten(0, -3) if masks.dim() > 2 else masks.unsqueeze(0)  # (N, H, W)
+    rows = torch.arange(h, device=masks.device)
+    cols = torch.arange(w, device=masks.device)
+    in_height = masks.amax(dim=-1)  # (N, H) row has any pixel
+    in_width = masks.amax(dim=-2)  # (N, W)
+    bottom = (in_height * rows).amax(dim=-1)
+    top = (in_height * rows + h * ~in_height).amin(dim=-1)
+    right = (in_width * cols).amax(dim=-1)
+    left = (in_width * cols + w * ~in_width).amin(dim=-1)
+    empty = (right < left) | (bottom < top)
+    out = torch.stack([left, top, right, bottom], dim=-1) * (~empty).unsqueeze(-1)
+    return out.reshape(*shape[:-2], 4) if len(shape) > 2 else out[0]
+
+
+def is_box_near_crop_edge(
+    boxes: torch.Tensor, crop_box: Sequence[int], orig_box: Sequence[int], atol: float = 20.0
+) -> torch.Tensor:
+    """Nx4 crop-frame boxes -> N bools: touching a crop edge that is not an image edge."""
+    crop_t = torch.as_tensor(crop_box, dtype=torch.float, device=boxes.device)
+    orig_t = torch.as_tensor(orig_box, dtype=torch.float, device=boxes.device)
+    boxes = uncrop_boxes_xyxy(boxes, crop_box).float()
+    near_crop = torch.isclose(boxes, crop_t[None, :], atol=atol, rtol=0)
+    near_image = torch.isclose(boxes, orig_t[None, :], atol=atol, rtol=0)
+    return torch.any(near_crop & ~near_image, dim=1)
+
+
+def box_xyxy_to_xywh(box: np.ndarray) -> np.ndarray:
+    out = np.array(box, copy=True)
+    out[..., 2] = out[..., 2] - out[..., 0]
+    out[..., 3] = out[..., 3] - out[..., 1]
+    return out
+
+
+def uncrop_boxes_xyxy(boxes: torch.Tensor, crop_box: Sequence[int]) -> torch.Tensor:
+    x0, y0 = crop_box[0], crop_box[1]
+    return boxes + torch.tensor([[x0, y0, x0, y0]], device=boxes.device)
+
+
+def uncrop_points(points: torch.Tensor, crop_box: Sequence[int]) -> torch.Tensor:
+    x0, y0 = crop_box[0], crop_box[1]
+    return points + torch.tensor([[x0, y0]], device=points.device)
+
+
+def uncrop_masks(masks: torch.Tensor, crop_box: Sequence[int], orig_h: int, orig_w: int) -> torch.Tensor:
+    """NxhXw crop masks -> NxHxW image masks, zero outside the crop."""
+    x0, y0, x1, y1 = crop_box
+    if x0 == 0 and y0 == 0 and x1 == orig_w and y1 == orig_h:
+        return masks
+    pad_x, pad_y = orig_w - (x1 - x0), orig_h - (y1 - y0)
+    return torch.nn.functional.pad(masks, (x0, pad_x - x0, y0, pad_y - y0), value=0)
+
+
+# ------------------------------------------------------------------ RLE
+def mask_to_rle(masks: torch.Tensor) -> List[Rle]:
+    """NxHxW boolean masks -> N uncompressed RLEs, with one device-to-host transfer in all.
+
+    Runs alternate starting with background (a leading 0 when the first pixel is set).
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return []
+    flat = masks.permute(0, 2, 1).flatten(1)  # column-major, (N, H*W)
+    change = (flat[:, 1:] ^ flat[:, :-1]).nonzero()  # (K, 2): mask index, position
+    first = flat[:, 0]
+    change, first = change.cpu().numpy(), first.cpu().numpy()  # the one transfer
+    bounds = np.searchsorted(change[:, 0], np.arange(n + 1))
+    out = []
+    for i in range(n):
+        idx = change[bounds[i] : bounds[i + 1], 1] + 1
+        edges = np.concatenate(([0], idx, [h * w]))
+        counts = np.diff(edges).tolist()
+        out.append({"size": [h, w], "counts": ([0] + counts) if first[i] else counts})
+    return out
+
+
+def rle_to_mask(rle: Rle) -> np.ndarray:
+    """Uncompressed RLE -> HxW bool array."""
+    h, w = rle["size"]
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    mask = np.repeat(values, counts)
+    return mask.reshape(w, h).T
+
+
+def area_from_rle(rle: Rle) -> int:
+    return int(sum(rle["counts"][1::2]))
+
+
+def coco_encode_rle(rle: Rle) -> Dict[str, Any]:
+    """Uncompressed RLE -> COCO compressed RLE with ``counts`` as str (JSON-ready)."""
+    from pycocotools import mask as mask_utils
+
+    h, w = rle["size"]
+    out = mask_utils.frPyObjects(rle, h, w)
+    out["counts"] = out["counts"].decode("utf-8")
+    return out
+
+
+# ------------------------------------------------------------------ small regions
+def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tuple[np.ndarray, bool]:
+    """Fill holes (``mode="holes"``) or drop islands (``"islands"``) smaller than ``area_thresh``.
+
+    Returns the mask and whether it changed.
+    """
+    import cv2
+
+    if mode not in ("holes", "islands"):
+        raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}.")
+    correct_holes = mode == "holes"
+    working = (correct_holes ^ mask).astype(np.uint8)
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
+    sizes = stats[:, -1][1:]  # row 0 is the background label
+    small = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
+    if not small:
+        return mask, False
+    fill_labels = [0] + small
+    if not correct_holes:
+        fill_labels = [i for i in range(n_labels) if i not in fill_labels]
+        if not fill_labels:  # every island is small: keep the largest
+            fill_labels = [int(np.argmax(sizes)) + 1]
+    return np.isin(regions, fill_labels), True

@@ -1,0 +1,163 @@
+"""Official-format checkpoints load strictly; every way a file can be wrong gets a clear error."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+
+import pytest
+import torch
+
+from sam_core import CheckpointError, build_sam, sam_model_registry
+from sam_core.checkpoint import filter_state_dict, read_checkpoint
+
+from .conftest import official_sam
+
+
+def assert_same_weights(model, state_dict):
+    ours = model.state_dict()
+    assert set(ours) == set(state_dict)
+    for k, v in state_dict.items():
+        assert torch.equal(ours[k], v), k
+
+
+def test_official_tiny_checkpoint_loads(tiny_official, tiny_checkpoint):
+    model = sam_model_registry["tiny"](checkpoint=tiny_checkpoint)
+    assert not model.training
+    assert_same_weights(model, tiny_official.state_dict())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["vit_b", "vit_l", "vit_h"])
+def test_official_full_size_state_dicts_load(model_type, tmp_path):
+    """A state dict written by the official package for each released size loads strictly."""
+    official = official_sam(model_type, perturb=0.0)
+    expected = official.state_dict()
+    path = tmp_path / f"sam_{model_type}.pth"
+    torch.save(expected, path)
+    del official
+    gc.collect()
+    model = sam_model_registry[model_type](checkpoint=path)
+    assert_same_weights(model, expected)
+    if model_type == "vit_l":
+        with pytest.raises(CheckpointError, match="is a vit_l model.*'vit_b' was requested"):
+            sam_model_registry["vit_b"](checkpoint=path)
+    del model, expected
+    gc.collect()
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"model": sd},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3},
+        lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
+        lambda sd: {k.replace("image_encoder.", "image_encoder._orig_mod."): v for k, v in sd.items()},
+        lambda sd: {"model": {f"module._orig_mod.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["model", "state_dict+module", "orig_mod", "orig_mod_inside", "nested"],
+)
+def test_wrapped_checkpoints_load(wrap, tiny_official, tmp_path):
+    sd = tiny_official.state_dict()
+    path = tmp_path / "wrapped.pth"
+    torch.save(wrap(sd), path)
+    assert_same_weights(build_sam("tiny", checkpoint=path), sd)
+
+
+def test_filter_state_dict_is_pure(tiny_official):
+    wrapped = {"model": {f"module.{k}": v for k, v in tiny_official.state_dict().items()}}
+    before = list(wrapped["model"])
+    out = filter_state_dict(wrapped)
+    assert list(wrapped["model"]) == before
+    assert set(out) == set(tiny_official.state_dict())
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("these are not weights\n")
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint"):
+        build_sam("tiny", checkpoint=path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.pth"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty file"):
+        read_checkpoint(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_sam("tiny", checkpoint=tmp_path / "nope.pth")
+
+
+def test_truncated_checkpoint(tiny_checkpoint, tmp_path):
+    data = tiny_checkpoint.read_bytes()
+    path = tmp_path / "truncated.pth"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        build_sam("tiny", checkpoint=path)
+
+
+class _Payload:
+    """Pickles to a call that would create a marker file if it were ever executed."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickle_payload_is_refused_and_not_executed(tmp_path, tiny_official, zip_format):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    payload = dict(tiny_official.state_dict(), extra=_Payload(marker))
+    torch.save(payload, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        build_sam("tiny", checkpoint=path)
+    assert not marker.exists()
+
+
+def test_plain_pickle_file_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_size(tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="is a tiny model.*'vit_b' was requested"):
+        sam_model_registry["vit_b"](checkpoint=tiny_checkpoint)
+
+
+def test_missing_and_unexpected_keys_are_named(tiny_official, tmp_path):
+    sd = dict(tiny_official.state_dict())
+    del sd["mask_decoder.iou_token.weight"]
+    sd["mask_decoder.extra_head.weight"] = torch.zeros(3)
+    path = tmp_path / "edited.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError) as err:
+        build_sam("tiny", checkpoint=path)
+    msg = str(err.value)
+    assert "1 missing keys: mask_decoder.iou_token.weight" in msg
+    assert "1 unexpected keys: mask_decoder.extra_head.weight" in msg
+
+
+def test_shape_mismatch_is_named(tiny_official, tmp_path):
+    sd = dict(tiny_official.state_dict())
+    sd["mask_decoder.iou_token.weight"] = torch.zeros(1, 128)
+    path = tmp_path / "bad_shape.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"mask_decoder.iou_token.weight: checkpoint \(1, 128\)"):
+        build_sam("tiny", checkpoint=path)
+
+
+def test_tensor_instead_of_state_dict(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        read_checkpoint(path)

@@ -1,0 +1,132 @@
+"""The drop-in surface: signatures and defaults as the official package, clear errors for bad input."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import segment_anything
+import torch
+
+import sam_core
+from sam_core import SamPredictor
+
+from .conftest import photo
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["set_image", "set_torch_image", "predict", "predict_torch", "get_image_embedding", "reset_image"],
+)
+def test_predictor_signatures_match_official(method):
+    ours = inspect.signature(getattr(SamPredictor, method))
+    theirs = inspect.signature(getattr(segment_anything.SamPredictor, method))
+    assert [(p.name, p.default, p.kind) for p in ours.parameters.values()] == [
+        (p.name, p.default, p.kind) for p in theirs.parameters.values()
+    ]
+
+
+def test_registry_offers_every_official_name():
+    assert set(segment_anything.sam_model_registry) <= set(sam_core.sam_model_registry)
+    assert {"tiny"} <= set(sam_core.sam_model_registry)
+
+
+def test_unknown_model_type():
+    with pytest.raises(ValueError, match="Unknown SAM model type 'vit_x'"):
+        sam_core.build_sam("vit_x")
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_ours):
+    p = SamPredictor(tiny_ours)
+    p.set_image(photo("chelsea", (233, 177)))
+    return p
+
+
+def test_predict_before_set_image(tiny_ours):
+    p = SamPredictor(tiny_ours)
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.predict(np.array([[1, 1]]), np.array([1]))
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.get_image_embedding()
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        (np.zeros((20, 30), np.uint8), "HxWx3"),
+        (np.zeros((20, 30, 4), np.uint8), "HxWx3"),
+        (np.zeros((20, 30, 3), np.float32), "uint8"),
+        (np.zeros((0, 30, 3), np.uint8), "empty"),
+        ([[1, 2, 3]], "numpy array"),
+    ],
+    ids=["gray", "rgba", "float", "empty", "list"],
+)
+def test_bad_images(tiny_ours, image, match):
+    with pytest.raises(ValueError, match=match):
+        SamPredictor(tiny_ours).set_image(image)
+
+
+def test_bad_image_format(tiny_ours):
+    with pytest.raises(ValueError, match="'RGB' or 'BGR'"):
+        SamPredictor(tiny_ours).set_image(np.zeros((8, 8, 3), np.uint8), "HSV")
+
+
+def test_bad_torch_image(tiny_ours):
+    with pytest.raises(ValueError, match="long side 1024"):
+        SamPredictor(tiny_ours).set_torch_image(torch.zeros(1, 3, 100, 200), (100, 200))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(point_coords=np.array([[1, 2]])), "given together"),
+        (dict(point_coords=np.array([1, 2]), point_labels=np.array([1])), "Nx2"),
+        (dict(point_coords=np.array([[1, 2]]), point_labels=np.array([1, 1])), "shape \\(1,\\)"),
+        (dict(point_coords=np.array([[1, 2]]), point_labels=np.array([2])), "1 \\(foreground\\)"),
+        (dict(point_coords=np.array([[np.nan, 2]]), point_labels=np.array([1])), "NaN"),
+        (dict(box=np.array([1, 2, 3])), "4 finite numbers"),
+        (dict(box=np.array([1, 2, 3, np.inf])), "4 finite numbers"),
+        (dict(mask_input=np.zeros((256, 256))), "shape \\(1, 256, 256\\)"),
+    ],
+    ids=["labels-missing", "coords-1d", "labels-length", "label-value", "nan", "box-3", "box-inf",
+         "mask-2d"],
+)
+def test_bad_prompts(predictor, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        predictor.predict(**kwargs)
+
+
+def test_bad_torch_prompts(predictor):
+    c, l = torch.zeros(2, 1, 2), torch.ones(2, 1, dtype=torch.int)
+    with pytest.raises(ValueError, match="disagree"):
+        predictor.predict_torch(c, l, boxes=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="BxN"):
+        predictor.predict_torch(c, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="Bx1x256x256"):
+        predictor.predict_torch(c, l, mask_input=torch.zeros(2, 256, 256))
+
+
+def test_output_types_and_shapes(predictor):
+    masks, iou, low = predictor.predict(np.array([[50, 60]]), np.array([1]))
+    assert masks.shape == (3, 233, 177) and masks.dtype == bool
+    assert iou.shape == (3,) and iou.dtype == np.float32
+    assert low.shape == (3, 256, 256) and low.dtype == np.float32
+    logits, _, _ = predictor.predict(box=np.array([5, 5, 100, 120]), multimask_output=False,
+                                     return_logits=True)
+    assert logits.shape == (1, 233, 177) and logits.dtype == np.float32
+
+
+def test_bf16_autocast_runs_and_stays_close(tiny_ours):
+    image = photo("chelsea", (233, 177))
+    exact, fast = SamPredictor(tiny_ours), SamPredictor(tiny_ours, amp_dtype=torch.bfloat16)
+    exact.set_image(image)
+    fast.set_image(image)
+    assert fast.features.dtype == torch.float32
+    rel = (fast.features - exact.features).norm() / exact.features.norm()
+    assert rel < 0.05, f"bf16 embedding relative error {rel:.3f}"
+    _, iou_exact, _ = exact.predict(np.array([[50, 60]]), np.array([1]))
+    _, iou_fast, _ = fast.predict(np.array([[50, 60]]), np.array([1]))
+    assert iou_fast.dtype == np.float32
+    np.testing.assert_allclose(iou_fast, iou_exact, atol=0.05)
