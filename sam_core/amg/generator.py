@@ -247,32 +247,35 @@ class SamAutomaticMaskGenerator:
         # float64 points as the official code passes them (normalised in float64, then cast).
         in_points = torch.as_tensor(p.transform.apply_coords(points, im_size), device=device)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=device)
+        decoder = model.mask_decoder
         with p._autocast():
             sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]),
                                                  boxes=None, masks=None)
-            low_res, iou_preds = model.mask_decoder(
-                image_embeddings=p.features,
-                image_pe=model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=True,
-            )
-        n_out = low_res.shape[1]
-        low_res = low_res.float().flatten(0, 1)  # (B*3, 256, 256)
-        iou_preds = iou_preds.float().flatten(0, 1)  # (B*3,)
-        points_t = torch.as_tensor(points.repeat(n_out, axis=0), device=device)  # (B*3, 2) float64
-
-        # IoU filter first: it needs no pixels, and most candidates fail it.
+            hs, src = decoder.run_transformer(p.features, model.prompt_encoder.get_dense_pe(), sparse, dense)
+            iou_preds = decoder.iou_from_tokens(hs)[:, 1:].float()  # (B, 3) multimask outputs
+        # IoU filter first: it needs no pixels, and most candidates fail it. Masks are then
+        # decoded only for prompts with a survivor, and upsampled only for survivors.
         if self.pred_iou_thresh > 0.0:
             keep = iou_preds > self.pred_iou_thresh
-            low_res, iou_preds, points_t = low_res[keep], iou_preds[keep], points_t[keep]
+        else:
+            keep = torch.ones_like(iou_preds, dtype=torch.bool)
+        prompts = keep.any(dim=1)
+        points_t = torch.as_tensor(points, device=device)[:, None, :].expand(-1, keep.shape[1], -1)
+        if not bool(prompts.any()):
+            return MaskData.empty(device)
+        with p._autocast():
+            low_res = decoder.masks_from_tokens(hs[prompts], src[prompts])[:, 1:].float()  # (K, 3, h, w)
+        low_res = low_res[keep[prompts]]  # (M, h, w), row-major order as the official flatten
+        iou_preds, points_t = iou_preds[keep], points_t[keep]  # (M,), (M, 2) float64
 
         out = MaskData.empty(device)
-        orig_h, orig_w = orig_size
-        chunk = max(1, self.max_chunk_pixels // max(1, orig_h * orig_w))
-        for s in range(0, low_res.shape[0], chunk):
-            out.cat(self._filter_and_encode(low_res[s : s + chunk], iou_preds[s : s + chunk],
-                                            points_t[s : s + chunk], crop_box, orig_size))
+        # Full-resolution pixels per mask: the encoder-size intermediate or the image, if larger.
+        pixels = max(model.image_encoder.img_size**2, orig_size[0] * orig_size[1])
+        chunk = max(1, self.max_chunk_pixels // pixels)
+        for i in range(0, low_res.shape[0], chunk):
+            part = slice(i, i + chunk)
+            out.cat(self._filter_and_encode(low_res[part], iou_preds[part], points_t[part],
+                                            crop_box, orig_size))
         return out
 
     def _filter_and_encode(self, low_res, iou_preds, points, crop_box, orig_size) -> MaskData:

@@ -15,9 +15,13 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention: q (B, heads, Nq, d), k and v (B, heads, Nk, d) -> (B, heads, Nq, d).
 
+    A batch of 1 on either side broadcasts against B.
+
     ``use_sdpa=False`` is the reference path, the official decoder's arithmetic op for op.
     """
     if use_sdpa:
+        batch = max(q.shape[0], k.shape[0])
+        q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v)
     attn = q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[-1])  # (B, heads, Nq, Nk)
     return torch.softmax(attn, dim=-1) @ v

@@ -69,27 +69,47 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """All mask tokens: logits Bx(1+k)x(4H)x(4W) and IoU Bx(1+k)."""
+        hs, src = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        return self.masks_from_tokens(hs, src), self.iou_from_tokens(hs)
+
+    def run_transformer(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns output tokens Bx(1+T+N)xC and the updated image embedding BxCxHxW."""
         B = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(B, -1, -1)  # (B, 1+T, C)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)  # (B, 1+T+N, C)
 
-        # One image embedding serves every prompt: broadcast instead of copying it B times.
-        src = image_embeddings + dense_prompt_embeddings  # (B, C, H, W)
-        pos_src = image_pe.expand(B, -1, -1, -1)
-        b, c, h, w = src.shape
+        dense = dense_prompt_embeddings
+        if image_embeddings.shape[0] == 1 and dense.shape[0] > 1 and dense.stride(0) == 0:
+            # No mask prompts: the dense embedding is one vector broadcast over the batch, so every
+            # prompt sees the same image tokens and the transformer computes their image-side
+            # projections once (same numbers as B copies, a fraction of the work).
+            dense = dense[:1]
+        src = image_embeddings + dense  # (B or 1, C, H, W)
+        pos_src = image_pe.expand(src.shape[0], -1, -1, -1)
+        _, c, h, w = src.shape
+        hs, keys = self.transformer(src, pos_src, tokens)  # keys: (B, HW, C)
+        return hs, keys.transpose(1, 2).reshape(B, c, h, w)
 
-        hs, src = self.transformer(src, pos_src, tokens)
-        iou_token_out = hs[:, 0, :]
+    def iou_from_tokens(self, hs: torch.Tensor) -> torch.Tensor:
+        """Output tokens Bx(1+T+N)xC -> IoU predictions of every mask token: BxT."""
+        return self.iou_prediction_head(hs[:, 0, :])
+
+    def masks_from_tokens(self, hs: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """Output tokens Bx(1+T+N)xC and image embedding BxCxHxW -> mask logits BxTx(4H)x(4W)."""
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]  # (B, T, C)
-
-        src = src.transpose(1, 2).reshape(b, c, h, w)
         upscaled = self.output_upscaling(src)  # (B, C/8, 4H, 4W)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )  # (B, T, C/8)
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        iou_pred = self.iou_prediction_head(iou_token_out)
-        return masks, iou_pred
+        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)

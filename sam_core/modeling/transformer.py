@@ -86,6 +86,8 @@ class TwoWayAttentionBlock(nn.Module):
     def forward(
         self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
     ) -> Tuple[Tensor, Tensor]:
+        """queries, query_pe: BxNxC. keys, key_pe: Bx(HW)xC, or 1x(HW)xC when every prompt shares
+        the image tokens: the image-side projections then run once, and keys come out BxHWxC."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -94,13 +96,12 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         q = queries + query_pe
-        k = keys + key_pe
+        k = keys + key_pe  # keys do not change before step 4, which reuses it
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
 
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        k = keys + key_pe
         keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
         return queries, keys
 
@@ -126,7 +127,7 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)  # (B, h, N, d)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q: BxNqxC, k, v: BxNkxC -> BxNqxC."""
+        """q: BxNqxC, k, v: BxNkxC -> BxNqxC. A batch of 1 on either side broadcasts."""
         q = self._separate_heads(self.q_proj(q))
         k = self._separate_heads(self.k_proj(k))
         v = self._separate_heads(self.v_proj(v))
