@@ -1,0 +1,184 @@
+"""Mask utilities against brute-force references and the official ones; SA-1B JSON round trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
+from segment_anything.utils import amg as official_amg
+from torchvision.ops.boxes import batched_nms
+
+from sam_core import SamAutomaticMaskGenerator
+from sam_core.amg import MaskData
+from sam_core.amg import masks as M
+from sam_core.amg.sa1b import decode_masks, read_sa1b_json, sa1b_document, to_coco_rle, write_sa1b_json
+
+
+def blob_masks(n=12, h=47, w=61, seed=0):
+    """Random masks of a few rectangles and discs, with small holes and islands."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    out = np.zeros((n, h, w), bool)
+    for i in range(n):
+        for _ in range(rng.integers(1, 4)):
+            cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(2, 15)
+            out[i] |= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        out[i, rng.integers(0, h, 3), rng.integers(0, w, 3)] ^= True  # specks
+    out[0] = False  # an empty mask
+    out[1] = True  # a full mask
+    return out
+
+
+def naive_rle(mask):
+    flat = mask.T.flatten()
+    counts, current, run = [], False, 0
+    for v in flat:
+        if v == current:
+            run += 1
+        else:
+            counts.append(run)
+            current, run = v, 1
+    counts.append(run)
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def test_rle_matches_naive_official_and_round_trips():
+    masks = blob_masks()
+    ours = M.mask_to_rle(torch.as_tensor(masks))
+    official = official_amg.mask_to_rle_pytorch(torch.as_tensor(masks))
+    for m, r, o in zip(masks, ours, official):
+        assert r == naive_rle(m) == o
+        assert np.array_equal(M.rle_to_mask(r), m)
+        assert M.area_from_rle(r) == int(m.sum())
+        coco = M.coco_encode_rle(r)
+        assert isinstance(coco["counts"], str)
+        assert np.array_equal(mask_utils.decode(coco).astype(bool), m)
+    assert M.mask_to_rle(torch.zeros(0, 5, 5, dtype=torch.bool)) == []
+
+
+def test_stability_score_brute_force():
+    logits = torch.randn(6, 23, 31) * 3
+    got = M.calculate_stability_score(logits, 0.0, 1.0)
+    for i, l in enumerate(logits.numpy()):
+        expected = (l > 1.0).sum() / (l > -1.0).sum()
+        assert got[i].item() == pytest.approx(expected, abs=1e-7)
+    assert torch.equal(got, official_amg.calculate_stability_score(logits, 0.0, 1.0))
+
+
+def brute_force_nms(boxes, scores, thresh):
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    keep = []
+    for i in order:
+        ok = True
+        for j in keep:
+            x0, y0 = max(boxes[i][0], boxes[j][0]), max(boxes[i][1], boxes[j][1])
+            x1, y1 = min(boxes[i][2], boxes[j][2]), min(boxes[i][3], boxes[j][3])
+            inter = max(0, x1 - x0) * max(0, y1 - y0)
+            area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
+            if inter / (area(boxes[i]) + area(boxes[j]) - inter) > thresh:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def test_box_nms_brute_force():
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 100, size=(60, 2))
+    wh = rng.uniform(5, 40, size=(60, 2))
+    boxes = np.concatenate([xy, xy + wh], 1)
+    scores = rng.uniform(size=60)
+    got = batched_nms(torch.as_tensor(boxes).float(), torch.as_tensor(scores).float(),
+                      torch.zeros(60), iou_threshold=0.3).tolist()
+    assert got == brute_force_nms(boxes.astype(np.float32), scores.astype(np.float32), 0.3)
+
+
+def test_boxes_crops_and_grids_match_official():
+    masks = torch.as_tensor(blob_masks())
+    assert torch.equal(M.batched_mask_to_box(masks), official_amg.batched_mask_to_box(masks))
+    for m, b in zip(masks.numpy(), M.batched_mask_to_box(masks).tolist()):
+        if m.any():
+            ys, xs = np.nonzero(m)
+            assert b == [xs.min(), ys.min(), xs.max(), ys.max()]
+        else:
+            assert b == [0, 0, 0, 0]
+    boxes = M.batched_mask_to_box(masks)
+    crop = [10, 5, 50, 40]
+    assert torch.equal(M.is_box_near_crop_edge(boxes, crop, [0, 0, 61, 47]),
+                       official_amg.is_box_near_crop_edge(boxes, crop, [0, 0, 61, 47]))
+    for size in [(1500, 2250), (57, 83), (1024, 1024)]:
+        for layers in range(3):
+            assert M.generate_crop_boxes(size, layers, 512 / 1500) == official_amg.generate_crop_boxes(
+                size, layers, 512 / 1500)
+    for a, b in zip(M.build_all_layer_point_grids(32, 2, 2), official_amg.build_all_layer_point_grids(32, 2, 2)):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["holes", "islands"])
+def test_remove_small_regions_matches_official(mode):
+    for m in blob_masks(seed=3):
+        a, ca = M.remove_small_regions(m, 30, mode)
+        b, cb = official_amg.remove_small_regions(m, 30, mode)
+        assert ca == cb and np.array_equal(a, b)
+
+
+def test_postprocess_small_regions_matches_official():
+    """Diverse masks through small-region removal and the NMS that follows it."""
+    masks = blob_masks(n=40, h=64, w=80, seed=5)
+    rles = M.mask_to_rle(torch.as_tensor(masks))
+    boxes = M.batched_mask_to_box(torch.as_tensor(masks)).numpy()
+    columns = dict(iou_preds=np.linspace(0.9, 1.0, 40, dtype=np.float32), boxes=boxes,
+                   points=np.zeros((40, 2)), stability_score=np.ones(40, np.float32),
+                   crop_boxes=np.tile([0, 0, 80, 64], (40, 1)))
+    official = official_amg.MaskData(rles=list(rles), **{k: v.copy() for k, v in columns.items()})
+    ours = MaskData(rles=list(rles), **{k: v.copy() for k, v in columns.items()})
+    official = OfficialGenerator.postprocess_small_regions(official, 30, 0.5)
+    ours = SamAutomaticMaskGenerator.postprocess_small_regions(ours, 30, 0.5)
+    assert 0 < len(ours["rles"]) < 40  # NMS removed some
+    assert ours["rles"] == official["rles"]
+    for key in columns:
+        assert np.array_equal(ours[key], official[key]), key
+
+
+def records_for(masks):
+    rles = M.mask_to_rle(torch.as_tensor(masks))
+    boxes = M.box_xyxy_to_xywh(M.batched_mask_to_box(torch.as_tensor(masks)).numpy())
+    return [
+        {"segmentation": M.rle_to_mask(r), "area": M.area_from_rle(r), "bbox": b.tolist(),
+         "predicted_iou": 1.02, "point_coords": [[3.5, 4.0]], "stability_score": 0.97,
+         "crop_box": [0, 0, 61, 47]}
+        for r, b in zip(rles, boxes)
+    ]
+
+
+def test_sa1b_json_round_trip(tmp_path):
+    masks = blob_masks()
+    doc = sa1b_document(7, "sa_7.jpg", 61, 47, records_for(masks), first_annotation_id=100)
+    path = str(tmp_path / "sa_7.json")
+    write_sa1b_json(path, doc)
+    back = read_sa1b_json(path)
+    assert back == json.loads(json.dumps(doc))
+    assert back["image"] == {"image_id": 7, "width": 61, "height": 47, "file_name": "sa_7.jpg"}
+    assert [a["id"] for a in back["annotations"]] == list(range(100, 112))
+    ann = back["annotations"][3]
+    assert isinstance(ann["segmentation"]["counts"], str) and ann["bbox"] == [float(v) for v in ann["bbox"]]
+    for decoded, m in zip(decode_masks(back), masks):
+        assert np.array_equal(decoded, m)
+    for seg in (masks[3], M.mask_to_rle(torch.as_tensor(masks[3:4]))[0]):
+        assert to_coco_rle(seg) == back["annotations"][3]["segmentation"]
+
+
+def test_sa1b_json_rejects_malformed(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"image": {"image_id": 1}, "annotations": []}))
+    with pytest.raises(ValueError, match="image lacks"):
+        read_sa1b_json(str(path))
+    path.write_text(json.dumps({"image": {"image_id": 1, "width": 2, "height": 2, "file_name": "x"},
+                                "annotations": [{"id": 1}]}))
+    with pytest.raises(ValueError, match="annotation 0 lacks"):
+        read_sa1b_json(str(path))
