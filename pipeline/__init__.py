@@ -1,0 +1,1 @@
+"""From image files in object storage to SA-1B-style masks."""

@@ -1,0 +1,68 @@
+"""Image bytes -> HxWx3 uint8 RGB, or an :class:`ImageDecodeError` that says why not."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb guard; SA-1B images are ~3.4 MP
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+class ImageDecodeError(ValueError):
+    """The input is not a usable image; ``reason`` is a short machine-friendly code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``data`` with EXIF orientation applied and any mode converted to RGB.
+
+    L/LA/P/RGBA/CMYK/YCbCr are converted by PIL (alpha dropped); 16- and 32-bit integer images
+    are scaled to 8 bits. Raises ImageDecodeError with reason ``empty``, ``not_an_image``,
+    ``too_large``, ``corrupt`` or ``unsupported_mode``.
+    """
+    if not data:
+        raise ImageDecodeError("empty", "the file has no bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError("not_an_image", "no image format recognised") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError("too_large", str(e)) from e
+    except Exception as e:  # PIL raises many types on damaged headers
+        raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageDecodeError("too_large", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    if w == 0 or h == 0:
+        raise ImageDecodeError("empty", f"image size {w}x{h}")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except Exception as e:
+        raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from e
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
+        gray = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.stack([gray] * 3, axis=-1))
+    if img.mode == "F":
+        raise ImageDecodeError("unsupported_mode", "floating-point (mode F) images have no defined 0-255 range")
+    if img.mode not in ("RGB", "L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "1", "La"):
+        raise ImageDecodeError("unsupported_mode", f"PIL mode {img.mode!r}")
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))

@@ -1,0 +1,104 @@
+"""Mask generation on one machine: every image under an input URI -> SA-1B JSON files.
+
+The Ray pipeline distributes the same steps; this runner is the reference and the fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import fsspec
+
+from sam_core import SamAutomaticMaskGenerator
+from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
+
+from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+
+log = logging.getLogger(__name__)
+
+SAMPLE_IMAGES = os.path.join(os.path.dirname(__file__), "sample_images")
+
+
+@dataclass
+class RunSummary:
+    images_ok: int = 0
+    images_error: int = 0
+    masks: int = 0
+    seconds: float = 0.0
+    errors: List[Dict[str, str]] = field(default_factory=list)  # {"uri", "reason", "detail"}
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.images_ok + self.images_error
+        return done / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(asdict(self), images_per_second=self.images_per_second)
+
+    def __str__(self) -> str:
+        lines = [
+            f"images ok: {self.images_ok}, errors: {self.images_error}, masks: {self.masks}, "
+            f"{self.seconds:.1f} s ({self.images_per_second:.3f} images/s)"
+        ]
+        lines += [f"  error {e['uri']}: {e['reason']} ({e['detail']})" for e in self.errors]
+        return "\n".join(lines)
+
+
+def list_inputs(input_uri: str) -> List[str]:
+    """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs.
+
+    Hidden files are skipped; anything else is returned, so that a file that is not an image is
+    reported as such rather than silently ignored.
+    """
+    fs, path = fsspec.core.url_to_fs(input_uri)
+    if fs.isdir(path):
+        paths = [p for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
+    else:
+        paths = fs.glob(path) if any(c in path for c in "*?[") else [path]
+    if not paths:
+        raise FileNotFoundError(f"No input files at {input_uri!r}.")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in sorted(paths)]
+
+
+def run_single_machine(
+    input_uri: str,
+    output_uri: str,
+    generator: SamAutomaticMaskGenerator,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> RunSummary:
+    """Generate masks for every input file; write ``<name>.json`` (SA-1B) per image and
+    ``summary.json`` under ``output_uri``. Bad inputs are recorded, never skipped silently."""
+    if generator.output_mode != "coco_rle":
+        raise ValueError("run_single_machine needs a generator with output_mode='coco_rle'.")
+    summary = RunSummary()
+    start = time.perf_counter()
+    out_fs, out_path = fsspec.core.url_to_fs(output_uri)
+    out_fs.makedirs(out_path, exist_ok=True)
+    for image_id, uri in enumerate(list_inputs(input_uri)):
+        name = posixpath.basename(uri)
+        try:
+            with fsspec.open(uri, "rb") as f:
+                image = decode_image(f.read(), max_pixels=max_pixels)
+        except ImageDecodeError as e:
+            summary.images_error += 1
+            summary.errors.append({"uri": uri, "reason": e.reason, "detail": e.detail})
+            log.warning("skipping %s: %s", uri, e)
+            continue
+        records = generator.generate(image)
+        h, w = image.shape[:2]
+        doc = sa1b_document(image_id, name, w, h, records)
+        write_sa1b_json(posixpath.join(output_uri, posixpath.splitext(name)[0] + ".json"), doc)
+        summary.images_ok += 1
+        summary.masks += len(records)
+        log.info("%s: %d masks", uri, len(records))
+    summary.seconds = time.perf_counter() - start
+    with fsspec.open(posixpath.join(output_uri, "summary.json"), "w") as f:
+        json.dump(summary.as_dict(), f, indent=2)
+    return summary

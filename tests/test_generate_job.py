@@ -1,0 +1,107 @@
+"""Image decoding with reasons for every bad input, and the single-machine generate job."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.generate import main as generate_main
+from pipeline.decode import ImageDecodeError, decode_image
+from pipeline.single_machine import SAMPLE_IMAGES, list_inputs
+from sam_core.amg.sa1b import read_sa1b_json
+
+
+def encoded(arr_or_img, fmt="PNG", **kw) -> bytes:
+    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+RGB = (np.arange(12 * 20 * 3) % 251).astype(np.uint8).reshape(12, 20, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1"])
+def test_modes_become_rgb(mode):
+    img = Image.fromarray(RGB).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    out = decode_image(encoded(img, fmt))
+    assert out.shape == (12, 20, 3) and out.dtype == np.uint8
+
+
+def test_16_bit_is_scaled():
+    arr = np.full((4, 5), 65535, np.uint16)
+    arr[0, 0] = 0
+    out = decode_image(encoded(Image.fromarray(arr)))
+    assert out.shape == (4, 5, 3) and out[1, 1, 0] == 255 and out[0, 0, 0] == 0
+
+
+def test_exif_orientation_is_applied():
+    img = Image.fromarray(RGB)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = decode_image(encoded(img, "JPEG", exif=exif))
+    assert out.shape == (20, 12, 3)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (b"hello, not an image", "not_an_image"),
+        (encoded(RGB, "PNG")[:60], "corrupt"),
+    ],
+    ids=["empty", "text", "truncated"],
+)
+def test_bad_inputs_have_reasons(data, reason):
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data)
+    assert err.value.reason == reason
+
+
+def test_pixel_limit():
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(encoded(RGB), max_pixels=100)
+    assert err.value.reason == "too_large"
+
+
+def test_float_images_are_refused():
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(encoded(Image.fromarray(np.zeros((3, 3), np.float32)), "TIFF"))
+    assert err.value.reason == "unsupported_mode"
+
+
+def test_list_inputs_keeps_non_images(tmp_path):
+    (tmp_path / "a.png").write_bytes(encoded(RGB))
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".hidden").write_text("x")
+    assert [p.rsplit("/", 1)[-1] for p in list_inputs(str(tmp_path))] == ["a.png", "notes.txt"]
+    with pytest.raises(FileNotFoundError):
+        list_inputs(str(tmp_path / "missing" / "*.jpg"))
+
+
+def test_generate_job_on_samples_and_bad_files(tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (inputs / name).write_bytes(open(f"{SAMPLE_IMAGES}/{name}", "rb").read())
+    jpeg = (inputs / "coffee.jpg").read_bytes()
+    (inputs / "broken.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (inputs / "empty.png").write_bytes(b"")
+    (inputs / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert generate_main(["--input", str(inputs), "--output", str(out), "--points-per-side", "4",
+                          "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
+                          "--box-nms-thresh", "1.0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images_ok"] == 2 and summary["images_error"] == 3
+    assert sorted(e["reason"] for e in summary["errors"]) == ["corrupt", "empty", "not_an_image"]
+    doc = read_sa1b_json(str(out / "coffee.json"))
+    assert doc["image"]["file_name"] == "coffee.jpg" and doc["image"]["width"] == 512
+    assert len(doc["annotations"]) == summary["masks"] // 2 > 0  # no filters: every candidate stays
+    printed = capsys.readouterr().out
+    assert "images ok: 2, errors: 3" in printed and "broken.jpg: corrupt" in printed
