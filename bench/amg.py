@@ -21,16 +21,9 @@ from PIL import Image
 
 from sam_core import SamAutomaticMaskGenerator
 from sam_core.amg.fidelity import compare_records
+from sam_core.testing import sharpen
 
 from .common import machine, official_and_ours, report, sync
-
-
-def sharpen(model) -> None:
-    with torch.no_grad():
-        model.mask_decoder.iou_prediction_head.layers[-1].bias += 0.9
-        for mlp in model.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight *= 300
-            mlp.layers[-1].bias *= 300
 
 
 def photo(height: int, width: int) -> np.ndarray:

@@ -10,27 +10,13 @@ from typing import Callable, Dict
 
 import torch
 
-from sam_core import build_sam, get_config
+from sam_core.testing import official_sam, ours_from
 
 
 def official_and_ours(model_type: str, device: str, seed: int = 0, attention_backend: str = "sdpa"):
     """The official model and ours, same seeded weights (every parameter perturbed), on ``device``."""
-    from segment_anything.build_sam import _build_sam
-
-    cfg = get_config(model_type)
-    torch.manual_seed(seed)
-    official = _build_sam(
-        encoder_embed_dim=cfg.encoder_embed_dim,
-        encoder_depth=cfg.encoder_depth,
-        encoder_num_heads=cfg.encoder_num_heads,
-        encoder_global_attn_indexes=list(cfg.encoder_global_attn_indexes),
-    )
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in official.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    ours = build_sam(model_type, attention_backend=attention_backend)
-    ours.load_state_dict(official.state_dict(), strict=True)
+    official = official_sam(model_type, seed=seed)
+    ours = ours_from(official, model_type, attention_backend=attention_backend)
     return official.to(device).eval(), ours.to(device).eval()
 
 

@@ -6,40 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam_core import build_sam, get_config
-
-
-
-
-def official_sam(model_type: str, seed: int = 0, perturb: float = 0.02):
-    """Build the official model for ``model_type`` (tiny included) with seeded random weights.
-
-    The official init leaves relative-position tables, position embedding and biases at zero;
-    ``perturb`` adds seeded noise to every parameter so those code paths are exercised too.
-    """
-    from segment_anything.build_sam import _build_sam
-
-    cfg = get_config(model_type)
-    torch.manual_seed(seed)
-    sam = _build_sam(
-        encoder_embed_dim=cfg.encoder_embed_dim,
-        encoder_depth=cfg.encoder_depth,
-        encoder_num_heads=cfg.encoder_num_heads,
-        encoder_global_attn_indexes=list(cfg.encoder_global_attn_indexes),
-    )
-    if perturb:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in sam.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * perturb)
-    return sam.eval()
-
-
-def ours_from(official, model_type: str, **kwargs):
-    """Our model of ``model_type`` loaded strictly from the official model's state dict."""
-    model = build_sam(model_type, **kwargs)
-    model.load_state_dict(official.state_dict(), strict=True)
-    return model
+from sam_core.testing import official_sam, ours_from, sharpen  # noqa: F401  (re-exported to tests)
 
 
 @pytest.fixture(scope="session")
@@ -71,17 +38,6 @@ def photo(name: str, size=None) -> np.ndarray:
     if size is not None:
         img = np.ascontiguousarray(img[: size[0], : size[1]])
     return img
-
-
-def sharpen(official):
-    """Make many masks survive the default filters (on the official model, in place):
-    IoU head's last bias +0.9, hypernetwork MLPs' last layer weight and bias x300."""
-    with torch.no_grad():
-        official.mask_decoder.iou_prediction_head.layers[-1].bias += 0.9
-        for mlp in official.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight *= 300
-            mlp.layers[-1].bias *= 300
-    return official
 
 
 def assert_records_identical(expected, got):
