@@ -31,9 +31,28 @@ def build_sam(
     if isinstance(config, str):
         preset = PRESET_ALIASES.get(config, config)
         config = get_config(config)
-    c = config
+    if checkpoint is None:
+        sam = _assemble(config)
+    else:
+        # float32 like the official load_state_dict copy would make them (a half checkpoint too).
+        state_dict = {k: v.float() if v.is_floating_point() else v
+                      for k, v in read_checkpoint(checkpoint).items()}
+        # Build without allocating or initialising weights, then adopt the checkpoint's tensors.
+        with torch.device("meta"):
+            sam = _assemble(config)
+        load_state_dict_strict(sam, state_dict, expected=preset, assign=True)
+        sam.pixel_mean = torch.tensor(config.pixel_mean).view(-1, 1, 1)
+        sam.pixel_std = torch.tensor(config.pixel_std).view(-1, 1, 1)
+    sam.eval()
+    set_attention_backend(sam, attention_backend)
+    if device is not None:
+        sam.to(device)
+    return sam
+
+
+def _assemble(c: SamConfig) -> Sam:
     grid = c.image_embedding_size
-    sam = Sam(
+    return Sam(
         image_encoder=ImageEncoderViT(
             img_size=c.image_size,
             patch_size=c.patch_size,
@@ -66,13 +85,6 @@ def build_sam(
         pixel_mean=c.pixel_mean,
         pixel_std=c.pixel_std,
     )
-    sam.eval()
-    set_attention_backend(sam, attention_backend)
-    if checkpoint is not None:
-        load_state_dict_strict(sam, read_checkpoint(checkpoint), expected=preset)
-    if device is not None:
-        sam.to(device)
-    return sam
 
 
 def set_attention_backend(model: torch.nn.Module, backend: str) -> None:

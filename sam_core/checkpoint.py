@@ -114,11 +114,13 @@ def load_state_dict_strict(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
     expected: Optional[str] = None,
+    assign: bool = False,
 ) -> None:
     """Copy ``state_dict`` into ``model`` requiring the exact key set and shapes.
 
     ``expected`` names the preset the caller asked for, so a checkpoint of another size is
-    reported as such ("looks like vit_l") rather than as a wall of shape errors.
+    reported as such ("is a vit_l model") rather than as a wall of shape errors. ``assign``
+    adopts the tensors instead of copying them (for a model built on the meta device).
     """
     own = model.state_dict()
     mismatched = [
@@ -129,7 +131,7 @@ def load_state_dict_strict(
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if not (mismatched or missing or unexpected):
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=assign)
         return
     guess = guess_preset(state_dict)
     if expected is not None and guess is not None and guess != expected:

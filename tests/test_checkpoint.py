@@ -8,10 +8,12 @@ import pickle
 import pytest
 import torch
 
-from sam_core import CheckpointError, build_sam, sam_model_registry
+from segment_anything import SamPredictor as OfficialPredictor
+
+from sam_core import CheckpointError, SamPredictor, build_sam, sam_model_registry
 from sam_core.checkpoint import filter_state_dict, read_checkpoint
 
-from .conftest import official_sam
+from .conftest import official_sam, photo
 
 
 def assert_same_weights(model, state_dict):
@@ -21,10 +23,26 @@ def assert_same_weights(model, state_dict):
         assert torch.equal(ours[k], v), k
 
 
-def test_official_tiny_checkpoint_loads(tiny_official, tiny_checkpoint):
+def test_official_tiny_checkpoint_loads_and_runs(tiny_official, tiny_checkpoint):
     model = sam_model_registry["tiny"](checkpoint=tiny_checkpoint)
     assert not model.training
     assert_same_weights(model, tiny_official.state_dict())
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32
+               for t in list(model.parameters()) + list(model.buffers()))
+    assert torch.equal(model.pixel_mean, tiny_official.pixel_mean)
+    assert torch.equal(model.pixel_std, tiny_official.pixel_std)
+    image = photo("chelsea", (233, 177))
+    ours, official = SamPredictor(model), OfficialPredictor(tiny_official)
+    ours.set_image(image)
+    official.set_image(image)
+    torch.testing.assert_close(ours.features, official.features, atol=1e-4, rtol=0)
+
+
+def test_half_precision_checkpoint_loads_as_float32(tiny_official, tmp_path):
+    path = tmp_path / "half.pth"
+    torch.save({k: v.half() for k, v in tiny_official.state_dict().items()}, path)
+    model = build_sam("tiny", checkpoint=path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 @pytest.mark.slow
