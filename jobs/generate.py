@@ -1,9 +1,11 @@
-"""Generate SA-1B-style masks for every image under --input, written as SA-1B JSON per image.
+"""Generate SA-1B-style masks for every image under --input into Parquet tables under --output.
 
-    python -m jobs.generate --output out/demo                      # bundled sample photos
-    python -m jobs.generate --input photos/ --output masks/ --model-type vit_h \\
-        --checkpoint sam_vit_h_4b8939.pth --preset sa1b
+    python -m jobs.generate --output out/demo --points-per-side 16       # bundled sample photos
+    python -m jobs.generate --input s3://bucket/sa1b/ --output s3://bucket/masks/ \\
+        --model-type vit_h --checkpoint sam_vit_h_4b8939.pth --preset sa1b --num-gpus-per-worker 1 --workers 8
 
+Runs on the Ray cluster this process is attached to (``ray job submit``, or RAY_ADDRESS), or starts a
+local one. Re-running into the same output resumes: completed shards are skipped.
 Without --checkpoint the model has seeded random weights: the run exercises everything, but
 masks are meaningless (with the official thresholds usually none survive).
 """
@@ -15,23 +17,25 @@ import logging
 import sys
 import warnings
 
-import torch
-
-from pipeline.single_machine import SAMPLE_IMAGES, run_single_machine
-from sam_core import SamAutomaticMaskGenerator, build_sam
+from pipeline.config import PipelineConfig
+from pipeline.run import run_pipeline
+from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core.amg import PRESETS
+
+AMG_FLAGS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+             "box_nms_thresh", "crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", default=SAMPLE_IMAGES,
-                    help="folder, glob or file of images (local path or fsspec URI); default: bundled samples")
+                    help="folder, glob, tar shard(s) or .parquet/.csv manifest with a 'uri' column "
+                         "(local path or fsspec URI); default: the bundled sample photos")
     ap.add_argument("--output", required=True, help="output folder (local path or fsspec URI)")
     ap.add_argument("--model-type", default="tiny", help="tiny, vit_b, vit_l or vit_h (default: tiny)")
     ap.add_argument("--checkpoint", help="official-format SAM checkpoint (.pth) matching --model-type")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="torch device (default: cuda if available)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="named AMG settings (sa1b: the SA-1B release)")
     ap.add_argument("--mode", choices=["exact", "fast"], default="exact",
                     help="exact: official fp32 arithmetic; fast: bf16 autocast")
@@ -43,12 +47,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--crop-n-layers", type=int, help="crop layers (default 0)")
     ap.add_argument("--crop-n-points-downscale-factor", type=int, help="points reduction per layer (default 1)")
     ap.add_argument("--min-mask-region-area", type=int, help="remove holes/islands below this area (default 0)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
+    ap.add_argument("--images-per-shard", type=int, default=64, help="loose images per shard (default 64)")
+    ap.add_argument("--workers", type=int, default=1, help="mask-generation actors (default 1)")
+    ap.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default 0: CPU)")
+    ap.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ap.add_argument("--device", help="torch device in the actors (default: cuda if the actor has a GPU)")
+    ap.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images are errors")
+    ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs (e.g. a local server)")
+    ap.add_argument("--overwrite", action="store_true", help="discard previous results under --output")
     return ap.parse_args(argv)
 
 
-AMG_FLAGS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
-             "box_nms_thresh", "crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area")
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
+    return PipelineConfig(
+        input_uri=args.input, output_uri=args.output, model_type=args.model_type,
+        checkpoint=args.checkpoint, seed=args.seed, preset=args.preset, mode=args.mode,
+        amg={k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None},
+        images_per_shard=args.images_per_shard, workers=args.workers,
+        num_gpus_per_worker=args.num_gpus_per_worker, num_cpus_per_worker=args.num_cpus_per_worker,
+        device=args.device, max_pixels=args.max_pixels, storage_options=storage, overwrite=args.overwrite,
+    )
 
 
 def main(argv=None) -> int:
@@ -57,17 +76,9 @@ def main(argv=None) -> int:
     if args.checkpoint is None:
         warnings.warn(f"No --checkpoint: {args.model_type} with random weights (seed {args.seed}); "
                       "the masks are not meaningful.", stacklevel=1)
-        torch.manual_seed(args.seed)
-    model = build_sam(args.model_type, args.checkpoint, device=args.device)
-    settings = {k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None}
-    settings.update(output_mode="coco_rle", mode=args.mode)
-    if args.preset:
-        generator = SamAutomaticMaskGenerator.from_preset(args.preset, model, **settings)
-    else:
-        generator = SamAutomaticMaskGenerator(model, **settings)
-    summary = run_single_machine(args.input, args.output, generator)
+    summary = run_pipeline(config_from_args(args))
     print(summary)
-    print(f"wrote SA-1B JSON per image and summary.json to {args.output}")
+    print(f"tables: {args.output.rstrip('/')}/masks/*.parquet and images/*.parquet")
     return 0
 
 

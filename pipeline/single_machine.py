@@ -32,10 +32,13 @@ class RunSummary:
     masks: int = 0
     seconds: float = 0.0
     errors: List[Dict[str, str]] = field(default_factory=list)  # {"uri", "reason", "detail"}
+    stage_seconds: Dict[str, float] = field(default_factory=dict)  # summed worker time per stage
+    shards_processed: int = 0  # shards done by this run (the rest were already complete)
+    images_processed: Optional[int] = None  # images done by this run, if not all of them
 
     @property
     def images_per_second(self) -> float:
-        done = self.images_ok + self.images_error
+        done = self.images_ok + self.images_error if self.images_processed is None else self.images_processed
         return done / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> Dict[str, Any]:
@@ -46,6 +49,9 @@ class RunSummary:
             f"images ok: {self.images_ok}, errors: {self.images_error}, masks: {self.masks}, "
             f"{self.seconds:.1f} s ({self.images_per_second:.3f} images/s)"
         ]
+        if self.stage_seconds:
+            stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
+            lines.append(f"shards processed this run: {self.shards_processed}; worker time: {stages}")
         lines += [f"  error {e['uri']}: {e['reason']} ({e['detail']})" for e in self.errors]
         return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""Image decoding with reasons for every bad input, and the single-machine generate job."""
+"""Image decoding with reasons for every bad input, and the single-machine (no Ray) runner."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from jobs.generate import main as generate_main
 from pipeline.decode import ImageDecodeError, decode_image
-from pipeline.single_machine import SAMPLE_IMAGES, list_inputs
+from pipeline.single_machine import SAMPLE_IMAGES, list_inputs, run_single_machine
+from sam_core import SamAutomaticMaskGenerator, build_sam
 from sam_core.amg.sa1b import read_sa1b_json
 
 
@@ -84,7 +85,7 @@ def test_list_inputs_keeps_non_images(tmp_path):
         list_inputs(str(tmp_path / "missing" / "*.jpg"))
 
 
-def test_generate_job_on_samples_and_bad_files(tmp_path, capsys):
+def test_single_machine_runner_on_samples_and_bad_files(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("chelsea.jpg", "coffee.jpg"):
@@ -94,14 +95,17 @@ def test_generate_job_on_samples_and_bad_files(tmp_path, capsys):
     (inputs / "empty.png").write_bytes(b"")
     (inputs / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    assert generate_main(["--input", str(inputs), "--output", str(out), "--points-per-side", "4",
-                          "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
-                          "--box-nms-thresh", "1.0"]) == 0
+    torch.manual_seed(0)
+    generator = SamAutomaticMaskGenerator(build_sam("tiny"), points_per_side=4, pred_iou_thresh=0,
+                                          stability_score_thresh=0, box_nms_thresh=1.0,
+                                          output_mode="coco_rle")
+    result = run_single_machine(str(inputs), str(out), generator)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.as_dict()))
     assert summary["images_ok"] == 2 and summary["images_error"] == 3
     assert sorted(e["reason"] for e in summary["errors"]) == ["corrupt", "empty", "not_an_image"]
     doc = read_sa1b_json(str(out / "coffee.json"))
     assert doc["image"]["file_name"] == "coffee.jpg" and doc["image"]["width"] == 512
     assert len(doc["annotations"]) == summary["masks"] // 2 > 0  # no filters: every candidate stays
-    printed = capsys.readouterr().out
+    printed = str(result)
     assert "images ok: 2, errors: 3" in printed and "broken.jpg: corrupt" in printed

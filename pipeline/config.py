@@ -1,0 +1,63 @@
+"""One typed configuration for a mask-generation run, and the Ray arguments derived from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+from .decode import DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    input_uri: str  # folder, glob, tar shard(s) or manifest of images (local path or fsspec URI)
+    output_uri: str  # folder for the masks/ and images/ Parquet tables (local path or fsspec URI)
+    model_type: str = "tiny"  # tiny, vit_b, vit_l or vit_h
+    checkpoint: Optional[str] = None  # official-format .pth; None: seeded random weights
+    seed: int = 0  # seed of the random weights when there is no checkpoint
+    amg: Mapping[str, Any] = field(default_factory=dict)  # SamAutomaticMaskGenerator settings
+    preset: Optional[str] = None  # named AMG settings ("sa1b"), under ``amg``
+    mode: str = "exact"  # generator mode: "exact" or "fast"
+    images_per_shard: int = 64  # loose images per shard (tars and manifests: see pipeline.shards)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images larger than this are recorded as errors
+    overwrite: bool = False  # delete previous results under output_uri instead of resuming
+    storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint...)
+    device: Optional[str] = None  # torch device in the workers; None: cuda if the worker has a GPU
+    num_gpus_per_worker: float = 0.0  # GPUs reserved by each mask-generation actor
+    num_cpus_per_worker: float = 1.0  # CPUs reserved by each mask-generation actor
+    workers: int = 1  # mask-generation actors (one model each)
+
+    def generator_settings(self) -> Dict[str, Any]:
+        """Effective AMG settings: preset, then ``amg`` overrides, then the fixed output mode."""
+        from sam_core.amg import PRESETS
+
+        settings: Dict[str, Any] = dict(PRESETS[self.preset]) if self.preset else {}
+        settings.update(self.amg)
+        settings.update(output_mode="coco_rle", mode=self.mode)
+        return settings
+
+    def model_id(self) -> str:
+        name = self.checkpoint.rsplit("/", 1)[-1] if self.checkpoint else f"random-seed{self.seed}"
+        return f"{self.model_type}:{name}"
+
+    def settings_hash(self) -> str:
+        """Short stable hash of the model and generator settings (recorded on every mask)."""
+        blob = json.dumps({"model": self.model_id(), **self.generator_settings()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def ray_worker_args(self) -> Dict[str, Any]:
+        """Every Ray resource argument of the mask-generation stage, for ``Dataset.map_batches``."""
+        from ray.data import ActorPoolStrategy
+
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}.")
+        return dict(
+            batch_size=1,  # one shard per call: a shard is written whole or not at all
+            # Ray Data restarts a dead actor and retries its shard; the marker-last write order
+            # makes the retry overwrite any partial files.
+            compute=ActorPoolStrategy(size=self.workers),
+            num_gpus=self.num_gpus_per_worker,
+            num_cpus=self.num_cpus_per_worker,
+        )

@@ -1,0 +1,69 @@
+"""The Ray Data mask-generation job: shards in, Parquet tables out, resumable."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import List
+
+import pyarrow.compute as pc
+
+from .config import PipelineConfig
+from .output import OutputDir
+from .shards import Shard, discover_shards
+from .single_machine import RunSummary
+from .worker import ShardWorker
+
+log = logging.getLogger(__name__)
+
+
+def pending_shards(config: PipelineConfig) -> List[Shard]:
+    """Shards of the input not yet completed in the output (all of them with ``overwrite``)."""
+    shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options)
+    output = OutputDir(config.output_uri, config.storage_options)
+    if config.overwrite:
+        output.clear()
+        return shards
+    return [s for s in shards if not output.is_complete(s)]
+
+
+def run_pipeline(config: PipelineConfig) -> RunSummary:
+    """Process every pending shard on the Ray cluster (a local one is started if none is running)
+    and return the summary of the whole output, this run's shards and earlier ones."""
+    import ray
+
+    start = time.perf_counter()
+    todo = pending_shards(config)
+    log.info("%d shards to process", len(todo))
+    shard_stats = []
+    if todo:
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True, log_to_driver=False)
+        items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris)} for s in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(ShardWorker, fn_constructor_kwargs={"config": config}, **config.ray_worker_args())
+        shard_stats = ds.take_all()
+    summary = summarize(config)
+    summary.seconds = time.perf_counter() - start
+    summary.stage_seconds = {
+        "decode": float(sum(s["decode_s"] for s in shard_stats)),
+        "generate": float(sum(s["generate_s"] for s in shard_stats)),
+    }
+    summary.shards_processed = len(shard_stats)
+    summary.images_processed = int(sum(s["images_ok"] + s["images_error"] for s in shard_stats))
+    return summary
+
+
+def summarize(config: PipelineConfig) -> RunSummary:
+    """Counts over the images table of the output."""
+    images = OutputDir(config.output_uri, config.storage_options).read_table("images")
+    ok = pc.equal(images.column("status"), "ok")
+    errors = images.filter(pc.invert(ok))
+    return RunSummary(
+        images_ok=int(pc.sum(ok).as_py() or 0),
+        images_error=errors.num_rows,
+        masks=int(pc.sum(images.column("mask_count")).as_py() or 0),
+        errors=[{"uri": u, "reason": r, "detail": d} for u, r, d in zip(
+            errors.column("uri").to_pylist(), errors.column("error_reason").to_pylist(),
+            errors.column("error_detail").to_pylist())],
+    )

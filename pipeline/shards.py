@@ -1,0 +1,107 @@
+"""Inputs as shards: deterministic groups of images that are processed, written and resumed whole.
+
+- a folder or glob of image files: sorted, grouped ``images_per_shard`` at a time (``files-00000``);
+- tar shards (``sa_000000.tar``): one shard per tar, named after it;
+- a manifest (``.parquet`` or ``.csv`` with a ``uri`` column): rows grouped like loose files,
+  named ``<manifest stem>-00000``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import fsspec
+
+TAR_SIDECAR_EXTENSIONS = (".json",)  # SA-1B tars pair each jpg with its annotation json
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str  # unique within the run; names the output files
+    kind: str  # "files" (uris are images) or "tar" (uris is one tar file)
+    uris: Tuple[str, ...]
+
+
+def _fs(uri: str, storage_options: Optional[Mapping[str, Any]]):
+    return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+
+
+def _full_uri(fs, path: str) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def discover_shards(
+    input_uri: str, images_per_shard: int = 64, storage_options: Optional[Mapping[str, Any]] = None
+) -> List[Shard]:
+    """Shards of ``input_uri``: a folder, a glob, a single tar/manifest, or a folder of tars."""
+    if images_per_shard < 1:
+        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}.")
+    fs, path = _fs(input_uri, storage_options)
+    if path.endswith((".parquet", ".csv")) and not any(c in path for c in "*?["):
+        return _manifest_shards(input_uri, images_per_shard, storage_options)
+    if fs.isdir(path):
+        paths = [p for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
+    else:
+        paths = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
+    if not paths:
+        raise FileNotFoundError(f"No input files at {input_uri!r}.")
+    paths = sorted(paths)
+    tars = [p for p in paths if p.endswith(".tar")]
+    others = [p for p in paths if not p.endswith(".tar")]
+    shards = [Shard(posixpath.basename(p)[: -len(".tar")], "tar", (_full_uri(fs, p),)) for p in tars]
+    for i in range(0, len(others), images_per_shard):
+        members = tuple(_full_uri(fs, p) for p in others[i : i + images_per_shard])
+        shards.append(Shard(f"files-{i // images_per_shard:05d}", "files", members))
+    ids = [s.shard_id for s in shards]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"Two input tars share a name: {sorted(i for i in ids if ids.count(i) > 1)}.")
+    return shards
+
+
+def _manifest_shards(uri: str, images_per_shard: int, storage_options) -> List[Shard]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+        table = pq.read_table(f) if uri.endswith(".parquet") else pacsv.read_csv(f)
+    if "uri" not in table.column_names:
+        raise ValueError(f"Manifest {uri!r} has no 'uri' column (columns: {table.column_names}).")
+    uris = [u for u in table.column("uri").to_pylist()]
+    if any(not u for u in uris):
+        raise ValueError(f"Manifest {uri!r} has empty 'uri' values.")
+    stem = posixpath.splitext(posixpath.basename(uri))[0]
+    return [
+        Shard(f"{stem}-{i // images_per_shard:05d}", "files", tuple(uris[i : i + images_per_shard]))
+        for i in range(0, len(uris), images_per_shard)
+    ]
+
+
+def iter_shard_files(
+    shard: Shard, storage_options: Optional[Mapping[str, Any]] = None
+) -> Iterator[Tuple[str, str, Optional[bytes], Optional[str]]]:
+    """(name, uri, bytes, read_error) for every image of the shard, in order.
+
+    A file that cannot be read gives ``bytes=None`` and the reason; tar sidecar ``.json`` files
+    (SA-1B annotations) are not images and are passed over.
+    """
+    opts: Dict[str, Any] = dict(storage_options or {})
+    if shard.kind == "files":
+        for uri in shard.uris:
+            try:
+                with fsspec.open(uri, "rb", **opts) as f:
+                    data = f.read()
+                yield posixpath.basename(uri), uri, data, None
+            except Exception as e:  # missing file, permission, network after retries
+                yield posixpath.basename(uri), uri, None, f"{type(e).__name__}: {e}"
+        return
+    (tar_uri,) = shard.uris
+    with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile() or member.name.endswith(TAR_SIDECAR_EXTENSIONS):
+                continue
+            extracted = tar.extractfile(member)
+            yield posixpath.basename(member.name), f"{tar_uri}#{member.name}", extracted.read(), None

@@ -1,0 +1,196 @@
+"""The Ray Data job: shards, Parquet tables, bad input, resume after a crash, equality with the engine."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipeline.config import PipelineConfig
+from pipeline.decode import decode_image
+from pipeline.output import OutputDir
+from pipeline.run import run_pipeline
+from pipeline.shards import Shard, discover_shards, iter_shard_files
+from pipeline.single_machine import SAMPLE_IMAGES
+from pipeline.worker import ShardWorker, build_generator
+
+from .conftest import official_sam, sharpen
+
+AMG = dict(points_per_side=4, box_nms_thresh=1.0, pred_iou_thresh=0.8, stability_score_thresh=0.8)
+SAMPLES = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg")
+
+
+def sample_bytes(name):
+    with open(f"{SAMPLE_IMAGES}/{name}", "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A sharpened tiny model in the official checkpoint format: many masks survive."""
+    path = tmp_path_factory.mktemp("ckpt") / "sam_tiny_sharp.pth"
+    torch.save(sharpen(official_sam("tiny", perturb=0.0)).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    """Three good photos and every kind of bad file, in one folder."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in SAMPLES:
+        (d / name).write_bytes(sample_bytes(name))
+    jpeg = sample_bytes("coffee.jpg")
+    (d / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (d / "empty.png").write_bytes(b"")
+    (d / "notes.txt").write_text("not an image")
+    big = io.BytesIO()
+    Image.new("RGB", (1000, 800)).save(big, format="PNG")
+    (d / "too_big.png").write_bytes(big.getvalue())
+    return d
+
+
+def config(inputs, output, checkpoint, **kw):
+    return PipelineConfig(input_uri=str(inputs), output_uri=str(output), checkpoint=checkpoint,
+                          amg=AMG, images_per_shard=3, max_pixels=300_000, **kw)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def test_discover_folder_glob_tar_and_manifest(inputs, tmp_path):
+    shards = discover_shards(str(inputs), images_per_shard=3)
+    assert [s.shard_id for s in shards] == ["files-00000", "files-00001", "files-00002"]
+    assert [len(s.uris) for s in shards] == [3, 3, 1]
+    assert len(discover_shards(str(inputs / "*.jpg"), 10)[0].uris) == 4
+    tar_path = tmp_path / "sa_000001.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(inputs / "chelsea.jpg", arcname="sa_1.jpg")
+        tar.add(inputs / "notes.txt", arcname="sa_1.json")
+    (tar_shard,) = discover_shards(str(tar_path))
+    assert tar_shard == Shard("sa_000001", "tar", (str(tar_path),))
+    files = list(iter_shard_files(tar_shard))
+    assert [(n, u.endswith("#sa_1.jpg")) for n, u, _, _ in files] == [("sa_1.jpg", True)]
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"uri": [str(inputs / n) for n in SAMPLES]}), manifest)
+    assert [s.shard_id for s in discover_shards(str(manifest), 2)] == ["list-00000", "list-00001"]
+    (tmp_path / "bad.csv").write_text("path\nx.jpg\n")
+    with pytest.raises(ValueError, match="no 'uri' column"):
+        discover_shards(str(tmp_path / "bad.csv"))
+    with pytest.raises(FileNotFoundError):
+        discover_shards(str(tmp_path / "nothing-here"))
+
+
+def test_worker_rows_and_equality_with_the_engine(inputs, tmp_path, checkpoint):
+    cfg = config(inputs, tmp_path / "out", checkpoint)
+    worker = ShardWorker(cfg)
+    masks, images = worker.process(discover_shards(str(inputs), 10)[0])
+    by_name = {r["image_id"].split("/", 1)[1]: r for r in images}
+    assert by_name["truncated.jpg"]["error_reason"] == "corrupt"
+    assert by_name["empty.png"]["error_reason"] == "empty"
+    assert by_name["notes.txt"]["error_reason"] == "not_an_image"
+    assert by_name["too_big.png"]["error_reason"] == "too_large"
+    assert all(r["status"] == "ok" for n, r in by_name.items() if n in SAMPLES)
+    generator = build_generator(cfg, "cpu")
+    for name in SAMPLES:
+        expected = generator.generate(decode_image(sample_bytes(name)))
+        rows = [m for m in masks if m["image_id"].endswith("/" + name)]
+        assert len(rows) == len(expected) == by_name[name]["mask_count"] > 0
+        for row, rec in zip(rows, expected):
+            assert row["counts"] == rec["segmentation"]["counts"]
+            assert [row["height"], row["width"]] == rec["segmentation"]["size"]
+            assert (row["area"], row["predicted_iou"], row["stability_score"]) == (
+                rec["area"], rec["predicted_iou"], rec["stability_score"])
+            assert row["bbox"] == rec["bbox"] and row["crop_box"] == rec["crop_box"]
+
+
+def test_marker_guards_changed_inputs(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    shard = Shard("files-00000", "files", ("a.jpg",))
+    assert not out.is_complete(shard)
+    out.write_shard(shard, [], [])
+    assert out.is_complete(shard)
+    with pytest.raises(ValueError, match="input changed"):
+        out.is_complete(Shard("files-00000", "files", ("a.jpg", "b.jpg")))
+
+
+def read_tables(path):
+    out = OutputDir(str(path))
+    return out.read_table("masks").sort_by([("image_id", "ascending"), ("mask_id", "ascending")]), \
+        out.read_table("images").sort_by("image_id")
+
+
+def test_run_resume_after_crash_and_overwrite(ray_local, inputs, tmp_path, checkpoint):
+    out = tmp_path / "out"
+    first = run_pipeline(config(inputs, out, checkpoint))
+    assert (first.images_ok, first.images_error, first.shards_processed) == (3, 4, 3)
+    assert {e["reason"] for e in first.errors} == {"corrupt", "empty", "not_an_image", "too_large"}
+    masks, images = read_tables(out)
+    assert masks.num_rows == first.masks > 0
+    assert images.num_rows == 7
+    for row in masks.slice(0, 5).to_pylist():
+        m = mask_utils.decode({"size": [row["height"], row["width"]], "counts": row["counts"]})
+        assert int(m.sum()) == row["area"]
+
+    again = run_pipeline(config(inputs, out, checkpoint))  # nothing left to do
+    assert again.shards_processed == 0 and again.masks == first.masks
+
+    # A crash after the data but before the marker, and one mid-write: both shards are redone.
+    (out / "_done" / "files-00001.json").unlink()
+    (out / "masks" / "files-00002.parquet").write_bytes(b"partial")
+    (out / "_done" / "files-00002.json").unlink()
+    resumed = run_pipeline(config(inputs, out, checkpoint))
+    assert resumed.shards_processed == 2
+    assert read_tables(out)[0].equals(masks) and read_tables(out)[1].drop_columns(
+        ["decode_s", "generate_s"]).equals(images.drop_columns(["decode_s", "generate_s"]))
+
+    fresh = run_pipeline(config(inputs, out, checkpoint, overwrite=True))
+    assert fresh.shards_processed == 3 and read_tables(out)[0].equals(masks)
+
+
+def test_run_on_tar_shards(ray_local, tmp_path, checkpoint):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, names in enumerate([SAMPLES[:2], SAMPLES[2:]]):
+        with tarfile.open(shards / f"sa_{i:06d}.tar", "w") as tar:
+            for name in names:
+                data = sample_bytes(name)
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    summary = run_pipeline(config(shards, tmp_path / "out", checkpoint))
+    assert (summary.images_ok, summary.images_error, summary.shards_processed) == (3, 0, 2)
+    _, images = read_tables(tmp_path / "out")
+    assert images.column("image_id").to_pylist() == [
+        "sa_000000/astronaut.jpg", "sa_000000/chelsea.jpg", "sa_000001/coffee.jpg"]
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == [
+        "sa_000000.parquet", "sa_000001.parquet"]
+
+
+def test_generate_job_cli(ray_local, tmp_path, checkpoint, capsys):
+    from jobs.generate import main
+
+    out = tmp_path / "out"
+    args = ["--output", str(out), "--checkpoint", checkpoint, "--points-per-side", "4",
+            "--pred-iou-thresh", "0.8", "--stability-score-thresh", "0.8", "--box-nms-thresh", "1.0"]
+    assert main(args) == 0  # default input: the bundled sample photos
+    printed = capsys.readouterr().out
+    assert "images ok: 3, errors: 0" in printed and "shards processed this run: 1" in printed
+    masks, images = read_tables(out)
+    assert images.column("status").to_pylist() == ["ok"] * 3 and masks.num_rows > 0
+    assert set(masks.column("model").to_pylist()) == {"tiny:sam_tiny_sharp.pth"}
+    assert main(args) == 0
+    assert "shards processed this run: 0" in capsys.readouterr().out
