@@ -29,6 +29,12 @@ class PipelineConfig:
     num_cpus_per_worker: float = 1.0  # CPUs reserved by each mask-generation actor
     workers: int = 1  # mask-generation actors (one model each)
 
+    def __repr__(self) -> str:
+        # storage_options may hold credentials: never print them.
+        fields = {k: v for k, v in self.__dict__.items() if k != "storage_options"}
+        hidden = sorted(self.storage_options)
+        return f"PipelineConfig({fields}, storage_options=<{len(hidden)} keys hidden: {hidden}>)"
+
     def generator_settings(self) -> Dict[str, Any]:
         """Effective AMG settings: preset, then ``amg`` overrides, then the fixed output mode."""
         from sam_core.amg import PRESETS

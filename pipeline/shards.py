@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import fsspec
 
 TAR_SIDECAR_EXTENSIONS = (".json",)  # SA-1B tars pair each jpg with its annotation json
+READ_ATTEMPTS = 3  # tries per file before its read error is recorded
+RETRY_BASE_DELAY_S = 0.5  # doubled after every failed try
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,23 @@ def _manifest_shards(uri: str, images_per_shard: int, storage_options) -> List[S
     ]
 
 
+def _read_with_retries(uri: str, opts: Dict[str, Any]) -> Tuple[Optional[bytes], Optional[str]]:
+    """(bytes, None), or (None, reason) after READ_ATTEMPTS failures; a missing file fails at once."""
+    delay = RETRY_BASE_DELAY_S
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            with fsspec.open(uri, "rb", **opts) as f:
+                return f.read(), None
+        except FileNotFoundError as e:
+            return None, f"FileNotFoundError: {e}"
+        except Exception as e:  # transient object-store and network errors
+            if attempt == READ_ATTEMPTS:
+                return None, f"{type(e).__name__} after {attempt} attempts: {e}"
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
 def iter_shard_files(
     shard: Shard, storage_options: Optional[Mapping[str, Any]] = None
 ) -> Iterator[Tuple[str, str, Optional[bytes], Optional[str]]]:
@@ -91,12 +111,8 @@ def iter_shard_files(
     opts: Dict[str, Any] = dict(storage_options or {})
     if shard.kind == "files":
         for uri in shard.uris:
-            try:
-                with fsspec.open(uri, "rb", **opts) as f:
-                    data = f.read()
-                yield posixpath.basename(uri), uri, data, None
-            except Exception as e:  # missing file, permission, network after retries
-                yield posixpath.basename(uri), uri, None, f"{type(e).__name__}: {e}"
+            data, error = _read_with_retries(uri, opts)
+            yield posixpath.basename(uri), uri, data, error
         return
     (tar_uri,) = shard.uris
     with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:

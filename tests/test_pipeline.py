@@ -194,3 +194,74 @@ def test_generate_job_cli(ray_local, tmp_path, checkpoint, capsys):
     assert set(masks.column("model").to_pylist()) == {"tiny:sam_tiny_sharp.pth"}
     assert main(args) == 0
     assert "shards processed this run: 0" in capsys.readouterr().out
+
+
+def test_transient_read_errors_are_retried(tmp_path, monkeypatch):
+    import fsspec
+
+    from pipeline import shards as shards_mod
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"abc")
+    real_open, calls = fsspec.open, []
+
+    def flaky_open(uri, *args, **kwargs):
+        calls.append(uri)
+        if len(calls) < 3:
+            raise ConnectionError("connection reset")
+        return real_open(uri, *args, **kwargs)
+
+    monkeypatch.setattr(shards_mod.fsspec, "open", flaky_open)
+    monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
+    shard = Shard("files-00000", "files", (str(path), str(tmp_path / "missing.jpg")))
+    (ok, missing) = list(iter_shard_files(shard))
+    assert ok[2] == b"abc" and ok[3] is None and len(calls) == 4  # 2 failures, 1 success, 1 missing
+    assert missing[2] is None and missing[3].startswith("FileNotFoundError")
+
+
+def test_config_repr_hides_credentials():
+    cfg = PipelineConfig("s3://in", "s3://out", storage_options={"key": "AKIA-SECRET", "secret": "shh"})
+    assert "AKIA-SECRET" not in repr(cfg) and "shh" not in repr(cfg) and "2 keys hidden" in repr(cfg)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, as s3fs's own test suite runs it."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
+    import s3fs
+
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_server,
+                                                                      "region_name": "us-east-1"}}
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    client.create_bucket(Bucket="inbucket")
+    client.create_bucket(Bucket="outbucket")
+    fs = s3fs.S3FileSystem(**opts)
+    for name in SAMPLES[:2]:
+        fs.pipe(f"inbucket/photos/{name}", sample_bytes(name))
+    fs.pipe("inbucket/photos/broken.jpg", b"")
+    cfg = PipelineConfig(input_uri="s3://inbucket/photos/", output_uri="s3://outbucket/run1",
+                         checkpoint=checkpoint, amg=AMG, storage_options=opts)
+    summary = run_pipeline(cfg)
+    assert (summary.images_ok, summary.images_error) == (2, 1)
+    assert summary.errors[0]["uri"] == "s3://inbucket/photos/broken.jpg"
+    assert sorted(fs.ls("outbucket/run1")) == ["outbucket/run1/_done", "outbucket/run1/images",
+                                               "outbucket/run1/masks"]
+    masks = OutputDir("s3://outbucket/run1", opts).read_table("masks")
+    assert masks.num_rows == summary.masks > 0
+    assert run_pipeline(cfg).shards_processed == 0
