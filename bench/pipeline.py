@@ -1,0 +1,75 @@
+"""The Ray pipeline against the bare engine (SamAutomaticMaskGenerator in a loop), same machine,
+model and images, in one run. Goal: the pipeline keeps >= 85% of the engine's images/s.
+
+    python -m bench.pipeline                      # tiny, CPU, bundled photos repeated
+    python -m bench.pipeline --model-type vit_h --checkpoint sam_vit_h_4b8939.pth --gpus 1
+
+The engine loop decodes and generates; the pipeline adds shard reading, Parquet writing, markers
+and Ray scheduling (Ray is started before the clock; actor start-up and model load are timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import ray
+
+from pipeline.config import PipelineConfig
+from pipeline.decode import decode_image
+from pipeline.run import run_pipeline
+from pipeline.single_machine import SAMPLE_IMAGES
+from pipeline.worker import build_generator
+
+from .common import machine
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-type", default="tiny")
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--images", type=int, default=12, help="images (bundled photos repeated)")
+    ap.add_argument("--points-per-side", type=int, default=8)
+    ap.add_argument("--images-per-shard", type=int, default=4)
+    ap.add_argument("--gpus", type=float, default=0.0, help="GPUs for the pipeline's actor")
+    args = ap.parse_args(argv)
+
+    work = tempfile.mkdtemp(prefix="bench-pipeline-")
+    try:
+        names = sorted(os.listdir(SAMPLE_IMAGES))
+        for i in range(args.images):
+            shutil.copy(os.path.join(SAMPLE_IMAGES, names[i % len(names)]), os.path.join(work, f"{i:04d}.jpg"))
+        cpus = os.cpu_count() or 1
+        cfg = PipelineConfig(input_uri=work, output_uri=os.path.join(work, "out"), model_type=args.model_type,
+                             checkpoint=args.checkpoint, amg={"points_per_side": args.points_per_side},
+                             images_per_shard=args.images_per_shard, num_cpus_per_worker=cpus,
+                             num_gpus_per_worker=args.gpus)
+        device = "cuda" if args.gpus else "cpu"
+        t0 = time.perf_counter()
+        generator = build_generator(cfg, device)
+        for name in sorted(p for p in os.listdir(work) if p.endswith(".jpg")):
+            with open(os.path.join(work, name), "rb") as f:
+                generator.generate(decode_image(f.read()))
+        engine_s = time.perf_counter() - t0
+
+        ray.init(num_cpus=cpus, num_gpus=args.gpus or None, include_dashboard=False, log_to_driver=False)
+        t0 = time.perf_counter()
+        summary = run_pipeline(cfg)
+        pipeline_s = time.perf_counter() - t0
+        ray.shutdown()
+        assert summary.images_ok == args.images, summary
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    engine_ips, pipeline_ips = args.images / engine_s, args.images / pipeline_s
+    print(f"\n{args.images} images, {args.model_type}, {args.points_per_side}x{args.points_per_side} points, "
+          f"{machine()}")
+    print(f"engine   {engine_ips:.3f} images/s ({engine_s:.1f} s, model load included)")
+    print(f"pipeline {pipeline_ips:.3f} images/s ({pipeline_s:.1f} s, actor start and model load included)")
+    print(f"pipeline / engine = {pipeline_ips / engine_ips:.1%}")
+
+
+if __name__ == "__main__":
+    main()
