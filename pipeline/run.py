@@ -27,9 +27,11 @@ def pending_shards(config: PipelineConfig) -> List[Shard]:
     return [s for s in shards if not output.is_complete(s)]
 
 
-def run_pipeline(config: PipelineConfig) -> RunSummary:
+def run_pipeline(config: PipelineConfig, worker_cls: type = ShardWorker) -> RunSummary:
     """Process every pending shard on the Ray cluster (a local one is started if none is running)
-    and return the summary of the whole output, this run's shards and earlier ones."""
+    and return the summary of the whole output, this run's shards and earlier ones.
+
+    ``worker_cls`` is the mask-generation stage (a :class:`ShardWorker` or subclass)."""
     import ray
 
     start = time.perf_counter()
@@ -41,7 +43,7 @@ def run_pipeline(config: PipelineConfig) -> RunSummary:
             ray.init(ignore_reinit_error=True, log_to_driver=False)
         items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris)} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(ShardWorker, fn_constructor_kwargs={"config": config}, **config.ray_worker_args())
+        ds = ds.map_batches(worker_cls, fn_constructor_kwargs={"config": config}, **config.ray_worker_args())
         shard_stats = ds.take_all()
     summary = summarize(config)
     summary.seconds = time.perf_counter() - start
