@@ -103,6 +103,16 @@ class OutputDir:
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.fs.pipe_file(path, data)
 
+    def shard_ids(self) -> List[str]:
+        """Completed shards, sorted."""
+        return sorted(posixpath.basename(p)[: -len(".json")] for p in self.fs.glob(self._p("_done", "*.json")))
+
+    def read_shard(self, name: str, shard_id: str) -> pa.Table:
+        """One completed shard's ``masks`` or ``images`` table."""
+        schema = MASKS_SCHEMA if name == "masks" else IMAGES_SCHEMA
+        with self.fs.open(self._p(name, f"{shard_id}.parquet"), "rb") as fh:
+            return pq.read_table(fh, schema=schema)
+
     def read_table(self, name: str) -> pa.Table:
         """All shards of ``masks`` or ``images`` as one table (empty with the schema if none)."""
         schema = MASKS_SCHEMA if name == "masks" else IMAGES_SCHEMA

@@ -1,0 +1,90 @@
+"""Parquet tables -> SA-1B JSON and COCO JSON, decoded back to the same masks."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from jobs.export import main as export_main
+from pipeline.config import PipelineConfig
+from pipeline.output import OutputDir
+from pipeline.shards import discover_shards
+from pipeline.single_machine import SAMPLE_IMAGES
+from pipeline.worker import ShardWorker
+from sam_core.amg.sa1b import decode_masks, read_sa1b_json
+
+from .conftest import official_sam, sharpen
+
+AMG = dict(points_per_side=4, box_nms_thresh=1.0, pred_iou_thresh=0.8, stability_score_thresh=0.8)
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """A generate run's tables (written without Ray, by the worker itself), with one bad file."""
+    root = tmp_path_factory.mktemp("export")
+    inputs = root / "in"
+    inputs.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (inputs / name).write_bytes(open(f"{SAMPLE_IMAGES}/{name}", "rb").read())
+    (inputs / "empty.jpg").write_bytes(b"")
+    ckpt = root / "sharp.pth"
+    torch.save(sharpen(official_sam("tiny", perturb=0.0)).state_dict(), ckpt)
+    cfg = PipelineConfig(input_uri=str(inputs), output_uri=str(root / "out"), checkpoint=str(ckpt),
+                         amg=AMG, images_per_shard=2)
+    worker = ShardWorker(cfg)
+    for shard in discover_shards(cfg.input_uri, cfg.images_per_shard):
+        worker.output.write_shard(shard, *worker.process(shard))
+    return root / "out"
+
+
+def table_masks(tables):
+    rows = OutputDir(str(tables)).read_table("masks").to_pylist()
+    out = {}
+    for r in rows:
+        m = mask_utils.decode({"size": [r["height"], r["width"]], "counts": r["counts"]}).astype(bool)
+        out.setdefault(r["image_id"], []).append((r["mask_id"], m))
+    return {k: [m for _, m in sorted(v, key=lambda t: t[0])] for k, v in out.items()}
+
+
+def test_sa1b_json_export_round_trips(tables, tmp_path, capsys):
+    dest = tmp_path / "sa1b"
+    assert export_main(["--tables", str(tables), "--format", "sa1b-json", "--dest", str(dest)]) == 0
+    assert "wrote 2 SA-1B JSON files" in capsys.readouterr().out
+    expected = table_masks(tables)
+    docs = {f"{p.parent.name}/{p.stem}.jpg": read_sa1b_json(str(p)) for p in dest.glob("*/*.json")}
+    assert sorted(docs) == sorted(expected)
+    ann_ids = []
+    for image_id, doc in docs.items():
+        got = decode_masks(doc)
+        assert len(got) == len(expected[image_id]) > 0
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected[image_id]))
+        ann_ids += [a["id"] for a in doc["annotations"]]
+    assert sorted(ann_ids) == list(range(len(ann_ids)))  # unique across files
+
+
+def test_coco_export_loads_and_evaluates(tables, tmp_path):
+    dest = tmp_path / "coco.json"
+    assert export_main(["--tables", str(tables), "--format", "coco", "--dest", str(dest)]) == 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(dest))
+    expected = table_masks(tables)
+    assert len(coco.getImgIds()) == 2
+    for img in coco.loadImgs(coco.getImgIds()):
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=img["id"]))
+        assert [coco.annToMask(a).astype(bool) for a in anns] and all(
+            np.array_equal(coco.annToMask(a).astype(bool), m) for a, m in zip(anns, expected[img["file_name"]]))
+    results = json.loads(dest.read_text())["annotations"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes(results), iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert evaluator.stats[0] == pytest.approx(1.0)  # the export scored against itself
