@@ -23,7 +23,7 @@ from sam_core import SamAutomaticMaskGenerator
 from sam_core.amg.fidelity import compare_records
 from sam_core.testing import sharpen
 
-from .common import machine, official_and_ours, report, sync
+from .common import official_and_ours, report, sync
 
 
 def photo(height: int, width: int) -> np.ndarray:

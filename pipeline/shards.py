@@ -37,27 +37,36 @@ def _full_uri(fs, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def discover_shards(
-    input_uri: str, images_per_shard: int = 64, storage_options: Optional[Mapping[str, Any]] = None
-) -> List[Shard]:
-    """Shards of ``input_uri``: a folder, a glob, a single tar/manifest, or a folder of tars."""
-    if images_per_shard < 1:
-        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}.")
+def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs.
+
+    Hidden files are skipped; anything else is returned, so that a file that is not an image is
+    reported as such rather than silently ignored.
+    """
     fs, path = _fs(input_uri, storage_options)
-    if path.endswith((".parquet", ".csv")) and not any(c in path for c in "*?["):
-        return _manifest_shards(input_uri, images_per_shard, storage_options)
     if fs.isdir(path):
         paths = [p for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
     else:
         paths = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
     if not paths:
         raise FileNotFoundError(f"No input files at {input_uri!r}.")
-    paths = sorted(paths)
-    tars = [p for p in paths if p.endswith(".tar")]
-    others = [p for p in paths if not p.endswith(".tar")]
-    shards = [Shard(posixpath.basename(p)[: -len(".tar")], "tar", (_full_uri(fs, p),)) for p in tars]
+    return [_full_uri(fs, p) for p in sorted(paths)]
+
+
+def discover_shards(
+    input_uri: str, images_per_shard: int = 64, storage_options: Optional[Mapping[str, Any]] = None
+) -> List[Shard]:
+    """Shards of ``input_uri``: a folder, a glob, a single tar/manifest, or a folder of tars."""
+    if images_per_shard < 1:
+        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}.")
+    if input_uri.endswith((".parquet", ".csv")) and not any(c in input_uri for c in "*?["):
+        return _manifest_shards(input_uri, images_per_shard, storage_options)
+    uris = list_files(input_uri, storage_options)
+    tars = [u for u in uris if u.endswith(".tar")]
+    others = [u for u in uris if not u.endswith(".tar")]
+    shards = [Shard(posixpath.basename(u)[: -len(".tar")], "tar", (u,)) for u in tars]
     for i in range(0, len(others), images_per_shard):
-        members = tuple(_full_uri(fs, p) for p in others[i : i + images_per_shard])
+        members = tuple(others[i : i + images_per_shard])
         shards.append(Shard(f"files-{i // images_per_shard:05d}", "files", members))
     ids = [s.shard_id for s in shards]
     if len(set(ids)) != len(ids):

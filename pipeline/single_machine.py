@@ -19,6 +19,7 @@ from sam_core import SamAutomaticMaskGenerator
 from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
 
 from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from .shards import list_files
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +57,6 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def list_inputs(input_uri: str) -> List[str]:
-    """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs.
-
-    Hidden files are skipped; anything else is returned, so that a file that is not an image is
-    reported as such rather than silently ignored.
-    """
-    fs, path = fsspec.core.url_to_fs(input_uri)
-    if fs.isdir(path):
-        paths = [p for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
-    else:
-        paths = fs.glob(path) if any(c in path for c in "*?[") else [path]
-    if not paths:
-        raise FileNotFoundError(f"No input files at {input_uri!r}.")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in sorted(paths)]
-
-
 def run_single_machine(
     input_uri: str,
     output_uri: str,
@@ -87,7 +71,7 @@ def run_single_machine(
     start = time.perf_counter()
     out_fs, out_path = fsspec.core.url_to_fs(output_uri)
     out_fs.makedirs(out_path, exist_ok=True)
-    for image_id, uri in enumerate(list_inputs(input_uri)):
+    for image_id, uri in enumerate(list_files(input_uri)):
         name = posixpath.basename(uri)
         try:
             with fsspec.open(uri, "rb") as f:

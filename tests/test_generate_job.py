@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from pipeline.decode import ImageDecodeError, decode_image
-from pipeline.single_machine import SAMPLE_IMAGES, list_inputs, run_single_machine
+from pipeline.shards import list_files
+from pipeline.single_machine import SAMPLE_IMAGES, run_single_machine
 from sam_core import SamAutomaticMaskGenerator, build_sam
 from sam_core.amg.sa1b import read_sa1b_json
 
@@ -76,13 +77,13 @@ def test_float_images_are_refused():
     assert err.value.reason == "unsupported_mode"
 
 
-def test_list_inputs_keeps_non_images(tmp_path):
+def test_list_files_keeps_non_images(tmp_path):
     (tmp_path / "a.png").write_bytes(encoded(RGB))
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / ".hidden").write_text("x")
-    assert [p.rsplit("/", 1)[-1] for p in list_inputs(str(tmp_path))] == ["a.png", "notes.txt"]
+    assert [p.rsplit("/", 1)[-1] for p in list_files(str(tmp_path))] == ["a.png", "notes.txt"]
     with pytest.raises(FileNotFoundError):
-        list_inputs(str(tmp_path / "missing" / "*.jpg"))
+        list_files(str(tmp_path / "missing" / "*.jpg"))
 
 
 def test_single_machine_runner_on_samples_and_bad_files(tmp_path):

@@ -6,7 +6,6 @@ import io
 import os
 import tarfile
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

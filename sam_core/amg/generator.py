@@ -17,7 +17,7 @@ by ``tests/test_amg_fast_mode.py`` and ``bench/amg.py``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
