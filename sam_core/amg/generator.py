@@ -63,6 +63,14 @@ SA1B_PRESET: Dict[str, Any] = dict(
 PRESETS: Dict[str, Dict[str, Any]] = {"sa1b": SA1B_PRESET}
 
 
+def _empty_candidates(device: torch.device) -> MaskData:
+    """A candidate table with no rows: masks as low-res logits (M, h, w) instead of RLEs."""
+    data = MaskData.empty(device)
+    del data["rles"]
+    data["low_res"] = torch.zeros(0, 0, 0, device=device)
+    return data
+
+
 class SamAutomaticMaskGenerator:
     def __init__(
         self,
@@ -198,15 +206,24 @@ class SamAutomaticMaskGenerator:
 
     # ------------------------------------------------------------------ stages
     def _generate_masks(self, image: np.ndarray) -> MaskData:
+        """Candidates of every crop, NMS within and across crops, then RLEs of the kept masks only.
+
+        Masks are kept as low-res logits until NMS has decided; the kept ones are upsampled again
+        (the same arithmetic, so the same pixels) and encoded, so RLE work scales with the output.
+        """
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
-        data = MaskData.empty(self.predictor.device)
+        device = self.predictor.device
+        data = _empty_candidates(device)
+        embeddings: List[ImageEmbedding] = []  # one per crop, for the sizes of its masks
         for start in range(0, len(crop_boxes), self.encoder_batch_size):
             boxes = crop_boxes[start : start + self.encoder_batch_size]
             crops = [image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes]
-            embeddings = self.predictor.set_images(crops)
-            for embedding, box, layer in zip(embeddings, boxes, layer_idxs[start:]):
-                data.cat(self._process_crop(embedding, box, layer, orig_size))
+            for embedding, box, layer in zip(self.predictor.set_images(crops), boxes, layer_idxs[start:]):
+                crop_data = self._process_crop(embedding, box, layer, orig_size)
+                crop_data["crop_idx"] = torch.full((len(crop_data),), len(embeddings), device=device)
+                data.cat(crop_data)
+                embeddings.append(ImageEmbedding(None, embedding.input_size, embedding.original_size))
         self.predictor.reset_image()
 
         if len(crop_boxes) > 1 and len(data) > 0:
@@ -215,16 +232,19 @@ class SamAutomaticMaskGenerator:
             keep = batched_nms(data["boxes"].float(), scores, torch.zeros_like(scores),
                                iou_threshold=self.crop_nms_thresh)
             data.filter(keep)
+        data["rles"] = self._encode(data, crop_boxes, embeddings, orig_size)
+        del data["low_res"], data["crop_idx"]
         data.to_numpy()
         return data
 
     def _process_crop(
         self, embedding: ImageEmbedding, crop_box: List[int], layer_idx: int, orig_size: Tuple[int, int]
     ) -> MaskData:
+        """Candidates of one crop after its box NMS; boxes and points in image coordinates."""
         self.predictor.set_embedding(embedding)
         crop_h, crop_w = embedding.original_size
         points_for_image = self.point_grids[layer_idx] * np.array([[crop_w, crop_h]])
-        data = MaskData.empty(self.predictor.device)
+        data = _empty_candidates(self.predictor.device)
         for start in range(0, len(points_for_image), self.points_per_batch):
             points = points_for_image[start : start + self.points_per_batch]
             data.cat(self._process_batch(points, (crop_h, crop_w), crop_box, orig_size))
@@ -240,7 +260,7 @@ class SamAutomaticMaskGenerator:
     def _process_batch(
         self, points: np.ndarray, im_size: Tuple[int, int], crop_box: List[int], orig_size: Tuple[int, int]
     ) -> MaskData:
-        """Decode one batch of point prompts and keep the masks that pass every filter."""
+        """Decode one batch of point prompts; the candidates that pass every filter, as low-res logits."""
         p = self.predictor
         model = p.model
         device = p.device
@@ -262,41 +282,58 @@ class SamAutomaticMaskGenerator:
         prompts = keep.any(dim=1)
         points_t = torch.as_tensor(points, device=device)[:, None, :].expand(-1, keep.shape[1], -1)
         if not bool(prompts.any()):
-            return MaskData.empty(device)
+            return _empty_candidates(device)
         with p._autocast():
             low_res = decoder.masks_from_tokens(hs[prompts], src[prompts])[:, 1:].float()  # (K, 3, h, w)
         low_res = low_res[keep[prompts]]  # (M, h, w), row-major order as the official flatten
         iou_preds, points_t = iou_preds[keep], points_t[keep]  # (M,), (M, 2) float64
 
-        out = MaskData.empty(device)
-        # Full-resolution pixels per mask: the encoder-size intermediate or the image, if larger.
-        pixels = max(model.image_encoder.img_size**2, orig_size[0] * orig_size[1])
-        chunk = max(1, self.max_chunk_pixels // pixels)
-        for i in range(0, low_res.shape[0], chunk):
-            part = slice(i, i + chunk)
-            out.cat(self._filter_and_encode(low_res[part], iou_preds[part], points_t[part],
-                                            crop_box, orig_size))
+        out = _empty_candidates(device)
+        embedding = ImageEmbedding(None, p.input_size, p.original_size)
+        for part in self._chunks(low_res.shape[0], orig_size):
+            out.cat(self._filter(low_res[part], iou_preds[part], points_t[part], embedding, crop_box, orig_size))
         return out
 
-    def _filter_and_encode(self, low_res, iou_preds, points, crop_box, orig_size) -> MaskData:
-        """Upsample survivors to the crop, score stability, binarise, box, drop crop-edge masks, RLE."""
-        p = self.predictor
-        threshold = p.model.mask_threshold
-        masks = p.model.postprocess_masks(low_res[:, None], p.input_size, p.original_size)[:, 0]
+    def _chunks(self, n: int, orig_size: Tuple[int, int]) -> List[slice]:
+        """Slices of ``n`` masks whose full-resolution pixels stay under ``max_chunk_pixels``."""
+        # Full-resolution pixels per mask: the encoder-size intermediate or the image, if larger.
+        pixels = max(self.predictor.model.image_encoder.img_size**2, orig_size[0] * orig_size[1])
+        chunk = max(1, self.max_chunk_pixels // pixels)
+        return [slice(i, i + chunk) for i in range(0, n, chunk)]
+
+    def _upsample(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
+        """(M, h, w) low-res logits -> (M, crop_h, crop_w) logits, as the official postprocessing."""
+        model = self.predictor.model
+        return model.postprocess_masks(low_res[:, None], embedding.input_size, embedding.original_size)[:, 0]
+
+    def _filter(self, low_res, iou_preds, points, embedding, crop_box, orig_size) -> MaskData:
+        """Upsample candidates to the crop, score stability, box the binary masks, drop crop-edge masks."""
+        threshold = self.predictor.model.mask_threshold
+        masks = self._upsample(low_res, embedding)
         stability = calculate_stability_score(masks, threshold, self.stability_score_offset)
+        keep = torch.ones_like(stability, dtype=torch.bool)
         if self.stability_score_thresh > 0.0:
             keep = stability >= self.stability_score_thresh
-            masks, iou_preds, points, stability = masks[keep], iou_preds[keep], points[keep], stability[keep]
-        masks = masks > threshold
-        boxes = batched_mask_to_box(masks)
+        boxes = batched_mask_to_box(masks > threshold)
         orig_h, orig_w = orig_size
-        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
-        if not torch.all(keep):
-            masks, iou_preds, points, stability, boxes = (
-                masks[keep], iou_preds[keep], points[keep], stability[keep], boxes[keep])
-        rles = mask_to_rle(uncrop_masks(masks, crop_box, orig_h, orig_w))
-        return MaskData(iou_preds=iou_preds, points=points, stability_score=stability,
-                        boxes=boxes, rles=rles)
+        keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        return MaskData(iou_preds=iou_preds[keep], points=points[keep], stability_score=stability[keep],
+                        boxes=boxes[keep], low_res=low_res[keep])
+
+    def _encode(self, data: MaskData, crop_boxes: List[List[int]], embeddings: List[ImageEmbedding],
+                orig_size: Tuple[int, int]) -> List[Dict[str, Any]]:
+        """Uncompressed RLEs (in row order) of the kept masks, upsampled again from their logits."""
+        rles: List[Optional[Dict[str, Any]]] = [None] * len(data)
+        crop_idx = data["crop_idx"]
+        threshold = self.predictor.model.mask_threshold
+        for c in torch.unique(crop_idx).tolist():
+            rows = (crop_idx == c).nonzero().flatten()
+            for part in self._chunks(len(rows), orig_size):
+                masks = self._upsample(data["low_res"][rows[part]], embeddings[c]) > threshold
+                encoded = mask_to_rle(uncrop_masks(masks, crop_boxes[c], *orig_size))
+                for row, rle in zip(rows[part].tolist(), encoded):
+                    rles[row] = rle
+        return rles
 
     @staticmethod
     def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:

@@ -66,8 +66,8 @@ class MaskData:
         """Append ``other``'s rows."""
         for k, v in other.items():
             mine = self._columns.get(k)
-            if mine is None:
-                self._columns[k] = v
+            if mine is None or (isinstance(mine, torch.Tensor) and len(mine) == 0):
+                self._columns[k] = v  # an empty column's placeholder shape does not constrain
             elif isinstance(v, torch.Tensor):
                 self._columns[k] = torch.cat([mine, v.to(mine.device)], dim=0)
             elif isinstance(v, np.ndarray):
