@@ -12,7 +12,7 @@ from .checkpoint import load_state_dict_strict, read_checkpoint
 from .config import PRESET_ALIASES, PRESETS, SamConfig, get_config
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-ATTENTION_BACKENDS = ("sdpa", "reference")
+ATTENTION_BACKENDS = ("sdpa", "folded", "reference")
 
 
 def build_sam(
@@ -88,12 +88,16 @@ def _assemble(c: SamConfig) -> Sam:
 
 
 def set_attention_backend(model: torch.nn.Module, backend: str) -> None:
-    """Switch every attention layer between ``sdpa`` (fused) and ``reference`` (explicit softmax)."""
+    """Switch every attention layer: ``sdpa`` (fused; the encoder's rel-pos bias as a dense mask),
+    ``folded`` (fused; the rel-pos bias folded into q and k, no N x N tensor, flash-eligible on GPU)
+    or ``reference`` (explicit softmax, the official arithmetic)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}.")
     for module in model.modules():
-        if hasattr(module, "use_sdpa"):
-            module.use_sdpa = backend == "sdpa"
+        if hasattr(module, "use_sdpa"):  # decoder attention
+            module.use_sdpa = backend != "reference"
+        if hasattr(module, "backend"):  # encoder attention
+            module.backend = backend
 
 
 def _registry() -> Dict[str, Callable[..., Sam]]:

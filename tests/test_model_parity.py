@@ -10,6 +10,7 @@ from segment_anything.utils.transforms import ResizeLongestSide as OfficialResiz
 
 from sam_core import SamPredictor
 from sam_core.build import set_attention_backend
+from sam_core.modeling.image_encoder import folded_rel_pos_attention
 from sam_core.transforms import ResizeLongestSide
 
 from .conftest import official_sam, ours_from, photo
@@ -22,7 +23,7 @@ IMAGES = {
     "coffee_400x600": ("coffee", None),
     "chelsea_233x177": ("chelsea", (233, 177)),
 }
-BACKENDS = ("sdpa", "reference")
+BACKENDS = ("sdpa", "folded", "reference")
 
 
 def assert_outputs_match(official_out, our_out, backend, official_logits=None):
@@ -198,6 +199,21 @@ def test_sdpa_and_reference_attention_agree(tiny_official):
     ref = p.predict(np.array([[300, 200]]), np.array([1]), return_logits=True)
     for a, b in zip(fast, ref):
         np.testing.assert_allclose(a, b, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_folded_rel_pos_attention_equals_explicit_bias():
+    """The folded kernel input computes the biased softmax exactly (float64, non-square grid)."""
+    g = torch.Generator().manual_seed(0)
+    B, H, W, d = 3, 5, 7, 12
+    q, k, v = (torch.randn(B, H * W, d, generator=g, dtype=torch.float64) for _ in range(3))
+    rel_h = torch.randn(B, H, W, H, generator=g, dtype=torch.float64)
+    rel_w = torch.randn(B, H, W, W, generator=g, dtype=torch.float64)
+    scale = d**-0.5
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, H * W, H * W)
+    expected = ((q @ k.transpose(1, 2)) * scale + bias).softmax(-1) @ v
+    got = folded_rel_pos_attention(q, k, v, rel_h, rel_w, scale)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
 def test_batched_set_images_matches_one_by_one(tiny_ours):

@@ -102,26 +102,62 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
-        self.use_sdpa = True  # False: explicit softmax reference path
+        # "sdpa": fused attention, the rel-pos bias as a dense mask in fp32 and folded in half
+        # precision; "folded": the bias always folded into q and k (no N x N tensor, flash-eligible);
+        # "reference": the official arithmetic.
+        self.backend = "sdpa"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, _ = x.shape
-        # (B, N, 3, heads, hd) -> (3, B, heads, N, hd) -> 3 x (B*heads, N, hd)
-        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
-        rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-        if self.use_sdpa:
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B * self.num_heads, H * W, H * W)
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B*heads, N, hd)
+        heads = self.num_heads
+        # (B, N, 3, heads, hd) -> 3 x (B, heads, N, hd): 4-D, as the fused kernels require.
+        q, k, v = self.qkv(x).reshape(B, H * W, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        rel_h, rel_w = decomposed_rel_pos(q.reshape(B * heads, H * W, -1), self.rel_pos_h, self.rel_pos_w,
+                                          (H, W), (H, W))  # (B*heads, H, W, H), (B*heads, H, W, W)
+        # The dense bias costs B*heads*N*N elements; in half precision the folded form also runs
+        # on flash kernels, so "sdpa" uses it there (fp32 keeps the dense mask, faster in fp32).
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if self.backend == "folded" or (self.backend == "sdpa" and half):
+            x = folded_rel_pos_attention(q, k, v, rel_h.view(B, heads, H, W, H), rel_w.view(B, heads, H, W, W),
+                                         self.scale)
+        elif self.backend == "sdpa":
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, heads, H * W, H * W)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, hd)
         else:
-            # Reference path: the official arithmetic, op for op.
+            # Reference path: the official arithmetic, op for op, on (B*heads, N, hd).
+            q, k, v = (t.reshape(B * heads, H * W, -1) for t in (q, k, v))
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*heads, N, N)
-            attn = (attn.view(B * self.num_heads, H, W, H, W) + rel_h[..., :, None] + rel_w[..., None, :])
-            x = attn.view(B * self.num_heads, H * W, H * W).softmax(dim=-1) @ v
+            attn = (attn.view(B * heads, H, W, H, W) + rel_h[..., :, None] + rel_w[..., None, :])
+            x = attn.view(B * heads, H * W, H * W).softmax(dim=-1) @ v
         # (B, heads, H, W, hd) -> (B, H, W, heads, hd) -> (B, H, W, C)
-        x = x.view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+        x = x.reshape(B, heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         return self.proj(x)
+
+
+def folded_rel_pos_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(scale * q k^T + rel_h[q, kh] + rel_w[q, kw]) v without an N x N bias tensor.
+
+    The bias is a dot product too: append rel_h / scale and rel_w / scale to each query and the
+    one-hot row and column of each key to the key, so q' . k' * scale is the biased logit, and any
+    fused kernel (flash included) can run it. q, k, v: (..., N, d) with N = H*W; rel_h
+    (..., H, W, H), rel_w (..., H, W, W). Returns (..., N, d).
+    """
+    *lead, H, W, _ = rel_h.shape
+    N, d = H * W, q.shape[-1]
+    folded = d + H + W
+    pad = -folded % 8  # fused kernels want head sizes in multiples of 8
+    rows = torch.arange(H, device=q.device).repeat_interleave(W)  # key n = (row, col)
+    cols = torch.arange(W, device=q.device).repeat(H)
+    key_pos = torch.cat([F.one_hot(rows, H), F.one_hot(cols, W)], dim=-1).to(q.dtype)  # (N, H+W)
+    q_f = torch.cat([q, rel_h.reshape(*lead, N, H) / scale, rel_w.reshape(*lead, N, W) / scale], dim=-1)
+    k_f = torch.cat([k, key_pos.expand(*lead, N, H + W)], dim=-1)
+    # Flash kernels need one head size for q, k and v: zero-pad all three to it.
+    q_f, k_f = F.pad(q_f, (0, pad)), F.pad(k_f, (0, pad))
+    v_f = F.pad(v, (0, folded + pad - d))
+    return F.scaled_dot_product_attention(q_f, k_f, v_f, scale=scale)[..., :d]
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
