@@ -11,8 +11,10 @@ is done and how much of it:
 - crops are encoded several at a time (``encoder_batch_size``);
 - crop layers with no surviving mask do not crash.
 
-``mode="fast"`` adds bf16 autocast for encoder and decoder; its deviation from exact is measured
-by ``tests/test_amg_fast_mode.py`` and ``bench/amg.py``.
+``mode="fast"`` adds bf16 autocast for encoder and decoder (the encoder's relative-position
+bias then folded into flash attention) and decodes the grid in larger batches
+(``fast_points_per_batch``); its deviation from exact is measured by ``tests/test_amg_fast_mode.py``
+and ``bench/harness.py``.
 """
 
 from __future__ import annotations
@@ -91,12 +93,15 @@ class SamAutomaticMaskGenerator:
         *,
         mode: str = "exact",
         encoder_batch_size: int = 4,
+        fast_points_per_batch: int = 256,
         max_chunk_pixels: int = 64 * 1024 * 1024,
     ) -> None:
         """Arguments as the official generator's; beyond them (keyword-only):
 
         mode: "exact" (fp32, official arithmetic) or "fast" (bf16 autocast).
         encoder_batch_size: crops encoded per encoder forward.
+        fast_points_per_batch: prompts per decoder forward in fast mode, if larger than
+            ``points_per_batch`` (exact mode keeps ``points_per_batch``, as the official batching).
         max_chunk_pixels: bound on full-resolution mask pixels held at once (memory cap).
         """
         if (points_per_side is None) == (point_grids is None):
@@ -106,6 +111,7 @@ class SamAutomaticMaskGenerator:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         for name, value in (("points_per_batch", points_per_batch), ("encoder_batch_size", encoder_batch_size),
+                            ("fast_points_per_batch", fast_points_per_batch),
                             ("crop_n_points_downscale_factor", crop_n_points_downscale_factor),
                             ("max_chunk_pixels", max_chunk_pixels)):
             if int(value) < 1:
@@ -137,6 +143,8 @@ class SamAutomaticMaskGenerator:
         amp = torch.bfloat16 if mode == "fast" else None
         self.predictor = SamPredictor(model, amp_dtype=amp)
         self.points_per_batch = points_per_batch
+        # Prompts per decoder forward: the grid in few large batches in fast mode.
+        self.decoder_batch = points_per_batch if mode == "exact" else max(points_per_batch, fast_points_per_batch)
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
         self.stability_score_offset = stability_score_offset
@@ -245,8 +253,8 @@ class SamAutomaticMaskGenerator:
         crop_h, crop_w = embedding.original_size
         points_for_image = self.point_grids[layer_idx] * np.array([[crop_w, crop_h]])
         data = _empty_candidates(self.predictor.device)
-        for start in range(0, len(points_for_image), self.points_per_batch):
-            points = points_for_image[start : start + self.points_per_batch]
+        for start in range(0, len(points_for_image), self.decoder_batch):
+            points = points_for_image[start : start + self.decoder_batch]
             data.cat(self._process_batch(points, (crop_h, crop_w), crop_box, orig_size))
         if len(data) > 0:
             keep = batched_nms(data["boxes"].float(), data["iou_preds"],

@@ -20,6 +20,12 @@ def attention(
     ``use_sdpa=False`` is the reference path, the official decoder's arithmetic op for op.
     """
     if use_sdpa:
+        if k.shape[0] == 1 and q.shape[0] > 1:
+            # Keys shared by the batch: every query row attends independently, so run all of
+            # them as one sequence against the one copy of k and v.
+            b, h, n, d = q.shape
+            out = F.scaled_dot_product_attention(q.transpose(0, 1).reshape(1, h, b * n, d), k, v)
+            return out.reshape(h, b, n, -1).transpose(0, 1)
         batch = max(q.shape[0], k.shape[0])
         q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v)
