@@ -139,3 +139,16 @@ def test_bad_settings(as_is, kwargs, match):
 def test_bad_image(as_is):
     with pytest.raises(ValueError, match="HxWx3"):
         SamAutomaticMaskGenerator(as_is[1]).generate(np.zeros((10, 10), np.uint8))
+
+
+def test_generate_batch_equals_one_by_one(sharpened):
+    """Crops of several images share encoder batches; each image's records stay its own."""
+    _, ours = sharpened
+    images = [photo("astronaut", (120, 180)), photo("chelsea", (150, 100)), photo("coffee", (90, 135))]
+    settings = dict(points_per_side=4, crop_n_layers=1, output_mode="coco_rle", **RELAXED)
+    batched = SamAutomaticMaskGenerator(ours, encoder_batch_size=3, **settings).generate_batch(images)
+    single = SamAutomaticMaskGenerator(ours, encoder_batch_size=1, **settings)
+    assert len(batched) == len(images)
+    assert sum(len(r) for r in batched) > 0
+    for image, got in zip(images, batched):
+        assert_records_identical(single.generate(image), got)

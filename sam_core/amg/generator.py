@@ -19,7 +19,7 @@ and ``bench/harness.py``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -176,18 +176,32 @@ class SamAutomaticMaskGenerator:
         crop_box (XYWH).
         """
         check_image(image, None)
-        data = self.generate_mask_data(image)
-        return self.records(data)
+        return self.records(self.generate_mask_data(image))
+
+    @torch.no_grad()
+    def generate_batch(self, images: Sequence[np.ndarray]) -> List[List[Dict[str, Any]]]:
+        """:meth:`generate` for several images, their crops sharing encoder batches
+        (``encoder_batch_size`` crops per forward, across images). One record list per image."""
+        for i, image in enumerate(images):
+            check_image(image, i)
+        return [self.records(data) for data in self.generate_mask_data_batch(images)]
 
     @torch.no_grad()
     def generate_mask_data(self, image: np.ndarray) -> MaskData:
         """All masks of ``image`` after NMS and small-region removal, as numpy columns + RLEs."""
-        data = self._generate_masks(image)
-        if self.min_mask_region_area > 0:
-            data = self.postprocess_small_regions(
-                data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
-            )
-        return data
+        return self.generate_mask_data_batch([image])[0]
+
+    @torch.no_grad()
+    def generate_mask_data_batch(self, images: Sequence[np.ndarray]) -> List[MaskData]:
+        """:meth:`generate_mask_data` of each image, crops of all of them batched through the encoder."""
+        out = []
+        for data in self._generate_masks(images):
+            if self.min_mask_region_area > 0:
+                data = self.postprocess_small_regions(
+                    data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
+                )
+            out.append(data)
+        return out
 
     def records(self, data: MaskData) -> List[Dict[str, Any]]:
         """Official-format records from the columns of :meth:`generate_mask_data`."""
@@ -213,37 +227,43 @@ class SamAutomaticMaskGenerator:
         ]
 
     # ------------------------------------------------------------------ stages
-    def _generate_masks(self, image: np.ndarray) -> MaskData:
+    def _generate_masks(self, images: Sequence[np.ndarray]) -> List[MaskData]:
         """Candidates of every crop, NMS within and across crops, then RLEs of the kept masks only.
 
-        Masks are kept as low-res logits until NMS has decided; the kept ones are upsampled again
-        (the same arithmetic, so the same pixels) and encoded, so RLE work scales with the output.
+        Crops of all images are encoded ``encoder_batch_size`` at a time. Masks are kept as low-res
+        logits until NMS has decided; the kept ones are upsampled again (the same arithmetic, so
+        the same pixels) and encoded, so RLE work scales with the output.
         """
-        orig_size = image.shape[:2]
-        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        jobs: List[Tuple[int, List[int], int]] = []  # (image index, crop box XYXY, layer) per crop
+        crop_boxes: List[List[List[int]]] = []
+        for i, image in enumerate(images):
+            boxes, layers = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+            crop_boxes.append(boxes)
+            jobs += [(i, box, layer) for box, layer in zip(boxes, layers)]
         device = self.predictor.device
-        data = _empty_candidates(device)
-        embeddings: List[ImageEmbedding] = []  # one per crop, for the sizes of its masks
-        for start in range(0, len(crop_boxes), self.encoder_batch_size):
-            boxes = crop_boxes[start : start + self.encoder_batch_size]
-            crops = [image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes]
-            for embedding, box, layer in zip(self.predictor.set_images(crops), boxes, layer_idxs[start:]):
-                crop_data = self._process_crop(embedding, box, layer, orig_size)
-                crop_data["crop_idx"] = torch.full((len(crop_data),), len(embeddings), device=device)
-                data.cat(crop_data)
-                embeddings.append(ImageEmbedding(None, embedding.input_size, embedding.original_size))
+        tables = [_empty_candidates(device) for _ in images]
+        embeddings: List[List[ImageEmbedding]] = [[] for _ in images]  # per crop, for its mask sizes
+        for start in range(0, len(jobs), self.encoder_batch_size):
+            batch = jobs[start : start + self.encoder_batch_size]
+            crops = [images[i][y0:y1, x0:x1, :] for i, (x0, y0, x1, y1), _ in batch]
+            for (i, box, layer), embedding in zip(batch, self.predictor.set_images(crops)):
+                crop_data = self._process_crop(embedding, box, layer, images[i].shape[:2])
+                crop_data["crop_idx"] = torch.full((len(crop_data),), len(embeddings[i]), device=device)
+                tables[i].cat(crop_data)
+                embeddings[i].append(ImageEmbedding(None, embedding.input_size, embedding.original_size))
         self.predictor.reset_image()
 
-        if len(crop_boxes) > 1 and len(data) > 0:
-            # Across crops, prefer masks from smaller (more zoomed-in) crops.
-            scores = 1 / box_area(data["crop_boxes"])
-            keep = batched_nms(data["boxes"].float(), scores, torch.zeros_like(scores),
-                               iou_threshold=self.crop_nms_thresh)
-            data.filter(keep)
-        data["rles"] = self._encode(data, crop_boxes, embeddings, orig_size)
-        del data["low_res"], data["crop_idx"]
-        data.to_numpy()
-        return data
+        for image, data, boxes, crop_embeddings in zip(images, tables, crop_boxes, embeddings):
+            if len(boxes) > 1 and len(data) > 0:
+                # Across crops, prefer masks from smaller (more zoomed-in) crops.
+                scores = 1 / box_area(data["crop_boxes"])
+                keep = batched_nms(data["boxes"].float(), scores, torch.zeros_like(scores),
+                                   iou_threshold=self.crop_nms_thresh)
+                data.filter(keep)
+            data["rles"] = self._encode(data, boxes, crop_embeddings, image.shape[:2])
+            del data["low_res"], data["crop_idx"]
+            data.to_numpy()
+        return tables
 
     def _process_crop(
         self, embedding: ImageEmbedding, crop_box: List[int], layer_idx: int, orig_size: Tuple[int, int]
