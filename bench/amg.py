@@ -21,6 +21,7 @@ from PIL import Image
 
 from sam_core import SamAutomaticMaskGenerator
 from sam_core.amg.fidelity import compare_records
+from sam_core.build import ATTENTION_BACKENDS
 from sam_core.testing import sharpen
 
 from .common import official_and_ours, report, sync
@@ -61,7 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--width", type=int, default=1125)
     ap.add_argument("--points-per-side", type=int, default=16)
     ap.add_argument("--loads", default="light,heavy", help="comma-separated: light, heavy")
-    ap.add_argument("--attention", choices=["reference", "sdpa"], default="reference",
+    ap.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="reference",
                     help="our attention backend (reference = bit-identical records)")
     ap.add_argument("--mode", choices=["exact", "fast"], default="exact", help="our generator mode")
     ap.add_argument("--json", help="also write the figures to this JSON file")

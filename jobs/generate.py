@@ -22,7 +22,7 @@ from pipeline.run import run_pipeline
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core.amg import PRESETS
 
-AMG_FLAGS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+AMG_FLAGS = ("points_per_side", "points_per_batch", "encoder_batch_size", "pred_iou_thresh", "stability_score_thresh",
              "box_nms_thresh", "crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area")
 
 
@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--crop-n-points-downscale-factor", type=int, help="points reduction per layer (default 1)")
     ap.add_argument("--min-mask-region-area", type=int, help="remove holes/islands below this area (default 0)")
     ap.add_argument("--images-per-shard", type=int, default=64, help="loose images per shard (default 64)")
+    ap.add_argument("--images-per-batch", type=int, default=4,
+                    help="images per generator call; their crops share encoder batches (default 4)")
+    ap.add_argument("--encoder-batch-size", type=int, help="crops per encoder forward (default 4)")
     ap.add_argument("--workers", type=int, default=1, help="mask-generation actors (default 1)")
     ap.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default 0: CPU)")
     ap.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
@@ -64,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         input_uri=args.input, output_uri=args.output, model_type=args.model_type,
         checkpoint=args.checkpoint, seed=args.seed, preset=args.preset, mode=args.mode,
         amg={k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None},
-        images_per_shard=args.images_per_shard, workers=args.workers,
+        images_per_shard=args.images_per_shard, images_per_batch=args.images_per_batch, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, num_cpus_per_worker=args.num_cpus_per_worker,
         device=args.device, max_pixels=args.max_pixels, storage_options=storage, overwrite=args.overwrite,
     )

@@ -21,6 +21,7 @@ class PipelineConfig:
     preset: Optional[str] = None  # named AMG settings ("sa1b"), under ``amg``
     mode: str = "exact"  # generator mode: "exact" or "fast"
     images_per_shard: int = 64  # loose images per shard (tars and manifests: see pipeline.shards)
+    images_per_batch: int = 4  # decoded images per generator call (their crops share encoder batches)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images larger than this are recorded as errors
     overwrite: bool = False  # delete previous results under output_uri instead of resuming
     storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint...)
@@ -28,6 +29,11 @@ class PipelineConfig:
     num_gpus_per_worker: float = 0.0  # GPUs reserved by each mask-generation actor
     num_cpus_per_worker: float = 1.0  # CPUs reserved by each mask-generation actor
     workers: int = 1  # mask-generation actors (one model each)
+
+    def __post_init__(self) -> None:
+        for name in ("images_per_shard", "images_per_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
     def __repr__(self) -> str:
         # storage_options may hold credentials: never print them.

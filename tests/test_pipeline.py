@@ -224,6 +224,12 @@ def test_config_repr_hides_credentials():
     assert "AKIA-SECRET" not in repr(cfg) and "shh" not in repr(cfg) and "2 keys hidden" in repr(cfg)
 
 
+def test_config_rejects_empty_batches():
+    for name in ("images_per_shard", "images_per_batch"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+            PipelineConfig("in", "out", **{name: 0})
+
+
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 server on 127.0.0.1, as s3fs's own test suite runs it."""
