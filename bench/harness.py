@@ -204,15 +204,40 @@ def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str,
     result["ours_fast_batch"] = row
     print(f"  ours fast, {batch_images} images per call: " + json.dumps(row, default=str))
     if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-        with torch_profile(activities=activities) as prof:
-            gen.generate(image)
-            sync(device)
-        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+        print_profile(gen, images, device)
     return result
+
+
+def print_profile(gen: SamAutomaticMaskGenerator, images, device: str) -> None:
+    """Top operators of one ``generate_batch``, and wall time per generator stage ("amg.*" rows)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def label(obj, name: str) -> None:  # instance attribute shadowing the method, for this profile
+        fn = getattr(obj, name)
+
+        def wrapped(*args, **kwargs):
+            with record_function(f"amg.{name}"):
+                return fn(*args, **kwargs)
+
+        setattr(obj, name, wrapped)
+
+    for name in ("_process_crop", "_process_batch", "_filter", "_encode", "records"):
+        label(gen, name)
+    for name in ("set_images", "encode"):
+        label(gen.predictor, name)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        gen.generate_batch(images)
+        sync(device)
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=20, max_name_column_width=60))
+    for e in sorted((e for e in events if e.key.startswith("amg.")), key=lambda e: -e.cpu_time_total):
+        print(f"  {e.key:<24} calls {e.count:5d}  wall {e.cpu_time_total / 1e3:9.1f} ms")
+    for name in ("_process_crop", "_process_batch", "_filter", "_encode", "records"):
+        delattr(gen, name)
+    for name in ("set_images", "encode"):
+        delattr(gen.predictor, name)
 
 
 def main(argv=None) -> None:
