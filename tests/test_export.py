@@ -88,3 +88,21 @@ def test_coco_export_loads_and_evaluates(tables, tmp_path):
         evaluator.accumulate()
         evaluator.summarize()
     assert evaluator.stats[0] == pytest.approx(1.0)  # the export scored against itself
+
+
+def test_stats_job_counts_and_distributions(tables, tmp_path, capsys):
+    from jobs.stats import main as stats_main
+
+    out = tmp_path / "stats.json"
+    assert stats_main(["--tables", str(tables), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "images: 3 (2 ok, 1 error)" in text and "error reasons: empty 1" in text
+    stats = json.loads(out.read_text())
+    rows = OutputDir(str(tables)).read_table("masks").to_pylist()
+    assert stats["masks"]["total"] == len(rows) > 0
+    areas = sorted(r["area"] for r in rows)
+    assert stats["masks"]["area"]["min"] == areas[0] and stats["masks"]["area"]["max"] == areas[-1]
+    assert stats["masks"]["area"]["median"] == pytest.approx(float(np.median(areas)))
+    assert 0 < stats["masks"]["area_fraction"]["max"] <= 1
+    assert stats["images"]["masks_per_image"]["count"] == 2
+    assert sum(stats["masks"]["models"].values()) == len(rows)

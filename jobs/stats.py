@@ -1,0 +1,34 @@
+"""Counts and distributions of a generate run's masks/images tables.
+
+    python -m jobs.stats --tables out/demo
+    python -m jobs.stats --tables s3://bucket/masks --s3-endpoint-url http://127.0.0.1:9000 --json stats.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.stats import format_stats, table_stats
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.stats", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tables", required=True, help="output folder of a generate run (local path or fsspec URI)")
+    ap.add_argument("--json", help="also write the statistics to this JSON file")
+    ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs")
+    args = ap.parse_args(argv)
+    storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
+    stats = table_stats(args.tables, storage)
+    print(format_stats(stats))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(stats, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
