@@ -1,0 +1,43 @@
+"""Incremental dataset build from a spec file: only shards not yet done; a new manifest version
+when something was processed, nothing when all is up to date. Run it on a schedule.
+
+    python -m jobs.build --spec infra/build-spec.example.toml
+    ray job submit --working-dir . -- python -m jobs.build --spec specs/sa1b.toml
+
+Spec (TOML), table [build]: name, output, inputs (list of URIs), and optionally model_type,
+checkpoint, seed, preset, mode, amg (a table of generator settings), images_per_shard,
+images_per_batch, workers, num_gpus_per_worker, num_cpus_per_worker, s3_endpoint_url.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.build import SpecError, load_spec, run_build
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", required=True, help="build spec file (TOML, see above)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        spec = load_spec(args.spec)
+        result = run_build(spec)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.version is None:
+        latest = f"v{result.latest:04d}" if result.latest else "none"
+        print(f"{spec.name}: up to date (latest manifest {latest}); nothing processed")
+    else:
+        shards = sum(len(s) for s in result.new_shards.values())
+        print(f"{spec.name}: processed {shards} new shards; wrote manifest {result.manifest_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
