@@ -10,6 +10,10 @@ from typing import Any, Dict, Mapping, Optional
 from .decode import DEFAULT_MAX_PIXELS
 
 
+# Generator settings that change speed and memory, not which masks come out.
+THROUGHPUT_SETTINGS = frozenset({"points_per_batch", "encoder_batch_size", "fast_points_per_batch", "max_chunk_pixels"})
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     input_uri: str  # folder, glob, tar shard(s) or manifest of images (local path or fsspec URI)
@@ -55,8 +59,10 @@ class PipelineConfig:
         return f"{self.model_type}:{name}"
 
     def settings_hash(self) -> str:
-        """Short stable hash of the model and generator settings (recorded on every mask)."""
-        blob = json.dumps({"model": self.model_id(), **self.generator_settings()}, sort_keys=True, default=str)
+        """Short stable hash of the model and the generator settings that decide the masks
+        (recorded on every mask; batch sizes and memory caps are left out)."""
+        settings = {k: v for k, v in self.generator_settings().items() if k not in THROUGHPUT_SETTINGS}
+        blob = json.dumps({"model": self.model_id(), **settings}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def ray_worker_args(self) -> Dict[str, Any]:

@@ -99,3 +99,13 @@ def test_spec_errors_say_what_to_fix(tmp_path, capsys):
 def test_input_keys():
     assert input_key("s3://bucket/sa1b/") == "bucket_sa1b"
     assert input_key("/data/photos/*.jpg") == "data_photos_.jpg"
+
+
+def test_batch_sizes_do_not_change_the_settings_hash():
+    from pipeline.config import PipelineConfig
+
+    base = PipelineConfig("in", "out", amg={"points_per_side": 8})
+    faster = PipelineConfig("in", "out", amg={"points_per_side": 8, "encoder_batch_size": 16,
+                                              "points_per_batch": 256})
+    other = PipelineConfig("in", "out", amg={"points_per_side": 16})
+    assert base.settings_hash() == faster.settings_hash() != other.settings_hash()
