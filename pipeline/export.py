@@ -35,7 +35,8 @@ def _record(row: Dict[str, Any]) -> Dict[str, Any]:
     return {
         "segmentation": {"size": [row["height"], row["width"]], "counts": row["counts"]},
         "area": row["area"], "bbox": row["bbox"], "predicted_iou": row["predicted_iou"],
-        "stability_score": row["stability_score"], "point_coords": [row["point_coords"]],
+        "stability_score": row["stability_score"],
+        "point_coords": [] if row["point_coords"] is None else [row["point_coords"]],  # none: a box prompt
         "crop_box": row["crop_box"],
     }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +25,35 @@ def build_generator(config: PipelineConfig, device: str) -> SamAutomaticMaskGene
         torch.manual_seed(config.seed)
     model = build_sam(config.model_type, config.checkpoint, device=device)
     return SamAutomaticMaskGenerator(model, **config.generator_settings())
+
+
+def decoded_images(
+    shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int
+) -> Iterator[Tuple[Dict[str, Any], Optional[np.ndarray]]]:
+    """Per file of the shard, in order: its ``images`` row and the decoded HxWx3 image.
+
+    The image is None when the file could not be read or decoded; the row (status "error") then
+    holds the reason. For decoded images the row has the size and decode time and still says
+    "error" until the caller fills in the result.
+    """
+    for name, uri, data, read_error in iter_shard_files(shard, storage_options):
+        row: Dict[str, Any] = dict(image_id=f"{shard.shard_id}/{name}", uri=uri, shard=shard.shard_id, width=None,
+                                   height=None, mask_count=None, status="error", error_reason=None,
+                                   error_detail=None, decode_s=None, generate_s=None)
+        if read_error is not None:
+            row.update(error_reason="unreadable", error_detail=read_error)
+            yield row, None
+            continue
+        t0 = time.perf_counter()
+        try:
+            image = decode_image(data, max_pixels)
+        except ImageDecodeError as e:
+            row.update(error_reason=e.reason, error_detail=e.detail, decode_s=time.perf_counter() - t0)
+            log.warning("%s: %s", uri, e)
+            yield row, None
+            continue
+        row.update(width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - t0)
+        yield row, image
 
 
 class ShardWorker:
@@ -59,23 +88,10 @@ class ShardWorker:
         masks: List[Dict[str, Any]] = []
         images: List[Dict[str, Any]] = []
         pending: List[Tuple[Dict[str, Any], np.ndarray]] = []  # decoded, waiting for a generator call
-        for name, uri, data, read_error in iter_shard_files(shard, self.config.storage_options):
-            image_id = f"{shard.shard_id}/{name}"
-            row: Dict[str, Any] = dict(image_id=image_id, uri=uri, shard=shard.shard_id, width=None,
-                                       height=None, mask_count=None, status="error", error_reason=None,
-                                       error_detail=None, decode_s=None, generate_s=None)
+        for row, image in decoded_images(shard, self.config.storage_options, self.config.max_pixels):
             images.append(row)
-            if read_error is not None:
-                row.update(error_reason="unreadable", error_detail=read_error)
+            if image is None:
                 continue
-            t0 = time.perf_counter()
-            try:
-                image = decode_image(data, self.config.max_pixels)
-            except ImageDecodeError as e:
-                row.update(error_reason=e.reason, error_detail=e.detail, decode_s=time.perf_counter() - t0)
-                log.warning("%s: %s", uri, e)
-                continue
-            row.update(width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - t0)
             pending.append((row, image))
             if len(pending) >= self.config.images_per_batch:
                 masks.extend(self.generate(pending))

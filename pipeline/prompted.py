@@ -1,0 +1,183 @@
+"""Masks from existing boxes (the auto-annotate use case), written to the same masks/images tables.
+
+Prompts come from a COCO detection/instances JSON (``images`` with ``file_name``, ``annotations``
+with ``bbox`` XYWH) or a Parquet/CSV table with columns ``uri`` (image path or URI) and ``bbox``
+(XYWH list) or ``x``, ``y``, ``w``, ``h``. Each box gives one mask, as
+``SamPredictor.predict(box=..., multimask_output=False)`` does; ``mask_id`` is the box's position
+among its image's boxes in input order, ``point_coords`` is null and ``crop_box`` the whole image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import fsspec
+import numpy as np
+import torch
+
+from sam_core import SamPredictor, build_sam
+from sam_core.amg.masks import batched_mask_to_box, calculate_stability_score, coco_encode_rle, mask_to_rle
+
+from .decode import DEFAULT_MAX_PIXELS
+from .output import OutputDir
+from .shards import Shard
+from .single_machine import RunSummary
+from .worker import decoded_images
+
+
+@dataclass(frozen=True)
+class ImagePrompts:
+    uri: str  # the image file
+    boxes: Tuple[Tuple[float, float, float, float], ...]  # XYWH, in input order
+
+
+def _join(root: Optional[str], name: str) -> str:
+    if root is None or "://" in name or name.startswith("/"):
+        return name
+    return posixpath.join(root.rstrip("/"), name)
+
+
+def read_prompts(path: str, images_root: Optional[str] = None,
+                 storage_options: Optional[Mapping[str, Any]] = None) -> List[ImagePrompts]:
+    """Boxes per image from a COCO JSON or a Parquet/CSV table; file names are joined to
+    ``images_root`` unless absolute. Images of a COCO file without annotations are kept (0 boxes)."""
+    opts = dict(storage_options or {})
+    if path.endswith(".json"):
+        with fsspec.open(path, "r", **opts) as f:
+            coco = json.load(f)
+        if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
+            raise ValueError(f"{path}: a COCO file needs 'images' and 'annotations' lists.")
+        files = {im["id"]: im["file_name"] for im in coco["images"]}
+        boxes: Dict[Any, List[Tuple[float, ...]]] = {i: [] for i in files}
+        unknown = sorted({a["image_id"] for a in coco["annotations"] if a["image_id"] not in files}, key=str)
+        if unknown:
+            raise ValueError(f"{path}: annotations refer to image ids not in 'images': {unknown[:10]}.")
+        for a in coco["annotations"]:
+            boxes[a["image_id"]].append(tuple(float(v) for v in a["bbox"]))
+        return [ImagePrompts(_join(images_root, files[i]), tuple(boxes[i])) for i in files]
+    if path.endswith((".parquet", ".csv")):
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        with fsspec.open(path, "rb", **opts) as f:
+            table = pq.read_table(f) if path.endswith(".parquet") else pacsv.read_csv(f)
+        cols = set(table.column_names)
+        if "uri" not in cols or not ({"bbox"} <= cols or {"x", "y", "w", "h"} <= cols):
+            raise ValueError(f"{path}: needs a 'uri' column and 'bbox' (XYWH) or 'x', 'y', 'w', 'h' columns; "
+                             f"has {sorted(cols)}.")
+        rows = table.to_pylist()
+        order: Dict[str, List[Tuple[float, ...]]] = {}
+        for r in rows:
+            box = r["bbox"] if "bbox" in cols else [r["x"], r["y"], r["w"], r["h"]]
+            order.setdefault(_join(images_root, r["uri"]), []).append(tuple(float(v) for v in box))
+        return [ImagePrompts(uri, tuple(b)) for uri, b in order.items()]
+    raise ValueError(f"{path}: prompts must be a COCO .json or a .parquet/.csv table of boxes.")
+
+
+def bad_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) -> List[str]:
+    """Descriptions of boxes that cannot prompt: non-finite, empty, or wholly outside the image."""
+    bad = []
+    for i, (x, y, w, h) in enumerate(boxes):
+        if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+            bad.append(f"box {i} {[x, y, w, h]} is not a finite box of positive size")
+        elif x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            bad.append(f"box {i} {[x, y, w, h]} lies outside the {width}x{height} image")
+    return bad
+
+
+class BoxPrompter:
+    """Masks for the boxes of each image: one encoder pass per image, all its boxes in one decoder batch."""
+
+    def __init__(self, model_type: str, checkpoint: Optional[str], device: Optional[str] = None,
+                 seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if checkpoint is None:
+            torch.manual_seed(seed)
+        self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device))
+        name = checkpoint.rsplit("/", 1)[-1] if checkpoint else f"random-seed{seed}"
+        self.model_id = f"{model_type}:{name}"
+        self.settings_hash = "prompted-boxes"  # no generator settings: one mask per box
+        self.max_pixels = max_pixels
+
+    def masks(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> List[Dict[str, Any]]:
+        """Mask rows (without image_id) for XYWH ``boxes`` on an HxWx3 image."""
+        p = self.predictor
+        p.set_image(image)
+        if not boxes:
+            return []
+        xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h in boxes], dtype=np.float64)
+        boxes_t = torch.as_tensor(p.transform.apply_boxes(xyxy, p.original_size), dtype=torch.float,
+                                  device=p.device)
+        with torch.no_grad():
+            logits, iou, _ = p.predict_torch(None, None, boxes_t, multimask_output=False, return_logits=True)
+        logits = logits[:, 0]  # (N, H, W)
+        threshold = p.model.mask_threshold
+        stability = calculate_stability_score(logits, threshold, 1.0)
+        masks = logits > threshold
+        mask_boxes = batched_mask_to_box(masks).cpu().numpy()
+        h, w = image.shape[:2]
+        rows = []
+        for i, rle in enumerate(mask_to_rle(masks)):
+            coco = coco_encode_rle(rle)
+            x0, y0, x1, y1 = (float(v) for v in mask_boxes[i])
+            rows.append(dict(mask_id=i, counts=coco["counts"], height=h, width=w,
+                             area=int(sum(rle["counts"][1::2])), bbox=[x0, y0, x1 - x0, y1 - y0],
+                             predicted_iou=float(iou[i, 0]), stability_score=float(stability[i]),
+                             point_coords=None, crop_box=[0.0, 0.0, float(w), float(h)],
+                             model=self.model_id, settings_hash=self.settings_hash))
+        return rows
+
+    def process(self, shard: Shard, boxes_by_uri: Mapping[str, Sequence[Sequence[float]]],
+                storage_options: Optional[Mapping[str, Any]] = None):
+        """Rows of the masks and images tables for one shard of prompted images."""
+        masks: List[Dict[str, Any]] = []
+        images: List[Dict[str, Any]] = []
+        for row, image in decoded_images(shard, storage_options, self.max_pixels):
+            images.append(row)
+            if image is None:
+                continue
+            h, w = image.shape[:2]
+            boxes = boxes_by_uri[row["uri"]]
+            bad = bad_boxes(boxes, w, h)
+            if bad:
+                row.update(error_reason="bad_prompt", error_detail="; ".join(bad))
+                continue
+            t1 = time.perf_counter()
+            rows = self.masks(image, boxes)
+            row.update(status="ok", mask_count=len(rows), generate_s=time.perf_counter() - t1)
+            masks.extend(dict(r, image_id=row["image_id"]) for r in rows)
+        return masks, images
+
+
+def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: BoxPrompter,
+                 images_per_shard: int = 64, overwrite: bool = False,
+                 storage_options: Optional[Mapping[str, Any]] = None) -> RunSummary:
+    """Process every shard of prompted images not yet complete under ``output_uri``."""
+    start = time.perf_counter()
+    out = OutputDir(output_uri, storage_options)
+    if overwrite:
+        out.clear()
+    boxes_by_uri = {p.uri: p.boxes for p in prompts}
+    uris = [p.uri for p in prompts]
+    summary = RunSummary(images_processed=0)
+    for i in range(0, len(uris), images_per_shard):
+        shard = Shard(f"prompts-{i // images_per_shard:05d}", "files", tuple(uris[i : i + images_per_shard]))
+        if out.is_complete(shard):
+            continue
+        masks, images = prompter.process(shard, boxes_by_uri, storage_options)
+        out.write_shard(shard, masks, images)
+        summary.shards_processed += 1
+        summary.images_processed += len(images)
+    table = out.read_table("images").to_pylist()
+    summary.images_ok = sum(r["status"] == "ok" for r in table)
+    summary.images_error = len(table) - summary.images_ok
+    summary.masks = sum(r["mask_count"] or 0 for r in table)
+    summary.errors = [{"uri": r["uri"], "reason": r["error_reason"], "detail": r["error_detail"]}
+                      for r in table if r["status"] != "ok"]
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,124 @@
+"""jobs.prompt: boxes from a COCO file or a table -> masks equal to SamPredictor's for those boxes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pycocotools import mask as mask_utils
+
+from jobs.prompt import main as prompt_main
+from pipeline.decode import decode_image
+from pipeline.output import OutputDir
+from pipeline.single_machine import SAMPLE_IMAGES
+from sam_core import SamPredictor, build_sam
+
+LOGIT_TIE = 1e-4  # pixels this close to the threshold may fall either way (see test_model_parity)
+BOXES = {"chelsea.jpg": [[30.0, 40.0, 200.0, 150.0], [0.0, 0.0, 451.0, 300.0]],
+         "coffee.jpg": [[100.5, 60.0, 250.0, 180.0]],
+         "astronaut.jpg": []}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    for name in BOXES:
+        shutil.copy(f"{SAMPLE_IMAGES}/{name}", d / name)
+    return d
+
+
+def coco_file(path, photos):
+    images = [{"id": i + 1, "file_name": n} for i, n in enumerate(BOXES)]
+    images += [{"id": 10, "file_name": "missing.jpg"}, {"id": 11, "file_name": "coffee_bad.jpg"}]
+    shutil.copy(photos / "coffee.jpg", photos / "coffee_bad.jpg")
+    anns = [{"id": 100 + k, "image_id": im["id"], "bbox": b, "category_id": 1}
+            for im in images[:3] for k, b in enumerate(BOXES[im["file_name"]])]
+    anns += [{"id": 900, "image_id": 10, "bbox": [1, 1, 5, 5], "category_id": 1},
+             {"id": 901, "image_id": 11, "bbox": [10, 10, 0, 5], "category_id": 1}]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    return path
+
+
+def rows_by_image(out):
+    masks = OutputDir(str(out)).read_table("masks").to_pylist()
+    images = {r["image_id"].split("/", 1)[1]: r for r in OutputDir(str(out)).read_table("images").to_pylist()}
+    by = {}
+    for r in masks:
+        by.setdefault(r["image_id"].split("/", 1)[1], []).append(r)
+    return by, images
+
+
+def test_prompted_masks_equal_the_predictor(photos, tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    args = ["--prompts", str(coco_file(tmp_path / "dets.json", photos)), "--images", str(photos),
+            "--output", str(out), "--checkpoint", str(tiny_checkpoint)]
+    assert prompt_main(args) == 0
+    assert "images ok: 3, errors: 2, masks: 3" in capsys.readouterr().out
+    masks, images = rows_by_image(out)
+    assert images["missing.jpg"]["error_reason"] == "unreadable"
+    assert images["coffee_bad.jpg"]["error_reason"] == "bad_prompt"
+    assert "box 0 [10.0, 10.0, 0.0, 5.0]" in images["coffee_bad.jpg"]["error_detail"]
+    assert images["astronaut.jpg"]["status"] == "ok" and images["astronaut.jpg"]["mask_count"] == 0
+
+    predictor = SamPredictor(build_sam("tiny", tiny_checkpoint))
+    for name, boxes in BOXES.items():
+        if not boxes:
+            continue
+        image = decode_image((photos / name).read_bytes())
+        predictor.set_image(image)
+        rows = sorted(masks[name], key=lambda r: r["mask_id"])
+        assert len(rows) == len(boxes) == images[name]["mask_count"]
+        for row, (x, y, w, h) in zip(rows, boxes):
+            box = np.array([x, y, x + w, y + h])
+            logits, iou, _ = predictor.predict(box=box, multimask_output=False, return_logits=True)
+            expected = logits[0] > predictor.model.mask_threshold
+            got = mask_utils.decode({"size": [row["height"], row["width"]], "counts": row["counts"]}).astype(bool)
+            decided = np.abs(logits[0]) > LOGIT_TIE
+            assert not np.any((got != expected) & decided)
+            assert row["predicted_iou"] == pytest.approx(float(iou[0]), abs=LOGIT_TIE)
+            assert row["area"] == int(got.sum()) and row["point_coords"] is None
+            assert row["crop_box"] == [0.0, 0.0, float(image.shape[1]), float(image.shape[0])]
+
+    # The tables export like generated ones; a box-prompted annotation has no prompt point.
+    from jobs.export import main as export_main
+
+    assert export_main(["--tables", str(out), "--format", "sa1b-json", "--dest", str(tmp_path / "sa1b")]) == 0
+    docs = [json.loads(p.read_text()) for p in sorted((tmp_path / "sa1b").rglob("*.json"))]
+    anns = [a for d in docs for a in d["annotations"]]
+    assert len(anns) == 3 and all(a["point_coords"] == [] for a in anns)
+    assert export_main(["--tables", str(out), "--format", "coco", "--dest", str(tmp_path / "c.json")]) == 0
+
+    # Again: complete shards are skipped.
+    assert prompt_main(args) == 0
+    assert "images ok: 3, errors: 2, masks: 3" in capsys.readouterr().out
+
+
+def test_box_table_gives_the_same_masks(photos, tmp_path, tiny_checkpoint):
+    rows = [{"uri": name, "bbox": b} for name, boxes in BOXES.items() for b in boxes]
+    table = tmp_path / "boxes.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), table)
+    coco_out, table_out = tmp_path / "a", tmp_path / "b"
+    common = ["--images", str(photos), "--checkpoint", str(tiny_checkpoint)]
+    assert prompt_main(["--prompts", str(table), "--output", str(table_out)] + common) == 0
+    assert prompt_main(["--prompts", str(coco_file(tmp_path / "d.json", photos)), "--output", str(coco_out)]
+                       + common) == 0
+    a, _ = rows_by_image(coco_out)
+    b, _ = rows_by_image(table_out)
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        assert [r["counts"] for r in a[name]] == [r["counts"] for r in b[name]]
+
+
+def test_prompt_file_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                               "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1]}]}))
+    assert prompt_main(["--prompts", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert "image ids not in 'images': [2]" in capsys.readouterr().err
+    table = tmp_path / "t.csv"
+    table.write_text("path,bbox\nx.jpg,1\n")
+    assert prompt_main(["--prompts", str(table), "--output", str(tmp_path / "o")]) == 2
+    assert "needs a 'uri' column" in capsys.readouterr().err
