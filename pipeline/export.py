@@ -19,7 +19,7 @@ from .output import OutputDir
 COCO_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
 
-def _images_with_masks(tables: OutputDir) -> Iterator[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
+def images_with_masks(tables: OutputDir) -> Iterator[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
     """(image row, its mask rows in mask_id order) for every ok image, in shard and file order."""
     for shard_id in tables.shard_ids():
         by_image: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
@@ -46,7 +46,7 @@ def export_sa1b_json(tables_uri: str, dest_uri: str, storage_options: Optional[M
     numbered in shard and file order. Returns the number of files written."""
     tables = OutputDir(tables_uri, storage_options)
     written, next_ann = 0, 0
-    for image_id, (image, masks) in enumerate(_images_with_masks(tables)):
+    for image_id, (image, masks) in enumerate(images_with_masks(tables)):
         name = posixpath.basename(image["image_id"])
         doc = sa1b_document(image_id, name, image["width"], image["height"], [_record(m) for m in masks],
                             first_annotation_id=next_ann)
@@ -62,7 +62,7 @@ def export_coco(tables_uri: str, dest_uri: str, storage_options: Optional[Mappin
     predicted IoU). Returns counts of images and annotations."""
     tables = OutputDir(tables_uri, storage_options)
     images, annotations = [], []
-    for image_id, (image, masks) in enumerate(_images_with_masks(tables), start=1):
+    for image_id, (image, masks) in enumerate(images_with_masks(tables), start=1):
         images.append({"id": image_id, "file_name": image["image_id"], "width": image["width"],
                        "height": image["height"], "source_uri": image["uri"]})
         for m in masks:

@@ -106,3 +106,53 @@ def test_stats_job_counts_and_distributions(tables, tmp_path, capsys):
     assert 0 < stats["masks"]["area_fraction"]["max"] <= 1
     assert stats["images"]["masks_per_image"]["count"] == 2
     assert sum(stats["masks"]["models"].values()) == len(rows)
+
+
+def browser() -> str:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return name
+    raise AssertionError("No Chromium: install it as the README says (apt-get install chromium).")
+
+
+def test_render_gallery_loads_in_headless_chromium(tables, tmp_path, capsys):
+    import subprocess
+
+    from PIL import Image
+
+    from jobs.render import main as render_main
+    from pipeline.decode import decode_image
+    from pipeline.render import read_source
+
+    dest = tmp_path / "gallery"
+    assert render_main(["--tables", str(tables), "--dest", str(dest)]) == 0
+    assert "rendered 2 images" in capsys.readouterr().out
+    pngs = sorted((dest / "img").glob("*.png"))
+    assert len(pngs) == 2
+    # The overlay changes exactly the pixels some mask covers.
+    masks = table_masks(tables)
+    images = {r["image_id"]: r for r in OutputDir(str(tables)).read_table("images").to_pylist()}
+    for image_id, image_masks in masks.items():
+        png = dest / "img" / (image_id.replace("/", "_") + ".png")
+        shown = np.asarray(Image.open(png).convert("RGB"))
+        original = decode_image(read_source(images[image_id]["uri"]))
+        covered = np.any(np.stack(image_masks), axis=0)
+        changed = np.any(shown != original, axis=-1)
+        assert not np.any(changed & ~covered) and changed[covered].mean() > 0.9
+
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+             "--virtual-time-budget=5000"]
+    url = (dest / "index.html").as_uri()
+    dom = subprocess.run([browser(), *flags, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert 'id="loaded">loaded 2/2 images<' in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser(), *flags, "--window-size=1200,900", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 2000  # photos on screen, not only text
+
+    assert render_main(["--tables", str(tables), "--dest", str(dest), "--image", "nope/x.jpg"]) == 2
+    assert "nope/x.jpg" in capsys.readouterr().err

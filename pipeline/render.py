@@ -1,0 +1,126 @@
+"""Overlay PNGs of generated masks and a static HTML gallery (``python -m jobs.render``).
+
+The gallery is one ``index.html`` next to ``img/*.png``: no scripts or styles from elsewhere, so it
+opens offline from disk. A small inline script counts the images that loaded into
+``<p id="loaded">`` (what the headless-browser test reads).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import posixpath
+import random
+import re
+import tarfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import fsspec
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from .decode import decode_image
+from .export import images_with_masks
+from .output import OutputDir
+from .stats import format_stats, table_stats
+
+ALPHA = 0.5
+
+
+def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> bytes:
+    """Bytes of an images-table ``uri``: a file, or ``<tar uri>#<member>``."""
+    opts = dict(storage_options or {})
+    if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
+        tar_uri, member = uri.split("#", 1)
+        with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                if m.name == member:
+                    return tar.extractfile(m).read()
+        raise FileNotFoundError(f"{member} not in {tar_uri}")
+    with fsspec.open(uri, "rb", **opts) as f:
+        return f.read()
+
+
+def overlay(image: np.ndarray, masks: Sequence[Dict[str, Any]], seed: int = 0) -> np.ndarray:
+    """HxWx3 uint8 with each mask filled in its own colour (alpha 0.5), largest first so small
+    masks stay visible."""
+    rng = np.random.default_rng(seed)
+    out = image.astype(np.float32)
+    for row in sorted(masks, key=lambda r: -r["area"]):
+        m = mask_utils.decode({"size": [row["height"], row["width"]], "counts": row["counts"]}).astype(bool)
+        color = rng.integers(40, 256, size=3).astype(np.float32)
+        out[m] = (1 - ALPHA) * out[m] + ALPHA * color
+    return out.round().astype(np.uint8)
+
+
+def _file_name(image_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id) + ".png"
+
+
+def render_gallery(tables_uri: str, dest: str, image_ids: Optional[Sequence[str]] = None, sample: int = 12,
+                   seed: int = 0, storage_options: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """Overlays for ``image_ids`` (default: a seeded sample of ``sample`` ok images) under
+    ``<dest>/img/`` and ``<dest>/index.html``. Returns the image ids rendered.
+
+    Raises ValueError naming any requested id that is not an ok image of the tables.
+    """
+    tables = OutputDir(tables_uri, storage_options)
+    available = {image["image_id"]: (image, masks) for image, masks in images_with_masks(tables)}
+    if image_ids:
+        missing = [i for i in image_ids if i not in available]
+        if missing:
+            raise ValueError(f"Not ok images of {tables_uri}: {missing}; e.g. {sorted(available)[:3]}.")
+        chosen = list(image_ids)
+    else:
+        chosen = sorted(available)
+        chosen = sorted(random.Random(seed).sample(chosen, min(sample, len(chosen))))
+    fs, root = fsspec.core.url_to_fs(dest, **dict(storage_options or {}))
+    fs.makedirs(posixpath.join(root, "img"), exist_ok=True)
+    figures = []
+    for image_id in chosen:
+        image, masks = available[image_id]
+        pixels = decode_image(read_source(image["uri"], storage_options))
+        buf = io.BytesIO()
+        Image.fromarray(overlay(pixels, masks, seed)).save(buf, format="PNG")
+        name = _file_name(image_id)
+        fs.pipe_file(posixpath.join(root, "img", name), buf.getvalue())
+        ious = [m["predicted_iou"] for m in masks]
+        area = image["width"] * image["height"]
+        fractions = [m["area"] / area for m in masks]
+        caption = (f"{image_id}<br>{image['width']}×{image['height']}, {len(masks)} masks"
+                   + (f"<br>median IoU {np.median(ious):.3f}, median area {np.median(fractions):.1%}" if masks else ""))
+        figures.append(f'<figure><img src="img/{html.escape(name)}" alt="{html.escape(image_id)}">'
+                       f"<figcaption>{caption}</figcaption></figure>")
+    stats = html.escape(format_stats(table_stats(tables_uri, storage_options)))
+    page = PAGE.format(title=html.escape(tables_uri), stats=stats, figures="\n".join(figures), n=len(figures))
+    fs.pipe_file(posixpath.join(root, "index.html"), page.encode())
+    return chosen
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>masks: {title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; background: #fafafa; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ margin: 0; width: 360px; }}
+img {{ width: 360px; display: block; }}
+figcaption {{ font-size: 12px; color: #333; }}
+pre {{ font-size: 12px; }}
+</style></head>
+<body>
+<h1>{title}</h1>
+<p id="loaded">loading {n} images</p>
+<pre>{stats}</pre>
+<div class="grid">
+{figures}
+</div>
+<script>
+window.addEventListener("load", () => {{
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.getElementById("loaded").textContent = `loaded ${{ok}}/${{imgs.length}} images`;
+}});
+</script>
+</body></html>
+"""
