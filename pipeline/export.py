@@ -1,21 +1,28 @@
-"""Exports of the Parquet tables: SA-1B per-image JSON files and COCO instance-segmentation JSON.
+"""Exports of the Parquet tables: SA-1B per-image JSON files, SA-1B-style tar shards (jpg + json)
+and COCO instance-segmentation JSON.
 
-Both read one completed shard at a time, so memory stays bounded by the largest shard.
+Each reads one completed shard at a time, so memory stays bounded by the largest shard.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
+import tarfile
 from collections import defaultdict
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import fsspec
+from PIL import Image
 
 from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
 
+from .decode import decode_image
 from .output import OutputDir
+from .shards import read_source
 
+EXIF_ORIENTATION = 0x0112
 COCO_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
 
@@ -41,19 +48,70 @@ def _record(row: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def export_sa1b_json(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> int:
-    """Write ``<dest>/<shard>/<image stem>.json`` per ok image; image and annotation ids are
-    numbered in shard and file order. Returns the number of files written."""
-    tables = OutputDir(tables_uri, storage_options)
-    written, next_ann = 0, 0
+def sa1b_documents(tables: OutputDir) -> Iterator[Tuple[Dict[str, Any], str, Dict[str, Any]]]:
+    """(image row, file name, SA-1B document) per ok image; image and annotation ids numbered in
+    shard and file order, annotation ids unique across the whole export."""
+    next_ann = 0
     for image_id, (image, masks) in enumerate(images_with_masks(tables)):
         name = posixpath.basename(image["image_id"])
         doc = sa1b_document(image_id, name, image["width"], image["height"], [_record(m) for m in masks],
                             first_annotation_id=next_ann)
         next_ann += len(masks)
+        yield image, name, doc
+
+
+def export_sa1b_json(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> int:
+    """Write ``<dest>/<shard>/<image stem>.json`` per ok image. Returns the number of files written."""
+    written = 0
+    for image, name, doc in sa1b_documents(OutputDir(tables_uri, storage_options)):
         write_sa1b_json(posixpath.join(dest_uri, image["shard"], posixpath.splitext(name)[0] + ".json"), doc)
         written += 1
     return written
+
+
+def export_sa1b_tar(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> int:
+    """Write ``<dest>/<shard>.tar`` per shard with ``<stem>.jpg`` + ``<stem>.json`` pairs, as SA-1B's
+    shards. JPEG sources are copied byte for byte unless EXIF rotates them; other formats (and
+    rotated JPEGs) are written as the decoded, upright pixels at quality 95, so the masks always
+    match the pixels. Returns the number of images written."""
+    opts = dict(storage_options or {})
+    written = 0
+    tar, tar_shard, handle = None, None, None
+    try:
+        for image, name, doc in sa1b_documents(OutputDir(tables_uri, storage_options)):
+            if image["shard"] != tar_shard:
+                if tar is not None:
+                    tar.close()
+                    handle.close()
+                tar_shard = image["shard"]
+                handle = fsspec.open(posixpath.join(dest_uri, f"{tar_shard}.tar"), "wb", auto_mkdir=True,
+                                     **opts).open()
+                tar = tarfile.open(fileobj=handle, mode="w")
+            stem = posixpath.splitext(name)[0]
+            doc["image"]["file_name"] = f"{stem}.jpg"
+            _add(tar, f"{stem}.jpg", _upright_jpeg(read_source(image["uri"], storage_options)))
+            _add(tar, f"{stem}.json", json.dumps(doc).encode())
+            written += 1
+    finally:
+        if tar is not None:
+            tar.close()
+            handle.close()
+    return written
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _upright_jpeg(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format == "JPEG" and im.getexif().get(EXIF_ORIENTATION, 1) == 1:
+            return data
+    buf = io.BytesIO()
+    Image.fromarray(decode_image(data)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
 
 
 def export_coco(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, int]:

@@ -12,7 +12,6 @@ import io
 import posixpath
 import random
 import re
-import tarfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import fsspec
@@ -23,23 +22,10 @@ from pycocotools import mask as mask_utils
 from .decode import decode_image
 from .export import images_with_masks
 from .output import OutputDir
+from .shards import read_source
 from .stats import format_stats, table_stats
 
 ALPHA = 0.5
-
-
-def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> bytes:
-    """Bytes of an images-table ``uri``: a file, or ``<tar uri>#<member>``."""
-    opts = dict(storage_options or {})
-    if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
-        tar_uri, member = uri.split("#", 1)
-        with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for m in tar:
-                if m.name == member:
-                    return tar.extractfile(m).read()
-        raise FileNotFoundError(f"{member} not in {tar_uri}")
-    with fsspec.open(uri, "rb", **opts) as f:
-        return f.read()
 
 
 def overlay(image: np.ndarray, masks: Sequence[Dict[str, Any]], seed: int = 0) -> np.ndarray:

@@ -130,3 +130,17 @@ def iter_shard_files(
                 continue
             extracted = tar.extractfile(member)
             yield posixpath.basename(member.name), f"{tar_uri}#{member.name}", extracted.read(), None
+
+
+def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> bytes:
+    """Bytes of an images-table ``uri``: a file, or ``<tar uri>#<member>``."""
+    opts = dict(storage_options or {})
+    if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
+        tar_uri, member = uri.split("#", 1)
+        with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                if m.name == member:
+                    return tar.extractfile(m).read()
+        raise FileNotFoundError(f"{member} not in {tar_uri}")
+    with fsspec.open(uri, "rb", **opts) as f:
+        return f.read()

@@ -156,3 +156,54 @@ def test_render_gallery_loads_in_headless_chromium(tables, tmp_path, capsys):
 
     assert render_main(["--tables", str(tables), "--dest", str(dest), "--image", "nope/x.jpg"]) == 2
     assert "nope/x.jpg" in capsys.readouterr().err
+
+
+def test_sa1b_tar_export_round_trips_and_reads_back_as_input(tables, tmp_path, capsys):
+    import tarfile
+
+    from pipeline.decode import decode_image
+    from pipeline.shards import iter_shard_files
+
+    dest = tmp_path / "tars"
+    assert export_main(["--tables", str(tables), "--format", "sa1b-tar", "--dest", str(dest)]) == 0
+    assert "wrote 2 images in SA-1B tar shards" in capsys.readouterr().out
+    expected = table_masks(tables)
+    seen = {}
+    for path in sorted(dest.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+            assert len(names) % 2 == 0 and all(n.endswith((".jpg", ".json")) for n in names)
+            for name in (n for n in names if n.endswith(".json")):
+                doc = json.loads(tar.extractfile(name).read())
+                jpg = tar.extractfile(doc["image"]["file_name"]).read()
+                pixels = decode_image(jpg)
+                assert pixels.shape[:2] == (doc["image"]["height"], doc["image"]["width"])
+                seen[f"{path.stem}/{doc['image']['file_name']}"] = decode_masks(doc)
+        # An exported shard is valid input again (the .json sidecars are passed over).
+        shard = discover_shards(str(path))[0]
+        assert all(n.endswith(".jpg") for n, _, _, _ in iter_shard_files(shard))
+    assert sorted(seen) == sorted(expected)  # sources were .jpg, so names are unchanged
+    for image_id, got in seen.items():
+        assert len(got) == len(expected[image_id]) and all(np.array_equal(a, b) for a, b in zip(got, expected[image_id]))
+
+
+def test_tar_images_are_upright_jpegs():
+    from PIL import Image
+
+    from pipeline.decode import decode_image
+    from pipeline.export import EXIF_ORIENTATION, _upright_jpeg
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(20, 40, 3), dtype=np.uint8)
+    plain, rotated, png = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels).save(plain, format="JPEG")
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # viewers rotate it 90 degrees
+    Image.fromarray(pixels).save(rotated, format="JPEG", exif=exif)
+    Image.fromarray(pixels).save(png, format="PNG")
+    assert _upright_jpeg(plain.getvalue()) == plain.getvalue()  # copied byte for byte
+    for source in (rotated.getvalue(), png.getvalue()):
+        out = _upright_jpeg(source)
+        with Image.open(io.BytesIO(out)) as im:
+            assert im.format == "JPEG" and im.getexif().get(EXIF_ORIENTATION, 1) == 1
+        assert decode_image(out).shape == decode_image(source).shape  # what the masks were made on
