@@ -14,6 +14,12 @@ from .decode import DEFAULT_MAX_PIXELS
 THROUGHPUT_SETTINGS = frozenset({"points_per_batch", "encoder_batch_size", "fast_points_per_batch", "max_chunk_pixels"})
 
 
+def model_id(model_type: str, checkpoint: Optional[str], seed: int) -> str:
+    """``<type>:<checkpoint file name>``, or ``<type>:random-seed<N>`` without a checkpoint."""
+    name = checkpoint.rsplit("/", 1)[-1] if checkpoint else f"random-seed{seed}"
+    return f"{model_type}:{name}"
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     input_uri: str  # folder, glob, tar shard(s) or manifest of images (local path or fsspec URI)
@@ -55,8 +61,7 @@ class PipelineConfig:
         return settings
 
     def model_id(self) -> str:
-        name = self.checkpoint.rsplit("/", 1)[-1] if self.checkpoint else f"random-seed{self.seed}"
-        return f"{self.model_type}:{name}"
+        return model_id(self.model_type, self.checkpoint, self.seed)
 
     def settings_hash(self) -> str:
         """Short stable hash of the model and the generator settings that decide the masks

@@ -25,6 +25,8 @@ from sam_core.amg.masks import batched_mask_to_box, calculate_stability_score, c
 
 from .decode import DEFAULT_MAX_PIXELS
 from .output import OutputDir
+from .config import model_id
+from .run import summarize_tables
 from .shards import Shard
 from .single_machine import RunSummary
 from .worker import decoded_images
@@ -99,8 +101,7 @@ class BoxPrompter:
         if checkpoint is None:
             torch.manual_seed(seed)
         self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device))
-        name = checkpoint.rsplit("/", 1)[-1] if checkpoint else f"random-seed{seed}"
-        self.model_id = f"{model_type}:{name}"
+        self.model_id = model_id(model_type, checkpoint, seed)
         self.settings_hash = "prompted-boxes"  # no generator settings: one mask per box
         self.max_pixels = max_pixels
 
@@ -164,20 +165,16 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
         out.clear()
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
     uris = [p.uri for p in prompts]
-    summary = RunSummary(images_processed=0)
+    shards_processed = images_processed = 0
     for i in range(0, len(uris), images_per_shard):
         shard = Shard(f"prompts-{i // images_per_shard:05d}", "files", tuple(uris[i : i + images_per_shard]))
         if out.is_complete(shard):
             continue
         masks, images = prompter.process(shard, boxes_by_uri, storage_options)
         out.write_shard(shard, masks, images)
-        summary.shards_processed += 1
-        summary.images_processed += len(images)
-    table = out.read_table("images").to_pylist()
-    summary.images_ok = sum(r["status"] == "ok" for r in table)
-    summary.images_error = len(table) - summary.images_ok
-    summary.masks = sum(r["mask_count"] or 0 for r in table)
-    summary.errors = [{"uri": r["uri"], "reason": r["error_reason"], "detail": r["error_detail"]}
-                      for r in table if r["status"] != "ok"]
+        shards_processed += 1
+        images_processed += len(images)
+    summary = summarize_tables(out)
+    summary.shards_processed, summary.images_processed = shards_processed, images_processed
     summary.seconds = time.perf_counter() - start
     return summary

@@ -58,7 +58,12 @@ def run_pipeline(config: PipelineConfig, worker_cls: type = ShardWorker) -> RunS
 
 def summarize(config: PipelineConfig) -> RunSummary:
     """Counts over the images table of the output."""
-    images = OutputDir(config.output_uri, config.storage_options).read_table("images")
+    return summarize_tables(OutputDir(config.output_uri, config.storage_options))
+
+
+def summarize_tables(output: OutputDir) -> RunSummary:
+    """Counts over the images table of an output folder (images ok/error, masks, every error)."""
+    images = output.read_table("images")
     ok = pc.equal(images.column("status"), "ok")
     errors = images.filter(pc.invert(ok))
     return RunSummary(
