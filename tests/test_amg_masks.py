@@ -182,3 +182,14 @@ def test_sa1b_json_rejects_malformed(tmp_path):
                                 "annotations": [{"id": 1}]}))
     with pytest.raises(ValueError, match="annotation 0 lacks"):
         read_sa1b_json(str(path))
+
+
+def test_mask_data_cat_accepts_empty_placeholders_on_either_side():
+    """A batch whose candidates all fell carries (0, 0, 0) placeholder logits; appending it to
+    (or appending to it) real rows must keep the real rows (found with the demo model)."""
+    full = MaskData(low_res=torch.ones(2, 4, 4), iou_preds=torch.ones(2))
+    empty = MaskData(low_res=torch.zeros(0, 0, 0), iou_preds=torch.zeros(0))
+    full.cat(empty)
+    assert full["low_res"].shape == (2, 4, 4) and len(full["iou_preds"]) == 2
+    empty.cat(MaskData(low_res=torch.ones(1, 4, 4), iou_preds=torch.ones(1)))
+    assert empty["low_res"].shape == (1, 4, 4)

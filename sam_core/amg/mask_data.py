@@ -68,6 +68,8 @@ class MaskData:
             mine = self._columns.get(k)
             if mine is None or (isinstance(mine, torch.Tensor) and len(mine) == 0):
                 self._columns[k] = v  # an empty column's placeholder shape does not constrain
+            elif isinstance(v, torch.Tensor) and len(v) == 0:
+                continue  # nor does an empty batch's (e.g. (0, 0, 0) logits after all candidates fell)
             elif isinstance(v, torch.Tensor):
                 self._columns[k] = torch.cat([mine, v.to(mine.device)], dim=0)
             elif isinstance(v, np.ndarray):
