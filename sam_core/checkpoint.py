@@ -12,6 +12,15 @@ from torch import nn
 from .config import PRESETS
 
 
+# Checkpoints shipped inside the package, by model type.
+BUNDLED_CHECKPOINTS = {"demo": os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "sam_demo.pth")}
+
+
+def bundled_checkpoint(model_type: str, checkpoint: "Optional[str]" = None) -> "Optional[str]":
+    """``checkpoint`` if given, else the weights shipped for ``model_type`` (``demo``), else None."""
+    return checkpoint if checkpoint is not None else BUNDLED_CHECKPOINTS.get(model_type)
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used, with the reason and what to do."""
 

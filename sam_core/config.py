@@ -44,6 +44,13 @@ PRESETS: Dict[str, SamConfig] = {
     "vit_b": SamConfig(768, 12, 12, (2, 5, 8, 11)),
     # For tests only: official everywhere but a 2-block, 64-wide encoder.
     "tiny": SamConfig(64, 2, 2, (1,)),
+    # The bundled demo model (sam_core/weights/sam_demo.pth, trained on procedural scenes by
+    # `python -m jobs.train --demo`): 256-pixel input, 8-pixel patches (a 32x32 embedding, as cheap
+    # as tiny), everything narrower, 1.9 M parameters (7.5 MB).
+    "demo": SamConfig(
+        128, 4, 4, (1, 3), prompt_embed_dim=128, image_size=256, patch_size=8, window_size=8,
+        decoder_mlp_dim=512, iou_head_hidden_dim=128,
+    ),
 }
 
 # The official registry's "default" is vit_h.

@@ -74,12 +74,12 @@ def _tables_from(folder, gt_doc, transform, error_names=()):
 def scenes(tmp_path):
     folder = tmp_path / "scenes"
     write_scene_dataset(str(folder), 3, seed=7, min_side=96, max_side=140)
-    return folder, json.loads((folder / "annotations.json").read_text())
+    return folder, json.loads((tmp_path / "scenes.json").read_text())
 
 
 def test_perfect_predictions_score_one(scenes, tmp_path):
     folder, doc = scenes
-    report = evaluate(str(folder / "annotations.json"), _tables_from(tmp_path / "pred", doc, lambda m: m))
+    report = evaluate(str(tmp_path / "scenes.json"), _tables_from(tmp_path / "pred", doc, lambda m: m))
     n = len(doc["annotations"])
     assert report["objects"] == n and report["predicted_masks"] == n
     assert report["miou"] == 1.0 and report["recall@0.5"] == 1.0 and report["recall@0.8"] == 1.0
@@ -98,7 +98,7 @@ def test_missing_masks_and_error_images_lower_recall(scenes, tmp_path):
     error_name = doc["images"][0]["file_name"]
     n_error = sum(1 for a in doc["annotations"] if a["image_id"] == doc["images"][0]["id"])
     pred = _tables_from(tmp_path / "pred", doc, drop_every_other, error_names=(error_name,))
-    report = evaluate(str(folder / "annotations.json"), pred)
+    report = evaluate(str(tmp_path / "scenes.json"), pred)
     n = len(doc["annotations"])
     kept = report["predicted_masks"]
     assert report["recall@0.5"] == pytest.approx(kept / n)
@@ -119,7 +119,7 @@ def test_eroded_masks_score_their_overlap(scenes, tmp_path):
         ratios.append(eroded.sum() / m.sum())
         return eroded
 
-    report = evaluate(str(folder / "annotations.json"), _tables_from(tmp_path / "pred", doc, shrink))
+    report = evaluate(str(tmp_path / "scenes.json"), _tables_from(tmp_path / "pred", doc, shrink))
     ratios = np.array(ratios)
     assert report["miou"] == pytest.approx(ratios.mean())
     assert report["recall@0.5"] == pytest.approx((ratios >= 0.5).mean())
@@ -132,11 +132,11 @@ def test_coco_json_predictions_and_the_cli(scenes, tmp_path, capsys):
     pred = tmp_path / "pred.json"
     pred.write_text(json.dumps(doc))  # the ground truth itself, as a COCO results file
     out_json = tmp_path / "report.json"
-    assert evaluate_main(["--ground-truth", str(folder / "annotations.json"), "--predictions", str(pred),
+    assert evaluate_main(["--ground-truth", str(tmp_path / "scenes.json"), "--predictions", str(pred),
                           "--json", str(out_json)]) == 0
     assert "R@0.8" in capsys.readouterr().out
     assert json.loads(out_json.read_text())["recall@0.8"] == 1.0
-    assert evaluate_main(["--ground-truth", str(folder / "annotations.json"),
+    assert evaluate_main(["--ground-truth", str(tmp_path / "scenes.json"),
                           "--predictions", str(tmp_path / "nothing-here")]) == 2
     assert "no completed shard" in capsys.readouterr().err
 

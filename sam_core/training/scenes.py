@@ -158,9 +158,10 @@ def scene_sizes(rng: np.random.Generator, min_side: int, max_side: int) -> Tuple
 
 def write_scene_dataset(folder: str, count: int, seed: int, min_side: int = 192, max_side: int = 320,
                         spec: SceneSpec = SceneSpec(), annotations_path: "str | None" = None) -> int:
-    """``count`` scenes as ``scene_NNNNN.png`` plus a COCO file (``<folder>/annotations.json``
-    unless ``annotations_path`` names another; RLE masks, one category "object"); returns the
-    number of objects."""
+    """``count`` scenes as ``<folder>/scene_NNNNN.png`` and their masks as a COCO file (RLE, one
+    category "object") at ``annotations_path``, by default ``<folder>.json`` beside the folder (so
+    the folder holds only images and can be an input as it is). File names are relative to the
+    COCO file's folder. Returns the number of objects."""
     import json
     import os
 
@@ -168,14 +169,16 @@ def write_scene_dataset(folder: str, count: int, seed: int, min_side: int = 192,
     from pycocotools import mask as mask_utils
 
     os.makedirs(folder, exist_ok=True)
+    annotations_path = annotations_path or os.path.normpath(folder) + ".json"
+    root = os.path.dirname(os.path.abspath(annotations_path))
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     for i in range(count):
         image, masks = make_scene(rng, scene_sizes(rng, min_side, max_side), spec)
-        name = f"scene_{i:05d}.png"
-        Image.fromarray(image).save(os.path.join(folder, name))
+        path = os.path.join(folder, f"scene_{i:05d}.png")
+        Image.fromarray(image).save(path)
         h, w = image.shape[:2]
-        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
+        images.append({"id": i + 1, "file_name": os.path.relpath(os.path.abspath(path), root), "height": h, "width": w})
         for m in masks:
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
             annotations.append({
@@ -185,6 +188,6 @@ def write_scene_dataset(folder: str, count: int, seed: int, min_side: int = 192,
             })
     doc = {"info": {"description": f"procedural scenes, seed {seed}"}, "images": images,
            "annotations": annotations, "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
-    with open(annotations_path or os.path.join(folder, "annotations.json"), "w") as f:
+    with open(annotations_path, "w") as f:
         json.dump(doc, f)
     return len(annotations)
