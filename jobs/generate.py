@@ -1,13 +1,14 @@
 """Generate SA-1B-style masks for every image under --input into Parquet tables under --output.
 
-    python -m jobs.generate --output out/demo --points-per-side 16       # bundled sample photos
+    python -m jobs.generate --output out/demo --points-per-side 16       # bundled samples, demo model
     python -m jobs.generate --input s3://bucket/sa1b/ --output s3://bucket/masks/ \\
         --model-type vit_h --checkpoint sam_vit_h_4b8939.pth --preset sa1b --num-gpus-per-worker 1 --workers 8
 
 Runs on the Ray cluster this process is attached to (``ray job submit``, or RAY_ADDRESS), or starts a
 local one. Re-running into the same output resumes: completed shards are skipped.
-Without --checkpoint the model has seeded random weights: the run exercises everything, but
-masks are meaningless (with the official thresholds usually none survive).
+Without --model-type and --checkpoint it runs the bundled demo model (trained on procedural scenes:
+real masks on the bundled scenes, rough ones on photos). A model type without a checkpoint (other
+than demo) gets seeded random weights: the run exercises everything, but masks are meaningless.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 
+from jobs.model_args import add_model_args, resolve_model
 from pipeline.config import PipelineConfig
+from pipeline.render import render_gallery
 from pipeline.run import run_pipeline
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core.amg import PRESETS
@@ -33,9 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="folder, glob, tar shard(s) or .parquet/.csv manifest with a 'uri' column "
                          "(local path or fsspec URI); default: the bundled sample photos")
     ap.add_argument("--output", required=True, help="output folder (local path or fsspec URI)")
-    ap.add_argument("--model-type", default="tiny", help="tiny, vit_b, vit_l or vit_h (default: tiny)")
-    ap.add_argument("--checkpoint", help="official-format SAM checkpoint (.pth) matching --model-type")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint")
+    add_model_args(ap)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="named AMG settings (sa1b: the SA-1B release)")
     ap.add_argument("--mode", choices=["exact", "fast"], default="exact",
                     help="exact: official fp32 arithmetic; fast: bf16 autocast")
@@ -58,10 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images are errors")
     ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs (e.g. a local server)")
     ap.add_argument("--overwrite", action="store_true", help="discard previous results under --output")
+    ap.add_argument("--gallery", help="also render mask overlays of (up to 12) images and an HTML page "
+                                      "into this folder (as jobs.render does)")
     return ap.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    resolve_model(args)
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
     return PipelineConfig(
         input_uri=args.input, output_uri=args.output, model_type=args.model_type,
@@ -76,12 +79,13 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.checkpoint is None:
-        warnings.warn(f"No --checkpoint: {args.model_type} with random weights (seed {args.seed}); "
-                      "the masks are not meaningful.", stacklevel=1)
-    summary = run_pipeline(config_from_args(args))
+    config = config_from_args(args)
+    summary = run_pipeline(config)
     print(summary)
     print(f"tables: {args.output.rstrip('/')}/masks/*.parquet and images/*.parquet")
+    if args.gallery:
+        render_gallery(args.output, args.gallery, storage_options=config.storage_options)
+        print(f"overlays: {args.gallery.rstrip('/')}/index.html")
     return 0
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
+from jobs.model_args import add_model_args, resolve_model
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.prompted import BoxPrompter, read_prompts, run_prompted
 
@@ -25,9 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", required=True, help="COCO .json, or .parquet/.csv table of boxes")
     ap.add_argument("--images", help="folder/URI that relative file names in --prompts are under")
     ap.add_argument("--output", required=True, help="output folder of the masks/images tables")
-    ap.add_argument("--model-type", default="tiny", help="tiny, vit_b, vit_l or vit_h (default: tiny)")
-    ap.add_argument("--checkpoint", help="official-format SAM checkpoint (.pth) matching --model-type")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint")
+    add_model_args(ap)
     ap.add_argument("--device", help="torch device (default: cuda if available)")
     ap.add_argument("--images-per-shard", type=int, default=64, help="images per output file (default 64)")
     ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are errors")
@@ -42,9 +40,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.checkpoint is None:
-        warnings.warn(f"No --checkpoint: {args.model_type} with random weights (seed {args.seed}); "
-                      "the masks are not meaningful.", stacklevel=1)
+    resolve_model(args)
     prompter = BoxPrompter(args.model_type, args.checkpoint, args.device, args.seed, args.max_pixels)
     summary = run_prompted(prompts, args.output, prompter, args.images_per_shard, args.overwrite, storage)
     print(summary)

@@ -125,7 +125,7 @@ def test_local_scripts_parse_and_s3_serves_the_samples():
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
         keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="samples")["Contents"])
-        expected = sorted(f"images/{p.name}" for p in (repo / "pipeline/sample_images").glob("*.jpg"))
+        expected = sorted(f"images/{p.name}" for p in (repo / "pipeline/sample_images").glob("*.[jp][pn]g"))
         assert keys == expected and keys
     finally:
         os.kill(pid, signal.SIGTERM)

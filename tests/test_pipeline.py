@@ -188,9 +188,10 @@ def test_generate_job_cli(ray_local, tmp_path, checkpoint, capsys):
             "--pred-iou-thresh", "0.8", "--stability-score-thresh", "0.8", "--box-nms-thresh", "1.0"]
     assert main(args) == 0  # default input: the bundled sample photos
     printed = capsys.readouterr().out
-    assert "images ok: 3, errors: 0" in printed and "shards processed this run: 1" in printed
+    n = len(os.listdir(SAMPLE_IMAGES))  # 3 photos and 3 procedural scenes
+    assert f"images ok: {n}, errors: 0" in printed and "shards processed this run: 1" in printed
     masks, images = read_tables(out)
-    assert images.column("status").to_pylist() == ["ok"] * 3 and masks.num_rows > 0
+    assert images.column("status").to_pylist() == ["ok"] * n and masks.num_rows > 0
     assert set(masks.column("model").to_pylist()) == {"tiny:sam_tiny_sharp.pth"}
     assert main(args) == 0
     assert "shards processed this run: 0" in capsys.readouterr().out

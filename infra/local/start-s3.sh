@@ -18,7 +18,7 @@ for _ in range(100):  # wait for the server to listen
     time.sleep(0.1)
 s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1")
 s3.create_bucket(Bucket="samples")
-for path in glob.glob("pipeline/sample_images/*.jpg"):
+for path in glob.glob("pipeline/sample_images/*.[jp][pn]g"):
     s3.upload_file(path, "samples", f"images/{os.path.basename(path)}")
 print(f"S3 at http://127.0.0.1:{sys.argv[1]}: bucket 'samples', images/ holds the sample images")
 PY
