@@ -1,7 +1,8 @@
 """The bundled demo model: the ``demo`` config trained from scratch on procedural scenes.
 
 ``python -m jobs.train --demo --output sam_core/weights/sam_demo.pth`` reproduces the shipped file
-(same seeds; bit-identical on the same machine and torch build, close elsewhere).
+(same seeds; bit-identical with one CPU thread on the same torch build; with more threads, or
+elsewhere, floating-point sums may be reordered and the weights differ in the last bits).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def train_demo(output: str, stages: Sequence[TrainConfig] = DEMO_STAGES, device:
     """Train the demo model from seeded random weights and write it to ``output`` (every
     ``save_every`` steps and at the end of every stage). ``start_stage`` > 0 resumes from the
     model ``output`` holds after stage ``start_stage - 1``: each stage seeds its own optimiser,
-    prompts and scenes, so a resumed run ends with the same weights as an uninterrupted one."""
+    prompts and scenes, so a resumed run ends with the same weights as an uninterrupted one (bit for
+    bit with one thread; see the module docstring)."""
     if start_stage:
         model = build_sam("demo", output, device=device)
     else:
