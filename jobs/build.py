@@ -6,7 +6,8 @@ when something was processed, nothing when all is up to date. Run it on a schedu
 
 Spec (TOML), table [build]: name, output, inputs (list of URIs), and optionally model_type,
 checkpoint, seed, preset, mode, amg (a table of generator settings), images_per_shard,
-images_per_batch, workers, num_gpus_per_worker, num_cpus_per_worker, s3_endpoint_url.
+images_per_batch, workers, num_gpus_per_worker, num_cpus_per_worker, postprocess_workers,
+num_cpus_per_postprocessor, num_cpus_per_decoder, s3_endpoint_url.
 """
 
 from __future__ import annotations

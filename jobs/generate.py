@@ -51,9 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--images-per-batch", type=int, default=4,
                     help="images per generator call; their crops share encoder batches (default 4)")
     ap.add_argument("--encoder-batch-size", type=int, help="crops per encoder forward (default 4)")
-    ap.add_argument("--workers", type=int, default=1, help="mask-generation actors (default 1)")
-    ap.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default 0: CPU)")
-    ap.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ap.add_argument("--workers", type=int, default=1, help="model actors, one model each (default 1)")
+    ap.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default 0: CPU)")
+    ap.add_argument("--num-cpus-per-worker", type=float, default=1.0,
+                    help="CPUs per model actor; also its torch threads (default 1)")
+    ap.add_argument("--postprocess-workers", type=int,
+                    help="CPU actors for small-region removal and records (default: as many as --workers)")
+    ap.add_argument("--num-cpus-per-postprocessor", type=float, default=0.5,
+                    help="CPUs per post-processing actor (default 0.5)")
+    ap.add_argument("--num-cpus-per-decoder", type=float, default=0.5,
+                    help="CPUs per read-and-decode task (default 0.5)")
     ap.add_argument("--device", help="torch device in the actors (default: cuda if the actor has a GPU)")
     ap.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images are errors")
     ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs (e.g. a local server)")
@@ -72,7 +79,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         amg={k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None},
         images_per_shard=args.images_per_shard, images_per_batch=args.images_per_batch, workers=args.workers,
         num_gpus_per_worker=args.num_gpus_per_worker, num_cpus_per_worker=args.num_cpus_per_worker,
-        device=args.device, max_pixels=args.max_pixels, storage_options=storage, overwrite=args.overwrite,
+        postprocess_workers=args.postprocess_workers, num_cpus_per_postprocessor=args.num_cpus_per_postprocessor,
+        num_cpus_per_decoder=args.num_cpus_per_decoder, device=args.device, max_pixels=args.max_pixels, storage_options=storage, overwrite=args.overwrite,
     )
 
 

@@ -50,6 +50,9 @@ class BuildSpec:
     workers: int = 1
     num_gpus_per_worker: float = 0.0
     num_cpus_per_worker: float = 1.0
+    postprocess_workers: Optional[int] = None
+    num_cpus_per_postprocessor: float = 0.5
+    num_cpus_per_decoder: float = 0.5
     s3_endpoint_url: Optional[str] = None
 
     def storage_options(self) -> Dict[str, Any]:
@@ -63,7 +66,8 @@ class BuildSpec:
             mode=self.mode, amg=dict(self.amg), images_per_shard=self.images_per_shard,
             images_per_batch=self.images_per_batch, workers=self.workers,
             num_gpus_per_worker=self.num_gpus_per_worker, num_cpus_per_worker=self.num_cpus_per_worker,
-            storage_options=self.storage_options(),
+            postprocess_workers=self.postprocess_workers, num_cpus_per_postprocessor=self.num_cpus_per_postprocessor,
+            num_cpus_per_decoder=self.num_cpus_per_decoder, storage_options=self.storage_options(),
         )
 
 

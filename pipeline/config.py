@@ -36,14 +36,22 @@ class PipelineConfig:
     overwrite: bool = False  # delete previous results under output_uri instead of resuming
     storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint...)
     device: Optional[str] = None  # torch device in the workers; None: cuda if the worker has a GPU
-    num_gpus_per_worker: float = 0.0  # GPUs reserved by each mask-generation actor
-    num_cpus_per_worker: float = 1.0  # CPUs reserved by each mask-generation actor
-    workers: int = 1  # mask-generation actors (one model each)
+    num_gpus_per_worker: float = 0.0  # GPUs reserved by each model actor
+    num_cpus_per_worker: float = 1.0  # CPUs reserved by each model actor (Ray sets its torch threads)
+    workers: int = 1  # model actors (one model each)
+    postprocess_workers: Optional[int] = None  # CPU actors for small regions + records; None: = workers
+    num_cpus_per_postprocessor: float = 0.5  # CPUs reserved by each post-processing actor
+    num_cpus_per_decoder: float = 0.5  # CPUs reserved by each read-and-decode task
 
     def __post_init__(self) -> None:
-        for name in ("images_per_shard", "images_per_batch"):
+        for name in ("images_per_shard", "images_per_batch", "workers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.postprocess_workers is not None and self.postprocess_workers < 1:
+            raise ValueError(f"postprocess_workers must be >= 1, got {self.postprocess_workers}.")
+        for name in ("num_gpus_per_worker", "num_cpus_per_worker", "num_cpus_per_postprocessor", "num_cpus_per_decoder"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
 
     def __repr__(self) -> str:
         # storage_options may hold credentials: never print them.
@@ -60,6 +68,20 @@ class PipelineConfig:
         settings.update(output_mode="coco_rle", mode=self.mode)
         return settings
 
+    def resolved_generator_settings(self) -> Dict[str, Any]:
+        """:meth:`generator_settings` with the generator's defaults for the rest (every argument
+        of ``SamAutomaticMaskGenerator`` but the model); an unknown setting name raises here."""
+        import inspect
+
+        from sam_core import SamAutomaticMaskGenerator
+
+        try:
+            bound = inspect.signature(SamAutomaticMaskGenerator).bind(None, **self.generator_settings())
+        except TypeError as e:
+            raise ValueError(f"Bad mask-generator settings {dict(self.amg)}: {e}") from None
+        bound.apply_defaults()
+        return {k: v for k, v in bound.arguments.items() if k != "model"}
+
     def model_id(self) -> str:
         return model_id(self.model_type, self.checkpoint, self.seed)
 
@@ -70,17 +92,18 @@ class PipelineConfig:
         blob = json.dumps({"model": self.model_id(), **settings}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def ray_worker_args(self) -> Dict[str, Any]:
-        """Every Ray resource argument of the mask-generation stage, for ``Dataset.map_batches``."""
+    def ray_stage_args(self) -> Dict[str, Dict[str, Any]]:
+        """Every Ray resource argument of the three stages, for ``Dataset.map_batches``."""
         from ray.data import ActorPoolStrategy
 
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}.")
+        # Ray Data restarts a dead actor and retries its batch; the collector ignores repeats and
+        # writes a shard (data, then marker) only once all its rows are in.
         return dict(
-            batch_size=1,  # one shard per call: a shard is written whole or not at all
-            # Ray Data restarts a dead actor and retries its shard; the marker-last write order
-            # makes the retry overwrite any partial files.
-            compute=ActorPoolStrategy(size=self.workers),
-            num_gpus=self.num_gpus_per_worker,
-            num_cpus=self.num_cpus_per_worker,
+            decode=dict(batch_size=1, num_cpus=self.num_cpus_per_decoder),  # one shard per task
+            model=dict(batch_size=self.images_per_batch, batch_format="pyarrow",
+                       compute=ActorPoolStrategy(size=self.workers),
+                       num_gpus=self.num_gpus_per_worker, num_cpus=self.num_cpus_per_worker),
+            postprocess=dict(batch_size=self.images_per_batch, batch_format="pyarrow",
+                             compute=ActorPoolStrategy(size=self.postprocess_workers or self.workers),
+                             num_cpus=self.num_cpus_per_postprocessor),
         )

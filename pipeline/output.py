@@ -49,8 +49,9 @@ IMAGES_SCHEMA = pa.schema([
     ("status", pa.string()),  # "ok" or "error"
     ("error_reason", pa.string()),  # short code (see pipeline.decode), null when ok
     ("error_detail", pa.string()),
-    ("decode_s", pa.float64()),
-    ("generate_s", pa.float64()),
+    ("decode_s", pa.float64()),  # seconds per stage for this image
+    ("generate_s", pa.float64()),  # model stage (encoder, decoder, filters, NMS, RLE)
+    ("postprocess_s", pa.float64()),  # small-region removal, COCO strings, records
 ])
 
 

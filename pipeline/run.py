@@ -12,7 +12,7 @@ from .config import PipelineConfig
 from .output import OutputDir
 from .shards import Shard, discover_shards
 from .single_machine import RunSummary
-from .worker import ShardWorker
+from .stages import DecodeShards, ModelStage, PostprocessStage, ShardCollector
 
 log = logging.getLogger(__name__)
 
@@ -27,32 +27,40 @@ def pending_shards(config: PipelineConfig) -> List[Shard]:
     return [s for s in shards if not output.is_complete(s)]
 
 
-def run_pipeline(config: PipelineConfig, worker_cls: type = ShardWorker) -> RunSummary:
+def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunSummary:
     """Process every pending shard on the Ray cluster (a local one is started if none is running)
     and return the summary of the whole output, this run's shards and earlier ones.
 
-    ``worker_cls`` is the mask-generation stage (a :class:`ShardWorker` or subclass)."""
+    Stages (see :mod:`pipeline.stages`): read and decode as CPU tasks, the model on an actor pool
+    (``workers`` actors, ``num_gpus_per_worker`` each), post-processing on a CPU actor pool, and
+    the driver writing each shard once all its rows are in. ``model_stage`` is the model stage's
+    class (a :class:`ModelStage` or subclass)."""
     import ray
 
     start = time.perf_counter()
     todo = pending_shards(config)
     log.info("%d shards to process", len(todo))
-    shard_stats = []
+    output = OutputDir(config.output_uri, config.storage_options)
+    collector = ShardCollector(todo, output.write_shard)
     if todo:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)
+        args = config.ray_stage_args()
         items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris)} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(worker_cls, fn_constructor_kwargs={"config": config}, **config.ray_worker_args())
-        shard_stats = ds.take_all()
+        ds = ds.map_batches(DecodeShards, fn_constructor_kwargs={"config": config}, **args["decode"])
+        ds = ds.map_batches(model_stage, fn_constructor_kwargs={"config": config}, **args["model"])
+        ds = ds.map_batches(PostprocessStage, fn_constructor_kwargs={"config": config}, **args["postprocess"])
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            collector.add(batch.to_pylist())
+        if collector.unfinished():
+            raise RuntimeError(f"The run ended with shards not written (re-run to redo them): {collector.unfinished()}")
     summary = summarize(config)
     summary.seconds = time.perf_counter() - start
-    summary.stage_seconds = {
-        "decode": float(sum(s["decode_s"] for s in shard_stats)),
-        "generate": float(sum(s["generate_s"] for s in shard_stats)),
-    }
-    summary.shards_processed = len(shard_stats)
-    summary.images_processed = int(sum(s["images_ok"] + s["images_error"] for s in shard_stats))
+    summary.stage_seconds = {stage: float(sum(s[f"{stage}_s"] for s in collector.written))
+                             for stage in ("decode", "generate", "postprocess")}
+    summary.shards_processed = len(collector.written)
+    summary.images_processed = int(sum(s["images_ok"] + s["images_error"] for s in collector.written))
     return summary
 
 

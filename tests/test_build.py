@@ -12,7 +12,7 @@ from pipeline.build import SpecError, input_key, load_spec, run_build
 from pipeline.output import OutputDir
 from pipeline.run import pending_shards
 from pipeline.single_machine import SAMPLE_IMAGES
-from pipeline.worker import ShardWorker
+from pipeline.stages import ShardWorker
 
 
 def write_tar(path, names):

@@ -18,7 +18,7 @@ from pipeline.config import PipelineConfig
 from pipeline.output import OutputDir
 from pipeline.shards import discover_shards
 from pipeline.single_machine import SAMPLE_IMAGES
-from pipeline.worker import ShardWorker
+from pipeline.stages import ShardWorker
 from sam_core.amg.sa1b import decode_masks, read_sa1b_json
 
 from .conftest import official_sam, sharpen

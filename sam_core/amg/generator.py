@@ -194,46 +194,33 @@ class SamAutomaticMaskGenerator:
     @torch.no_grad()
     def generate_mask_data_batch(self, images: Sequence[np.ndarray]) -> List[MaskData]:
         """:meth:`generate_mask_data` of each image, crops of all of them batched through the encoder."""
-        out = []
-        for data in self._generate_masks(images):
-            if self.min_mask_region_area > 0:
-                data = self.postprocess_small_regions(
-                    data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
-                )
-            out.append(data)
-        return out
+        return [self.finish_mask_data(data) for data in self.generate_candidates_batch(images)]
+
+    # The two halves of generation, for callers that run them in different places (the Ray
+    # pipeline runs the first on a GPU actor and the second on CPU workers):
+    # generate_mask_data_batch(images) == [finish_mask_data(d) for d in generate_candidates_batch(images)].
+
+    def finish_mask_data(self, data: MaskData) -> MaskData:
+        """Host-only work on :meth:`generate_candidates_batch` output: small-region removal and
+        its NMS when ``min_mask_region_area`` > 0 (see :func:`finish_mask_data`)."""
+        return finish_mask_data(data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
 
     def records(self, data: MaskData) -> List[Dict[str, Any]]:
         """Official-format records from the columns of :meth:`generate_mask_data`."""
-        if self.output_mode == "coco_rle":
-            segmentations = [coco_encode_rle(rle) for rle in data["rles"]]
-        elif self.output_mode == "binary_mask":
-            segmentations = [rle_to_mask(rle) for rle in data["rles"]]
-        else:
-            segmentations = data["rles"]
-        boxes = box_xyxy_to_xywh(data["boxes"]).tolist()
-        crop_boxes = box_xyxy_to_xywh(data["crop_boxes"]).tolist()
-        return [
-            {
-                "segmentation": segmentations[i],
-                "area": area_from_rle(data["rles"][i]),
-                "bbox": boxes[i],
-                "predicted_iou": data["iou_preds"][i].item(),
-                "point_coords": [data["points"][i].tolist()],
-                "stability_score": data["stability_score"][i].item(),
-                "crop_box": crop_boxes[i],
-            }
-            for i in range(len(segmentations))
-        ]
+        return mask_records(data, self.output_mode)
 
-    # ------------------------------------------------------------------ stages
-    def _generate_masks(self, images: Sequence[np.ndarray]) -> List[MaskData]:
-        """Candidates of every crop, NMS within and across crops, then RLEs of the kept masks only.
+    @torch.no_grad()
+    def generate_candidates_batch(self, images: Sequence[np.ndarray]) -> List[MaskData]:
+        """Device work for each image: candidates of every crop, NMS within and across crops,
+        then RLEs of the kept masks only (numpy columns + uncompressed RLEs, one table per image).
 
         Crops of all images are encoded ``encoder_batch_size`` at a time. Masks are kept as low-res
         logits until NMS has decided; the kept ones are upsampled again (the same arithmetic, so
         the same pixels) and encoded, so RLE work scales with the output.
+
         """
+        for i, image in enumerate(images):
+            check_image(image, i)
         jobs: List[Tuple[int, List[int], int]] = []  # (image index, crop box XYXY, layer) per crop
         crop_boxes: List[List[List[int]]] = []
         for i, image in enumerate(images):
@@ -387,3 +374,37 @@ class SamAutomaticMaskGenerator:
                 mask_data["boxes"][i] = boxes[i].numpy()
         mask_data.filter(keep)
         return mask_data
+
+
+def finish_mask_data(data: MaskData, min_mask_region_area: int, nms_thresh: float) -> MaskData:
+    """Candidates of one image (:meth:`SamAutomaticMaskGenerator.generate_candidates_batch`) ->
+    its final masks: holes and islands under ``min_mask_region_area`` pixels removed and NMS run
+    again at ``nms_thresh``; unchanged when ``min_mask_region_area`` is 0. CPU only."""
+    if min_mask_region_area > 0:
+        data = SamAutomaticMaskGenerator.postprocess_small_regions(data, min_mask_region_area, nms_thresh)
+    return data
+
+
+def mask_records(data: MaskData, output_mode: str) -> List[Dict[str, Any]]:
+    """Official-format records (``segmentation`` per ``output_mode``, area, bbox XYWH,
+    predicted_iou, point_coords, stability_score, crop_box XYWH) from an image's final masks."""
+    if output_mode == "coco_rle":
+        segmentations = [coco_encode_rle(rle) for rle in data["rles"]]
+    elif output_mode == "binary_mask":
+        segmentations = [rle_to_mask(rle) for rle in data["rles"]]
+    else:
+        segmentations = data["rles"]
+    boxes = box_xyxy_to_xywh(data["boxes"]).tolist()
+    crop_boxes = box_xyxy_to_xywh(data["crop_boxes"]).tolist()
+    return [
+        {
+            "segmentation": segmentations[i],
+            "area": area_from_rle(data["rles"][i]),
+            "bbox": boxes[i],
+            "predicted_iou": data["iou_preds"][i].item(),
+            "point_coords": [data["points"][i].tolist()],
+            "stability_score": data["stability_score"][i].item(),
+            "crop_box": crop_boxes[i],
+        }
+        for i in range(len(segmentations))
+    ]

@@ -1,0 +1,274 @@
+"""The pipeline's stages, as Ray Data runs them and as one process runs them (``ShardWorker``).
+
+    shards --decode (CPU tasks)--> images --model (actor pool, GPU if given)--> candidates
+           --postprocess (CPU actor pool)--> mask rows --ShardCollector (driver)--> Parquet per shard
+
+Between stages every row is one image of a shard, or the shard's end row, which says how many
+files the shard had (tars are only counted once read) so the collector knows when a shard is
+whole, however the images were spread over actors. Columns (Arrow):
+
+    shard_id      str
+    image_index   int64   position of the file in its shard; -1 on the end row
+    shard_images  int64   the end row: files in the shard; -1 on image rows
+    image         str     JSON of the image's ``images`` table row, filled in stage by stage
+    pixels        binary  decode -> model: HxWx3 uint8 RGB, C order (null if not decoded)
+    height/width  int32   decode -> model: shape of ``pixels``
+    candidates    binary  model -> postprocess: pickled numpy columns of the image's masks
+                          before small-region removal (null if not decoded); produced and read
+                          only by these stages
+    masks         str     postprocess -> collector: JSON list of the image's ``masks`` rows
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from sam_core import SamAutomaticMaskGenerator, build_sam
+from sam_core.amg.generator import finish_mask_data, mask_records
+from sam_core.amg.mask_data import MaskData
+
+from .config import PipelineConfig
+from .decode import ImageDecodeError, decode_image
+from .output import OutputDir
+from .shards import Shard, iter_shard_files
+
+log = logging.getLogger(__name__)
+
+Row = Dict[str, Any]
+END = -1  # image_index of a shard's end row
+
+STAGE_SCHEMA = pa.schema([
+    ("shard_id", pa.string()),
+    ("image_index", pa.int64()),
+    ("shard_images", pa.int64()),
+    ("image", pa.string()),
+    ("pixels", pa.large_binary()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("candidates", pa.large_binary()),
+    ("masks", pa.large_string()),
+])
+
+
+def to_table(rows: Sequence[Row]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=STAGE_SCHEMA)
+
+
+def build_generator(config: PipelineConfig, device: str) -> SamAutomaticMaskGenerator:
+    if config.checkpoint is None:
+        torch.manual_seed(config.seed)
+    model = build_sam(config.model_type, config.checkpoint, device=device)
+    return SamAutomaticMaskGenerator(model, **config.generator_settings())
+
+
+def decoded_images(
+    shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int
+) -> Iterator[Tuple[Row, Optional[np.ndarray]]]:
+    """Per file of the shard, in order: its ``images`` row and the decoded HxWx3 image.
+
+    The image is None when the file could not be read or decoded; the row (status "error") then
+    holds the reason. For decoded images the row has the size and decode time and still says
+    "error" until the caller fills in the result.
+    """
+    for name, uri, data, read_error in iter_shard_files(shard, storage_options):
+        row: Row = dict(image_id=f"{shard.shard_id}/{name}", uri=uri, shard=shard.shard_id, width=None,
+                        height=None, mask_count=None, status="error", error_reason=None,
+                        error_detail=None, decode_s=None, generate_s=None, postprocess_s=None)
+        if read_error is not None:
+            row.update(error_reason="unreadable", error_detail=read_error)
+            yield row, None
+            continue
+        t0 = time.perf_counter()
+        try:
+            image = decode_image(data, max_pixels)
+        except ImageDecodeError as e:
+            row.update(error_reason=e.reason, error_detail=e.detail, decode_s=time.perf_counter() - t0)
+            log.warning("%s: %s", uri, e)
+            yield row, None
+            continue
+        row.update(width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - t0)
+        yield row, image
+
+
+# ---------------------------------------------------------------------- stage 1: decode (CPU tasks)
+def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int) -> Iterator[Row]:
+    """One row per file of ``shard`` (pixels set if it decoded), then the shard's end row."""
+    count = 0
+    for index, (row, image) in enumerate(decoded_images(shard, storage_options, max_pixels)):
+        count += 1
+        out: Row = dict(shard_id=shard.shard_id, image_index=index, shard_images=END, image=json.dumps(row))
+        if image is not None:
+            out.update(pixels=image.tobytes(), height=image.shape[0], width=image.shape[1])
+        yield out
+    yield dict(shard_id=shard.shard_id, image_index=END, shard_images=count)
+
+
+class DecodeShards:
+    """Ray stage: a batch of shards (``shard_id``, ``kind``, ``uris``) -> image rows, streamed a
+    few images per output table so that a large tar never sits decoded in memory at once."""
+
+    ROWS_PER_OUTPUT = 4
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+
+    def __call__(self, batch: Dict[str, Any]) -> Iterator[pa.Table]:
+        for shard_id, kind, uris in zip(batch["shard_id"], batch["kind"], batch["uris"]):
+            shard = Shard(str(shard_id), str(kind), tuple(str(u) for u in uris))
+            rows: List[Row] = []
+            for row in decode_rows(shard, self.config.storage_options, self.config.max_pixels):
+                rows.append(row)
+                if len(rows) >= self.ROWS_PER_OUTPUT:
+                    yield to_table(rows)
+                    rows = []
+            if rows:
+                yield to_table(rows)
+
+
+# ---------------------------------------------------------------------- stage 2: model (actor pool)
+class ModelStage:
+    """Ray stage: image rows -> candidate rows. Loads the model once per actor; the decoded images
+    of a batch go through one ``generate_candidates_batch`` call (their crops share encoder
+    batches; decoding, filtering, NMS and RLE of the kept masks run on the actor's device)."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.generator = build_generator(config, device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return to_table(self.process(batch.to_pylist()))
+
+    def process(self, rows: List[Row]) -> List[Row]:
+        todo = [r for r in rows if r.get("pixels") is not None]
+        if todo:
+            images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in todo]
+            t0 = time.perf_counter()
+            candidates = self.generator.generate_candidates_batch(images)
+            seconds = (time.perf_counter() - t0) / len(todo)  # the call's time, shared equally
+            for r, data in zip(todo, candidates):
+                r["candidates"] = pickle.dumps(dict(data.items()), protocol=pickle.HIGHEST_PROTOCOL)
+                r["image"] = json.dumps(dict(json.loads(r["image"]), generate_s=seconds))
+        for r in rows:
+            r["pixels"] = r["height"] = r["width"] = None
+        return rows
+
+
+# ---------------------------------------------------------------------- stage 3: postprocess (CPU)
+class PostprocessStage:
+    """Ray stage: candidate rows -> rows with the image's final ``masks`` rows (small-region
+    removal and its NMS, COCO RLE strings, record assembly) and its completed ``images`` row."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        settings = config.resolved_generator_settings()
+        self.min_area = int(settings["min_mask_region_area"])
+        self.nms_thresh = max(settings["box_nms_thresh"], settings["crop_nms_thresh"])
+        self.model_id = config.model_id()
+        self.settings_hash = config.settings_hash()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return to_table(self.process(batch.to_pylist()))
+
+    def process(self, rows: List[Row]) -> List[Row]:
+        for r in rows:
+            if r.get("candidates") is None:
+                continue
+            t0 = time.perf_counter()
+            data = finish_mask_data(MaskData(**pickle.loads(r["candidates"])), self.min_area, self.nms_thresh)
+            image = json.loads(r["image"])
+            masks = self.mask_rows(image["image_id"], mask_records(data, "coco_rle"))
+            image.update(mask_count=len(masks), status="ok", postprocess_s=time.perf_counter() - t0)
+            r.update(candidates=None, image=json.dumps(image), masks=json.dumps(masks))
+        return rows
+
+    def mask_rows(self, image_id: str, records: Sequence[Dict[str, Any]]) -> List[Row]:
+        return [
+            dict(image_id=image_id, mask_id=i, counts=r["segmentation"]["counts"],
+                 height=r["segmentation"]["size"][0], width=r["segmentation"]["size"][1],
+                 area=r["area"], bbox=[float(v) for v in r["bbox"]],
+                 predicted_iou=r["predicted_iou"], stability_score=r["stability_score"],
+                 point_coords=[float(v) for v in r["point_coords"][0]],
+                 crop_box=[float(v) for v in r["crop_box"]], model=self.model_id,
+                 settings_hash=self.settings_hash)
+            for i, r in enumerate(records)
+        ]
+
+
+# ---------------------------------------------------------------------- stage 4: writer (driver)
+class ShardCollector:
+    """Gathers the rows of each shard as they arrive, in any order, and writes the shard (data,
+    then marker) as soon as its end row and all its images are in. Repeated rows (a retried
+    batch) are ignored: the stages are deterministic."""
+
+    def __init__(self, shards: Iterable[Shard], write: Callable[[Shard, List[Row], List[Row]], None]) -> None:
+        self.shards = {s.shard_id: s for s in shards}
+        self.write = write
+        self.expected: Dict[str, int] = {}
+        self.rows: Dict[str, Dict[int, Tuple[Row, List[Row]]]] = {}
+        self.written: List[Dict[str, Any]] = []  # per written shard: id, counts, summed stage times
+
+    def add(self, rows: Iterable[Row]) -> None:
+        touched = set()
+        for r in rows:
+            shard_id = r["shard_id"]
+            if shard_id not in self.shards:
+                raise ValueError(f"Row of unknown shard {shard_id!r}.")
+            if r["image_index"] == END:
+                self.expected[shard_id] = int(r["shard_images"])
+            else:
+                masks = json.loads(r["masks"]) if r.get("masks") else []
+                self.rows.setdefault(shard_id, {}).setdefault(int(r["image_index"]), (json.loads(r["image"]), masks))
+            touched.add(shard_id)
+        for shard_id in sorted(touched):
+            if len(self.rows.get(shard_id, {})) == self.expected.get(shard_id, -1):
+                self._write(shard_id)
+
+    def _write(self, shard_id: str) -> None:
+        by_index = self.rows.pop(shard_id, {})
+        del self.expected[shard_id]
+        images = [by_index[i][0] for i in sorted(by_index)]
+        masks = [m for i in sorted(by_index) for m in by_index[i][1]]
+        self.write(self.shards.pop(shard_id), masks, images)
+        ok = sum(r["status"] == "ok" for r in images)
+        self.written.append(dict(
+            shard_id=shard_id, images_ok=ok, images_error=len(images) - ok, masks=len(masks),
+            **{f"{stage}_s": sum(r.get(f"{stage}_s") or 0.0 for r in images)
+               for stage in ("decode", "generate", "postprocess")}))
+
+    def unfinished(self) -> List[str]:
+        """Shards not written (after the whole stream, a bug or lost rows: never silently)."""
+        return sorted(self.shards)
+
+
+class ShardWorker:
+    """The same stages in one process, shard by shard (no Ray): the reference for the Ray run and
+    a way to fill an output folder from a notebook or a test."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.model = ModelStage(config)
+        self.postprocess = PostprocessStage(config)
+        self.output = OutputDir(config.output_uri, config.storage_options)
+
+    @property
+    def generator(self) -> SamAutomaticMaskGenerator:
+        return self.model.generator
+
+    def process(self, shard: Shard) -> Tuple[List[Row], List[Row]]:
+        """Rows of the masks and images tables for one shard, in file order."""
+        result: Dict[str, Tuple[List[Row], List[Row]]] = {}
+        collector = ShardCollector([shard], lambda s, masks, images: result.update(rows=(masks, images)))
+        batch: List[Row] = []
+        for row in decode_rows(shard, self.config.storage_options, self.config.max_pixels):
+            batch.append(row)
+            if len(batch) >= self.config.images_per_batch or row["image_index"] == END:
+                collector.add(self.postprocess.process(self.model.process(batch)))
+                batch = []
+        return result["rows"]
