@@ -65,6 +65,7 @@ def main(argv=None) -> None:
         pipeline_s = time.perf_counter() - t0
         ray.shutdown()
         assert summary.images_ok == args.images, summary
+        print(summary)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     engine_ips, pipeline_ips = args.images / engine_s, args.images / pipeline_s

@@ -29,7 +29,7 @@ from .config import model_id
 from .run import summarize_tables
 from .shards import Shard
 from .single_machine import RunSummary
-from .stages import decoded_images
+from .reading import decoded_images
 
 
 @dataclass(frozen=True)

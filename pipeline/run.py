@@ -12,7 +12,8 @@ from .config import PipelineConfig
 from .output import OutputDir
 from .shards import Shard, discover_shards
 from .single_machine import RunSummary
-from .stages import DecodeShards, ModelStage, PostprocessStage, ShardCollector
+from .reading import decode_shards
+from .stages import ModelStage, PostprocessStage, ShardCollector
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
         args = config.ray_stage_args()
         items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris)} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(DecodeShards, fn_constructor_kwargs={"config": config}, **args["decode"])
+        ds = ds.map_batches(decode_shards, fn_kwargs={"storage_options": dict(config.storage_options),
+                                                      "max_pixels": config.max_pixels}, **args["decode"])
         ds = ds.map_batches(model_stage, fn_constructor_kwargs={"config": config}, **args["model"])
         ds = ds.map_batches(PostprocessStage, fn_constructor_kwargs={"config": config}, **args["postprocess"])
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

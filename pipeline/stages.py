@@ -1,6 +1,6 @@
 """The pipeline's stages, as Ray Data runs them and as one process runs them (``ShardWorker``).
 
-    shards --decode (CPU tasks)--> images --model (actor pool, GPU if given)--> candidates
+    shards --decode (CPU tasks, pipeline.reading)--> images --model (actor pool, GPU if given)--> candidates
            --postprocess (CPU actor pool)--> mask rows --ShardCollector (driver)--> Parquet per shard
 
 Between stages every row is one image of a shard, or the shard's end row, which says how many
@@ -25,7 +25,7 @@ import json
 import logging
 import pickle
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,30 +36,11 @@ from sam_core.amg.generator import finish_mask_data, mask_records
 from sam_core.amg.mask_data import MaskData
 
 from .config import PipelineConfig
-from .decode import ImageDecodeError, decode_image
 from .output import OutputDir
-from .shards import Shard, iter_shard_files
+from .reading import END, Row, decode_rows, to_table
+from .shards import Shard
 
 log = logging.getLogger(__name__)
-
-Row = Dict[str, Any]
-END = -1  # image_index of a shard's end row
-
-STAGE_SCHEMA = pa.schema([
-    ("shard_id", pa.string()),
-    ("image_index", pa.int64()),
-    ("shard_images", pa.int64()),
-    ("image", pa.string()),
-    ("pixels", pa.large_binary()),
-    ("height", pa.int32()),
-    ("width", pa.int32()),
-    ("candidates", pa.large_binary()),
-    ("masks", pa.large_string()),
-])
-
-
-def to_table(rows: Sequence[Row]) -> pa.Table:
-    return pa.Table.from_pylist(list(rows), schema=STAGE_SCHEMA)
 
 
 def build_generator(config: PipelineConfig, device: str) -> SamAutomaticMaskGenerator:
@@ -67,70 +48,6 @@ def build_generator(config: PipelineConfig, device: str) -> SamAutomaticMaskGene
         torch.manual_seed(config.seed)
     model = build_sam(config.model_type, config.checkpoint, device=device)
     return SamAutomaticMaskGenerator(model, **config.generator_settings())
-
-
-def decoded_images(
-    shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int
-) -> Iterator[Tuple[Row, Optional[np.ndarray]]]:
-    """Per file of the shard, in order: its ``images`` row and the decoded HxWx3 image.
-
-    The image is None when the file could not be read or decoded; the row (status "error") then
-    holds the reason. For decoded images the row has the size and decode time and still says
-    "error" until the caller fills in the result.
-    """
-    for name, uri, data, read_error in iter_shard_files(shard, storage_options):
-        row: Row = dict(image_id=f"{shard.shard_id}/{name}", uri=uri, shard=shard.shard_id, width=None,
-                        height=None, mask_count=None, status="error", error_reason=None,
-                        error_detail=None, decode_s=None, generate_s=None, postprocess_s=None)
-        if read_error is not None:
-            row.update(error_reason="unreadable", error_detail=read_error)
-            yield row, None
-            continue
-        t0 = time.perf_counter()
-        try:
-            image = decode_image(data, max_pixels)
-        except ImageDecodeError as e:
-            row.update(error_reason=e.reason, error_detail=e.detail, decode_s=time.perf_counter() - t0)
-            log.warning("%s: %s", uri, e)
-            yield row, None
-            continue
-        row.update(width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - t0)
-        yield row, image
-
-
-# ---------------------------------------------------------------------- stage 1: decode (CPU tasks)
-def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int) -> Iterator[Row]:
-    """One row per file of ``shard`` (pixels set if it decoded), then the shard's end row."""
-    count = 0
-    for index, (row, image) in enumerate(decoded_images(shard, storage_options, max_pixels)):
-        count += 1
-        out: Row = dict(shard_id=shard.shard_id, image_index=index, shard_images=END, image=json.dumps(row))
-        if image is not None:
-            out.update(pixels=image.tobytes(), height=image.shape[0], width=image.shape[1])
-        yield out
-    yield dict(shard_id=shard.shard_id, image_index=END, shard_images=count)
-
-
-class DecodeShards:
-    """Ray stage: a batch of shards (``shard_id``, ``kind``, ``uris``) -> image rows, streamed a
-    few images per output table so that a large tar never sits decoded in memory at once."""
-
-    ROWS_PER_OUTPUT = 4
-
-    def __init__(self, config: PipelineConfig) -> None:
-        self.config = config
-
-    def __call__(self, batch: Dict[str, Any]) -> Iterator[pa.Table]:
-        for shard_id, kind, uris in zip(batch["shard_id"], batch["kind"], batch["uris"]):
-            shard = Shard(str(shard_id), str(kind), tuple(str(u) for u in uris))
-            rows: List[Row] = []
-            for row in decode_rows(shard, self.config.storage_options, self.config.max_pixels):
-                rows.append(row)
-                if len(rows) >= self.ROWS_PER_OUTPUT:
-                    yield to_table(rows)
-                    rows = []
-            if rows:
-                yield to_table(rows)
 
 
 # ---------------------------------------------------------------------- stage 2: model (actor pool)

@@ -1,0 +1,94 @@
+"""Stage 1 of the pipeline (read and decode shards into image rows) and the row format that all
+stages pass on; see :mod:`pipeline.stages`. Free of torch, so decode workers start fast."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from .decode import ImageDecodeError, decode_image
+from .shards import Shard, iter_shard_files
+
+log = logging.getLogger(__name__)
+
+Row = Dict[str, Any]
+END = -1  # image_index of a shard's end row
+
+STAGE_SCHEMA = pa.schema([
+    ("shard_id", pa.string()),
+    ("image_index", pa.int64()),
+    ("shard_images", pa.int64()),
+    ("image", pa.string()),
+    ("pixels", pa.large_binary()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("candidates", pa.large_binary()),
+    ("masks", pa.large_string()),
+])
+
+
+def to_table(rows: Sequence[Row]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=STAGE_SCHEMA)
+
+
+def decoded_images(
+    shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int
+) -> Iterator[Tuple[Row, Optional[np.ndarray]]]:
+    """Per file of the shard, in order: its ``images`` row and the decoded HxWx3 image.
+
+    The image is None when the file could not be read or decoded; the row (status "error") then
+    holds the reason. For decoded images the row has the size and decode time and still says
+    "error" until the caller fills in the result.
+    """
+    for name, uri, data, read_error in iter_shard_files(shard, storage_options):
+        row: Row = dict(image_id=f"{shard.shard_id}/{name}", uri=uri, shard=shard.shard_id, width=None,
+                        height=None, mask_count=None, status="error", error_reason=None,
+                        error_detail=None, decode_s=None, generate_s=None, postprocess_s=None)
+        if read_error is not None:
+            row.update(error_reason="unreadable", error_detail=read_error)
+            yield row, None
+            continue
+        t0 = time.perf_counter()
+        try:
+            image = decode_image(data, max_pixels)
+        except ImageDecodeError as e:
+            row.update(error_reason=e.reason, error_detail=e.detail, decode_s=time.perf_counter() - t0)
+            log.warning("%s: %s", uri, e)
+            yield row, None
+            continue
+        row.update(width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - t0)
+        yield row, image
+
+
+# ---------------------------------------------------------------------- stage 1: decode (CPU tasks)
+def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int) -> Iterator[Row]:
+    """One row per file of ``shard`` (pixels set if it decoded), then the shard's end row."""
+    count = 0
+    for index, (row, image) in enumerate(decoded_images(shard, storage_options, max_pixels)):
+        count += 1
+        out: Row = dict(shard_id=shard.shard_id, image_index=index, shard_images=END, image=json.dumps(row))
+        if image is not None:
+            out.update(pixels=image.tobytes(), height=image.shape[0], width=image.shape[1])
+        yield out
+    yield dict(shard_id=shard.shard_id, image_index=END, shard_images=count)
+
+
+def decode_shards(batch: Dict[str, Any], storage_options: Mapping[str, Any], max_pixels: int,
+                  rows_per_output: int = 4) -> Iterator[pa.Table]:
+    """Ray stage (a task per shard): shards (``shard_id``, ``kind``, ``uris``) -> image rows,
+    yielded a few at a time so that a large tar never sits decoded in memory at once."""
+    for shard_id, kind, uris in zip(batch["shard_id"], batch["kind"], batch["uris"]):
+        shard = Shard(str(shard_id), str(kind), tuple(str(u) for u in uris))
+        rows: List[Row] = []
+        for row in decode_rows(shard, storage_options, max_pixels):
+            rows.append(row)
+            if len(rows) >= rows_per_output:
+                yield to_table(rows)
+                rows = []
+        if rows:
+            yield to_table(rows)
