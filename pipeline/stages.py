@@ -66,16 +66,33 @@ class ModelStage:
     def process(self, rows: List[Row]) -> List[Row]:
         todo = [r for r in rows if r.get("pixels") is not None]
         if todo:
-            images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in todo]
-            t0 = time.perf_counter()
-            candidates = self.generator.generate_candidates_batch(images)
-            seconds = (time.perf_counter() - t0) / len(todo)  # the call's time, shared equally
-            for r, data in zip(todo, candidates):
-                r["candidates"] = pickle.dumps(dict(data.items()), protocol=pickle.HIGHEST_PROTOCOL)
-                r["image"] = json.dumps(dict(json.loads(r["image"]), generate_s=seconds))
+            try:
+                self._generate(todo)
+            except Exception as e:  # e.g. out of memory on one large image: retry one by one
+                log.warning("a batch of %d images failed (%s: %s); retrying them one by one",
+                            len(todo), type(e).__name__, e)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # give the failed call's cached memory back
+                for r in todo:
+                    try:
+                        self._generate([r])
+                    except Exception as e1:
+                        log.exception("generation failed for %s", json.loads(r["image"])["uri"])
+                        r["image"] = json.dumps(dict(json.loads(r["image"]), error_reason="generate_failed",
+                                                     error_detail=f"{type(e1).__name__}: {e1}"[:1000]))
         for r in rows:
             r["pixels"] = r["height"] = r["width"] = None
         return rows
+
+    def _generate(self, rows: List[Row]) -> None:
+        """Sets ``candidates`` and ``generate_s`` of decoded image rows (one generator call)."""
+        images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in rows]
+        t0 = time.perf_counter()
+        candidates = self.generator.generate_candidates_batch(images)
+        seconds = (time.perf_counter() - t0) / len(rows)  # the call's time, shared equally
+        for r, data in zip(rows, candidates):
+            r["candidates"] = pickle.dumps(dict(data.items()), protocol=pickle.HIGHEST_PROTOCOL)
+            r["image"] = json.dumps(dict(json.loads(r["image"]), generate_s=seconds))
 
 
 # ---------------------------------------------------------------------- stage 3: postprocess (CPU)
@@ -168,9 +185,9 @@ class ShardWorker:
     """The same stages in one process, shard by shard (no Ray): the reference for the Ray run and
     a way to fill an output folder from a notebook or a test."""
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, model_stage: type = ModelStage) -> None:
         self.config = config
-        self.model = ModelStage(config)
+        self.model = model_stage(config)
         self.postprocess = PostprocessStage(config)
         self.output = OutputDir(config.output_uri, config.storage_options)
 

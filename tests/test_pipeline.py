@@ -391,3 +391,31 @@ def test_stages_on_ray_equal_the_engine_with_crops_and_small_regions(ray_local, 
         changed += [e["segmentation"]["counts"] for e in expected] != [w["segmentation"]["counts"] for w in without]
     assert changed > 0
     assert images.column("postprocess_s").null_count == 0
+
+
+def test_an_image_the_model_fails_on_is_recorded_and_its_batch_mates_still_done(inputs, tmp_path, checkpoint):
+    """The generator raises for one image: its batch is retried image by image, that image gets
+    an error row with the exception, the others the same masks as a clean run."""
+    failing_height = decode_image(sample_bytes("chelsea.jpg")).shape[0]
+
+    class Flaky(ModelStage):
+        def __init__(self, config):
+            super().__init__(config)
+            real = self.generator.generate_candidates_batch
+
+            def generate(images):
+                if any(im.shape[0] == failing_height for im in images):
+                    raise RuntimeError("CUDA out of memory (simulated)")
+                return real(images)
+            self.generator.generate_candidates_batch = generate
+
+    cfg = config(inputs, tmp_path / "out", checkpoint, images_per_batch=3)
+    shard = discover_shards(str(inputs), 10)[0]
+    masks, images = ShardWorker(cfg, model_stage=Flaky).process(shard)
+    clean_masks, _ = ShardWorker(cfg).process(shard)
+    by_name = {r["image_id"].split("/", 1)[1]: r for r in images}
+    assert by_name["chelsea.jpg"]["status"] == "error"
+    assert by_name["chelsea.jpg"]["error_reason"] == "generate_failed"
+    assert "RuntimeError: CUDA out of memory (simulated)" in by_name["chelsea.jpg"]["error_detail"]
+    assert by_name["astronaut.jpg"]["status"] == by_name["coffee.jpg"]["status"] == "ok"
+    assert masks == [m for m in clean_masks if "chelsea" not in m["image_id"]] and masks
