@@ -2,10 +2,12 @@
 
     python -m jobs.generate --output out/demo --points-per-side 16       # bundled samples, demo model
     python -m jobs.generate --input s3://bucket/sa1b/ --output s3://bucket/masks/ \\
-        --model-type vit_h --checkpoint sam_vit_h_4b8939.pth --preset sa1b --num-gpus-per-worker 1 --workers 8
+        --model-type vit_h --checkpoint sam_vit_h_4b8939.pth --preset sa1b --workers 8 --num-gpus-per-worker 1 \\
+        --num-cpus-per-worker 4 --postprocess-workers 16 --num-cpus-per-postprocessor 1
 
 Runs on the Ray cluster this process is attached to (``ray job submit``, or RAY_ADDRESS), or starts a
-local one. Re-running into the same output resumes: completed shards are skipped.
+local one, as a streaming pipeline: read-and-decode tasks, model actors (GPU), post-processing actors
+(CPU), and the driver writing each shard. Every stage needs CPUs: leave room beside the model actors. Re-running into the same output resumes: completed shards are skipped.
 Without --model-type and --checkpoint it runs the bundled demo model (trained on procedural scenes:
 real masks on the bundled scenes, rough ones on photos). A model type without a checkpoint (other
 than demo) gets seeded random weights: the run exercises everything, but masks are meaningless.

@@ -3,6 +3,7 @@ the local S3 script really serves the sample images."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -77,6 +78,13 @@ def test_rayjob_runs_a_generate_command_the_job_accepts():
     workers = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert args.workers * args.num_gpus_per_worker <= workers["replicas"]
     assert args.checkpoint.startswith("/models/")
+    # Every stage must find CPUs on the GPU pods (the head offers none): a model actor, its share
+    # of the post-processing actors and at least one decode task per pod, or the pipeline waits forever.
+    pod_cpus = float(containers(workers["template"])[0]["resources"]["requests"]["cpu"])
+    assert doc["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    post_per_pod = math.ceil((args.postprocess_workers or args.workers) / workers["replicas"])
+    assert (args.num_cpus_per_worker + post_per_pod * args.num_cpus_per_postprocessor
+            + args.num_cpus_per_decoder) <= pod_cpus
 
 
 def test_cronjob_submits_an_incremental_build():
