@@ -4,8 +4,9 @@ when something was processed, nothing when all is up to date. Run it on a schedu
     python -m jobs.build --spec infra/build-spec.example.toml
     ray job submit --working-dir . -- python -m jobs.build --spec specs/sa1b.toml
 
-Spec (TOML), table [build]: name, output, inputs (list of URIs), and optionally model_type,
-checkpoint, seed, preset, mode, amg (a table of generator settings), images_per_shard,
+Spec (TOML), table [build]: name, output, inputs (list of URIs), and optionally model_type (default
+demo, the bundled model; name the type of any other checkpoint), checkpoint, seed, preset, mode,
+amg (a table of generator settings), images_per_shard,
 images_per_batch, workers, num_gpus_per_worker, num_cpus_per_worker, postprocess_workers,
 num_cpus_per_postprocessor, num_cpus_per_decoder, s3_endpoint_url.
 """

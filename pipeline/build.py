@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import fsspec
 
+from sam_core.checkpoint import bundled_checkpoint
+
 from .config import PipelineConfig
 from .output import OutputDir
 from .run import pending_shards, run_pipeline
@@ -39,8 +41,8 @@ class BuildSpec:
     name: str  # dataset name, recorded in every manifest
     output: str  # output root (local path or fsspec URI)
     inputs: Tuple[str, ...]  # folders, globs, tar prefixes or manifests of images
-    model_type: str = "tiny"
-    checkpoint: Optional[str] = None
+    model_type: str = "demo"  # as the jobs: the bundled demo model unless a type/checkpoint is named
+    checkpoint: Optional[str] = None  # None: the bundled weights of model_type (demo), else random
     seed: int = 0
     preset: Optional[str] = None  # "sa1b"
     mode: str = "exact"
@@ -62,7 +64,8 @@ class BuildSpec:
         """The pipeline run of one input: its tables under ``data/<input-key>``."""
         return PipelineConfig(
             input_uri=input_uri, output_uri=posixpath.join(self.output, "data", input_key(input_uri)),
-            model_type=self.model_type, checkpoint=self.checkpoint, seed=self.seed, preset=self.preset,
+            model_type=self.model_type, checkpoint=bundled_checkpoint(self.model_type, self.checkpoint),
+            seed=self.seed, preset=self.preset,
             mode=self.mode, amg=dict(self.amg), images_per_shard=self.images_per_shard,
             images_per_batch=self.images_per_batch, workers=self.workers,
             num_gpus_per_worker=self.num_gpus_per_worker, num_cpus_per_worker=self.num_cpus_per_worker,

@@ -96,6 +96,15 @@ def test_spec_errors_say_what_to_fix(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_spec_defaults_to_the_bundled_demo_model(tmp_path):
+    from sam_core.checkpoint import BUNDLED_CHECKPOINTS
+
+    config = load_spec(spec_file(tmp_path, ["photos/"])).pipeline_config("photos/")
+    assert (config.model_type, config.checkpoint) == ("demo", BUNDLED_CHECKPOINTS["demo"])
+    named = load_spec(spec_file(tmp_path, ["photos/"], extra='model_type = "tiny"')).pipeline_config("photos/")
+    assert (named.model_type, named.checkpoint) == ("tiny", None)  # seeded random weights
+
+
 def test_input_keys():
     assert input_key("s3://bucket/sa1b/") == "bucket_sa1b"
     assert input_key("/data/photos/*.jpg") == "data_photos_.jpg"
