@@ -115,10 +115,17 @@ class PostprocessStage:
             if r.get("candidates") is None:
                 continue
             t0 = time.perf_counter()
-            data = finish_mask_data(MaskData(**pickle.loads(r["candidates"])), self.min_area, self.nms_thresh)
             image = json.loads(r["image"])
-            masks = self.mask_rows(image["image_id"], mask_records(data, "coco_rle"))
-            image.update(mask_count=len(masks), status="ok", postprocess_s=time.perf_counter() - t0)
+            try:
+                data = finish_mask_data(MaskData(**pickle.loads(r["candidates"])), self.min_area, self.nms_thresh)
+                masks = self.mask_rows(image["image_id"], mask_records(data, "coco_rle"))
+            except Exception as e:  # recorded on the image, as the model stage does
+                log.exception("post-processing failed for %s", image["uri"])
+                image.update(error_reason="postprocess_failed", error_detail=f"{type(e).__name__}: {e}"[:1000])
+                masks = []
+            else:
+                image.update(mask_count=len(masks), status="ok")
+            image.update(postprocess_s=time.perf_counter() - t0)
             r.update(candidates=None, image=json.dumps(image), masks=json.dumps(masks))
         return rows
 

@@ -419,3 +419,23 @@ def test_an_image_the_model_fails_on_is_recorded_and_its_batch_mates_still_done(
     assert "RuntimeError: CUDA out of memory (simulated)" in by_name["chelsea.jpg"]["error_detail"]
     assert by_name["astronaut.jpg"]["status"] == by_name["coffee.jpg"]["status"] == "ok"
     assert masks == [m for m in clean_masks if "chelsea" not in m["image_id"]] and masks
+
+
+def test_an_image_post_processing_fails_on_is_recorded(inputs, tmp_path, checkpoint):
+    """Post-processing raises on one image's candidates: that image gets a postprocess_failed
+    row, the others of the batch are finished."""
+    cfg = config(inputs, tmp_path / "out", checkpoint)
+    rows = [dict(shard_id="s", image_index=i, shard_images=-1, candidates=blob,
+                 image=json.dumps(dict(image_id=f"s/{i}", uri=f"u{i}", status="error", error_reason=None)))
+            for i, blob in enumerate([b"not a pickle", None])]
+    worker = ShardWorker(cfg)
+    image = decode_image(sample_bytes("coffee.jpg"))
+    good = worker.model.process([dict(shard_id="s", image_index=2, shard_images=-1, pixels=image.tobytes(),
+                                      height=image.shape[0], width=image.shape[1],
+                                      image=json.dumps(dict(image_id="s/2", uri="u2", status="error")))])
+    out = worker.postprocess.process(rows + good)
+    images = [json.loads(r["image"]) for r in out]
+    assert images[0]["status"] == "error" and images[0]["error_reason"] == "postprocess_failed"
+    assert "UnpicklingError" in images[0]["error_detail"] and json.loads(out[0]["masks"]) == []
+    assert images[1]["status"] == "error" and images[1]["error_reason"] is None  # not decoded: untouched
+    assert images[2]["status"] == "ok" and len(json.loads(out[2]["masks"])) == images[2]["mask_count"] > 0
