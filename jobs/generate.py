@@ -89,8 +89,12 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = config_from_args(args)
-    summary = run_pipeline(config)
+    try:
+        config = config_from_args(args)
+        summary = run_pipeline(config)
+    except (ValueError, FileNotFoundError) as e:  # bad input, flags, checkpoint or resources: say which
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(summary)
     print(f"tables: {args.output.rstrip('/')}/masks/*.parquet and images/*.parquet")
     if args.gallery:

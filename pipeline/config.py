@@ -92,6 +92,22 @@ class PipelineConfig:
         blob = json.dumps({"model": self.model_id(), **settings}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def check_fits(self, resources: Mapping[str, float]) -> None:
+        """Raise if a cluster with ``resources`` (``ray.cluster_resources()``) cannot hold every
+        actor plus one decode task at once: the pipeline would wait forever instead."""
+        cpus = (self.workers * self.num_cpus_per_worker + (self.postprocess_workers or self.workers)
+                * self.num_cpus_per_postprocessor + self.num_cpus_per_decoder)
+        gpus = self.workers * self.num_gpus_per_worker
+        have_cpus, have_gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+        if cpus > have_cpus + 1e-9 or gpus > have_gpus + 1e-9:
+            raise ValueError(
+                f"The pipeline needs {cpus:g} CPUs and {gpus:g} GPUs at once (model actors "
+                f"{self.workers} x {self.num_cpus_per_worker:g} CPU + {self.num_gpus_per_worker:g} GPU, "
+                f"post-processing actors {self.postprocess_workers or self.workers} x "
+                f"{self.num_cpus_per_postprocessor:g} CPU, a decode task {self.num_cpus_per_decoder:g} CPU); "
+                f"this Ray has {have_cpus:g} CPUs and {have_gpus:g} GPUs. Lower --workers or the "
+                "--num-cpus-per-*/--num-gpus-per-worker values.")
+
     def ray_stage_args(self) -> Dict[str, Dict[str, Any]]:
         """Every Ray resource argument of the three stages, for ``Dataset.map_batches``."""
         from ray.data import ActorPoolStrategy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import List
 
@@ -46,6 +47,8 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     if todo:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)
+            if not os.environ.get("RAY_ADDRESS"):  # this machine's own Ray, which will not grow:
+                config.check_fits(ray.cluster_resources())  # fail now rather than wait forever
         args = config.ray_stage_args()
         items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris)} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))

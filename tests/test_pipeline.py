@@ -201,6 +201,15 @@ def test_generate_job_cli(ray_local, tmp_path, checkpoint, capsys):
     assert "shards processed this run: 0" in capsys.readouterr().out
 
 
+def test_generate_job_cli_says_what_is_wrong(tmp_path, capsys):
+    from jobs.generate import main
+
+    assert main(["--input", str(tmp_path / "nothing-here"), "--output", str(tmp_path / "out")]) == 2
+    assert "No input files at" in capsys.readouterr().err
+    assert main(["--output", str(tmp_path / "out"), "--images-per-batch", "0"]) == 2
+    assert "images_per_batch must be >= 1" in capsys.readouterr().err
+
+
 def test_transient_read_errors_are_retried(tmp_path, monkeypatch):
     import fsspec
 
@@ -227,6 +236,15 @@ def test_transient_read_errors_are_retried(tmp_path, monkeypatch):
 def test_config_repr_hides_credentials():
     cfg = PipelineConfig("s3://in", "s3://out", storage_options={"key": "AKIA-SECRET", "secret": "shh"})
     assert "AKIA-SECRET" not in repr(cfg) and "shh" not in repr(cfg) and "2 keys hidden" in repr(cfg)
+
+
+def test_config_refuses_resources_the_cluster_cannot_hold():
+    cfg = PipelineConfig("in", "out")  # model actor 1 CPU, post-processing actor 0.5, decode task 0.5
+    cfg.check_fits({"CPU": 2.0})
+    with pytest.raises(ValueError, match="needs 2 CPUs and 0 GPUs .* has 1 CPUs"):
+        cfg.check_fits({"CPU": 1.0})
+    with pytest.raises(ValueError, match="needs 9.5 CPUs and 2 GPUs"):
+        PipelineConfig("in", "out", workers=2, num_gpus_per_worker=1, num_cpus_per_worker=4).check_fits({"CPU": 16.0})
 
 
 def test_config_rejects_empty_batches():
