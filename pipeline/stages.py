@@ -154,11 +154,14 @@ class ShardCollector:
         self.expected: Dict[str, int] = {}
         self.rows: Dict[str, Dict[int, Tuple[Row, List[Row]]]] = {}
         self.written: List[Dict[str, Any]] = []  # per written shard: id, counts, summed stage times
+        self.done: set = set()  # ids of written shards
 
     def add(self, rows: Iterable[Row]) -> None:
         touched = set()
         for r in rows:
             shard_id = r["shard_id"]
+            if shard_id in self.done:
+                continue  # a late repeat (a retried task re-yields its blocks)
             if shard_id not in self.shards:
                 raise ValueError(f"Row of unknown shard {shard_id!r}.")
             if r["image_index"] == END:
@@ -177,6 +180,7 @@ class ShardCollector:
         images = [by_index[i][0] for i in sorted(by_index)]
         masks = [m for i in sorted(by_index) for m in by_index[i][1]]
         self.write(self.shards.pop(shard_id), masks, images)
+        self.done.add(shard_id)
         ok = sum(r["status"] == "ok" for r in images)
         self.written.append(dict(
             shard_id=shard_id, images_ok=ok, images_error=len(images) - ok, masks=len(masks),

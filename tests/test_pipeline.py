@@ -364,6 +364,8 @@ def test_collector_writes_each_shard_once_whole_and_in_file_order():
     assert [w[0] for w in written] == ["b", "empty"]
     collector.add([row("a", 0)])
     assert [w[0] for w in written] == ["b", "empty", "a"] and collector.unfinished() == []
+    collector.add([row("a", 0), row("a", -1, total=2)])  # repeats after the write: ignored
+    assert len(written) == 3
     _, masks, images = written[2]
     assert [r["image_id"] for r in images] == ["a/0", "a/1"]
     assert [(m["image_id"], m["mask_id"]) for m in masks] == [("a/1", 0), ("a/1", 1)]
