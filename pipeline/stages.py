@@ -50,6 +50,12 @@ def build_generator(config: PipelineConfig, device: str) -> SamAutomaticMaskGene
     return SamAutomaticMaskGenerator(model, **config.generator_settings())
 
 
+def failed(image: Row, reason: str, error: Exception) -> Row:
+    """Record on an ``images`` row (status stays "error") why a stage could not finish it."""
+    image.update(error_reason=reason, error_detail=f"{type(error).__name__}: {error}"[:1000])
+    return image
+
+
 # ---------------------------------------------------------------------- stage 2: model (actor pool)
 class ModelStage:
     """Ray stage: image rows -> candidate rows. Loads the model once per actor; the decoded images
@@ -78,8 +84,7 @@ class ModelStage:
                         self._generate([r])
                     except Exception as e1:
                         log.exception("generation failed for %s", json.loads(r["image"])["uri"])
-                        r["image"] = json.dumps(dict(json.loads(r["image"]), error_reason="generate_failed",
-                                                     error_detail=f"{type(e1).__name__}: {e1}"[:1000]))
+                        r["image"] = json.dumps(failed(json.loads(r["image"]), "generate_failed", e1))
         for r in rows:
             r["pixels"] = r["height"] = r["width"] = None
         return rows
@@ -121,7 +126,7 @@ class PostprocessStage:
                 masks = self.mask_rows(image["image_id"], mask_records(data, "coco_rle"))
             except Exception as e:  # recorded on the image, as the model stage does
                 log.exception("post-processing failed for %s", image["uri"])
-                image.update(error_reason="postprocess_failed", error_detail=f"{type(e).__name__}: {e}"[:1000])
+                failed(image, "postprocess_failed", e)
                 masks = []
             else:
                 image.update(mask_count=len(masks), status="ok")
