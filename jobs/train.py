@@ -50,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--box-fraction", type=float, default=d.box_fraction, help="share of masks first prompted by a box")
     ap.add_argument("--focal-alpha", type=float, default=d.focal_alpha,
                     help=f"focal-loss weight of foreground pixels (default {d.focal_alpha})")
+    ap.add_argument("--background-points", type=int, default=d.background_points,
+                    help="per image and step, point prompts outside every mask that train only the IoU "
+                         "head (toward each output's best IoU with any mask), so the automatic generator "
+                         "scores masks of unannotated regions low; only for exhaustively annotated data "
+                         f"(default {d.background_points})")
     ap.add_argument("--train-encoder", action="store_true", help="also train the image encoder")
     ap.add_argument("--train-prompt-encoder", action="store_true", help="also train the prompt encoder")
     ap.add_argument("--from-stage", type=int, default=0,
@@ -87,7 +92,7 @@ def _train(args: argparse.Namespace, log):
     config = TrainConfig(
         steps=args.steps or TrainConfig().steps, lr=args.lr, images_per_step=args.images_per_step,
         masks_per_image=args.masks_per_image, rounds=args.rounds, box_fraction=args.box_fraction,
-        focal_alpha=args.focal_alpha, train_encoder=args.train_encoder,
+        focal_alpha=args.focal_alpha, background_points=args.background_points, train_encoder=args.train_encoder,
         train_prompt_encoder=args.train_prompt_encoder, seed=args.seed)
     if args.coco:
         samples = coco_samples(args.coco, args.images, seed=args.seed)

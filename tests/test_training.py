@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 
 import cv2
@@ -14,9 +15,11 @@ from pycocotools import mask as mask_utils
 from sam_core import build_sam
 from sam_core.training import Sample, SceneSpec, TrainConfig, finetune, make_scene, save_checkpoint
 from sam_core.training.data import coco_samples, decode_segmentation, load_coco
-from sam_core.training.finetune import noisy_boxes, sample_points
+from sam_core.training.finetune import best_iou, noisy_boxes, sample_points
 from sam_core.training.losses import dice_loss, focal_loss, sam_loss
 from sam_core.training.scenes import write_scene_dataset
+
+finetune_module = importlib.import_module("sam_core.training.finetune")  # the package exports a function of that name
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -142,6 +145,56 @@ def test_finetune_can_train_encoder_and_prompt_encoder():
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(part)), part
 
 
+def test_best_iou_matches_pycocotools():
+    rng = np.random.default_rng(0)
+    pred, masks = rng.random((2, 3, 20, 24)) < 0.3, rng.random((4, 20, 24)) < 0.5
+    masks[3] = False  # an empty mask matches nothing
+
+    def rle(m):
+        return mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+
+    want = np.asarray(mask_utils.iou([rle(p) for p in pred.reshape(6, 20, 24)], [rle(m) for m in masks], [0] * 4))
+    got = best_iou(torch.as_tensor(pred), torch.as_tensor(masks))
+    assert got.shape == (2, 3)
+    assert np.allclose(got.reshape(-1).numpy(), want.max(1), atol=1e-6)
+
+
+def test_background_prompts_fall_outside_every_mask_and_train_only_the_iou_head(monkeypatch):
+    torch.manual_seed(0)
+    model = build_sam("demo")
+    fixed = next(_scene_stream(3))
+    transform = finetune_module.ResizeLongestSide(model.image_encoder.img_size)
+    batch = [finetune_module._prepare(fixed, transform, np.random.default_rng(0), 1, model.device, all_masks=True)]
+    _, gt, valid, every = batch[0]
+    assert gt.shape[0] == 1 and every.shape[0] == len(fixed.masks)  # every mask, not just the k drawn
+    drawn = []
+
+    def recording(gt, region, rng):
+        drawn.append(sample_points(gt, region, rng))
+        return drawn[-1]
+
+    monkeypatch.setattr(finetune_module, "sample_points", recording)
+    with torch.no_grad():
+        embeddings = model.image_encoder(model.preprocess(batch[0][0])[None])
+    loss = finetune_module._background_loss(model, embeddings, batch, 16, np.random.default_rng(1))
+    xy = drawn[0][:, 0].long()
+    assert len(xy) == 16 and float(loss) > 0
+    assert not every[:, xy[:, 1], xy[:, 0]].any() and bool(valid[0, xy[:, 1], xy[:, 0]].all())
+    # The masks of background prompts get no loss: only the IoU head (and the tokens and
+    # transformer it reads) learns from them.
+    loss.backward()
+    decoder = model.mask_decoder
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.iou_prediction_head.parameters())
+    for part in (decoder.output_hypernetworks_mlps, decoder.output_upscaling):
+        assert all(p.grad is None or not p.grad.any() for p in part.parameters())
+    monkeypatch.undo()
+
+    config = TrainConfig(steps=2, images_per_step=1, masks_per_image=2, rounds=1, background_points=4, log_every=1)
+    assert "background_iou_loss" in finetune(model, iter(lambda: fixed, None), config)[0]
+    plain = finetune(model, iter(lambda: fixed, None), dataclasses.replace(config, background_points=0))[0]
+    assert "background_iou_loss" not in plain
+
+
 def test_saved_checkpoint_loads_in_the_official_package_and_ours(tmp_path, tiny_official):
     from segment_anything import sam_model_registry as official_registry  # noqa: F401
     from sam_core.testing import official_sam
@@ -166,6 +219,8 @@ def test_config_validation():
         TrainConfig(rounds=0)
     with pytest.raises(ValueError, match="box_fraction"):
         TrainConfig(box_fraction=1.5)
+    with pytest.raises(ValueError, match="background_points"):
+        TrainConfig(background_points=-1)
     bad = Sample(np.zeros((8, 8), np.uint8), [np.ones((8, 8), bool)])
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         finetune(build_sam("demo"), iter([bad]), dataclasses.replace(TrainConfig(), steps=1, images_per_step=1))
@@ -182,9 +237,11 @@ def test_train_job_on_coco_and_on_our_tables(tmp_path):
     out = tmp_path / "tuned.pth"
     common = ["--model-type", "demo", "--steps", "2", "--images-per-step", "1", "--masks-per-image", "2",
               "--history", str(tmp_path / "h.json")]
-    assert train_main(["--coco", str(tmp_path / "scenes.json"), "--output", str(out)] + common) == 0
+    assert train_main(["--coco", str(tmp_path / "scenes.json"), "--output", str(out), "--background-points", "2"]
+                      + common) == 0
     tuned = build_sam("demo", out)  # strict load of the written file
-    assert len(json.loads((tmp_path / "h.json").read_text())) == 1
+    history = json.loads((tmp_path / "h.json").read_text())
+    assert len(history) == 1 and "background_iou_loss" in history[0]
     assert not all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), build_sam("demo").state_dict().values()))
 
     # the same masks as our tables (what jobs.generate / jobs.prompt write) train the same way

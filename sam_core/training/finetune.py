@@ -8,6 +8,11 @@ mask prompt. A single first point asks for the three ambiguity outputs and the l
 20:1) is taken on the best of them; other prompts use the single-mask output. The IoU head learns
 the real IoU of every output (MSE).
 
+``background_points`` > 0 also prompts single points outside every mask of the image (where most
+of the automatic generator's grid lands on sparse annotations): their masks get no loss, but the IoU
+head learns each output's best IoU with any of the image's masks, so the generator's IoU filter
+and NMS scores rank such masks low instead of guessing.
+
     model = build_sam("vit_b", "sam_vit_b_01ec64.pth")
     history = finetune(model, coco_samples("train.json", "images/"), TrainConfig(steps=2000))
     save_checkpoint(model, "sam_vit_b_finetuned.pth")        # official key layout
@@ -54,6 +59,7 @@ class TrainConfig:
     train_encoder: bool = False
     train_prompt_encoder: bool = False
     focal_alpha: float = 0.25  # focal-loss weight of foreground pixels (0.5: unbiased)
+    background_points: int = 0  # per image and step: IoU-head-only prompts outside every mask
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 50
@@ -62,6 +68,8 @@ class TrainConfig:
         for name in ("steps", "images_per_step", "masks_per_image", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.background_points < 0:
+            raise ValueError(f"background_points must be >= 0, got {self.background_points}.")
         if not 0.0 <= self.box_fraction <= 1.0:
             raise ValueError(f"box_fraction must be within [0, 1], got {self.box_fraction}.")
         if self.lr <= 0:
@@ -107,17 +115,21 @@ def finetune(
     start = time.perf_counter()
     model.train()
     for step in range(1, config.steps + 1):
-        batch = [_prepare(next(it), transform, rng, config.masks_per_image, device) for _ in range(config.images_per_step)]
+        batch = [_prepare(next(it), transform, rng, config.masks_per_image, device, config.background_points > 0)
+                 for _ in range(config.images_per_step)]
         batch = [b for b in batch if b is not None]
         if not batch:
             raise ValueError("No training image in this step had a usable mask (all empty after resizing).")
-        images = torch.stack([model.preprocess(x) for x, _, _ in batch])
+        images = torch.stack([model.preprocess(b[0]) for b in batch])
         with torch.set_grad_enabled(config.train_encoder):
             embeddings = model.image_encoder(images)  # (B, C, h, w)
-        owner = torch.cat([torch.full((len(gt),), i, device=device) for i, (_, gt, _) in enumerate(batch)])
-        gt = torch.cat([g for _, g, _ in batch])  # (N, S, S)
-        valid = torch.cat([v.expand(len(g), -1, -1) for _, g, v in batch])
+        owner = torch.cat([torch.full((len(gt),), i, device=device) for i, (_, gt, _, _) in enumerate(batch)])
+        gt = torch.cat([g for _, g, _, _ in batch])  # (N, S, S)
+        valid = torch.cat([v.expand(len(g), -1, -1) for _, g, v, _ in batch])
         stats = _masks_loss(model, embeddings, owner, gt, valid, rng, config)
+        if config.background_points:
+            stats["background_iou_loss"] = _background_loss(model, embeddings, batch, config.background_points, rng)
+            stats["loss"] = stats["loss"] + stats["background_iou_loss"]
         loss = stats["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -148,23 +160,30 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 
 
 def _prepare(sample: Sample, transform: ResizeLongestSide, rng: np.random.Generator, k: int,
-             device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+             device: torch.device, all_masks: bool = False
+             ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """Resized image 3xhxw (float, 0-255), up to ``k`` random masks KxSxS (float 0/1, zero-padded
-    to the encoder input S) and the valid region 1xSxS; None if no mask survives resizing."""
+    to the encoder input S), the valid region 1xSxS and, with ``all_masks``, every mask MxSxS
+    (bool; else None); None if no mask survives resizing."""
     image = np.ascontiguousarray(sample.image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"Training images must be HxWx3 uint8, got {image.shape} {image.dtype}.")
     resized = transform.apply_image(image)
     h, w = resized.shape[:2]
     size = transform.target_length
-    masks = []
-    for i in rng.permutation(len(sample.masks)):
+
+    def resized_mask(i: int) -> np.ndarray:
         m = np.asarray(sample.masks[i])
         if m.shape != image.shape[:2]:
             raise ValueError(f"A mask of shape {m.shape} does not match its image {image.shape[:2]}.")
-        small = cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        return np.pad(cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST),
+                      ((0, size - h), (0, size - w)))
+
+    masks = []
+    for i in rng.permutation(len(sample.masks)):
+        small = resized_mask(i)
         if small.any():
-            masks.append(np.pad(small, ((0, size - h), (0, size - w))))
+            masks.append(small)
         if len(masks) == k:
             break
     if not masks:
@@ -173,7 +192,46 @@ def _prepare(sample: Sample, transform: ResizeLongestSide, rng: np.random.Genera
     gt = torch.as_tensor(np.stack(masks), device=device).float()
     valid = torch.zeros(1, size, size, device=device)
     valid[:, :h, :w] = 1
-    return x, gt, valid
+    every = None
+    if all_masks:
+        every = torch.as_tensor(np.stack([resized_mask(i) for i in range(len(sample.masks))]), device=device) > 0
+    return x, gt, valid, every
+
+
+def _background_loss(model: Sam, embeddings: torch.Tensor, batch: Sequence[Tuple], k: int,
+                     rng: np.random.Generator) -> torch.Tensor:
+    """MSE of the IoU head for ``k`` single-point prompts per image drawn outside every mask
+    (embeddings BxCxhxw; ``batch`` as from ``_prepare(..., all_masks=True)``): the target of each
+    of the three outputs is its best IoU with any of the image's masks. Images without background
+    are skipped."""
+    image_pe = model.prompt_encoder.get_dense_pe()
+    losses = []
+    for i, (_, _, valid, every) in enumerate(batch):
+        background = (valid[0] > 0) & ~every.any(0)  # (S, S)
+        if not background.any():
+            continue
+        region = background.expand(k, -1, -1)
+        coords = sample_points(region.float(), region, rng)  # (k, 1, 2)
+        labels = torch.ones(k, 1, dtype=torch.int, device=coords.device)
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        low_res, iou_pred = model.mask_decoder(embeddings[i:i + 1].expand(k, -1, -1, -1), image_pe, sparse, dense,
+                                               multimask_output=True)
+        size = valid.shape[-1]
+        pred = (F.interpolate(low_res.detach(), (size, size), mode="bilinear", align_corners=False) > 0) & (valid > 0)
+        losses.append(F.mse_loss(iou_pred, best_iou(pred, every)))
+    if not losses:
+        return embeddings.new_zeros(())
+    return torch.stack(losses).mean()
+
+
+def best_iou(pred: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Each predicted mask's highest IoU with any of ``masks``: pred ...xHxW bool, masks MxHxW
+    bool -> ... float (0 where neither has a pixel)."""
+    p = pred.flatten(-2).float()  # (..., P)
+    m = masks.flatten(-2).float()  # (M, P)
+    inter = p @ m.T  # (..., M)
+    union = (p.sum(-1, keepdim=True) + m.sum(-1) - inter).clamp(min=1)
+    return (inter / union).amax(-1)
 
 
 def _masks_loss(model: Sam, embeddings: torch.Tensor, owner: torch.Tensor, gt: torch.Tensor,
