@@ -179,9 +179,10 @@ def _prepare(sample: Sample, transform: ResizeLongestSide, rng: np.random.Genera
         return np.pad(cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST),
                       ((0, size - h), (0, size - w)))
 
+    every = [resized_mask(i) for i in range(len(sample.masks))] if all_masks else None
     masks = []
     for i in rng.permutation(len(sample.masks)):
-        small = resized_mask(i)
+        small = every[i] if every is not None else resized_mask(i)
         if small.any():
             masks.append(small)
         if len(masks) == k:
@@ -192,10 +193,7 @@ def _prepare(sample: Sample, transform: ResizeLongestSide, rng: np.random.Genera
     gt = torch.as_tensor(np.stack(masks), device=device).float()
     valid = torch.zeros(1, size, size, device=device)
     valid[:, :h, :w] = 1
-    every = None
-    if all_masks:
-        every = torch.as_tensor(np.stack([resized_mask(i) for i in range(len(sample.masks))]), device=device) > 0
-    return x, gt, valid, every
+    return x, gt, valid, None if every is None else torch.as_tensor(np.stack(every), device=device) > 0
 
 
 def _background_loss(model: Sam, embeddings: torch.Tensor, batch: Sequence[Tuple], k: int,
