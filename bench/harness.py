@@ -10,7 +10,10 @@ Reports, each next to the official package measured in the same process:
   filters) and the "heavy" load (sharpened weights: many candidates pass), and with the SA-1B
   preset (32x32 points, two crop layers: 21 encoder passes per image);
 - peak GPU memory of each measurement, ours/official ratios and, for every AMG run, how far our
-  records are from the official ones (identical, or matched-mask IoU statistics).
+  records are from the official ones (identical, or matched-mask IoU statistics);
+- the host-side post-processing of the SA-1B preset (holes and islands under 100 px removed,
+  then NMS) on 100 synthetic masks at 1500x2250: CPU work the pipeline's post-processing actors
+  do per image, checked identical to the official output.
 Everything also goes to ``--json``.
 """
 
@@ -38,9 +41,10 @@ from .common import machine, sync
 PROFILES: Dict[str, Dict[str, Any]] = {
     "cuda": dict(encoder_models=["vit_b", "vit_h"], light_model="vit_h", heavy_model="vit_b",
                  sa1b_model="vit_h", image=(1500, 2250), points_per_side=32, batches=[1, 4, 8, 16],
-                 repeats=5, batch_images=8),
+                 repeats=5, batch_images=8, postprocess_image=(1500, 2250)),
     "cpu": dict(encoder_models=["tiny"], light_model="tiny", heavy_model="tiny", sa1b_model="tiny",
-                image=(375, 563), points_per_side=8, batches=[1, 4], repeats=1, batch_images=2),
+                image=(375, 563), points_per_side=8, batches=[1, 4], repeats=1, batch_images=2,
+                postprocess_image=(1500, 2250)),
 }
 # Issue targets on one H100 (vit_h unless said), checked in the summary when --device cuda.
 TARGETS = {"encoder_vit_h_img_s": 70.0, "amg_light_vit_h_img_s": 25.0, "amg_heavy_vit_b_s_img": 0.2,
@@ -240,11 +244,69 @@ def print_profile(gen: SamAutomaticMaskGenerator, images, device: str) -> None:
         delattr(gen.predictor, name)
 
 
+# ------------------------------------------------------------------ host post-processing
+def synthetic_masks(height: int, width: int, count: int, seed: int = 0):
+    """``count`` HxW bool masks: ellipses of radius 8 to ~h/5 (log-uniform, as object sizes
+    are), each with a few specks that open holes or add islands of a few pixels."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((count, height, width), dtype=np.uint8)
+    for m in masks:
+        cx, cy = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(np.exp(rng.uniform(np.log(8), np.log(max(9, height // 5)))))
+        cv2.ellipse(m, (cx, cy), (r, max(2, int(r * rng.uniform(0.3, 1)))), float(rng.uniform(0, 180)),
+                    0, 360, 1, -1)
+        for _ in range(4):
+            x, y = cx + int(rng.integers(-2 * r, 2 * r + 1)), cy + int(rng.integers(-2 * r, 2 * r + 1))
+            cv2.circle(m, (x, y), int(rng.integers(1, 5)), int(rng.integers(0, 2)), -1)
+    return masks.astype(bool)
+
+
+def bench_postprocess(size: Tuple[int, int], count: int, repeats: int) -> Dict[str, Any]:
+    """Small-region removal (100 px, the SA-1B preset) and the NMS after it: official vs ours."""
+    import numpy as np
+    from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
+    from segment_anything.utils import amg as official_amg
+
+    from sam_core.amg import MaskData
+    from sam_core.amg.masks import batched_mask_to_box, mask_to_rle
+
+    masks = torch.as_tensor(synthetic_masks(*size, count))
+    rles = mask_to_rle(masks)
+    columns = dict(boxes=batched_mask_to_box(masks).numpy(), iou_preds=np.linspace(1.0, 0.9, count),
+                   points=np.zeros((count, 2)), stability_score=np.ones(count),
+                   crop_boxes=np.tile([0, 0, size[1], size[0]], (count, 1)))
+    del masks
+    area, nms = SA1B_PRESET["min_mask_region_area"], SA1B_PRESET["box_nms_thresh"]
+
+    def run(postprocess, table):
+        return lambda: postprocess(table(rles=list(rles), **{k: v.copy() for k, v in columns.items()}),
+                                   area, nms)
+
+    print(f"post-processing {count} masks {size[0]}x{size[1]}")
+    official_s, expected = median_time(run(OfficialGenerator.postprocess_small_regions, official_amg.MaskData),
+                                       "cpu", repeats, warmup=0)
+    ours_s, got = median_time(run(SamAutomaticMaskGenerator.postprocess_small_regions, MaskData), "cpu",
+                              repeats, warmup=0)
+    identical = expected["rles"] == got["rles"] and all(
+        np.array_equal(expected[k], got[k]) for k in columns)
+    before = {tuple(r["counts"]) for r in rles}
+    changed = sum(tuple(r["counts"]) not in before for r in got["rles"])
+    out = {"image": list(size), "masks": count, "kept": len(got["rles"]), "official_s_img": official_s,
+           "ours_s_img": ours_s, "speedup": official_s / ours_s, "identical": identical,
+           "changed": changed}
+    print(f"  official {official_s:.3f} s/img, ours {ours_s:.3f} s/img ({out['speedup']:.1f}x), "
+          f"{len(got['rles'])} of {count} kept, {changed} changed, identical: {identical}")
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sections", default="encoder,light,heavy,sa1b",
-                    help="comma-separated: encoder, light, heavy, sa1b")
+    ap.add_argument("--sections", default="encoder,light,heavy,sa1b,postprocess",
+                    help="comma-separated: encoder, light, heavy, sa1b, postprocess")
     ap.add_argument("--json", help="write every figure to this JSON file")
     ap.add_argument("--compile", action="store_true",
                     help="also time a torch.compile'd bf16 encoder (batch 8 on GPU; compiling takes minutes)")
@@ -259,7 +321,8 @@ def main(argv=None) -> None:
     if args.models:
         profile = dict(profile, encoder_models=args.models.split(","))
     if args.size:
-        profile = dict(profile, image=tuple(int(v) for v in args.size.lower().split("x")))
+        size = tuple(int(v) for v in args.size.lower().split("x"))
+        profile = dict(profile, image=size, postprocess_image=size)
     if args.points_per_side:
         profile = dict(profile, points_per_side=args.points_per_side)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, for both packages
@@ -295,6 +358,8 @@ def main(argv=None) -> None:
                              repeats, official_repeats=1,
                              batch_images=profile["batch_images"], profile=args.profile))
     report["amg"] = amg
+    if "postprocess" in sections:
+        report["postprocess"] = bench_postprocess(profile["postprocess_image"], 100, max(1, repeats // 2))
     if args.device.startswith("cuda"):
         report["targets"] = targets(report)
     summary(report)
@@ -352,6 +417,11 @@ def summary(report: Dict[str, Any]) -> None:
         parts.append(f"fast, {b['images']} images per call {b['s_img']:.3f} s/img ({b['speedup']:.1f}x, "
                      f"{b['peak_gib']:.1f} GiB)")
         print(f"AMG {run['name']}: " + "; ".join(parts))
+    if "postprocess" in report:
+        p = report["postprocess"]
+        print(f"post-processing (CPU), {p['masks']} masks {p['image'][0]}x{p['image'][1]}, small regions "
+              f"< 100 px + NMS: official {p['official_s_img']:.3f} s/img, ours {p['ours_s_img']:.3f} s/img "
+              f"({p['speedup']:.1f}x, identical: {p['identical']})")
     for k, t in report.get("targets", {}).items():
         print(f"target {k}: {t['target']} reached {t['reached']} met={t['met']}")
 

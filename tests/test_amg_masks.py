@@ -127,6 +127,93 @@ def test_remove_small_regions_matches_official(mode):
         assert ca == cb and np.array_equal(a, b)
 
 
+def random_region_mask(rng):
+    """A small random mask made to hit the edge cases of windowed labelling: noise, discs,
+    rectangles reaching the image edges, full rows/columns that split the background, and
+    equal-sized islands (whose label order decides which one is kept when all are small)."""
+    h, w = rng.integers(1, 48, 2)
+    yy, xx = np.mgrid[:h, :w]
+    m = np.zeros((h, w), bool)
+    kind = rng.integers(0, 5)
+    if kind == 0:
+        m = rng.random((h, w)) < rng.uniform(0.05, 0.95)
+    elif kind == 1:
+        for _ in range(rng.integers(1, 5)):
+            cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(1, 12)
+            m |= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        m ^= rng.random((h, w)) < 0.03
+    elif kind == 2:
+        for _ in range(rng.integers(1, 4)):
+            y0, x0 = rng.integers(0, h), rng.integers(0, w)
+            m[y0 : y0 + rng.integers(1, h + 1), x0 : x0 + rng.integers(1, w + 1)] ^= True
+    elif kind == 3:
+        m[rng.integers(0, h, rng.integers(1, 3)), :] = True
+        m[:, rng.integers(0, w, rng.integers(0, 3))] = True
+        m ^= rng.random((h, w)) < 0.05
+    else:
+        for _ in range(rng.integers(2, 6)):
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            m[y : y + 2, x : x + 2] = True
+    return m
+
+
+@pytest.mark.parametrize("mode", ["holes", "islands"])
+def test_windowed_small_regions_match_official_on_edge_cases(mode):
+    """Ours labels a window around the mask, the official code the whole image: same masks.
+    (Without the even-aligned window start this finds island ties resolved differently.)"""
+    rng = np.random.default_rng(11 if mode == "holes" else 12)
+    for _ in range(8000):
+        m = random_region_mask(rng)
+        if rng.random() < 0.3:
+            m = np.asfortranarray(m)  # as rle_to_mask returns them
+        thresh = int(rng.integers(1, 60))
+        a, changed = M.remove_small_regions(m, thresh, mode)
+        b, official_changed = official_amg.remove_small_regions(m, thresh, mode)
+        assert changed == official_changed and np.array_equal(a, b), (m.shape, thresh)
+
+
+def test_small_regions_label_a_window_unless_a_small_hole_reaches_outside(monkeypatch):
+    import cv2
+
+    shapes = []
+    label = cv2.connectedComponentsWithStats
+    monkeypatch.setattr(cv2, "connectedComponentsWithStats", lambda a, c: shapes.append(a.shape) or label(a, c))
+    yy, xx = np.mgrid[:900, :1300]
+    disc = (yy - 401) ** 2 + (xx - 733) ** 2 < 15**2
+    disc[401, 733] = False  # a one-pixel hole
+    filled, changed = M.remove_small_regions(disc, 10, "holes")
+    assert changed and filled[401, 733] and filled.sum() == disc.sum() + 1
+    assert max(shapes[-1]) <= 33  # the disc's box and a margin, not the 900x1300 image
+    # A ring of 8 pixels: its background inside the window is under the threshold, but it joins
+    # the rest of the image, so only the centre is a small hole (still a window labelling).
+    ring = np.zeros((900, 1300), bool)
+    ring[500:503, 600:603] = True
+    ring[501, 601] = False
+    filled, changed = M.remove_small_regions(ring, 100, "holes")
+    assert changed and filled.sum() == 9 and max(shapes[-1]) <= 6
+    # A column of mask leaves 3x4 background pixels left of it: a small hole outside the window,
+    # which only a whole-image labelling can fill as the official code does.
+    m = np.zeros((3, 30), bool)
+    m[:, 4] = True
+    shapes.clear()
+    a, changed = M.remove_small_regions(m, 20, "holes")
+    b, _ = official_amg.remove_small_regions(m, 20, "holes")
+    assert changed and np.array_equal(a, b) and a[:, :5].all() and not a[:, 5:].any()
+    assert shapes[-1] == (3, 30)
+
+
+def test_numpy_rle_matches_torch_rle():
+    rng = np.random.default_rng(4)
+    for _ in range(3000):
+        h, w = rng.integers(1, 30, 2)
+        m = rng.random((h, w)) < rng.choice([0.0, 0.02, 0.3, 0.9, 1.0])
+        if rng.random() < 0.3:
+            m[:, : rng.integers(0, w)] = False
+        if rng.random() < 0.3:
+            m = np.asfortranarray(m)
+        assert M.mask_to_rle_numpy(m) == M.mask_to_rle(torch.as_tensor(m)[None])[0]
+
+
 def test_postprocess_small_regions_matches_official():
     """Diverse masks through small-region removal and the NMS that follows it."""
     masks = blob_masks(n=40, h=64, w=80, seed=5)

@@ -37,7 +37,9 @@ from .masks import (
     coco_encode_rle,
     generate_crop_boxes,
     is_box_near_crop_edge,
+    mask_to_box,
     mask_to_rle,
+    mask_to_rle_numpy,
     remove_small_regions,
     rle_to_mask,
     uncrop_boxes_xyxy,
@@ -356,22 +358,24 @@ class SamAutomaticMaskGenerator:
         that did not change. Edits ``mask_data`` (numpy columns) in place and returns it."""
         if len(mask_data["rles"]) == 0:
             return mask_data
-        new_masks, scores = [], []
-        for rle in mask_data["rles"]:
+        changed_masks: Dict[int, np.ndarray] = {}  # only these are kept at full resolution
+        boxes = np.zeros((len(mask_data["rles"]), 4), dtype=np.int64)
+        scores = []
+        for i, rle in enumerate(mask_data["rles"]):
             mask = rle_to_mask(rle)
             mask, changed_holes = remove_small_regions(mask, min_area, mode="holes")
             mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
-            new_masks.append(torch.as_tensor(mask).unsqueeze(0))
+            boxes[i] = mask_to_box(mask)
+            if changed_holes or changed_islands:
+                changed_masks[i] = mask
             scores.append(float(not (changed_holes or changed_islands)))
-        masks = torch.cat(new_masks, dim=0)
-        boxes = batched_mask_to_box(masks)
         scores_t = torch.as_tensor(scores)
-        keep = batched_nms(boxes.float(), scores_t, torch.zeros(len(boxes)), iou_threshold=nms_thresh)
-        changed = [int(i) for i in keep if scores[int(i)] == 0.0]
-        if changed:
-            for i, rle in zip(changed, mask_to_rle(masks[changed])):
-                mask_data["rles"][i] = rle
-                mask_data["boxes"][i] = boxes[i].numpy()
+        keep = batched_nms(torch.as_tensor(boxes).float(), scores_t, torch.zeros(len(boxes)),
+                           iou_threshold=nms_thresh)
+        for i in keep.tolist():
+            if i in changed_masks:
+                mask_data["rles"][i] = mask_to_rle_numpy(changed_masks[i])
+                mask_data["boxes"][i] = boxes[i]
         mask_data.filter(keep)
         return mask_data
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from itertools import product
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -147,6 +147,24 @@ def mask_to_rle(masks: torch.Tensor) -> List[Rle]:
     return out
 
 
+def mask_to_rle_numpy(mask: np.ndarray) -> Rle:
+    """HxW bool array -> uncompressed RLE, as :func:`mask_to_rle` gives. Only the columns from
+    the first to the last with a set pixel are scanned (the rest are one run of background)."""
+    h, w = mask.shape
+    cols = np.flatnonzero(mask.any(axis=0))
+    if cols.size == 0:
+        return {"size": [h, w], "counts": [h * w]}
+    start, end = int(cols[0]) * h, (int(cols[-1]) + 1) * h  # that span in column-major order
+    flat = mask[:, cols[0] : cols[-1] + 1].T.ravel()
+    changes = [np.flatnonzero(flat[1:] != flat[:-1]) + (start + 1)]
+    if flat[0] and start > 0:
+        changes.insert(0, np.array([start]))
+    if flat[-1] and end < h * w:
+        changes.append(np.array([end]))
+    counts = np.diff(np.concatenate([[0], *changes, [h * w]])).tolist()
+    return {"size": [h, w], "counts": ([0] + counts) if (flat[0] and start == 0) else counts}
+
+
 def rle_to_mask(rle: Rle) -> np.ndarray:
     """Uncompressed RLE -> HxW bool array."""
     h, w = rle["size"]
@@ -172,25 +190,80 @@ def coco_encode_rle(rle: Rle) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------ small regions
+def mask_to_box(mask: np.ndarray) -> np.ndarray:
+    """Tight XYXY box (inclusive max) of an HxW bool mask, int64; [0, 0, 0, 0] if empty
+    (what :func:`batched_mask_to_box` gives, without a torch round trip)."""
+    box = _box_or_none(mask)
+    return np.zeros(4, dtype=np.int64) if box is None else np.array(box, dtype=np.int64)
+
+
+def _box_or_none(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
+    """(left, top, right, bottom), inclusive, of an HxW bool mask; None if it is empty."""
+    cols = np.flatnonzero(mask.any(axis=0))
+    if cols.size == 0:
+        return None
+    rows = np.flatnonzero(mask[:, cols[0] : cols[-1] + 1].any(axis=1))
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
 def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tuple[np.ndarray, bool]:
-    """Fill holes (``mode="holes"``) or drop islands (``"islands"``) smaller than ``area_thresh``.
+    """Fill holes (``mode="holes"``) or drop islands (``"islands"``) smaller than ``area_thresh``
+    in an HxW bool mask. Returns the mask and whether it changed.
 
-    Returns the mask and whether it changed.
+    Same result as the official function, which labels the connected components of the whole
+    image; here only a window around the mask's box is labelled (a mask usually covers a small
+    part of the image, so this is many times faster). The window keeps one background pixel
+    around the box and starts at even coordinates, so OpenCV's 2x2-block labelling numbers the
+    components in the same order as on the whole image (that order decides which island is kept
+    when all are small). Background outside the window is added to the size of the component it
+    joins; if that component is a small hole the whole image is labelled instead.
     """
-    import cv2
-
     if mode not in ("holes", "islands"):
         raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}.")
     correct_holes = mode == "holes"
-    working = (correct_holes ^ mask).astype(np.uint8)
+    h, w = mask.shape
+    box = _box_or_none(mask)
+    if box is None:
+        return _remove_small_regions_window(mask, area_thresh, correct_holes, (0, h, 0, w))
+    left, top, right, bottom = box
+    y0, x0 = max(top - 1, 0) & ~1, max(left - 1, 0) & ~1
+    y1, x1 = min(bottom + 2, h), min(right + 2, w)
+    return _remove_small_regions_window(mask, area_thresh, correct_holes, (y0, y1, x0, x1))
+
+
+def _remove_small_regions_window(
+    mask: np.ndarray, area_thresh: float, correct_holes: bool, window: Tuple[int, int, int, int]
+) -> Tuple[np.ndarray, bool]:
+    """:func:`remove_small_regions` labelling ``mask[y0:y1, x0:x1]``; the window holds every
+    mask pixel and, on each side not at the image edge, at least one background pixel."""
+    import cv2
+
+    h, w = mask.shape
+    y0, y1, x0, x1 = window
+    working = (correct_holes ^ mask[y0:y1, x0:x1]).astype(np.uint8)
     n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
-    sizes = stats[:, -1][1:]  # row 0 is the background label
-    small = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
+    sizes = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+    outside = set()  # labels of holes-mode components that go on outside the window
+    if correct_holes:
+        # The background strips beyond each window side, and a label on that side's window edge.
+        for present, area, label in ((y0 > 0, y0 * w, regions[0, 0]), (y1 < h, (h - y1) * w, regions[-1, 0]),
+                                     (x0 > 0, x0 * (y1 - y0), regions[0, 0]),
+                                     (x1 < w, (w - x1) * (y1 - y0), regions[0, -1])):
+            if present:
+                sizes[label] += area
+                outside.add(int(label))
+    small = [i for i in range(1, n_labels) if sizes[i] < area_thresh]
     if not small:
         return mask, False
+    if outside.intersection(small):  # a small hole reaching beyond the window: label everything
+        return _remove_small_regions_window(mask, area_thresh, correct_holes, (0, h, 0, w))
     fill_labels = [0] + small
     if not correct_holes:
         fill_labels = [i for i in range(n_labels) if i not in fill_labels]
         if not fill_labels:  # every island is small: keep the largest
-            fill_labels = [int(np.argmax(sizes)) + 1]
-    return np.isin(regions, fill_labels), True
+            fill_labels = [int(np.argmax(sizes[1:])) + 1]
+    lookup = np.zeros(n_labels, dtype=bool)
+    lookup[fill_labels] = True
+    out = np.zeros((h, w), dtype=bool)  # outside the window: background, and it stays so
+    out[y0:y1, x0:x1] = lookup[regions]
+    return out, True
