@@ -80,7 +80,9 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        # The official arithmetic, with x - u computed once and the per-channel weight and bias
+        # as second operands (same results; a broadcast first operand is a slow loop on CPU).
+        centred = x - x.mean(1, keepdim=True)
+        s = centred.pow(2).mean(1, keepdim=True)
+        x = centred / torch.sqrt(s + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
