@@ -69,6 +69,36 @@ def test_stability_score_brute_force():
     assert torch.equal(got, official_amg.calculate_stability_score(logits, 0.0, 1.0))
 
 
+def boundary_logits(threshold, offset, n=9, h=29, w=37, seed=0):
+    """Random logits with many pixels exactly at, and one float32 step either side of, the three
+    thresholds (as float32), some all-below (empty) and one all-above (full) mask."""
+    rng = np.random.default_rng(seed)
+    at = np.float32([threshold - offset, threshold, threshold + offset])
+    edges = np.concatenate([at, np.nextafter(at, np.float32(-np.inf)), np.nextafter(at, np.float32(np.inf))])
+    logits = rng.normal(threshold, 2 * offset + 1, size=(n, h, w)).astype(np.float32)
+    picks = rng.random((n, h, w)) < 0.3
+    logits[picks] = rng.choice(edges, size=int(picks.sum()))
+    logits[0] = threshold - offset - 1  # empty at every threshold
+    logits[1] = threshold + offset + 1  # full
+    return torch.as_tensor(logits)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("threshold,offset", [(0.0, 1.0), (0.0, 0.3), (0.1, 0.7)])
+def test_mask_statistics_match_official(threshold, offset, compiled):
+    # 0.3 and 0.1 are not float32 numbers: a threshold compared in float64 would differ at the
+    # pixels equal to its float32 value, which every mask here has.
+    for seed, (h, w) in enumerate([(29, 37), (1, 40), (64, 3)]):
+        logits = boundary_logits(threshold, offset, h=h, w=w, seed=seed)
+        stability, boxes = M.mask_statistics(logits, threshold, offset, compiled=compiled)
+        expected = official_amg.calculate_stability_score(logits, threshold, offset)  # NaN if empty
+        torch.testing.assert_close(stability, expected, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(boxes, official_amg.batched_mask_to_box(logits > threshold))
+    assert (M._compiled_reductions is not None) or not compiled
+    stability, boxes = M.mask_statistics(torch.zeros(0, 5, 7), threshold, offset, compiled=compiled)
+    assert stability.shape == (0,) and boxes.shape == (0, 4)
+
+
 def brute_force_nms(boxes, scores, thresh):
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     keep = []

@@ -70,6 +70,18 @@ def test_sharpened_records_identical(sharpened, name, size, kwargs):
     assert len(got) >= 1
 
 
+def test_compiled_reductions_records_identical(sharpened):
+    """``compile=True`` (stability and boxes as one compiled reduction) over crops of several
+    sizes and chunks of 3 masks or fewer: still the official records, bit for bit."""
+    official, ours = sharpened
+    image = photo("astronaut", (301, 451))
+    kwargs = dict(points_per_side=5, crop_n_layers=1, **dict(RELAXED, crop_nms_thresh=1.0))
+    expected = OfficialGenerator(official, **kwargs).generate(image)
+    got = SamAutomaticMaskGenerator(ours, compile=True, max_chunk_pixels=3 * 301 * 451, **kwargs).generate(image)
+    assert_records_identical(expected, got)
+    assert len(got) >= 20
+
+
 def test_many_masks_survive_sharpened(sharpened):
     got = run_both(sharpened, photo("coffee"), points_per_side=8, **RELAXED)
     assert len(got) > 50

@@ -71,19 +71,61 @@ def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
     if masks.numel() == 0:
         return torch.zeros(*masks.shape[:-2], 4, device=masks.device, dtype=torch.long)
     shape = masks.shape
-    h, w = shape[-2:]
     masks = masks.flatten(0, -3) if masks.dim() > 2 else masks.unsqueeze(0)  # (N, H, W)
-    rows = torch.arange(h, device=masks.device)
-    cols = torch.arange(w, device=masks.device)
-    in_height = masks.amax(dim=-1)  # (N, H) row has any pixel
-    in_width = masks.amax(dim=-2)  # (N, W)
+    out = _boxes_from_projections(masks.amax(dim=-1), masks.amax(dim=-2))
+    return out.reshape(*shape[:-2], 4) if len(shape) > 2 else out[0]
+
+
+def _boxes_from_projections(in_height: torch.Tensor, in_width: torch.Tensor) -> torch.Tensor:
+    """XYXY boxes from whether each row (N, H) and each column (N, W) has a pixel -> (N, 4) int64."""
+    h, w = in_height.shape[-1], in_width.shape[-1]
+    rows = torch.arange(h, device=in_height.device)
+    cols = torch.arange(w, device=in_width.device)
     bottom = (in_height * rows).amax(dim=-1)
     top = (in_height * rows + h * ~in_height).amin(dim=-1)
     right = (in_width * cols).amax(dim=-1)
     left = (in_width * cols + w * ~in_width).amin(dim=-1)
     empty = (right < left) | (bottom < top)
-    out = torch.stack([left, top, right, bottom], dim=-1) * (~empty).unsqueeze(-1)
-    return out.reshape(*shape[:-2], 4) if len(shape) > 2 else out[0]
+    return torch.stack([left, top, right, bottom], dim=-1) * (~empty).unsqueeze(-1)
+
+
+def _threshold_reductions(masks: torch.Tensor, low: torch.Tensor, threshold: torch.Tensor,
+                          high: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """(M, H, W) logits and 0-dim thresholds of their dtype -> pixels above ``high`` (M,) int32,
+    above ``low`` (M,) int32, and whether each row (M, H) / column (M, W) has one above ``threshold``.
+    Integer counts and comparisons only, so a compiled (fused) version gives the same values."""
+    above_high = (masks > high).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+    above_low = (masks > low).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
+    binary = masks > threshold
+    return above_high, above_low, binary.amax(dim=-1), binary.amax(dim=-2)
+
+
+_compiled_reductions: Optional[Any] = None
+
+
+def mask_statistics(masks: torch.Tensor, mask_threshold: float, offset: float,
+                    compiled: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stability scores (M,) and XYXY boxes (M, 4) int64 of (M, H, W) logits: the values of
+    ``calculate_stability_score(masks, mask_threshold, offset)`` and
+    ``batched_mask_to_box(masks > mask_threshold)``.
+
+    ``compiled``: run the reductions as one ``torch.compile``d function (with ``dynamic=True``, so
+    the chunk and crop sizes share a compilation). Eager PyTorch makes five passes over the
+    full-resolution logits and writes three boolean copies of them; the compiled one reads them
+    about once. Same values either way: comparisons and integer counts only, with the thresholds
+    as 0-dim tensors of the logits' dtype, so every backend compares in that dtype (as eager
+    PyTorch does with the official Python floats).
+    """
+    global _compiled_reductions
+    reductions = _threshold_reductions
+    if compiled and masks.numel() > 0:
+        if _compiled_reductions is None:
+            _compiled_reductions = torch.compile(_threshold_reductions, dynamic=True)
+        reductions = _compiled_reductions
+    low, threshold, high = (torch.tensor(v, dtype=masks.dtype, device=masks.device)
+                            for v in (mask_threshold - offset, mask_threshold, mask_threshold + offset))
+    above_high, above_low, in_height, in_width = reductions(masks, low, threshold, high)
+    return above_high / above_low, _boxes_from_projections(in_height, in_width)
 
 
 def is_box_near_crop_edge(
