@@ -11,6 +11,8 @@ Reports, each next to the official package measured in the same process:
   preset (32x32 points, two crop layers: 21 encoder passes per image);
 - peak GPU memory of each measurement, ours/official ratios and, for every AMG run, how far our
   records are from the official ones (identical, or matched-mask IoU statistics);
+- the candidate filter of the heavy load (candidates upsampled to the image, stability scores and
+  boxes), ours eager and ``torch.compile``d (``compile=True``), checked identical to the official;
 - the host-side post-processing of the SA-1B preset (holes and islands under 100 px removed,
   then NMS) on 100 synthetic masks at 1500x2250: CPU work the pipeline's post-processing actors
   do per image, checked identical to the official output.
@@ -41,10 +43,10 @@ from .common import machine, sync
 PROFILES: Dict[str, Dict[str, Any]] = {
     "cuda": dict(encoder_models=["vit_b", "vit_h"], light_model="vit_h", heavy_model="vit_b",
                  sa1b_model="vit_h", image=(1500, 2250), points_per_side=32, batches=[1, 4, 8, 16],
-                 repeats=5, batch_images=8, postprocess_image=(1500, 2250)),
+                 repeats=5, batch_images=8, postprocess_image=(1500, 2250), filter_masks=192),
     "cpu": dict(encoder_models=["tiny"], light_model="tiny", heavy_model="tiny", sa1b_model="tiny",
                 image=(375, 563), points_per_side=8, batches=[1, 4], repeats=1, batch_images=2,
-                postprocess_image=(1500, 2250)),
+                postprocess_image=(1500, 2250), filter_masks=32),
 }
 # Issue targets on one H100 (vit_h unless said), checked in the summary when --device cuda.
 TARGETS = {"encoder_vit_h_img_s": 70.0, "amg_light_vit_h_img_s": 25.0, "amg_heavy_vit_b_s_img": 0.2,
@@ -155,8 +157,10 @@ def bench_encoder(model_type: str, device: str, batches: List[int], repeats: int
 
 # ------------------------------------------------------------------ mask generation
 def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str, Any], repeats: int,
-              official_repeats: int, batch_images: int, profile: bool = False) -> Dict[str, Any]:
-    """Official generator vs ours in exact (fp32) and fast (bf16, folded attention) mode."""
+              official_repeats: int, batch_images: int, profile: bool = False,
+              compile: bool = False) -> Dict[str, Any]:
+    """Official generator vs ours in exact (fp32) and fast (bf16, folded attention) mode; with
+    ``compile`` also fast mode with ``compile=True`` (several images per call)."""
     from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
 
     print(f"AMG {name}")
@@ -207,6 +211,23 @@ def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str,
     row["speedup"] = official_s / row["s_img"]
     result["ours_fast_batch"] = row
     print(f"  ours fast, {batch_images} images per call: " + json.dumps(row, default=str))
+    if compile:
+        gen = SamAutomaticMaskGenerator(ours, output_mode="binary_mask", mode="fast", compile=True,
+                                        encoder_batch_size=batch_images, **settings)
+        t0 = time.perf_counter()
+        gen.generate_batch(images)  # compiles
+        sync(device)
+        compile_s = time.perf_counter() - t0
+        with Peak(device) as peak:
+            seconds, got_compiled = median_time(lambda: gen.generate_batch(images), device,
+                                                max(1, repeats // 2), warmup=0)
+        row = {"images": batch_images, "s_img": seconds / batch_images, "img_s": batch_images / seconds,
+               "peak_gib": peak.gib, "masks": [len(r) for r in got_compiled], "first_call_s": compile_s,
+               "speedup": official_s / (seconds / batch_images)}
+        if expected is not None:
+            row["fidelity"] = compare_records(expected, got_compiled[0]).as_dict()
+        result["ours_fast_compiled_batch"] = row
+        print(f"  ours fast compiled, {batch_images} images per call: " + json.dumps(row, default=str))
     if profile:
         print_profile(gen, images, device)
     return result
@@ -302,14 +323,61 @@ def bench_postprocess(size: Tuple[int, int], count: int, repeats: int) -> Dict[s
     return out
 
 
+# ------------------------------------------------------------------ candidate filter
+def bench_filter(size: Tuple[int, int], count: int, repeats: int, device: str) -> Dict[str, Any]:
+    """The heavy load's main stage: ``count`` candidates' 256x256 logits upsampled to the image,
+    then stability scores and boxes. Official (``calculate_stability_score``,
+    ``batched_mask_to_box(masks > 0)``) against ours, eager and ``torch.compile``d
+    (``mask_statistics``); the upsampling is the same in all three and also timed alone."""
+    import torch.nn.functional as F
+    from segment_anything.utils import amg as official_amg
+
+    from sam_core.amg.masks import mask_statistics
+
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(count, 1, 264, 264, generator=gen) * 20
+    low_res = F.avg_pool2d(noise, 9, stride=1).to(device)  # (count, 1, 256, 256) smooth logits
+    h, w = size
+    input_size = (round(h * 1024 / max(h, w)), round(w * 1024 / max(h, w)))  # the encoder's resize
+
+    def upsample():  # Sam.postprocess_masks of both packages, encoder size 1024
+        x = F.interpolate(low_res, (1024, 1024), mode="bilinear", align_corners=False)
+        x = x[..., : input_size[0], : input_size[1]]
+        return F.interpolate(x, size, mode="bilinear", align_corners=False)[:, 0]
+
+    def official():
+        masks = upsample()
+        return official_amg.calculate_stability_score(masks, 0.0, 1.0), official_amg.batched_mask_to_box(masks > 0.0)
+
+    print(f"candidate filter: {count} masks upsampled to {h}x{w}, stability and boxes")
+    out: Dict[str, Any] = {"image": list(size), "masks": count}
+    upsample_s, _ = median_time(upsample, device, repeats)
+    official_s, expected = median_time(official, device, repeats)
+    t0 = time.perf_counter()
+    mask_statistics(upsample(), 0.0, 1.0, compiled=True)  # the first call compiles
+    sync(device)
+    out["compile_s"] = time.perf_counter() - t0
+    for name, compiled in (("ours_eager", False), ("ours_compiled", True)):
+        seconds, got = median_time(lambda: mask_statistics(upsample(), 0.0, 1.0, compiled=compiled), device, repeats)
+        identical = all(torch.equal(a.nan_to_num(-1), b.nan_to_num(-1)) for a, b in zip(expected, got))
+        out[name] = {"ms_per_mask": seconds / count * 1e3, "speedup": official_s / seconds,
+                     "reductions_speedup": (official_s - upsample_s) / max(seconds - upsample_s, 1e-9),
+                     "identical": identical}
+    out["official_ms_per_mask"] = official_s / count * 1e3
+    out["upsample_ms_per_mask"] = upsample_s / count * 1e3
+    print("  " + json.dumps(out))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sections", default="encoder,light,heavy,sa1b,postprocess",
-                    help="comma-separated: encoder, light, heavy, sa1b, postprocess")
+    ap.add_argument("--sections", default="encoder,light,heavy,sa1b,filter,postprocess",
+                    help="comma-separated: encoder, light, heavy, sa1b, filter, postprocess")
     ap.add_argument("--json", help="write every figure to this JSON file")
     ap.add_argument("--compile", action="store_true",
-                    help="also time a torch.compile'd bf16 encoder (batch 8 on GPU; compiling takes minutes)")
+                    help="also time a torch.compile'd bf16 encoder (batch 8 on GPU) and fast-mode AMG with "
+                         "compile=True (compiling takes minutes)")
     ap.add_argument("--models", help="comma-separated encoder model types (default: the device profile's)")
     ap.add_argument("--size", help="AMG image size HxW (default: the device profile's)")
     ap.add_argument("--points-per-side", type=int, help="AMG grid (default: the device profile's)")
@@ -343,12 +411,14 @@ def main(argv=None) -> None:
     if "light" in sections:
         amg.append(bench_amg(f"light {profile['light_model']}", *light_models, args.device, image, grid,
                              repeats, official_repeats=repeats,
-                             batch_images=profile["batch_images"], profile=args.profile))
+                             batch_images=profile["batch_images"], profile=args.profile,
+                             compile=args.compile))
     if "sa1b" in sections:
         settings = dict(SA1B_PRESET, points_per_side=profile["points_per_side"])
         amg.append(bench_amg(f"sa1b {profile['sa1b_model']} (light weights)", *light_models, args.device,
                              image, settings, max(1, repeats // 2), official_repeats=1,
-                             batch_images=profile["batch_images"], profile=args.profile))
+                             batch_images=profile["batch_images"], profile=args.profile,
+                             compile=args.compile))
     del light_models
     if "heavy" in sections:
         official, ours = models(profile["heavy_model"], args.device)
@@ -356,8 +426,11 @@ def main(argv=None) -> None:
         ours.load_state_dict(official.state_dict())
         amg.append(bench_amg(f"heavy {profile['heavy_model']}", official, ours, args.device, image, grid,
                              repeats, official_repeats=1,
-                             batch_images=profile["batch_images"], profile=args.profile))
+                             batch_images=profile["batch_images"], profile=args.profile,
+                             compile=args.compile))
     report["amg"] = amg
+    if "filter" in sections:
+        report["filter"] = bench_filter(profile["postprocess_image"], profile["filter_masks"], repeats, args.device)
     if "postprocess" in sections:
         report["postprocess"] = bench_postprocess(profile["postprocess_image"], 100, max(1, repeats // 2))
     if args.device.startswith("cuda"):
@@ -377,9 +450,8 @@ def targets(report: Dict[str, Any]) -> Dict[str, Any]:
             reached["encoder_vit_h_img_s"] = enc["best_bf16"]["ours_img_s"]
     peaks = []
     for run in report.get("amg", []):
-        fast = run["ours_fast"]
-        if run["ours_fast_batch"]["img_s"] > fast["img_s"]:
-            fast = run["ours_fast_batch"]
+        fast = max((run[k] for k in ("ours_fast", "ours_fast_batch", "ours_fast_compiled_batch") if k in run),
+                   key=lambda r: r["img_s"])
         peaks.append(fast["peak_gib"])
         if run["name"].startswith("light vit_h"):
             reached["amg_light_vit_h_img_s"] = fast["img_s"]
@@ -416,7 +488,18 @@ def summary(report: Dict[str, Any]) -> None:
         b = run["ours_fast_batch"]
         parts.append(f"fast, {b['images']} images per call {b['s_img']:.3f} s/img ({b['speedup']:.1f}x, "
                      f"{b['peak_gib']:.1f} GiB)")
+        if "ours_fast_compiled_batch" in run:
+            c = run["ours_fast_compiled_batch"]
+            parts.append(f"compiled {c['s_img']:.3f} s/img ({c['speedup']:.1f}x, {c['peak_gib']:.1f} GiB, "
+                         f"first call {c['first_call_s']:.0f} s)")
         print(f"AMG {run['name']}: " + "; ".join(parts))
+    if "filter" in report:
+        f = report["filter"]
+        print(f"candidate filter, {f['masks']} masks to {f['image'][0]}x{f['image'][1]}: official "
+              f"{f['official_ms_per_mask']:.2f} ms/mask (upsampling {f['upsample_ms_per_mask']:.2f}), ours eager "
+              f"{f['ours_eager']['ms_per_mask']:.2f} ({f['ours_eager']['speedup']:.2f}x), compiled "
+              f"{f['ours_compiled']['ms_per_mask']:.2f} ({f['ours_compiled']['speedup']:.2f}x; stability and "
+              f"boxes {f['ours_compiled']['reductions_speedup']:.2f}x; identical: {f['ours_compiled']['identical']})")
     if "postprocess" in report:
         p = report["postprocess"]
         print(f"post-processing (CPU), {p['masks']} masks {p['image'][0]}x{p['image'][1]}, small regions "
