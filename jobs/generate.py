@@ -27,7 +27,8 @@ from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core.amg import PRESETS
 
 AMG_FLAGS = ("points_per_side", "points_per_batch", "encoder_batch_size", "pred_iou_thresh", "stability_score_thresh",
-             "box_nms_thresh", "crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area")
+             "box_nms_thresh", "crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area",
+             "compile")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--images-per-batch", type=int, default=4,
                     help="images per generator call; their crops share encoder batches (default 4)")
     ap.add_argument("--encoder-batch-size", type=int, help="crops per encoder forward (default 4)")
+    ap.add_argument("--compile", action="store_true", default=None,
+                    help="torch.compile the candidate reductions (same masks) and, with --mode fast, the "
+                         "encoder; each model actor compiles once at its start (minutes for vit_h)")
     ap.add_argument("--workers", type=int, default=1, help="model actors, one model each (default 1)")
     ap.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default 0: CPU)")
     ap.add_argument("--num-cpus-per-worker", type=float, default=1.0,

@@ -10,8 +10,10 @@ from typing import Any, Dict, Mapping, Optional
 from .decode import DEFAULT_MAX_PIXELS
 
 
-# Generator settings that change speed and memory, not which masks come out.
-THROUGHPUT_SETTINGS = frozenset({"points_per_batch", "encoder_batch_size", "fast_points_per_batch", "max_chunk_pixels"})
+# Generator settings that change speed and memory, not which masks come out (in fast mode, batch
+# sizes and a compiled encoder change bf16 rounding only).
+THROUGHPUT_SETTINGS = frozenset({"points_per_batch", "encoder_batch_size", "fast_points_per_batch", "max_chunk_pixels",
+                                 "compile"})
 
 
 def model_id(model_type: str, checkpoint: Optional[str], seed: int) -> str:

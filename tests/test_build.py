@@ -115,6 +115,6 @@ def test_batch_sizes_do_not_change_the_settings_hash():
 
     base = PipelineConfig("in", "out", amg={"points_per_side": 8})
     faster = PipelineConfig("in", "out", amg={"points_per_side": 8, "encoder_batch_size": 16,
-                                              "points_per_batch": 256})
+                                              "points_per_batch": 256, "compile": True})
     other = PipelineConfig("in", "out", amg={"points_per_side": 16})
     assert base.settings_hash() == faster.settings_hash() != other.settings_hash()
