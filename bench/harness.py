@@ -430,7 +430,8 @@ def main(argv=None) -> None:
                              compile=args.compile))
     report["amg"] = amg
     if "filter" in sections:
-        report["filter"] = bench_filter(profile["postprocess_image"], profile["filter_masks"], repeats, args.device)
+        report["filter"] = bench_filter(profile["postprocess_image"], profile["filter_masks"], max(3, repeats),
+                                        args.device)
     if "postprocess" in sections:
         report["postprocess"] = bench_postprocess(profile["postprocess_image"], 100, max(1, repeats // 2))
     if args.device.startswith("cuda"):
