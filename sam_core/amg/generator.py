@@ -9,7 +9,9 @@ is done and how much of it:
 - stability, binarisation, boxes, uncropping and RLE run on survivors in chunks whose
   full-resolution size is bounded (``max_chunk_pixels``), with one host transfer per chunk;
 - crops are encoded several at a time (``encoder_batch_size``);
-- crop layers with no surviving mask do not crash.
+- crop layers with no surviving mask do not crash;
+- with ``compile=True`` the stability and box reductions run as one compiled function (same
+  values) and, in fast mode, the encoder is compiled too.
 
 ``mode="fast"`` adds bf16 autocast for encoder and decoder (the encoder's relative-position
 bias then folded into flash attention) and decodes the grid in larger batches
