@@ -6,6 +6,7 @@ encoder differs only in speed (one host transfer per batch instead of one per ma
 
 from __future__ import annotations
 
+import functools
 import math
 from itertools import product
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -89,11 +90,11 @@ def _boxes_from_projections(in_height: torch.Tensor, in_width: torch.Tensor) -> 
     return torch.stack([left, top, right, bottom], dim=-1) * (~empty).unsqueeze(-1)
 
 
-def _threshold_reductions(masks: torch.Tensor, low: torch.Tensor, threshold: torch.Tensor,
-                          high: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """(M, H, W) logits and 0-dim thresholds of their dtype -> pixels above ``high`` (M,) int32,
-    above ``low`` (M,) int32, and whether each row (M, H) / column (M, W) has one above ``threshold``.
-    Integer counts and comparisons only, so a compiled (fused) version gives the same values."""
+def _threshold_reductions(masks: torch.Tensor, low: Any, threshold: Any, high: Any) -> Tuple[torch.Tensor, ...]:
+    """(M, H, W) logits and three thresholds (floats, or 0-dim tensors of the logits' dtype) ->
+    pixels above ``high`` (M,) int32, above ``low`` (M,) int32, and whether each row (M, H) /
+    column (M, W) has one above ``threshold``. Integer counts and comparisons only, so a compiled
+    (fused) version gives the same values."""
     above_high = (masks > high).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
     above_low = (masks > low).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
     binary = masks > threshold
@@ -112,20 +113,26 @@ def mask_statistics(masks: torch.Tensor, mask_threshold: float, offset: float,
     ``compiled``: run the reductions as one ``torch.compile``d function (with ``dynamic=True``, so
     the chunk and crop sizes share a compilation). Eager PyTorch makes five passes over the
     full-resolution logits and writes three boolean copies of them; the compiled one reads them
-    about once. Same values either way: comparisons and integer counts only, with the thresholds
-    as 0-dim tensors of the logits' dtype, so every backend compares in that dtype (as eager
-    PyTorch does with the official Python floats).
+    about once. Same values either way: comparisons and integer counts only; the compiled one gets
+    the thresholds as 0-dim tensors of the logits' dtype, so whatever the backend it compares in
+    that dtype, as eager PyTorch does with the official Python floats.
     """
     global _compiled_reductions
-    reductions = _threshold_reductions
+    thresholds = (mask_threshold - offset, mask_threshold, mask_threshold + offset)
     if compiled and masks.numel() > 0:
         if _compiled_reductions is None:
             _compiled_reductions = torch.compile(_threshold_reductions, dynamic=True)
-        reductions = _compiled_reductions
-    low, threshold, high = (torch.tensor(v, dtype=masks.dtype, device=masks.device)
-                            for v in (mask_threshold - offset, mask_threshold, mask_threshold + offset))
-    above_high, above_low, in_height, in_width = reductions(masks, low, threshold, high)
+        reduced = _compiled_reductions(masks, *_threshold_tensors(thresholds, masks.dtype, masks.device))
+    else:
+        reduced = _threshold_reductions(masks, *thresholds)  # Python floats, as the official code
+    above_high, above_low, in_height, in_width = reduced
     return above_high / above_low, _boxes_from_projections(in_height, in_width)
+
+
+@functools.lru_cache(maxsize=16)
+def _threshold_tensors(values: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """0-dim tensors of ``values`` (made once per settings, so no host-to-device copy per chunk)."""
+    return tuple(torch.tensor(v, dtype=dtype, device=device) for v in values)
 
 
 def is_box_near_crop_edge(
