@@ -11,7 +11,7 @@ from .decode import DEFAULT_MAX_PIXELS
 
 
 # Generator settings that change speed and memory, not which masks come out (in fast mode, batch
-# sizes and a compiled encoder change bf16 rounding only).
+# sizes and a compiled encoder and decoder change bf16 rounding only).
 THROUGHPUT_SETTINGS = frozenset({"points_per_batch", "encoder_batch_size", "fast_points_per_batch", "max_chunk_pixels",
                                  "compile"})
 

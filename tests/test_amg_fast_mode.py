@@ -35,13 +35,16 @@ def test_fast_mode_fidelity(models, name, size):
 
 def test_fast_mode_compiled_fidelity(models):
     """``compile=True`` in fast mode compiles the encoder (batches of 2 and the last one of 1
-    here) and the candidate reductions; the masks stay within fast mode's fidelity bound."""
+    here), the decoder (prompt batches of 36 and 9, a varying number with survivors) and the
+    candidate reductions; the masks stay within fast mode's fidelity bound."""
     exact_model, fast_model = models
     image = photo("astronaut", (301, 451))
     settings = dict(points_per_side=6, crop_n_layers=1, **dict(RELAXED, crop_nms_thresh=1.0))
     exact = SamAutomaticMaskGenerator(exact_model, **settings).generate(image)
     gen = SamAutomaticMaskGenerator(fast_model, mode="fast", compile=True, encoder_batch_size=2, **settings)
     assert isinstance(gen.predictor._encoder, torch._dynamo.eval_frame.OptimizedModule)
+    for compiled in (gen._run_transformer, gen._masks_from_tokens):
+        assert hasattr(compiled, "_torchdynamo_orig_callable")
     f = compare_records(exact, gen.generate(image))
     print(f"fast compiled vs exact: {f.as_dict()}")
     assert f.reference_masks > 20
@@ -49,6 +52,8 @@ def test_fast_mode_compiled_fidelity(models):
     assert f.matched_at_0_9 >= 0.95
     exact_gen = SamAutomaticMaskGenerator(exact_model, compile=True, **settings)
     assert exact_gen.predictor._encoder is exact_model.image_encoder  # exact mode: official arithmetic
+    assert exact_gen._run_transformer == exact_model.mask_decoder.run_transformer
+    assert exact_gen._masks_from_tokens == exact_model.mask_decoder.masks_from_tokens
 
 
 def test_compare_records_is_discriminating(models):

@@ -11,7 +11,7 @@ is done and how much of it:
 - crops are encoded several at a time (``encoder_batch_size``);
 - crop layers with no surviving mask do not crash;
 - with ``compile=True`` the stability and box reductions run as one compiled function (same
-  values) and, in fast mode, the encoder is compiled too.
+  values) and, in fast mode, the encoder and the decoder are compiled too.
 
 ``mode="fast"`` adds bf16 autocast for encoder and decoder (the encoder's relative-position
 bias then folded into flash attention) and decodes the grid in larger batches
@@ -109,9 +109,10 @@ class SamAutomaticMaskGenerator:
         max_chunk_pixels: bound on full-resolution mask pixels held at once (memory cap).
         compile: ``torch.compile`` the stability and box reductions over the upsampled candidates
             (one fused pass instead of five; identical values) and, in fast mode only, the image
-            encoder (bf16 values then differ from eager by rounding; exact mode keeps the official
-            arithmetic). The first calls pay the compilation (seconds on CPU for the reductions,
-            minutes for a vit_h encoder on a GPU): for long runs, not one image.
+            encoder and the mask decoder (bf16 values then differ from eager by rounding; exact
+            mode keeps the official arithmetic). The first calls pay the compilation (seconds on
+            CPU for the reductions, a minute or more for the decoder on CPU and for a vit_h
+            encoder on a GPU): for long runs, not one image.
         """
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Give exactly one of points_per_side or point_grids.")
@@ -150,7 +151,16 @@ class SamAutomaticMaskGenerator:
             import cv2  # noqa: F401
 
         amp = torch.bfloat16 if mode == "fast" else None
-        self.predictor = SamPredictor(model, amp_dtype=amp, compile_encoder=bool(compile) and mode == "fast")
+        compile_model = bool(compile) and mode == "fast"
+        self.predictor = SamPredictor(model, amp_dtype=amp, compile_encoder=compile_model)
+        # The decoder's two halves as _process_batch calls them; compiled with the prompt batch
+        # dynamic (the grid's last batch and the prompts with a survivor vary in number).
+        decoder = model.mask_decoder
+        self._run_transformer = decoder.run_transformer
+        self._masks_from_tokens = decoder.masks_from_tokens
+        if compile_model:
+            self._run_transformer = torch.compile(decoder.run_transformer, dynamic=True)
+            self._masks_from_tokens = torch.compile(decoder.masks_from_tokens, dynamic=True)
         self.points_per_batch = points_per_batch
         # Prompts per decoder forward: the grid in few large batches in fast mode.
         self.decoder_batch = points_per_batch if mode == "exact" else max(points_per_batch, fast_points_per_batch)
@@ -296,7 +306,7 @@ class SamAutomaticMaskGenerator:
         with p._autocast():
             sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]),
                                                  boxes=None, masks=None)
-            hs, src = decoder.run_transformer(p.features, model.prompt_encoder.get_dense_pe(), sparse, dense)
+            hs, src = self._run_transformer(p.features, model.prompt_encoder.get_dense_pe(), sparse, dense)
             iou_preds = decoder.iou_from_tokens(hs)[:, 1:].float()  # (B, 3) multimask outputs
         # IoU filter first: it needs no pixels, and most candidates fail it. Masks are then
         # decoded only for prompts with a survivor, and upsampled only for survivors.
@@ -309,7 +319,7 @@ class SamAutomaticMaskGenerator:
         if not bool(prompts.any()):
             return _empty_candidates(device)
         with p._autocast():
-            low_res = decoder.masks_from_tokens(hs[prompts], src[prompts])[:, 1:].float()  # (K, 3, h, w)
+            low_res = self._masks_from_tokens(hs[prompts], src[prompts])[:, 1:].float()  # (K, 3, h, w)
         low_res = low_res[keep[prompts]]  # (M, h, w), row-major order as the official flatten
         iou_preds, points_t = iou_preds[keep], points_t[keep]  # (M,), (M, 2) float64
 
