@@ -39,9 +39,29 @@ def timeit(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1)
     return statistics.median(times)
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it has bf16 matrix instructions (which move CPU bf16
+    figures severalfold), e.g. "AMD EPYC (avx512_bf16)"."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return f"{name} ({', '.join(bf16)})" if bf16 else name
+
+
 def machine() -> Dict[str, object]:
     info: Dict[str, object] = {
         "torch": torch.__version__,
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
