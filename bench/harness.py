@@ -17,7 +17,8 @@ Reports, each next to the official package measured in the same process:
 - the host-side post-processing of the SA-1B preset (holes and islands under 100 px removed,
   then NMS) on 100 synthetic masks at 1500x2250: CPU work the pipeline's post-processing actors
   do per image, checked identical to the official output.
-Everything also goes to ``--json``.
+Everything also goes to ``--json``, rewritten after every section, so a run stopped by a time
+limit keeps the sections it finished.
 """
 
 from __future__ import annotations
@@ -401,11 +402,19 @@ def main(argv=None) -> None:
     image = photo(h, w)
     grid = dict(points_per_side=profile["points_per_side"])
     repeats = profile["repeats"]
+    amg: List[Dict[str, Any]] = []
+    report["amg"] = amg
+
+    def save() -> None:  # after every section too, so a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2, default=str)
 
     if "encoder" in sections:
-        report["encoder"] = [bench_encoder(m, args.device, profile["batches"], repeats, args.compile)
-                             for m in profile["encoder_models"]]
-    amg: List[Dict[str, Any]] = []
+        report["encoder"] = []
+        for m in profile["encoder_models"]:
+            report["encoder"].append(bench_encoder(m, args.device, profile["batches"], repeats, args.compile))
+            save()
     light_models = None
     if "light" in sections or "sa1b" in sections:
         light_models = models(profile["light_model"], args.device)
@@ -414,12 +423,14 @@ def main(argv=None) -> None:
                              repeats, official_repeats=repeats,
                              batch_images=profile["batch_images"], profile=args.profile,
                              compile=args.compile))
+        save()
     if "sa1b" in sections:
         settings = dict(SA1B_PRESET, points_per_side=profile["points_per_side"])
         amg.append(bench_amg(f"sa1b {profile['sa1b_model']} (light weights)", *light_models, args.device,
                              image, settings, max(1, repeats // 2), official_repeats=1,
                              batch_images=profile["batch_images"], profile=args.profile,
                              compile=args.compile))
+        save()
     del light_models
     if "heavy" in sections:
         official, ours = models(profile["heavy_model"], args.device)
@@ -429,18 +440,18 @@ def main(argv=None) -> None:
                              repeats, official_repeats=1,
                              batch_images=profile["batch_images"], profile=args.profile,
                              compile=args.compile))
-    report["amg"] = amg
+        save()
     if "filter" in sections:
         report["filter"] = bench_filter(profile["postprocess_image"], profile["filter_masks"], max(3, repeats),
                                         args.device)
+        save()
     if "postprocess" in sections:
         report["postprocess"] = bench_postprocess(profile["postprocess_image"], 100, max(1, repeats // 2))
     if args.device.startswith("cuda"):
         report["targets"] = targets(report)
     summary(report)
+    save()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
         print(f"wrote {args.json}")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import harness
 
 
@@ -31,3 +33,19 @@ def test_harness_writes_every_section(tmp_path, capsys):
     assert post["image"] == [120, 180] and post["identical"] and post["changed"] > 0
     assert post["official_s_img"] > 0 and post["ours_s_img"] > 0
     assert "== summary (cpu" in capsys.readouterr().out
+
+
+def test_harness_keeps_finished_sections_when_cut_short(tmp_path, monkeypatch):
+    """The JSON is written after each section: a run that dies later (a time limit, here an
+    error) still leaves the figures it measured."""
+    out = tmp_path / "h.json"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "bench_postprocess", killed)
+    with pytest.raises(KeyboardInterrupt):
+        harness.main(["--device", "cpu", "--sections", "filter,postprocess", "--size", "60x90",
+                      "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["filter"]["ours_eager"]["identical"] and "postprocess" not in report
