@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--encoder-batch-size", type=int, help="crops per encoder forward (default 4)")
     ap.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the candidate reductions (same masks) and, with --mode fast, the "
-                         "encoder and decoder; each model actor compiles once at its start (minutes for vit_h)")
+                         "encoder and decoder; each model actor compiles on its first images (minutes for vit_h)")
     ap.add_argument("--workers", type=int, default=1, help="model actors, one model each (default 1)")
     ap.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default 0: CPU)")
     ap.add_argument("--num-cpus-per-worker", type=float, default=1.0,
