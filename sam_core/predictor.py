@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .compiler_check import require_compiler
 from .modeling import Sam
 from .transforms import ResizeLongestSide
 
@@ -38,10 +39,13 @@ class SamPredictor:
         ``compile_encoder``: run the image encoder through ``torch.compile`` (fused LayerNorm,
         GELU and residual adds; the batch size is dynamic, so batches of 2 or more share one
         compilation and a batch of 1 has its own). The first encodes pay the compilation
-        (minutes for vit_h on a GPU); the values differ from eager by rounding, not bit for bit."""
+        (minutes for vit_h on a GPU); the values differ from eager by rounding, not bit for bit.
+        Without a system compiler for inductor it raises ``RuntimeError`` here, not at the first encode."""
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
         self.amp_dtype = amp_dtype
+        if compile_encoder:
+            require_compiler(next(sam_model.parameters()).device)
         self._encoder = torch.compile(sam_model.image_encoder) if compile_encoder else sam_model.image_encoder
         self.compile_encoder = bool(compile_encoder)
         self.reset_image()

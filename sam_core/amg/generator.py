@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torchvision.ops.boxes import batched_nms, box_area
 
+from ..compiler_check import require_compiler
 from ..modeling import Sam
 from ..predictor import ImageEmbedding, SamPredictor, check_image
 from .mask_data import MaskData
@@ -112,7 +113,8 @@ class SamAutomaticMaskGenerator:
             encoder and the mask decoder (bf16 values then differ from eager by rounding; exact
             mode keeps the official arithmetic). The first calls pay the compilation (seconds on
             CPU for the reductions, a minute or more for the decoder on CPU and for a vit_h
-            encoder on a GPU): for long runs, not one image.
+            encoder on a GPU): for long runs, not one image. Needs a system compiler for
+            inductor (C++ on CPU, C on CUDA): without one, ``RuntimeError`` here.
         """
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Give exactly one of points_per_side or point_grids.")
@@ -150,6 +152,8 @@ class SamAutomaticMaskGenerator:
         if min_mask_region_area > 0:
             import cv2  # noqa: F401
 
+        if compile:
+            require_compiler(next(model.parameters()).device)
         amp = torch.bfloat16 if mode == "fast" else None
         compile_model = bool(compile) and mode == "fast"
         self.predictor = SamPredictor(model, amp_dtype=amp, compile_encoder=compile_model)
