@@ -57,6 +57,7 @@ def test_dockerfile_installs_the_package():
     for folder in ("sam_core", "pipeline", "jobs"):
         assert f"COPY --chown=ray:users {folder} ./{folder}" in text
     assert "pip install --no-cache-dir -e ." in text and "torch" in text
+    assert "build-essential" in text  # --compile needs a compiler (sam_core.compiler_check)
 
 
 def test_raycluster_has_a_gpu_worker_group():
