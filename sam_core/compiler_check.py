@@ -31,6 +31,6 @@ def require_compiler(device: torch.device) -> None:
         need = "a C++ compiler (g++ or clang++, or $CXX), which inductor uses to build CPU kernels"
     if not found:
         raise RuntimeError(
-            f"compile=True needs {need}; none was found on this machine. Install one (Debian/Ubuntu: "
-            "apt-get install build-essential) or run without compile."
+            f"torch.compile (compile=True, compile_encoder=True) needs {need}; none was found on this "
+            "machine. Install one (Debian/Ubuntu: apt-get install build-essential) or run without compile."
         )

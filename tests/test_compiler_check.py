@@ -21,7 +21,7 @@ def test_no_cpp_compiler_is_reported_at_construction(model, monkeypatch):
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
     for mode in ("exact", "fast"):
-        with pytest.raises(RuntimeError, match=r"compile=True needs a C\+\+ compiler"):
+        with pytest.raises(RuntimeError, match=r"compile=True, compile_encoder=True\) needs a C\+\+ compiler"):
             SamAutomaticMaskGenerator(model, mode=mode, compile=True)
     with pytest.raises(RuntimeError, match=r"C\+\+ compiler"):
         SamPredictor(model, compile_encoder=True)
