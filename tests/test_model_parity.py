@@ -172,6 +172,41 @@ def test_sam_forward_matches(tiny_official, backend):
                                  backend, logits.numpy())
 
 
+def test_postprocess_masks_bit_identical_to_official():
+    """Upsampling only the low-res rows (or columns) that the crop to ``input_size`` keeps gives
+    the official logits bit for bit: every row count of both SAM factors (1024/256, the demo's
+    256/128) against upsampling everything, then whole postprocessing at random image sizes
+    (both orientations, square, 16-pixel sides) and a factor that is not a power of two."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from segment_anything.modeling import Sam as OfficialSam
+
+    from sam_core.modeling import Sam
+
+    gen = torch.Generator().manual_seed(0)
+    for size, low in ((1024, 256), (256, 128)):
+        factor = size // low
+        x = torch.randn(2, 1, low, low, generator=gen) * 5
+        full = F.interpolate(x, (size, size), mode="bilinear", align_corners=False)
+        for n in range(1, low + 1):
+            kept = factor * (n - 1)  # rows whose source rows lie within the first n
+            rows = F.interpolate(x[..., :n, :], (factor * n, size), mode="bilinear", align_corners=False)
+            cols = F.interpolate(x[..., :, :n], (size, factor * n), mode="bilinear", align_corners=False)
+            assert torch.equal(rows[..., :kept, :], full[..., :kept, :]), n
+            assert torch.equal(cols[..., :, :kept], full[..., :, :kept]), n
+    rng = np.random.default_rng(0)
+    shapes = [(1500, 2250), (2250, 1500), (700, 700), (16, 2000), (2000, 16)]
+    shapes += [tuple(int(v) for v in rng.integers(16, 2500, 2)) for _ in range(12)]
+    for size, low in ((1024, 256), (256, 128), (96, 32)):
+        model = SimpleNamespace(image_encoder=SimpleNamespace(img_size=size))
+        x = torch.randn(2, 3, low, low, generator=gen) * 5
+        for h, w in shapes:
+            input_size = ResizeLongestSide.get_preprocess_shape(h, w, size)
+            expected = OfficialSam.postprocess_masks(model, x, input_size, (h, w))
+            assert torch.equal(Sam.postprocess_masks(model, x, input_size, (h, w)), expected), (size, h, w)
+
+
 def test_resize_matches_official():
     image = photo("astronaut", (301, 451))
     ours, official = ResizeLongestSide(1024), OfficialResize(1024)

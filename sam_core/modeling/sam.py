@@ -82,9 +82,24 @@ class Sam(nn.Module):
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: Tuple[int, ...], original_size: Tuple[int, ...]
     ) -> torch.Tensor:
-        """BxCx256x256 logits -> BxCxHxW logits at ``original_size``, padding removed."""
+        """BxCx256x256 logits -> BxCxHxW logits at ``original_size``, padding removed.
+
+        The official values: upsampled to the square encoder input, cropped to ``input_size``,
+        upsampled to ``original_size``. The padding is not upsampled only to be cropped away:
+        when the square is a power-of-two multiple of the low-res side (4x in every SAM) and the
+        input fills it in one direction (as ``ResizeLongestSide`` makes it), only the low-res rows
+        (or columns) that the kept pixels read are upsampled, by the same factor, which gives
+        every kept pixel the same source positions, weights and inputs (checked bit for bit
+        against upsampling everything, for every row count, in ``tests/test_model_parity.py``).
+        """
         size = self.image_encoder.img_size
-        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+        low_h, low_w = masks.shape[-2:]
+        rows, out_h, cols, out_w = low_h, size, low_w, size
+        if input_size[1] == size:
+            rows, out_h = _rows_to_upsample(low_h, size, input_size[0])
+        elif input_size[0] == size:
+            cols, out_w = _rows_to_upsample(low_w, size, input_size[1])
+        masks = F.interpolate(masks[..., :rows, :cols], (out_h, out_w), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
@@ -94,3 +109,22 @@ class Sam(nn.Module):
         h, w = x.shape[-2:]
         size = self.image_encoder.img_size
         return F.pad(x, (0, size - w, 0, size - h))
+
+
+def _rows_to_upsample(low: int, size: int, keep: int) -> Tuple[int, int]:
+    """Low-res rows to upsample and the size to upsample them to, so that the first ``keep`` of
+    ``size`` upsampled rows come out as upsampling all ``low`` rows to ``size`` gives them.
+
+    With a power-of-two factor f = size / low, ``n`` rows upsampled to ``n * f`` have the same
+    scale, so output row i reads source position (i + 0.5) / f - 0.5 (exact in any precision, as
+    are its weights) and rows floor(.) and floor(.) + 1. The kept rows read at most row
+    ceil(keep / f), so n = that + 1 leaves the upper clamp (at row n - 1) untouched. Any other
+    factor: all rows, because the CPU kernel picks its code path by size and (factor 3,
+    measured) the paths round inexact weights differently; so it does, in the last bit, when
+    both directions are cut short to a few rows, hence one direction only (the caller's).
+    """
+    factor = size // low
+    if size % low != 0 or factor & (factor - 1) != 0:
+        return low, size
+    n = min(low, -(-keep // factor) + 1)
+    return n, n * factor
