@@ -60,6 +60,31 @@ def test_rle_matches_naive_official_and_round_trips():
     assert M.mask_to_rle(torch.zeros(0, 5, 5, dtype=torch.bool)) == []
 
 
+def test_rle_of_crop_masks_equals_rle_of_padded_masks():
+    """``mask_to_rle(crop_masks, crop_box, image_size)`` against the official RLE of the masks
+    padded to the image, for crops at every edge, spanning whole columns or rows, one pixel
+    wide or tall, and masks empty, full, sparse, dense, set on the crop's border."""
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        img_h, img_w = (int(v) for v in rng.integers(1, 14, 2))
+        y0 = int(rng.integers(0, img_h)) if rng.random() < 0.6 else 0
+        x0 = int(rng.integers(0, img_w)) if rng.random() < 0.6 else 0
+        y1 = int(rng.integers(y0 + 1, img_h + 1)) if rng.random() < 0.6 else img_h
+        x1 = int(rng.integers(x0 + 1, img_w + 1)) if rng.random() < 0.6 else img_w
+        h, w = y1 - y0, x1 - x0
+        density = rng.random((5, 1, 1)) * np.array([0.0, 1.0, 1.0, 1.0, 2.0])[:, None, None]
+        crops = rng.random((5, h, w)) < density  # masks 0 (empty) and 4 (full) included
+        if rng.random() < 0.5:
+            crops[1, [0, -1], :] = True  # top and bottom rows set: column-boundary changes
+        padded = np.zeros((5, img_h, img_w), dtype=bool)
+        padded[:, y0:y1, x0:x1] = crops
+        expected = official_amg.mask_to_rle_pytorch(torch.as_tensor(padded))
+        got = M.mask_to_rle(torch.as_tensor(crops), [x0, y0, x1, y1], (img_h, img_w))
+        assert got == expected, (trial, (x0, y0, x1, y1), (img_h, img_w))
+        assert M.mask_to_rle(torch.as_tensor(padded)) == expected
+    assert M.mask_to_rle(torch.zeros(0, 3, 4, dtype=torch.bool), [1, 1, 5, 4], (9, 9)) == []
+
+
 def test_stability_score_brute_force():
     logits = torch.randn(6, 23, 31) * 3
     got = M.calculate_stability_score(logits, 0.0, 1.0)

@@ -6,8 +6,9 @@ with ``attention_backend="reference"`` gives bit-identical records; what changes
 is done and how much of it:
 
 - the predicted-IoU filter runs on the low-res decoder output, so only survivors are upsampled;
-- stability, binarisation, boxes, uncropping and RLE run on survivors in chunks whose
-  full-resolution size is bounded (``max_chunk_pixels``), with one host transfer per chunk;
+- stability, binarisation, boxes and RLE run on survivors in chunks whose full-resolution
+  size is bounded (``max_chunk_pixels``), with one host transfer per chunk; a crop's masks are
+  run-length encoded as masks of the image without being padded to it;
 - crops are encoded several at a time (``encoder_batch_size``);
 - crop layers with no surviving mask do not crash;
 - with ``compile=True`` the stability and box reductions run as one compiled function (same
@@ -45,7 +46,6 @@ from .masks import (
     remove_small_regions,
     rle_to_mask,
     uncrop_boxes_xyxy,
-    uncrop_masks,
     uncrop_points,
 )
 
@@ -329,14 +329,15 @@ class SamAutomaticMaskGenerator:
 
         out = _empty_candidates(device)
         embedding = ImageEmbedding(None, p.input_size, p.original_size)
-        for part in self._chunks(low_res.shape[0], orig_size):
+        for part in self._chunks(low_res.shape[0], im_size):
             out.cat(self._filter(low_res[part], iou_preds[part], points_t[part], embedding, crop_box, orig_size))
         return out
 
-    def _chunks(self, n: int, orig_size: Tuple[int, int]) -> List[slice]:
-        """Slices of ``n`` masks whose full-resolution pixels stay under ``max_chunk_pixels``."""
-        # Full-resolution pixels per mask: the encoder-size intermediate or the image, if larger.
-        pixels = max(self.predictor.model.image_encoder.img_size**2, orig_size[0] * orig_size[1])
+    def _chunks(self, n: int, mask_size: Tuple[int, int]) -> List[slice]:
+        """Slices of ``n`` masks of ``mask_size`` (a crop's) whose full-resolution pixels stay
+        under ``max_chunk_pixels``."""
+        # Full-resolution pixels per mask: the encoder-size intermediate or the crop, if larger.
+        pixels = max(self.predictor.model.image_encoder.img_size**2, mask_size[0] * mask_size[1])
         chunk = max(1, self.max_chunk_pixels // pixels)
         return [slice(i, i + chunk) for i in range(0, n, chunk)]
 
@@ -366,9 +367,9 @@ class SamAutomaticMaskGenerator:
         threshold = self.predictor.model.mask_threshold
         for c in torch.unique(crop_idx).tolist():
             rows = (crop_idx == c).nonzero().flatten()
-            for part in self._chunks(len(rows), orig_size):
+            for part in self._chunks(len(rows), embeddings[c].original_size):
                 masks = self._upsample(data["low_res"][rows[part]], embeddings[c]) > threshold
-                encoded = mask_to_rle(uncrop_masks(masks, crop_boxes[c], *orig_size))
+                encoded = mask_to_rle(masks, crop_boxes[c], orig_size)  # of the image, from the crop
                 for row, rle in zip(rows[part].tolist(), encoded):
                     rles[row] = rle
         return rles

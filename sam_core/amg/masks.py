@@ -164,35 +164,47 @@ def uncrop_points(points: torch.Tensor, crop_box: Sequence[int]) -> torch.Tensor
     return points + torch.tensor([[x0, y0]], device=points.device)
 
 
-def uncrop_masks(masks: torch.Tensor, crop_box: Sequence[int], orig_h: int, orig_w: int) -> torch.Tensor:
-    """NxhXw crop masks -> NxHxW image masks, zero outside the crop."""
-    x0, y0, x1, y1 = crop_box
-    if x0 == 0 and y0 == 0 and x1 == orig_w and y1 == orig_h:
-        return masks
-    pad_x, pad_y = orig_w - (x1 - x0), orig_h - (y1 - y0)
-    return torch.nn.functional.pad(masks, (x0, pad_x - x0, y0, pad_y - y0), value=0)
-
-
 # ------------------------------------------------------------------ RLE
-def mask_to_rle(masks: torch.Tensor) -> List[Rle]:
+def mask_to_rle(masks: torch.Tensor, crop_box: Optional[Sequence[int]] = None,
+                image_size: Optional[Tuple[int, int]] = None) -> List[Rle]:
     """NxHxW boolean masks -> N uncompressed RLEs, with one device-to-host transfer in all.
 
-    Runs alternate starting with background (a leading 0 when the first pixel is set).
+    With ``crop_box`` (XYXY) and ``image_size`` (H, W) the masks are crops (N x y1-y0 x x1-x0)
+    and the RLEs are of the image, background outside the crop: the RLEs of the masks padded
+    to the image, without building image-size masks. Runs alternate starting with background
+    (a leading 0 when the first pixel is set), column by column.
     """
     n, h, w = masks.shape
     if n == 0:
         return []
-    flat = masks.permute(0, 2, 1).flatten(1)  # column-major, (N, H*W)
-    change = (flat[:, 1:] ^ flat[:, :-1]).nonzero()  # (K, 2): mask index, position
-    first = flat[:, 0]
-    change, first = change.cpu().numpy(), first.cpu().numpy()  # the one transfer
-    bounds = np.searchsorted(change[:, 0], np.arange(n + 1))
+    x0, y0 = (int(crop_box[0]), int(crop_box[1])) if crop_box is not None else (0, 0)
+    img_h, img_w = image_size if image_size is not None else (h, w)
+    pixels = img_h * img_w
+    # Changes in column-major order, found in the masks' own layout: within each column
+    # (between rows r - 1 and r), from the background above the top row, and into the
+    # background below the bottom row. Each is placed at the image's column-major index of the
+    # pixel after it.
+    inner = (masks[:, 1:, :] ^ masks[:, :-1, :]).nonzero()  # (K, 3): mask, r - 1, column
+    top = masks[:, 0, :].nonzero()  # (T, 2): mask, column
+    bottom = masks[:, -1, :].nonzero()  # (B, 2)
+    index = torch.cat([inner[:, 0], top[:, 0], bottom[:, 0]])
+    row = torch.cat([inner[:, 1] + 1, torch.zeros_like(top[:, 0]), torch.full_like(bottom[:, 0], h)])
+    col = torch.cat([inner[:, 2], top[:, 1], bottom[:, 1]])
+    keys = index * (pixels + 1) + (x0 + col) * img_h + y0 + row
+    # A crop spanning whole columns puts a column's bottom change and the next column's top
+    # change at the same index: together they are one change if the two pixels differ, i.e.
+    # if exactly one of them was found. Drop pairs.
+    keys, repeats = torch.unique_consecutive(keys.sort().values, return_counts=True)
+    keys = keys[repeats % 2 == 1].cpu().numpy()  # the one transfer
+    index, positions = np.divmod(keys, pixels + 1)
+    bounds = np.searchsorted(index, np.arange(n + 1))
     out = []
     for i in range(n):
-        idx = change[bounds[i] : bounds[i + 1], 1] + 1
-        edges = np.concatenate(([0], idx, [h * w]))
-        counts = np.diff(edges).tolist()
-        out.append({"size": [h, w], "counts": ([0] + counts) if first[i] else counts})
+        change = positions[bounds[i] : bounds[i + 1]]
+        if change.size and change[-1] == pixels:  # the last pixel is set: its run ends there
+            change = change[:-1]
+        counts = np.diff(np.concatenate(([0], change, [pixels]))).tolist()
+        out.append({"size": [img_h, img_w], "counts": counts})
     return out
 
 
