@@ -180,16 +180,14 @@ def mask_to_rle(masks: torch.Tensor, crop_box: Optional[Sequence[int]] = None,
     x0, y0 = (int(crop_box[0]), int(crop_box[1])) if crop_box is not None else (0, 0)
     img_h, img_w = image_size if image_size is not None else (h, w)
     pixels = img_h * img_w
-    # Changes in column-major order, found in the masks' own layout: within each column
-    # (between rows r - 1 and r), from the background above the top row, and into the
-    # background below the bottom row. Each is placed at the image's column-major index of the
-    # pixel after it.
-    inner = (masks[:, 1:, :] ^ masks[:, :-1, :]).nonzero()  # (K, 3): mask, r - 1, column
-    top = masks[:, 0, :].nonzero()  # (T, 2): mask, column
-    bottom = masks[:, -1, :].nonzero()  # (B, 2)
-    index = torch.cat([inner[:, 0], top[:, 0], bottom[:, 0]])
-    row = torch.cat([inner[:, 1] + 1, torch.zeros_like(top[:, 0]), torch.full_like(bottom[:, 0], h)])
-    col = torch.cat([inner[:, 2], top[:, 1], bottom[:, 1]])
+    # Changes found in the masks' own layout, one column at a time: change[:, r, c] says pixel
+    # (r, c) differs from the one above it, the top row's from background and, at r = h, the
+    # background below from the bottom row. Each is keyed by its mask and the image's
+    # column-major index of the pixel after it, so sorting the keys gives RLE order.
+    change = torch.empty(n, h + 1, w, dtype=torch.bool, device=masks.device)
+    change[:, 0], change[:, h] = masks[:, 0], masks[:, -1]
+    torch.bitwise_xor(masks[:, 1:], masks[:, :-1], out=change[:, 1:h])
+    index, row, col = change.nonzero().unbind(1)
     keys = index * (pixels + 1) + (x0 + col) * img_h + y0 + row
     # A crop spanning whole columns puts a column's bottom change and the next column's top
     # change at the same index: together they are one change if the two pixels differ, i.e.
