@@ -14,6 +14,8 @@ Reports, each next to the official package measured in the same process:
   records are from the official ones (identical, or matched-mask IoU statistics);
 - the candidate filter of the heavy load (candidates upsampled to the image, stability scores and
   boxes), ours eager and ``torch.compile``d (``compile=True``), checked identical to the official;
+- the run-length encoding of an image's kept masks with the SA-1B preset's 21 crops, checked
+  identical to the official RLEs;
 - the host-side post-processing of the SA-1B preset (holes and islands under 100 px removed,
   then NMS) on 100 synthetic masks at 1500x2250: CPU work the pipeline's post-processing actors
   do per image, checked identical to the official output.
@@ -325,9 +327,12 @@ def bench_filter(size: Tuple[int, int], count: int, repeats: int, device: str) -
     """The heavy load's main stage: ``count`` candidates' 256x256 logits upsampled to the image,
     then stability scores and boxes. Official (``calculate_stability_score``,
     ``batched_mask_to_box(masks > 0)``) against ours, eager and ``torch.compile``d
-    (``mask_statistics``); the upsampling is the same in all three and also timed alone."""
+    (``mask_statistics``); the upsampling (official, and ours, which skips the padding's rows;
+    checked identical) is also timed alone."""
     import torch.nn.functional as F
     from segment_anything.utils import amg as official_amg
+
+    from segment_anything.modeling import Sam as OfficialSam
 
     from sam_core.amg.masks import mask_statistics
     from sam_core.modeling import Sam
@@ -340,16 +345,22 @@ def bench_filter(size: Tuple[int, int], count: int, repeats: int, device: str) -
     input_size = ResizeLongestSide.get_preprocess_shape(h, w, 1024)
     encoder_1024 = SimpleNamespace(image_encoder=SimpleNamespace(img_size=1024))  # what it reads
 
-    def upsample():  # the postprocessing of both packages, for an encoder of input size 1024
+    def upsample():  # our postprocessing (crop first), for an encoder of input size 1024
         return Sam.postprocess_masks(encoder_1024, low_res, input_size, size)[:, 0]
 
+    def official_upsample():
+        return OfficialSam.postprocess_masks(encoder_1024, low_res, input_size, size)[:, 0]
+
     def official():
-        masks = upsample()
+        masks = official_upsample()
         return official_amg.calculate_stability_score(masks, 0.0, 1.0), official_amg.batched_mask_to_box(masks > 0.0)
 
     print(f"candidate filter: {count} masks upsampled to {h}x{w}, stability and boxes")
     out: Dict[str, Any] = {"image": list(size), "masks": count}
-    upsample_s, _ = median_time(upsample, device, repeats)
+    official_upsample_s, official_masks = median_time(official_upsample, device, repeats)
+    upsample_s, masks = median_time(upsample, device, repeats)
+    out["upsample_identical"] = torch.equal(official_masks, masks)
+    del official_masks, masks
     official_s, expected = median_time(official, device, repeats)
     t0 = time.perf_counter()
     mask_statistics(upsample(), 0.0, 1.0, compiled=True)  # the first call compiles
@@ -359,10 +370,43 @@ def bench_filter(size: Tuple[int, int], count: int, repeats: int, device: str) -
         seconds, got = median_time(lambda: mask_statistics(upsample(), 0.0, 1.0, compiled=compiled), device, repeats)
         identical = all(torch.equal(a.nan_to_num(-1), b.nan_to_num(-1)) for a, b in zip(expected, got))
         out[name] = {"ms_per_mask": seconds / count * 1e3, "speedup": official_s / seconds,
-                     "reductions_speedup": (official_s - upsample_s) / max(seconds - upsample_s, 1e-9),
+                     "reductions_speedup": (official_s - official_upsample_s) / max(seconds - upsample_s, 1e-9),
                      "identical": identical}
     out["official_ms_per_mask"] = official_s / count * 1e3
+    out["official_upsample_ms_per_mask"] = official_upsample_s / count * 1e3
     out["upsample_ms_per_mask"] = upsample_s / count * 1e3
+    print("  " + json.dumps(out))
+    return out
+
+
+# ------------------------------------------------------------------ RLE of the kept masks
+def bench_rle(size: Tuple[int, int], per_crop: int, repeats: int, device: str) -> Dict[str, Any]:
+    """Run-length encoding of the kept masks of one image with the SA-1B preset's 21 crops
+    (``per_crop`` synthetic masks in each, as binary masks at the crop's size on ``device``):
+    official (each padded to the image, then ``mask_to_rle_pytorch``) against ours
+    (``mask_to_rle`` of the crop masks into the image's RLEs, one host transfer per crop)."""
+    from segment_anything.utils import amg as official_amg
+
+    from sam_core.amg.masks import generate_crop_boxes, mask_to_rle
+
+    h, w = size
+    boxes, _ = generate_crop_boxes(size, SA1B_PRESET["crop_n_layers"], SA1B_PRESET["crop_overlap_ratio"])
+    crops = [torch.as_tensor(synthetic_masks(y1 - y0, x1 - x0, per_crop, seed=i)).to(device)
+             for i, (x0, y0, x1, y1) in enumerate(boxes)]
+
+    def official():
+        return [r for m, box in zip(crops, boxes)
+                for r in official_amg.mask_to_rle_pytorch(official_amg.uncrop_masks(m, box, h, w))]
+
+    def ours():
+        return [r for m, box in zip(crops, boxes) for r in mask_to_rle(m, box, size)]
+
+    count = per_crop * len(boxes)
+    print(f"RLE of {count} kept masks ({per_crop} in each of {len(boxes)} crops) at {h}x{w}")
+    official_s, expected = median_time(official, device, repeats)
+    ours_s, got = median_time(ours, device, repeats)
+    out = {"image": list(size), "masks": count, "crops": len(boxes), "official_s_img": official_s,
+           "ours_s_img": ours_s, "speedup": official_s / ours_s, "identical": got == expected}
     print("  " + json.dumps(out))
     return out
 
@@ -370,8 +414,8 @@ def bench_filter(size: Tuple[int, int], count: int, repeats: int, device: str) -
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sections", default="encoder,light,heavy,sa1b,filter,postprocess",
-                    help="comma-separated: encoder, light, heavy, sa1b, filter, postprocess")
+    ap.add_argument("--sections", default="encoder,light,heavy,sa1b,filter,rle,postprocess",
+                    help="comma-separated: encoder, light, heavy, sa1b, filter, rle, postprocess")
     ap.add_argument("--json", help="write every figure to this JSON file")
     ap.add_argument("--compile", action="store_true",
                     help="also time a torch.compile'd bf16 encoder (batch 8 on GPU) and fast-mode AMG with "
@@ -445,6 +489,9 @@ def main(argv=None) -> None:
         report["filter"] = bench_filter(profile["postprocess_image"], profile["filter_masks"], max(3, repeats),
                                         args.device)
         save()
+    if "rle" in sections:
+        report["rle"] = bench_rle(profile["postprocess_image"], 5, max(1, repeats), args.device)
+        save()
     if "postprocess" in sections:
         report["postprocess"] = bench_postprocess(profile["postprocess_image"], 100, max(1, repeats // 2))
     if args.device.startswith("cuda"):
@@ -509,10 +556,16 @@ def summary(report: Dict[str, Any]) -> None:
     if "filter" in report:
         f = report["filter"]
         print(f"candidate filter, {f['masks']} masks to {f['image'][0]}x{f['image'][1]}: official "
-              f"{f['official_ms_per_mask']:.2f} ms/mask (upsampling {f['upsample_ms_per_mask']:.2f}), ours eager "
+              f"{f['official_ms_per_mask']:.2f} ms/mask (upsampling {f['official_upsample_ms_per_mask']:.2f}; ours "
+              f"{f['upsample_ms_per_mask']:.2f}, identical: {f['upsample_identical']}), ours eager "
               f"{f['ours_eager']['ms_per_mask']:.2f} ({f['ours_eager']['speedup']:.2f}x), compiled "
               f"{f['ours_compiled']['ms_per_mask']:.2f} ({f['ours_compiled']['speedup']:.2f}x; stability and "
               f"boxes {f['ours_compiled']['reductions_speedup']:.2f}x; identical: {f['ours_compiled']['identical']})")
+    if "rle" in report:
+        r = report["rle"]
+        print(f"RLE of the kept masks, {r['masks']} in {r['crops']} crops at {r['image'][0]}x{r['image'][1]}: "
+              f"official {r['official_s_img']:.3f} s/img, ours {r['ours_s_img']:.3f} s/img "
+              f"({r['speedup']:.1f}x, identical: {r['identical']})")
     if "postprocess" in report:
         p = report["postprocess"]
         print(f"post-processing (CPU), {p['masks']} masks {p['image'][0]}x{p['image'][1]}, small regions "

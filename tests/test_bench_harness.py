@@ -11,7 +11,7 @@ from bench import harness
 
 def test_harness_writes_every_section(tmp_path, capsys):
     out = tmp_path / "h.json"
-    harness.main(["--device", "cpu", "--sections", "encoder,light,sa1b,filter,postprocess", "--size", "120x180",
+    harness.main(["--device", "cpu", "--sections", "encoder,light,sa1b,filter,rle,postprocess", "--size", "120x180",
                   "--points-per-side", "4", "--repeats", "1", "--json", str(out)])
     report = json.loads(out.read_text())
     enc = report["encoder"][0]
@@ -28,7 +28,9 @@ def test_harness_writes_every_section(tmp_path, capsys):
     assert sa1b["ours_fast"]["masks"] == 0
     filt = report["filter"]
     assert filt["image"] == [120, 180] and filt["official_ms_per_mask"] > 0
-    assert filt["ours_eager"]["identical"] and filt["ours_compiled"]["identical"]
+    assert filt["ours_eager"]["identical"] and filt["ours_compiled"]["identical"] and filt["upsample_identical"]
+    rle = report["rle"]
+    assert rle["image"] == [120, 180] and rle["crops"] == 21 and rle["masks"] == 105 and rle["identical"]
     post = report["postprocess"]
     assert post["image"] == [120, 180] and post["identical"] and post["changed"] > 0
     assert post["official_s_img"] > 0 and post["ours_s_img"] > 0
