@@ -198,10 +198,10 @@ def mask_to_rle(masks: torch.Tensor, crop_box: Optional[Sequence[int]] = None,
     bounds = np.searchsorted(index, np.arange(n + 1))
     out = []
     for i in range(n):
-        change = positions[bounds[i] : bounds[i + 1]]
-        if change.size and change[-1] == pixels:  # the last pixel is set: its run ends there
-            change = change[:-1]
-        counts = np.diff(np.concatenate(([0], change, [pixels]))).tolist()
+        starts = positions[bounds[i] : bounds[i + 1]]  # where each run after the first begins
+        if starts.size and starts[-1] == pixels:  # the last pixel is set: its run ends there
+            starts = starts[:-1]
+        counts = np.diff(np.concatenate(([0], starts, [pixels]))).tolist()
         out.append({"size": [img_h, img_w], "counts": counts})
     return out
 
