@@ -83,6 +83,12 @@ def test_rle_of_crop_masks_equals_rle_of_padded_masks():
         assert got == expected, (trial, (x0, y0, x1, y1), (img_h, img_w))
         assert M.mask_to_rle(torch.as_tensor(padded)) == expected
     assert M.mask_to_rle(torch.zeros(0, 3, 4, dtype=torch.bool), [1, 1, 5, 4], (9, 9)) == []
+    masks = torch.ones(2, 3, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="together"):
+        M.mask_to_rle(masks, [1, 1, 5, 4])
+    for box, size in (([1, 1, 5, 5], (9, 9)), ([6, 1, 10, 4], (9, 9)), ([-1, 0, 3, 3], (9, 9))):
+        with pytest.raises(ValueError, match="do not fit"):
+            M.mask_to_rle(masks, box, size)
 
 
 def test_stability_score_brute_force():

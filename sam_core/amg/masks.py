@@ -175,10 +175,15 @@ def mask_to_rle(masks: torch.Tensor, crop_box: Optional[Sequence[int]] = None,
     (a leading 0 when the first pixel is set), column by column.
     """
     n, h, w = masks.shape
+    if (crop_box is None) != (image_size is None):
+        raise ValueError("Give crop_box and image_size together (or neither).")
+    x0, y0, x1, y1 = (int(v) for v in crop_box) if crop_box is not None else (0, 0, w, h)
+    img_h, img_w = (int(v) for v in image_size) if image_size is not None else (h, w)
+    if (y1 - y0, x1 - x0) != (h, w) or min(x0, y0) < 0 or x1 > img_w or y1 > img_h:
+        raise ValueError(f"Masks of {h}x{w} do not fit crop box {[x0, y0, x1, y1]} (XYXY) "
+                         f"in an image of {img_h}x{img_w}.")
     if n == 0:
         return []
-    x0, y0 = (int(crop_box[0]), int(crop_box[1])) if crop_box is not None else (0, 0)
-    img_h, img_w = image_size if image_size is not None else (h, w)
     pixels = img_h * img_w
     # Changes found in the masks' own layout, one column at a time: change[:, r, c] says pixel
     # (r, c) differs from the one above it, the top row's from background and, at r = h, the
