@@ -330,9 +330,8 @@ def bench_filter(size: Tuple[int, int], count: int, repeats: int, device: str) -
     (``mask_statistics``); the upsampling (official, and ours, which skips the padding's rows;
     checked identical) is also timed alone."""
     import torch.nn.functional as F
-    from segment_anything.utils import amg as official_amg
-
     from segment_anything.modeling import Sam as OfficialSam
+    from segment_anything.utils import amg as official_amg
 
     from sam_core.amg.masks import mask_statistics
     from sam_core.modeling import Sam
