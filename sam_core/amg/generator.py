@@ -313,19 +313,27 @@ class SamAutomaticMaskGenerator:
             hs, src = self._run_transformer(p.features, model.prompt_encoder.get_dense_pe(), sparse, dense)
             iou_preds = decoder.iou_from_tokens(hs)[:, 1:].float()  # (B, 3) multimask outputs
         # IoU filter first: it needs no pixels, and most candidates fail it. Masks are then
-        # decoded only for prompts with a survivor, and upsampled only for survivors.
+        # decoded only for prompts with a survivor, and upsampled only for survivors. Rows are
+        # picked by index tensors (two nonzeros: the batch's only host syncs besides one per
+        # chunk in _filter) rather than by boolean masks (a sync each on a GPU).
         if self.pred_iou_thresh > 0.0:
             keep = iou_preds > self.pred_iou_thresh
         else:
             keep = torch.ones_like(iou_preds, dtype=torch.bool)
-        prompts = keep.any(dim=1)
-        points_t = torch.as_tensor(points, device=device)[:, None, :].expand(-1, keep.shape[1], -1)
-        if not bool(prompts.any()):
+        prompts = keep.any(dim=1).nonzero().flatten()  # (K,) prompts with a survivor
+        if prompts.numel() == 0:
             return _empty_candidates(device)
         with p._autocast():
-            low_res = self._masks_from_tokens(hs[prompts], src[prompts])[:, 1:].float()  # (K, 3, h, w)
-        low_res = low_res[keep[prompts]]  # (M, h, w), row-major order as the official flatten
-        iou_preds, points_t = iou_preds[keep], points_t[keep]  # (M,), (M, 2) float64
+            # Indexing (not index_select) keeps src's memory layout, and with it the convolution's
+            # arithmetic, as the official code has it.
+            logits = self._masks_from_tokens(hs[prompts], src[prompts])
+        # Survivors in row-major (prompt, output) order, as the official flatten.
+        kept = keep[prompts].flatten().nonzero().flatten()  # (M,) into (K, 3)
+        outputs = keep.shape[1]
+        prompt, output = kept // outputs, kept % outputs
+        low_res = logits[prompt, output + 1].float()  # (M, h, w)
+        iou_preds = iou_preds[prompts[prompt], output]  # (M,)
+        points_t = torch.as_tensor(points, device=device)[prompts[prompt]]  # (M, 2) float64
 
         out = _empty_candidates(device)
         embedding = ImageEmbedding(None, p.input_size, p.original_size)
@@ -356,8 +364,9 @@ class SamAutomaticMaskGenerator:
             keep = stability >= self.stability_score_thresh
         orig_h, orig_w = orig_size
         keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
-        return MaskData(iou_preds=iou_preds[keep], points=points[keep], stability_score=stability[keep],
-                        boxes=boxes[keep], low_res=low_res[keep])
+        data = MaskData(iou_preds=iou_preds, points=points, stability_score=stability, boxes=boxes, low_res=low_res)
+        data.filter(keep)  # one nonzero for the five columns
+        return data
 
     def _encode(self, data: MaskData, crop_boxes: List[List[int]], embeddings: List[ImageEmbedding],
                 orig_size: Tuple[int, int]) -> List[Dict[str, Any]]:

@@ -53,11 +53,13 @@ class MaskData:
         """Keep rows by boolean mask or index tensor (indices also set the order)."""
         keep = torch.as_tensor(keep)
         idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
-        idx_list = idx.tolist()
+        idx_list = None  # on the host only if a column needs it (a sync when idx is on a GPU)
         for k, v in self._columns.items():
             if isinstance(v, torch.Tensor):
                 self._columns[k] = v[idx.to(v.device)]
-            elif isinstance(v, np.ndarray):
+                continue
+            idx_list = idx.tolist() if idx_list is None else idx_list
+            if isinstance(v, np.ndarray):
                 self._columns[k] = v[np.asarray(idx_list, dtype=np.int64)]
             else:
                 self._columns[k] = [v[i] for i in idx_list]
