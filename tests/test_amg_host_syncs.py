@@ -2,9 +2,10 @@
 
 On a GPU every call that needs a tensor's values or a data-dependent shape on the host (a
 boolean-mask selection, ``nonzero``, ``item``, ``tolist``...) waits for the device to drain.
-The decoder batches and the filter chunks are the generator's innermost loops, so their count
-of such calls is fixed here: 2 per decoder batch with survivors plus 1 per filter chunk, and 1
-per batch without. Counted with a ``TorchFunctionMode``, so it needs no GPU.
+The decoder batches, the filter chunks and the RLE chunks are the generator's innermost loops,
+so their count of such calls is fixed here: 2 per decoder batch with survivors plus 1 per filter
+chunk, 1 per batch without; 1 per image to group the kept masks by crop plus 2 per RLE chunk.
+Counted with a ``TorchFunctionMode``, so it needs no GPU.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from sam_core import SamAutomaticMaskGenerator
+from sam_core.amg import generator as generator_module
 
 from .conftest import official_sam, ours_from, photo, sharpen
 
-# Tensor methods and functions that block on the device (when the tensor is on one).
+# Tensor methods and functions that block on the device (when the tensor is on one). Not
+# ``numpy``: a device tensor needs ``cpu()`` first, which is counted.
 SYNCING = {"nonzero", "argwhere", "tolist", "item", "__bool__", "__int__", "__float__", "__index__",
-           "cpu", "numpy", "unique", "unique_consecutive", "masked_select"}
+           "cpu", "unique", "unique_consecutive", "masked_select"}
 
 
 def _is_bool_index(index) -> bool:
@@ -51,29 +54,38 @@ def test_counter_sees_syncs():
     assert syncs.count == 5
 
 
-def batch_syncs(gen: SamAutomaticMaskGenerator, image) -> List[Tuple[int, int, int]]:
-    """(host syncs, filter chunks, candidates kept) of every decoder batch of ``gen.generate(image)``."""
-    syncs, batches, chunks = HostSyncs(), [], [0]
-    process_batch, filter_chunk = gen._process_batch, gen._filter
-
-    def counted_filter(*args):
-        chunks[0] += 1
-        return filter_chunk(*args)
-
-    def counted_batch(*args):
-        before, chunks[0] = syncs.count, 0
-        out = process_batch(*args)
-        batches.append((syncs.count - before, chunks[0], len(out)))
+def counted(syncs: HostSyncs, calls: List[Tuple[int, int, int]], fn, inner: List[int]):
+    """``fn`` recording (host syncs, calls counted in ``inner[0]`` meanwhile, rows out) per call."""
+    def wrapper(*args):
+        before, inner[0] = syncs.count, 0
+        out = fn(*args)
+        calls.append((syncs.count - before, inner[0], len(out)))
         return out
+    return wrapper
 
-    gen._process_batch, gen._filter = counted_batch, counted_filter
+
+def tally(fn, inner: List[int]):
+    def wrapper(*args, **kwargs):
+        inner[0] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def generate_counting_syncs(gen: SamAutomaticMaskGenerator, image, monkeypatch):
+    """(host syncs, filter chunks, candidates kept) of every decoder batch and (host syncs, RLE
+    chunks, masks) of every image's encoding, in ``gen.generate(image)``."""
+    syncs, batches, encodings, filters, rles = HostSyncs(), [], [], [0], [0]
+    gen._filter = tally(gen._filter, filters)
+    gen._process_batch = counted(syncs, batches, gen._process_batch, filters)
+    monkeypatch.setattr(generator_module, "mask_to_rle", tally(generator_module.mask_to_rle, rles))
+    gen._encode = counted(syncs, encodings, gen._encode, rles)
     with syncs:
         gen.generate(image)
-    return batches
+    return batches, encodings
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_host_syncs_per_decoder_batch(mode):
+def test_host_syncs_per_decoder_batch_and_rle_chunk(mode, monkeypatch):
     model = ours_from(sharpen(official_sam("tiny", perturb=0.0)), "tiny")
     image = photo("astronaut", (301, 451))
     settings = dict(points_per_side=8, points_per_batch=16, fast_points_per_batch=16, mode=mode,
@@ -81,10 +93,12 @@ def test_host_syncs_per_decoder_batch(mode):
     # Filter chunks of 3 masks (a chunk's pixels are counted at the encoder's square size).
     chunk_pixels = 3 * model.image_encoder.img_size**2
     gen = SamAutomaticMaskGenerator(model, pred_iou_thresh=0.8, max_chunk_pixels=chunk_pixels, **settings)
-    batches = batch_syncs(gen, image)
+    batches, encodings = generate_counting_syncs(gen, image, monkeypatch)
     assert len(batches) == 4 and all(chunks > 1 for _, chunks, _ in batches)
     assert sum(kept for _, _, kept in batches) > 0
     assert [s for s, _, _ in batches] == [2 + chunks for _, chunks, _ in batches]
-    # Nothing passes the IoU filter: one sync, and no mask is decoded.
+    [(syncs, chunks, masks)] = encodings
+    assert chunks > 1 and masks > 0 and syncs == 1 + 2 * chunks
+    # Nothing passes the IoU filter: one sync per batch, and no mask is decoded.
     nothing = SamAutomaticMaskGenerator(model, pred_iou_thresh=10.0, **settings)
-    assert batch_syncs(nothing, image) == [(1, 0, 0)] * 4
+    assert generate_counting_syncs(nothing, image, monkeypatch) == ([(1, 0, 0)] * 4, [(1, 0, 0)])

@@ -372,12 +372,13 @@ class SamAutomaticMaskGenerator:
                 orig_size: Tuple[int, int]) -> List[Dict[str, Any]]:
         """Uncompressed RLEs (in row order) of the kept masks, upsampled again from their logits."""
         rles: List[Optional[Dict[str, Any]]] = [None] * len(data)
-        crop_idx = data["crop_idx"]
+        crop_idx = data["crop_idx"].cpu().numpy()  # one host transfer for the grouping by crop
         threshold = self.predictor.model.mask_threshold
-        for c in torch.unique(crop_idx).tolist():
-            rows = (crop_idx == c).nonzero().flatten()
+        for c in np.unique(crop_idx).tolist():
+            rows = np.flatnonzero(crop_idx == c)
+            rows_t = torch.as_tensor(rows, device=data["low_res"].device)
             for part in self._chunks(len(rows), embeddings[c].original_size):
-                masks = self._upsample(data["low_res"][rows[part]], embeddings[c]) > threshold
+                masks = self._upsample(data["low_res"][rows_t[part]], embeddings[c]) > threshold
                 encoded = mask_to_rle(masks, crop_boxes[c], orig_size)  # of the image, from the crop
                 for row, rle in zip(rows[part].tolist(), encoded):
                     rles[row] = rle

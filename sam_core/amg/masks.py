@@ -196,9 +196,12 @@ def mask_to_rle(masks: torch.Tensor, crop_box: Optional[Sequence[int]] = None,
     keys = index * (pixels + 1) + (x0 + col) * img_h + y0 + row
     # A crop spanning whole columns puts a column's bottom change and the next column's top
     # change at the same index: together they are one change if the two pixels differ, i.e.
-    # if exactly one of them was found. Drop pairs.
-    keys, repeats = torch.unique_consecutive(keys.sort().values, return_counts=True)
-    keys = keys[repeats % 2 == 1].cpu().numpy()  # the one transfer
+    # if exactly one of them was found. Pairs are dropped on the host, after the one transfer
+    # (so the device waits twice per call: for the nonzero and for the transfer).
+    keys = keys.sort().values.cpu().numpy()
+    run_starts = np.flatnonzero(np.diff(keys, prepend=-1))
+    odd = np.diff(run_starts, append=keys.size) % 2 == 1
+    keys = keys[run_starts[odd]]
     index, positions = np.divmod(keys, pixels + 1)
     bounds = np.searchsorted(index, np.arange(n + 1))
     out = []
