@@ -7,7 +7,10 @@ Layout under the output URI::
     _done/<shard>.json       written last: the shard's members and counts
 
 A shard whose marker exists is complete; data files without a marker are leftovers of an
-interrupted run and are rewritten.
+interrupted run (or a shard being written): readers skip them and the next run rewrites them.
+A shard's masks are streamed into its file as row groups while its images arrive
+(:class:`ShardWriter`), so a large shard (an SA-1B tar: ~11k images, ~1M masks) is never held
+whole in memory.
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ IMAGES_SCHEMA = pa.schema([
 ])
 
 
+def masks_to_ipc(rows: Sequence[Dict[str, Any]]) -> bytes:
+    """Mask rows as an Arrow IPC stream of ``MASKS_SCHEMA`` (how the stages pass an image's masks)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, MASKS_SCHEMA) as stream:
+        stream.write_table(pa.Table.from_pylist(list(rows), schema=MASKS_SCHEMA))
+    return sink.getvalue().to_pybytes()
+
+
+def masks_from_ipc(data: bytes) -> pa.Table:
+    """The table of :func:`masks_to_ipc` (no copy of the buffers)."""
+    return pa.ipc.open_stream(data).read_all()
+
+
 class OutputDir:
     def __init__(self, output_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> None:
         self.uri = output_uri.rstrip("/")
@@ -87,12 +103,15 @@ class OutputDir:
             if self.fs.exists(self._p(sub)):
                 self.fs.rm(self._p(sub), recursive=True)
 
+    def open_shard(self, shard: Shard) -> "ShardWriter":
+        """A writer for ``shard``'s tables (masks streamed, then images, then the marker)."""
+        return ShardWriter(self, shard)
+
     def write_shard(self, shard: Shard, masks: Sequence[Dict[str, Any]], images: Sequence[Dict[str, Any]]) -> None:
-        """Data first, then the marker: a crash in between leaves the shard incomplete."""
-        self._write_table(self._p("masks", f"{shard.shard_id}.parquet"), masks, MASKS_SCHEMA)
-        self._write_table(self._p("images", f"{shard.shard_id}.parquet"), images, IMAGES_SCHEMA)
-        marker = {"members": list(shard.uris), "images": len(images), "masks": len(masks)}
-        self._put(self._p("_done", f"{shard.shard_id}.json"), json.dumps(marker).encode())
+        """Both tables of ``shard`` from rows, then its marker."""
+        writer = self.open_shard(shard)
+        writer.add_masks(pa.Table.from_pylist(list(masks), schema=MASKS_SCHEMA))
+        writer.finish(images)
 
     def _write_table(self, path: str, rows: Sequence[Dict[str, Any]], schema: pa.Schema) -> None:
         table = pa.Table.from_pylist(list(rows), schema=schema)
@@ -115,11 +134,63 @@ class OutputDir:
             return pq.read_table(fh, schema=schema)
 
     def read_table(self, name: str) -> pa.Table:
-        """All shards of ``masks`` or ``images`` as one table (empty with the schema if none)."""
+        """All completed shards' ``masks`` or ``images`` as one table (empty with the schema if none).
+        Files of shards without a marker (interrupted or still being written) are left out."""
         schema = MASKS_SCHEMA if name == "masks" else IMAGES_SCHEMA
-        files = sorted(self.fs.glob(self._p(name, "*.parquet")))
-        tables: List[pa.Table] = []
-        for f in files:
-            with self.fs.open(f, "rb") as fh:
-                tables.append(pq.read_table(fh, schema=schema))
+        tables = [self.read_shard(name, shard_id) for shard_id in self.shard_ids()]
         return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+class ShardWriter:
+    """Writes one shard: masks as they come (in image order), then the images table, then the
+    marker. Masks are buffered up to ``row_group_rows`` and then written as a Parquet row group;
+    the file is opened at the first row group, so a small shard is written in one piece."""
+
+    def __init__(self, output: OutputDir, shard: Shard, row_group_rows: int = 65536) -> None:
+        self.output, self.shard, self.row_group_rows = output, shard, row_group_rows
+        self.masks = 0  # rows added
+        self._path = output._p("masks", f"{shard.shard_id}.parquet")
+        self._buffer: List[pa.Table] = []
+        self._buffered = 0
+        self._file = None
+        self._writer: Optional[pq.ParquetWriter] = None
+
+    def add_masks(self, table: pa.Table) -> None:
+        """Append mask rows (a table of ``MASKS_SCHEMA``)."""
+        if table.schema != MASKS_SCHEMA:
+            raise ValueError(f"mask rows of shard {self.shard.shard_id} do not have the masks schema: {table.schema}")
+        self._buffer.append(table)
+        self._buffered += table.num_rows
+        self.masks += table.num_rows
+        if self._buffered >= self.row_group_rows:
+            self._write_buffer()
+
+    def _write_buffer(self) -> None:
+        if self._writer is None:
+            self.output.fs.makedirs(posixpath.dirname(self._path), exist_ok=True)
+            self._file = self.output.fs.open(self._path, "wb")
+            self._writer = pq.ParquetWriter(self._file, MASKS_SCHEMA)
+        if self._buffered:
+            self._writer.write_table(pa.concat_tables(self._buffer), row_group_size=self.row_group_rows)
+        self._buffer, self._buffered = [], 0
+
+    def finish(self, images: Sequence[Dict[str, Any]]) -> None:
+        """Close the masks file, write the images table and then the marker."""
+        self._write_buffer()
+        self._writer.close()
+        self._file.close()
+        self.output._write_table(self.output._p("images", f"{self.shard.shard_id}.parquet"), images, IMAGES_SCHEMA)
+        marker = {"members": list(self.shard.uris), "images": len(images), "masks": self.masks}
+        self.output._put(self.output._p("_done", f"{self.shard.shard_id}.json"), json.dumps(marker).encode())
+
+    def abort(self) -> None:
+        """Give up on the shard (the run failed): close and remove its partial masks file."""
+        if self._writer is None:
+            return
+        for close in (self._writer.close, self._file.close):
+            try:
+                close()
+            except Exception:  # already failing; the file is removed (or rewritten next run) anyway
+                pass
+        if self.output.fs.exists(self._path):
+            self.output.fs.rm(self._path)

@@ -28,7 +28,7 @@ STAGE_SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("width", pa.int32()),
     ("candidates", pa.large_binary()),
-    ("masks", pa.large_string()),
+    ("masks", pa.large_binary()),
 ])
 
 

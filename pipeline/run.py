@@ -35,7 +35,8 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
 
     Stages (see :mod:`pipeline.stages`): read and decode as CPU tasks, the model on an actor pool
     (``workers`` actors, ``num_gpus_per_worker`` each), post-processing on a CPU actor pool, and
-    the driver writing each shard once all its rows are in. ``model_stage`` is the model stage's
+    the driver streaming each shard's masks to its file in file order, finishing the shard once
+    all its rows are in. ``model_stage`` is the model stage's
     class (a :class:`ModelStage` or subclass)."""
     import ray
 
@@ -43,7 +44,7 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     todo = pending_shards(config)
     log.info("%d shards to process", len(todo))
     output = OutputDir(config.output_uri, config.storage_options)
-    collector = ShardCollector(todo, output.write_shard)
+    collector = ShardCollector(todo, output.open_shard)
     if todo:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)
@@ -56,8 +57,12 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
                                                       "max_pixels": config.max_pixels}, **args["decode"])
         ds = ds.map_batches(model_stage, fn_constructor_kwargs={"config": config}, **args["model"])
         ds = ds.map_batches(PostprocessStage, fn_constructor_kwargs={"config": config}, **args["postprocess"])
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            collector.add(batch.to_pylist())
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                collector.add(batch.to_pylist())
+        except BaseException:
+            collector.abort()  # no partial masks file is left behind (and none has a marker)
+            raise
         if collector.unfinished():
             raise RuntimeError(f"The run ended with shards not written (re-run to redo them): {collector.unfinished()}")
     summary = summarize(config)

@@ -16,7 +16,8 @@ whole, however the images were spread over actors. Columns (Arrow):
     candidates    binary  model -> postprocess: pickled numpy columns of the image's masks
                           before small-region removal (null if not decoded); produced and read
                           only by these stages
-    masks         str     postprocess -> collector: JSON list of the image's ``masks`` rows
+    masks         binary  postprocess -> collector: the image's ``masks`` rows as an Arrow IPC
+                          stream (``pipeline.output.masks_to_ipc``); null if it has none
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import json
 import logging
 import pickle
 import time
-from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +37,7 @@ from sam_core.amg.generator import finish_mask_data, mask_records
 from sam_core.amg.mask_data import MaskData
 
 from .config import PipelineConfig
-from .output import OutputDir
+from .output import OutputDir, ShardWriter, masks_from_ipc, masks_to_ipc
 from .reading import END, Row, decode_rows, to_table
 from .shards import Shard
 
@@ -131,7 +132,7 @@ class PostprocessStage:
             else:
                 image.update(mask_count=len(masks), status="ok")
             image.update(postprocess_s=time.perf_counter() - t0)
-            r.update(candidates=None, image=json.dumps(image), masks=json.dumps(masks))
+            r.update(candidates=None, image=json.dumps(image), masks=masks_to_ipc(masks) if masks else None)
         return rows
 
     def mask_rows(self, image_id: str, records: Sequence[Dict[str, Any]]) -> List[Row]:
@@ -149,15 +150,23 @@ class PostprocessStage:
 
 # ---------------------------------------------------------------------- stage 4: writer (driver)
 class ShardCollector:
-    """Gathers the rows of each shard as they arrive, in any order, and writes the shard (data,
-    then marker) as soon as its end row and all its images are in. Repeated rows (a retried
-    batch) are ignored: the stages are deterministic."""
+    """Gathers the rows of each shard as they arrive, in any order, and writes them in file order:
+    an image's masks go to the shard's writer as soon as every earlier image of the shard is in
+    (so only images that arrived ahead of their turn wait in memory, as compact Arrow buffers),
+    and the shard is finished (images table, then marker) once its end row and all its images
+    are in. Repeated rows (a retried batch) are ignored: the stages are deterministic.
 
-    def __init__(self, shards: Iterable[Shard], write: Callable[[Shard, List[Row], List[Row]], None]) -> None:
+    ``open_shard(shard)`` returns the shard's writer (:class:`pipeline.output.ShardWriter`, or
+    anything with its ``add_masks``, ``finish`` and ``abort``)."""
+
+    def __init__(self, shards: Iterable[Shard], open_shard: Callable[[Shard], ShardWriter]) -> None:
         self.shards = {s.shard_id: s for s in shards}
-        self.write = write
-        self.expected: Dict[str, int] = {}
-        self.rows: Dict[str, Dict[int, Tuple[Row, List[Row]]]] = {}
+        self.open_shard = open_shard
+        self.expected: Dict[str, int] = {}  # files per shard, from its end row
+        self.waiting: Dict[str, Dict[int, Tuple[str, Optional[bytes]]]] = {}  # ahead of their turn
+        self.next_index: Dict[str, int] = {}  # the image each shard waits for
+        self.images: Dict[str, List[Row]] = {}  # images rows passed on, in file order
+        self.writers: Dict[str, ShardWriter] = {}
         self.written: List[Dict[str, Any]] = []  # per written shard: id, counts, summed stage times
         self.done: set = set()  # ids of written shards
 
@@ -169,32 +178,74 @@ class ShardCollector:
                 continue  # a late repeat (a retried task re-yields its blocks)
             if shard_id not in self.shards:
                 raise ValueError(f"Row of unknown shard {shard_id!r}.")
-            if r["image_index"] == END:
+            index = int(r["image_index"])
+            if index == END:
                 self.expected[shard_id] = int(r["shard_images"])
-            else:
-                masks = json.loads(r["masks"]) if r.get("masks") else []
-                self.rows.setdefault(shard_id, {}).setdefault(int(r["image_index"]), (json.loads(r["image"]), masks))
+            elif index >= self.next_index.get(shard_id, 0):  # else passed on already: a repeat
+                self.waiting.setdefault(shard_id, {}).setdefault(index, (r["image"], r.get("masks")))
             touched.add(shard_id)
         for shard_id in sorted(touched):
-            if len(self.rows.get(shard_id, {})) == self.expected.get(shard_id, -1):
-                self._write(shard_id)
+            self._pass_on(shard_id)
 
-    def _write(self, shard_id: str) -> None:
-        by_index = self.rows.pop(shard_id, {})
-        del self.expected[shard_id]
-        images = [by_index[i][0] for i in sorted(by_index)]
-        masks = [m for i in sorted(by_index) for m in by_index[i][1]]
-        self.write(self.shards.pop(shard_id), masks, images)
+    def _pass_on(self, shard_id: str) -> None:
+        """Hand the shard's images that are next in file order to its writer; finish it if whole."""
+        waiting = self.waiting.get(shard_id, {})
+        index = self.next_index.get(shard_id, 0)
+        while index in waiting:
+            image, masks = waiting.pop(index)
+            if shard_id not in self.writers:
+                self.writers[shard_id] = self.open_shard(self.shards[shard_id])
+            self.images.setdefault(shard_id, []).append(json.loads(image))
+            if masks is not None:
+                self.writers[shard_id].add_masks(masks_from_ipc(masks))
+            index += 1
+        self.next_index[shard_id] = index
+        if self.expected.get(shard_id) == index:
+            self._finish(shard_id)
+
+    def _finish(self, shard_id: str) -> None:
+        shard = self.shards.pop(shard_id)
+        writer = self.writers.pop(shard_id) if shard_id in self.writers else self.open_shard(shard)  # no files
+        images = self.images.pop(shard_id, [])
+        writer.finish(images)
+        for state in (self.expected, self.waiting, self.next_index):
+            state.pop(shard_id, None)
         self.done.add(shard_id)
         ok = sum(r["status"] == "ok" for r in images)
         self.written.append(dict(
-            shard_id=shard_id, images_ok=ok, images_error=len(images) - ok, masks=len(masks),
+            shard_id=shard_id, images_ok=ok, images_error=len(images) - ok, masks=writer.masks,
             **{f"{stage}_s": sum(r.get(f"{stage}_s") or 0.0 for r in images)
                for stage in ("decode", "generate", "postprocess")}))
+
+    def abort(self) -> None:
+        """The run failed: drop the partial files of shards being written (none gets a marker)."""
+        for writer in self.writers.values():
+            writer.abort()
+        self.writers.clear()
 
     def unfinished(self) -> List[str]:
         """Shards not written (after the whole stream, a bug or lost rows: never silently)."""
         return sorted(self.shards)
+
+
+class RowsWriter:
+    """A shard writer that keeps the rows (for :class:`ShardWorker`): ``masks`` and ``images``
+    are set by ``finish``."""
+
+    def __init__(self) -> None:
+        self.tables: List[Any] = []
+        self.masks = 0
+        self.rows: Optional[Tuple[List[Row], List[Row]]] = None
+
+    def add_masks(self, table) -> None:
+        self.tables.append(table)
+        self.masks += table.num_rows
+
+    def finish(self, images: Sequence[Row]) -> None:
+        self.rows = ([m for t in self.tables for m in t.to_pylist()], list(images))
+
+    def abort(self) -> None:
+        self.tables = []
 
 
 class ShardWorker:
@@ -213,12 +264,12 @@ class ShardWorker:
 
     def process(self, shard: Shard) -> Tuple[List[Row], List[Row]]:
         """Rows of the masks and images tables for one shard, in file order."""
-        result: Dict[str, Tuple[List[Row], List[Row]]] = {}
-        collector = ShardCollector([shard], lambda s, masks, images: result.update(rows=(masks, images)))
+        writer = RowsWriter()
+        collector = ShardCollector([shard], lambda s: writer)
         batch: List[Row] = []
         for row in decode_rows(shard, self.config.storage_options, self.config.max_pixels):
             batch.append(row)
             if len(batch) >= self.config.images_per_batch or row["image_index"] == END:
                 collector.add(self.postprocess.process(self.model.process(batch)))
                 batch = []
-        return result["rows"]
+        return writer.rows

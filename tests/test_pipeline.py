@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.config import PipelineConfig
 from pipeline.decode import decode_image
-from pipeline.output import OutputDir
+from pipeline.output import MASKS_SCHEMA, OutputDir, ShardWriter, masks_to_ipc
 from pipeline.run import run_pipeline
 from pipeline.shards import Shard, discover_shards, iter_shard_files
 from pipeline.single_machine import SAMPLE_IMAGES
@@ -345,36 +345,99 @@ def test_driver_killed_then_rerun_equals_a_clean_run(tmp_path, inputs, checkpoin
         read_tables(clean)[1].drop_columns(TIMINGS))
 
 
-def test_collector_writes_each_shard_once_whole_and_in_file_order():
+def mask_row(image_id, mask_id):
+    return dict(image_id=image_id, mask_id=mask_id, counts="x", height=1, width=1, area=1, bbox=[0.0] * 4,
+                predicted_iou=1.0, stability_score=1.0, point_coords=[0.0, 0.0], crop_box=[0.0] * 4,
+                model="m", settings_hash="h")
+
+
+class RecordingWriter:
+    """A shard writer that records what it is given, when."""
+
+    def __init__(self, shard, log):
+        self.shard, self.log, self.masks = shard, log, 0
+
+    def add_masks(self, table):
+        self.masks += table.num_rows
+        self.log.append(("masks", self.shard.shard_id, [(m["image_id"], m["mask_id"]) for m in table.to_pylist()]))
+
+    def finish(self, images):
+        self.log.append(("finish", self.shard.shard_id, [r["image_id"] for r in images]))
+
+    def abort(self):
+        self.log.append(("abort", self.shard.shard_id))
+
+
+def test_collector_passes_masks_on_in_file_order_and_finishes_each_shard_once():
     """Rows of several shards arrive interleaved, out of order and repeated (a retried batch):
-    each shard is written once, when its end row and every image are in, in file order."""
-    shards = [Shard("a", "files", ("a0", "a1")), Shard("b", "files", ("b0",)), Shard("empty", "tar", ("e.tar",))]
-    written = []
-    collector = ShardCollector(shards, lambda s, masks, images: written.append((s.shard_id, masks, images)))
+    an image's masks are passed on as soon as every earlier image of its shard is in (only
+    images ahead of their turn wait), and each shard is finished once, when it is whole."""
+    shards = [Shard("a", "files", ("a0", "a1", "a2")), Shard("b", "files", ("b0",)),
+              Shard("empty", "tar", ("e.tar",))]
+    log = []
+    collector = ShardCollector(shards, lambda s: RecordingWriter(s, log))
 
     def row(shard, index, total=-1, masks=()):
         image = dict(image_id=f"{shard}/{index}", status="ok", decode_s=1.0, generate_s=2.0, postprocess_s=0.5)
         return dict(shard_id=shard, image_index=index, shard_images=total, image=json.dumps(image),
-                    masks=json.dumps([dict(image_id=f"{shard}/{index}", mask_id=i) for i in masks]))
+                    masks=masks_to_ipc([mask_row(f"{shard}/{index}", i) for i in masks]) if masks else None)
 
     collector.add([row("a", 1, masks=[0, 1]), row("b", -1, total=1)])
     collector.add([row("a", 1, masks=[0, 1])])  # repeated
-    assert written == [] and collector.unfinished() == ["a", "b", "empty"]
-    collector.add([row("b", 0, masks=[0]), row("a", -1, total=2), row("empty", -1, total=0)])
-    assert [w[0] for w in written] == ["b", "empty"]
-    collector.add([row("a", 0)])
-    assert [w[0] for w in written] == ["b", "empty", "a"] and collector.unfinished() == []
-    collector.add([row("a", 0), row("a", -1, total=2)])  # repeats after the write: ignored
-    assert len(written) == 3
-    _, masks, images = written[2]
-    assert [r["image_id"] for r in images] == ["a/0", "a/1"]
-    assert [(m["image_id"], m["mask_id"]) for m in masks] == [("a/1", 0), ("a/1", 1)]
-    assert written[1][1:] == ([], [])
-    assert collector.written[2] == dict(shard_id="a", images_ok=2, images_error=0, masks=2,
-                                        decode_s=2.0, generate_s=4.0, postprocess_s=1.0)
+    assert log == [] and list(collector.waiting["a"]) == [1]  # a/1 waits for a/0
+    collector.add([row("b", 0, masks=[0]), row("a", -1, total=3), row("empty", -1, total=0)])
+    assert log == [("masks", "b", [("b/0", 0)]), ("finish", "b", ["b/0"]), ("finish", "empty", [])]
+    log.clear()
+    collector.add([row("a", 0, masks=[0])])
+    assert log == [("masks", "a", [("a/0", 0)]), ("masks", "a", [("a/1", 0), ("a/1", 1)])]
+    assert collector.waiting["a"] == {} and collector.unfinished() == ["a"]
+    collector.add([row("a", 1, masks=[0, 1])])  # a repeat of an image passed on: ignored
+    collector.add([row("a", 2)])
+    assert log[2:] == [("finish", "a", ["a/0", "a/1", "a/2"])] and collector.unfinished() == []
+    collector.add([row("a", 0), row("a", -1, total=3)])  # repeats after the shard is done: ignored
+    assert len(log) == 3
+    assert collector.written[2] == dict(shard_id="a", images_ok=3, images_error=0, masks=3,
+                                        decode_s=3.0, generate_s=6.0, postprocess_s=1.5)
     with pytest.raises(ValueError, match="unknown shard"):
         collector.add([row("zzz", 0)])
 
+
+def test_collector_abort_drops_shards_being_written():
+    log = []
+    collector = ShardCollector([Shard("a", "files", ("a0", "a1"))], lambda s: RecordingWriter(s, log))
+    collector.add([dict(shard_id="a", image_index=0, shard_images=-1, image=json.dumps({"image_id": "a/0"}),
+                        masks=masks_to_ipc([mask_row("a/0", 0)]))])
+    collector.abort()
+    assert log[-1] == ("abort", "a") and collector.unfinished() == ["a"]
+
+
+def test_shard_writer_streams_row_groups_and_readers_skip_unfinished_shards(tmp_path):
+    """Masks go to the file in row groups of ``row_group_rows`` while the shard is written; a
+    shard without a marker (being written, or left by a crash) is not read; abort removes its file."""
+    out = OutputDir(str(tmp_path / "out"))
+    shard = Shard("s", "files", ("x.jpg", "y.jpg"))
+    writer = ShardWriter(out, shard, row_group_rows=4)
+    rows = [mask_row("s/x.jpg", i) for i in range(7)] + [mask_row("s/y.jpg", i) for i in range(3)]
+    writer.add_masks(pa.Table.from_pylist(rows[:3], schema=MASKS_SCHEMA))
+    assert not (tmp_path / "out" / "masks").exists()  # under a row group: nothing written yet
+    writer.add_masks(pa.Table.from_pylist(rows[3:7], schema=MASKS_SCHEMA))
+    assert (tmp_path / "out" / "masks" / "s.parquet").exists()  # open, being written
+    assert out.read_table("masks").num_rows == 0 and out.shard_ids() == []
+    writer.add_masks(pa.Table.from_pylist(rows[7:], schema=MASKS_SCHEMA))
+    images = [dict(image_id=f"s/{n}", uri=n, shard="s", status="ok") for n in ("x.jpg", "y.jpg")]
+    writer.finish(images)
+    assert out.read_table("masks").to_pylist() == rows
+    assert pq.ParquetFile(tmp_path / "out" / "masks" / "s.parquet").metadata.num_row_groups == 3  # 4, 3, 3
+    assert out.marker("s") == {"members": ["x.jpg", "y.jpg"], "images": 2, "masks": 10}
+    with pytest.raises(ValueError, match="masks schema"):
+        ShardWriter(out, shard).add_masks(pa.table({"image_id": ["s/x.jpg"]}))
+
+    other = ShardWriter(out, Shard("t", "files", ("z.jpg",)), row_group_rows=2)
+    other.add_masks(pa.Table.from_pylist([mask_row("t/z.jpg", i) for i in range(3)], schema=MASKS_SCHEMA))
+    assert (tmp_path / "out" / "masks" / "t.parquet").exists()
+    other.abort()
+    assert not (tmp_path / "out" / "masks" / "t.parquet").exists()
+    assert out.read_table("masks").to_pylist() == rows
 
 def test_stages_on_ray_equal_the_engine_with_crops_and_small_regions(ray_local, tmp_path, checkpoint):
     """Crop layers and small-region removal (the post-processing actors' work) through the Ray
