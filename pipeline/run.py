@@ -36,8 +36,8 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     Stages (see :mod:`pipeline.stages`): read and decode as CPU tasks, the model on an actor pool
     (``workers`` actors, ``num_gpus_per_worker`` each), post-processing on a CPU actor pool, and
     the driver streaming each shard's masks to its file in file order, finishing the shard once
-    all its rows are in. ``model_stage`` is the model stage's
-    class (a :class:`ModelStage` or subclass)."""
+    all its rows are in. ``model_stage`` is the model stage's class (a :class:`ModelStage` or
+    subclass)."""
     import ray
 
     start = time.perf_counter()

@@ -233,11 +233,11 @@ class RowsWriter:
     are set by ``finish``."""
 
     def __init__(self) -> None:
-        self.tables: List[Any] = []
+        self.tables: List[pa.Table] = []
         self.masks = 0
         self.rows: Optional[Tuple[List[Row], List[Row]]] = None
 
-    def add_masks(self, table) -> None:
+    def add_masks(self, table: pa.Table) -> None:
         self.tables.append(table)
         self.masks += table.num_rows
 
