@@ -231,6 +231,12 @@ def test_windowed_small_regions_match_official_on_edge_cases(mode):
         a, changed = M.remove_small_regions(m, thresh, mode)
         b, official_changed = official_amg.remove_small_regions(m, thresh, mode)
         assert changed == official_changed and np.array_equal(a, b), (m.shape, thresh)
+        # The boxed variant (as post-processing runs it): same mask, and the box of the result.
+        box = M.rle_box(M.mask_to_rle_numpy(m))
+        assert box == M._box_or_none(m)
+        c, boxed_changed, c_box = M.remove_small_regions_boxed(m, thresh, mode, box)
+        assert boxed_changed == changed and np.array_equal(c, b) and c_box == M._box_or_none(b)
+        assert M.mask_to_rle_numpy(b, c_box) == M.mask_to_rle_numpy(b)
 
 
 def test_small_regions_label_a_window_unless_a_small_hole_reaches_outside(monkeypatch):
@@ -261,6 +267,26 @@ def test_small_regions_label_a_window_unless_a_small_hole_reaches_outside(monkey
     b, _ = official_amg.remove_small_regions(m, 20, "holes")
     assert changed and np.array_equal(a, b) and a[:, :5].all() and not a[:, 5:].any()
     assert shapes[-1] == (3, 30)
+
+
+def test_rle_box_is_the_box_of_the_mask():
+    """Boxes from the runs alone (and decoding only their columns), on sparse and dense masks, runs crossing columns (a pixel at
+    the bottom of one column and the top of the next is one run), empty and full masks."""
+    rng = np.random.default_rng(9)
+    h, w = 5, 4
+    crossing = np.zeros((h, w), bool)
+    crossing[h - 1, 1] = crossing[0, 2] = True  # one run, rows h-1 and 0
+    cases = [np.zeros((h, w), bool), np.ones((h, w), bool), crossing]
+    for _ in range(3000):
+        h, w = rng.integers(1, 12, 2)
+        cases.append(rng.random((h, w)) < rng.choice([0.02, 0.1, 0.5, 0.95]))
+    for m in cases:
+        rle = M.mask_to_rle_numpy(m)
+        box = M.rle_box(rle)
+        assert box == M._box_or_none(m), m.astype(int)
+        if box is not None:  # decoding only the box's columns gives the same mask
+            decoded = M.rle_to_mask(rle, box)
+            assert decoded.shape == m.shape and np.array_equal(decoded, m)
 
 
 def test_numpy_rle_matches_torch_rle():

@@ -40,10 +40,10 @@ from .masks import (
     generate_crop_boxes,
     is_box_near_crop_edge,
     mask_statistics,
-    mask_to_box,
     mask_to_rle,
     mask_to_rle_numpy,
-    remove_small_regions,
+    remove_small_regions_boxed,
+    rle_box,
     rle_to_mask,
     uncrop_boxes_xyxy,
     uncrop_points,
@@ -393,20 +393,23 @@ class SamAutomaticMaskGenerator:
         changed_masks: Dict[int, np.ndarray] = {}  # only these are kept at full resolution
         boxes = np.zeros((len(mask_data["rles"]), 4), dtype=np.int64)
         scores = []
+        final_boxes: Dict[int, Optional[Tuple[int, int, int, int]]] = {}  # of the changed masks
         for i, rle in enumerate(mask_data["rles"]):
-            mask = rle_to_mask(rle)
-            mask, changed_holes = remove_small_regions(mask, min_area, mode="holes")
-            mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
-            boxes[i] = mask_to_box(mask)
+            # Boxes from the runs, then from the window labelled: no pass over the whole image.
+            box = rle_box(rle)
+            mask = rle_to_mask(rle, box)
+            mask, changed_holes, box = remove_small_regions_boxed(mask, min_area, "holes", box)
+            mask, changed_islands, box = remove_small_regions_boxed(mask, min_area, "islands", box)
+            boxes[i] = box if box is not None else (0, 0, 0, 0)
             if changed_holes or changed_islands:
-                changed_masks[i] = mask
+                changed_masks[i], final_boxes[i] = mask, box
             scores.append(float(not (changed_holes or changed_islands)))
         scores_t = torch.as_tensor(scores)
         keep = batched_nms(torch.as_tensor(boxes).float(), scores_t, torch.zeros(len(boxes)),
                            iou_threshold=nms_thresh)
         for i in keep.tolist():
             if i in changed_masks:
-                mask_data["rles"][i] = mask_to_rle_numpy(changed_masks[i])
+                mask_data["rles"][i] = mask_to_rle_numpy(changed_masks[i], final_boxes[i])
                 mask_data["boxes"][i] = boxes[i]
         mask_data.filter(keep)
         return mask_data

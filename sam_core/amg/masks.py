@@ -214,15 +214,20 @@ def mask_to_rle(masks: torch.Tensor, crop_box: Optional[Sequence[int]] = None,
     return out
 
 
-def mask_to_rle_numpy(mask: np.ndarray) -> Rle:
+def mask_to_rle_numpy(mask: np.ndarray, box: Optional[Tuple[int, int, int, int]] = None) -> Rle:
     """HxW bool array -> uncompressed RLE, as :func:`mask_to_rle` gives. Only the columns from
-    the first to the last with a set pixel are scanned (the rest are one run of background)."""
+    the first to the last with a set pixel are scanned (the rest are one run of background);
+    ``box`` ((left, top, right, bottom) inclusive), if the caller knows it, saves finding them."""
     h, w = mask.shape
-    cols = np.flatnonzero(mask.any(axis=0))
-    if cols.size == 0:
-        return {"size": [h, w], "counts": [h * w]}
-    start, end = int(cols[0]) * h, (int(cols[-1]) + 1) * h  # that span in column-major order
-    flat = mask[:, cols[0] : cols[-1] + 1].T.ravel()
+    if box is None:
+        cols = np.flatnonzero(mask.any(axis=0))
+        if cols.size == 0:
+            return {"size": [h, w], "counts": [h * w]}
+        left, right = int(cols[0]), int(cols[-1])
+    else:
+        left, right = int(box[0]), int(box[2])
+    start, end = left * h, (right + 1) * h  # that span in column-major order
+    flat = mask[:, left : right + 1].T.ravel()
     changes = [np.flatnonzero(flat[1:] != flat[:-1]) + (start + 1)]
     if flat[0] and start > 0:
         changes.insert(0, np.array([start]))
@@ -232,14 +237,40 @@ def mask_to_rle_numpy(mask: np.ndarray) -> Rle:
     return {"size": [h, w], "counts": ([0] + counts) if (flat[0] and start == 0) else counts}
 
 
-def rle_to_mask(rle: Rle) -> np.ndarray:
-    """Uncompressed RLE -> HxW bool array."""
+def rle_to_mask(rle: Rle, box: Optional[Tuple[int, int, int, int]] = None) -> np.ndarray:
+    """Uncompressed RLE -> HxW bool array. With the mask's ``box`` (:func:`rle_box`) only the
+    columns it spans are written (the rest of the array is zeros the OS has not touched)."""
     h, w = rle["size"]
     counts = np.asarray(rle["counts"], dtype=np.int64)
     values = np.zeros(len(counts), dtype=bool)
     values[1::2] = True
-    mask = np.repeat(values, counts)
-    return mask.reshape(w, h).T
+    if box is None:
+        return np.repeat(values, counts).reshape(w, h).T
+    lo, hi = box[0] * h, (box[2] + 1) * h  # the box's columns in column-major order
+    ends = np.cumsum(counts)
+    clipped = np.clip(ends, lo, hi) - np.clip(ends - counts, lo, hi)
+    mask = np.zeros((w, h), dtype=bool)
+    mask.reshape(-1)[lo:hi] = np.repeat(values, clipped)
+    return mask.T
+
+
+def rle_box(rle: Rle) -> Optional[Tuple[int, int, int, int]]:
+    """(left, top, right, bottom), inclusive, of an uncompressed RLE's mask, from its runs
+    alone; None if it is empty. A run that crosses into another column covers the bottom row of
+    the first and the top row of the next."""
+    h = int(rle["size"][0])
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    ends = np.cumsum(counts)
+    starts, ends = (ends - counts)[1::2], ends[1::2]  # runs of set pixels: [start, end)
+    filled = ends > starts
+    starts, ends = starts[filled], ends[filled] - 1
+    if starts.size == 0:
+        return None
+    first_col, last_col = starts // h, ends // h
+    in_one_col = first_col == last_col
+    top = 0 if not in_one_col.all() else int((starts % h).min())
+    bottom = h - 1 if not in_one_col.all() else int((ends % h).max())
+    return int(first_col.min()), top, int(last_col.max()), bottom
 
 
 def area_from_rle(rle: Rle) -> int:
@@ -257,13 +288,6 @@ def coco_encode_rle(rle: Rle) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------ small regions
-def mask_to_box(mask: np.ndarray) -> np.ndarray:
-    """Tight XYXY box (inclusive max) of an HxW bool mask, int64; [0, 0, 0, 0] if empty
-    (what :func:`batched_mask_to_box` gives, without a torch round trip)."""
-    box = _box_or_none(mask)
-    return np.zeros(4, dtype=np.int64) if box is None else np.array(box, dtype=np.int64)
-
-
 def _box_or_none(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
     """(left, top, right, bottom), inclusive, of an HxW bool mask; None if it is empty."""
     cols = np.flatnonzero(mask.any(axis=0))
@@ -285,24 +309,38 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tup
     when all are small). Background outside the window is added to the size of the component it
     joins; if that component is a small hole the whole image is labelled instead.
     """
+    mask, changed, _ = remove_small_regions_boxed(mask, area_thresh, mode, _box_or_none(mask))
+    return mask, changed
+
+
+def remove_small_regions_boxed(
+    mask: np.ndarray, area_thresh: float, mode: str, box: Optional[Tuple[int, int, int, int]]
+) -> Tuple[np.ndarray, bool, Optional[Tuple[int, int, int, int]]]:
+    """:func:`remove_small_regions` of a mask whose box (as :func:`_box_or_none` gives it) the
+    caller knows; also returns the box of the result. No pass over the whole image unless a
+    small hole reaches beyond the window."""
     if mode not in ("holes", "islands"):
         raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}.")
     correct_holes = mode == "holes"
     h, w = mask.shape
-    box = _box_or_none(mask)
     if box is None:
-        return _remove_small_regions_window(mask, area_thresh, correct_holes, (0, h, 0, w))
-    left, top, right, bottom = box
-    y0, x0 = max(top - 1, 0) & ~1, max(left - 1, 0) & ~1
-    y1, x1 = min(bottom + 2, h), min(right + 2, w)
-    return _remove_small_regions_window(mask, area_thresh, correct_holes, (y0, y1, x0, x1))
+        window = (0, h, 0, w)
+    else:
+        left, top, right, bottom = box
+        window = (max(top - 1, 0) & ~1, min(bottom + 2, h), max(left - 1, 0) & ~1, min(right + 2, w))
+    out, changed, (y0, y1, x0, x1) = _remove_small_regions_window(mask, area_thresh, correct_holes, window)
+    if not changed:
+        return mask, False, box
+    inner = _box_or_none(out[y0:y1, x0:x1])  # every set pixel of the result is in the window labelled
+    return out, True, None if inner is None else (inner[0] + x0, inner[1] + y0, inner[2] + x0, inner[3] + y0)
 
 
 def _remove_small_regions_window(
     mask: np.ndarray, area_thresh: float, correct_holes: bool, window: Tuple[int, int, int, int]
-) -> Tuple[np.ndarray, bool]:
+) -> Tuple[np.ndarray, bool, Tuple[int, int, int, int]]:
     """:func:`remove_small_regions` labelling ``mask[y0:y1, x0:x1]``; the window holds every
-    mask pixel and, on each side not at the image edge, at least one background pixel."""
+    mask pixel and, on each side not at the image edge, at least one background pixel. Also
+    returns the window labelled in the end (the whole image if a small hole reached outside)."""
     import cv2
 
     h, w = mask.shape
@@ -321,7 +359,7 @@ def _remove_small_regions_window(
                 outside.add(int(label))
     small = [i for i in range(1, n_labels) if sizes[i] < area_thresh]
     if not small:
-        return mask, False
+        return mask, False, window
     if outside.intersection(small):  # a small hole reaching beyond the window: label everything
         return _remove_small_regions_window(mask, area_thresh, correct_holes, (0, h, 0, w))
     fill_labels = [0] + small
@@ -333,4 +371,4 @@ def _remove_small_regions_window(
     lookup[fill_labels] = True
     out = np.zeros((h, w), dtype=bool)  # outside the window: background, and it stays so
     out[y0:y1, x0:x1] = lookup[regions]
-    return out, True
+    return out, True, window
