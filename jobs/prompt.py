@@ -35,14 +35,14 @@ def main(argv=None) -> int:
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
     if args.images_per_shard < 1:
         ap.error("--images-per-shard must be >= 1")
-    try:
+    try:  # bad prompts, checkpoint or an output made with another model: say which
         prompts = read_prompts(args.prompts, args.images, storage)
+        resolve_model(args)
+        prompter = BoxPrompter(args.model_type, args.checkpoint, args.device, args.seed, args.max_pixels)
+        summary = run_prompted(prompts, args.output, prompter, args.images_per_shard, args.overwrite, storage)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    resolve_model(args)
-    prompter = BoxPrompter(args.model_type, args.checkpoint, args.device, args.seed, args.max_pixels)
-    summary = run_prompted(prompts, args.output, prompter, args.images_per_shard, args.overwrite, storage)
     print(summary)
     print(f"tables: {args.output.rstrip('/')}/masks/*.parquet and images/*.parquet")
     return 0

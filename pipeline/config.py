@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
 from .decode import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from .output import OutputDir
 
 
 # Generator settings that change speed and memory, not which masks come out (in fast mode, batch
@@ -87,12 +90,25 @@ class PipelineConfig:
     def model_id(self) -> str:
         return model_id(self.model_type, self.checkpoint, self.seed)
 
+    def mask_settings(self) -> Dict[str, Any]:
+        """The generator settings that decide the masks (batch sizes, memory caps, compile left out)."""
+        return {k: v for k, v in self.generator_settings().items() if k not in THROUGHPUT_SETTINGS}
+
     def settings_hash(self) -> str:
-        """Short stable hash of the model and the generator settings that decide the masks
-        (recorded on every mask; batch sizes and memory caps are left out)."""
-        settings = {k: v for k, v in self.generator_settings().items() if k not in THROUGHPUT_SETTINGS}
-        blob = json.dumps({"model": self.model_id(), **settings}, sort_keys=True, default=str)
+        """Short stable hash of the model and :meth:`mask_settings` (recorded on every mask)."""
+        blob = json.dumps({"model": self.model_id(), **self.mask_settings()}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def identity(self) -> Dict[str, Any]:
+        """What decides this run's masks, as written into every shard's completion marker: a
+        later run into the same output must have the same ``model`` and ``settings_hash``."""
+        return {"model": self.model_id(), "settings_hash": self.settings_hash(), "settings": self.mask_settings()}
+
+    def output(self) -> "OutputDir":
+        """The output folder as this run writes it: markers carry :meth:`identity`, which resuming checks."""
+        from .output import OutputDir
+
+        return OutputDir(self.output_uri, self.storage_options, self.identity())
 
     def check_fits(self, resources: Mapping[str, float]) -> None:
         """Raise if a cluster with ``resources`` (``ray.cluster_resources()``) cannot hold every

@@ -4,10 +4,12 @@ Layout under the output URI::
 
     masks/<shard>.parquet    one row per mask
     images/<shard>.parquet   one row per input file (ok or error)
-    _done/<shard>.json       written last: the shard's members and counts
+    _done/<shard>.json       written last: the shard's members, counts, model and settings
 
 A shard whose marker exists is complete; data files without a marker are leftovers of an
 interrupted run (or a shard being written): readers skip them and the next run rewrites them.
+A run resumes only shards made from the same input files with the same model and settings, so
+an output never mixes masks of two configurations.
 A shard's masks are streamed into its file as row groups while its images arrive
 (:class:`ShardWriter`), so a large shard (an SA-1B tar: ~11k images, ~1M masks) is never held
 whole in memory.
@@ -71,10 +73,29 @@ def masks_from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
+IDENTITY_KEYS = ("model", "settings_hash")  # a marker's and a resuming run's must be equal
+
+
+def _identity_change(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """What differs between two identities, e.g. "model vit_h:a.pth -> vit_b:b.pth, points_per_side 32 -> 16"."""
+    changes = [f"model {before.get('model')} -> {now.get('model')}"] if before.get("model") != now.get("model") else []
+    old, new = before.get("settings"), now.get("settings")
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        changes += [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
+                    for k in sorted(set(old) | set(new)) if str(old.get(k)) != str(new.get(k))]
+    return ", ".join(changes) or f"settings hash {before.get('settings_hash')} -> {now.get('settings_hash')}"
+
+
 class OutputDir:
-    def __init__(self, output_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(self, output_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+                 identity: Optional[Mapping[str, Any]] = None) -> None:
+        """``identity``: what decides the masks of the run writing here (``model``,
+        ``settings_hash`` and, for messages, ``settings``; see ``PipelineConfig.identity``). It is
+        written into every marker and checked against completed shards' markers when resuming.
+        Readers leave it out."""
         self.uri = output_uri.rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.uri, **dict(storage_options or {}))
+        self.identity = dict(identity) if identity is not None else None
 
     def _p(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
@@ -86,7 +107,9 @@ class OutputDir:
         return json.loads(self.fs.cat_file(path))
 
     def is_complete(self, shard: Shard) -> bool:
-        """True if ``shard`` was written; raises if it was written from other members."""
+        """True if ``shard`` was written; raises if it was written from other members, or with
+        another model or settings than this output's ``identity`` (markers written before
+        identities were recorded are not checked)."""
         done = self.marker(shard.shard_id)
         if done is None:
             return False
@@ -96,6 +119,13 @@ class OutputDir:
                 "input changed since the last run into this output). Re-run with overwrite, or write "
                 "to a new output."
             )
+        if self.identity is not None and all(k in done for k in IDENTITY_KEYS):
+            if any(done[k] != self.identity.get(k) for k in IDENTITY_KEYS):
+                raise ValueError(
+                    f"Shard {shard.shard_id} under {self.uri!r} was made with another model or settings than "
+                    f"this run ({_identity_change(done, self.identity)}); resuming would mix the two in one "
+                    "output. Re-run with overwrite (--overwrite) to redo everything, or write to a new output."
+                )
         return True
 
     def clear(self) -> None:
@@ -180,8 +210,10 @@ class ShardWriter:
         self._writer.close()
         self._file.close()
         self.output._write_table(self.output._p("images", f"{self.shard.shard_id}.parquet"), images, IMAGES_SCHEMA)
-        marker = {"members": list(self.shard.uris), "images": len(images), "masks": self.masks}
-        self.output._put(self.output._p("_done", f"{self.shard.shard_id}.json"), json.dumps(marker).encode())
+        marker = {"members": list(self.shard.uris), "images": len(images), "masks": self.masks,
+                  **(self.output.identity or {})}
+        self.output._put(self.output._p("_done", f"{self.shard.shard_id}.json"),
+                         json.dumps(marker, default=str).encode())
 
     def abort(self) -> None:
         """Give up on the shard (the run failed): close and remove its partial masks file."""

@@ -160,7 +160,7 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
                  storage_options: Optional[Mapping[str, Any]] = None) -> RunSummary:
     """Process every shard of prompted images not yet complete under ``output_uri``."""
     start = time.perf_counter()
-    out = OutputDir(output_uri, storage_options)
+    out = OutputDir(output_uri, storage_options, {"model": prompter.model_id, "settings_hash": prompter.settings_hash})
     if overwrite:
         out.clear()
     boxes_by_uri = {p.uri: p.boxes for p in prompts}

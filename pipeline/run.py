@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def pending_shards(config: PipelineConfig) -> List[Shard]:
     """Shards of the input not yet completed in the output (all of them with ``overwrite``)."""
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options)
-    output = OutputDir(config.output_uri, config.storage_options)
+    output = config.output()
     if config.overwrite:
         output.clear()
         return shards
@@ -43,7 +43,7 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     start = time.perf_counter()
     todo = pending_shards(config)
     log.info("%d shards to process", len(todo))
-    output = OutputDir(config.output_uri, config.storage_options)
+    output = config.output()
     collector = ShardCollector(todo, output.open_shard)
     if todo:
         if not ray.is_initialized():

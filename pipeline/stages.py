@@ -37,7 +37,7 @@ from sam_core.amg.generator import finish_mask_data, mask_records
 from sam_core.amg.mask_data import MaskData
 
 from .config import PipelineConfig
-from .output import OutputDir, ShardWriter, masks_from_ipc, masks_to_ipc
+from .output import ShardWriter, masks_from_ipc, masks_to_ipc
 from .reading import END, Row, decode_rows, to_table
 from .shards import Shard
 
@@ -256,7 +256,7 @@ class ShardWorker:
         self.config = config
         self.model = model_stage(config)
         self.postprocess = PostprocessStage(config)
-        self.output = OutputDir(config.output_uri, config.storage_options)
+        self.output = config.output()
 
     @property
     def generator(self) -> SamAutomaticMaskGenerator:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,7 +20,7 @@ from pycocotools import mask as mask_utils
 from pipeline.config import PipelineConfig
 from pipeline.decode import decode_image
 from pipeline.output import MASKS_SCHEMA, OutputDir, ShardWriter, masks_from_ipc, masks_to_ipc
-from pipeline.run import run_pipeline
+from pipeline.run import pending_shards, run_pipeline
 from pipeline.shards import Shard, discover_shards, iter_shard_files
 from pipeline.single_machine import SAMPLE_IMAGES
 from pipeline.stages import ModelStage, ShardCollector, ShardWorker, build_generator
@@ -131,6 +133,29 @@ def test_marker_guards_changed_inputs(tmp_path):
         out.is_complete(Shard("files-00000", "files", ("a.jpg", "b.jpg")))
 
 
+def test_resume_refuses_another_model_or_settings(tmp_path):
+    """Completed shards are resumed only by a run with the model and mask settings their markers
+    record; batch sizes and compile may change. Readers and markers without them are not checked."""
+    cfg = PipelineConfig(input_uri=SAMPLE_IMAGES, output_uri=str(tmp_path / "out"), amg=dict(AMG), images_per_shard=4)
+    todo = pending_shards(cfg)
+    assert len(todo) == 2
+    for shard in todo:
+        cfg.output().write_shard(shard, [], [])
+    marker = OutputDir(cfg.output_uri).marker(todo[0].shard_id)
+    assert marker["model"] == "tiny:random-seed0" and marker["settings_hash"] == cfg.settings_hash()
+    assert marker["settings"]["points_per_side"] == 4 and "points_per_batch" not in marker["settings"]
+    assert pending_shards(replace(cfg, amg=dict(AMG, points_per_batch=7, compile=True))) == []
+    for changed, says in [(dict(amg=dict(AMG, points_per_side=8)), "points_per_side 4 -> 8"),
+                          (dict(mode="fast"), "mode exact -> fast"),
+                          (dict(preset="sa1b"), "crop_n_layers (unset) -> 2"),
+                          (dict(seed=1), "model tiny:random-seed0 -> tiny:random-seed1")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            pending_shards(replace(cfg, **changed))
+    assert len(pending_shards(replace(cfg, seed=1, overwrite=True))) == 2  # overwrite starts afresh
+    OutputDir(cfg.output_uri).write_shard(todo[0], [], [])  # a marker without model and settings
+    assert pending_shards(cfg) == [todo[1]]
+
+
 def read_tables(path):
     out = OutputDir(str(path))
     return out.read_table("masks").sort_by([("image_id", "ascending"), ("mask_id", "ascending")]), \
@@ -197,8 +222,10 @@ def test_generate_job_cli(ray_local, tmp_path, checkpoint, capsys):
     masks, images = read_tables(out)
     assert images.column("status").to_pylist() == ["ok"] * n and masks.num_rows > 0
     assert set(masks.column("model").to_pylist()) == {"tiny:sam_tiny_sharp.pth"}
-    assert main(args) == 0
+    assert main(args + ["--points-per-batch", "7"]) == 0  # a throughput setting: resumed as is
     assert "shards processed this run: 0" in capsys.readouterr().out
+    assert main(args[:-2] + ["--box-nms-thresh", "0.5"]) == 2  # other masks: refused, not mixed
+    assert "box_nms_thresh 1.0 -> 0.5" in capsys.readouterr().err
 
 
 def test_generate_job_cli_says_what_is_wrong(tmp_path, capsys):

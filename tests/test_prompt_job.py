@@ -92,9 +92,11 @@ def test_prompted_masks_equal_the_predictor(photos, tmp_path, tiny_checkpoint, c
     assert len(anns) == 3 and all(a["point_coords"] == [] for a in anns)
     assert export_main(["--tables", str(out), "--format", "coco", "--dest", str(tmp_path / "c.json")]) == 0
 
-    # Again: complete shards are skipped.
+    # Again: complete shards are skipped; with another model they are refused, not mixed.
     assert prompt_main(args) == 0
     assert "images ok: 3, errors: 2, masks: 3" in capsys.readouterr().out
+    assert prompt_main(args[:-2] + ["--model-type", "tiny"]) == 2
+    assert "model tiny:sam_tiny.pth -> tiny:random-seed0" in capsys.readouterr().err
 
 
 def test_box_table_gives_the_same_masks(photos, tmp_path, tiny_checkpoint):
