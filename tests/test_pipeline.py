@@ -437,6 +437,8 @@ def test_collector_passes_masks_on_in_file_order_and_finishes_each_shard_once():
     assert log == [] and list(collector.waiting["a"]) == [1]  # a/1 waits for a/0
     collector.add([row("b", 0, masks=[0]), row("a", -1, total=3), row("empty", -1, total=0)])
     assert log == [("masks", "b", [("b/0", 0)]), ("finish", "b", ["b/0"]), ("finish", "empty", [])]
+    assert re.fullmatch(r"shard empty written \(2 of 3\): 0 images, 0 masks; run: [0-9.]+ images/s, "
+                        r"about \d+ (s|min|h) left", collector.progress())
     log.clear()
     collector.add([row("a", 0, masks=[0])])
     assert log == [("masks", "a", [("a/0", 0)]), ("masks", "a", [("a/1", 0), ("a/1", 1)])]
@@ -444,6 +446,7 @@ def test_collector_passes_masks_on_in_file_order_and_finishes_each_shard_once():
     collector.add([row("a", 1, masks=[0, 1])])  # a repeat of an image passed on: ignored
     collector.add([row("a", 2)])
     assert log[2:] == [("finish", "a", ["a/0", "a/1", "a/2"])] and collector.unfinished() == []
+    assert re.fullmatch(r"shard a written \(3 of 3\): 3 images, 3 masks; run: [0-9.]+ images/s", collector.progress())
     collector.add([row("a", 0), row("a", -1, total=3)])  # repeats after the shard is done: ignored
     assert len(log) == 3
     assert collector.written[2] == dict(shard_id="a", images_ok=3, images_error=0, masks=3,
