@@ -115,7 +115,8 @@ def iter_shard_files(
     """(name, uri, bytes, read_error) for every image of the shard, in order.
 
     A file that cannot be read gives ``bytes=None`` and the reason; tar sidecar ``.json`` files
-    (SA-1B annotations) are not images and are passed over.
+    (SA-1B annotations) are not images and are passed over. A tar that cannot be read to its end
+    (missing, truncated, corrupt) gives its readable members and then one such record for itself.
     """
     opts: Dict[str, Any] = dict(storage_options or {})
     if shard.kind == "files":
@@ -124,12 +125,68 @@ def iter_shard_files(
             yield posixpath.basename(uri), uri, data, error
         return
     (tar_uri,) = shard.uris
-    with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile() or member.name.endswith(TAR_SIDECAR_EXTENSIONS):
-                continue
-            extracted = tar.extractfile(member)
-            yield posixpath.basename(member.name), f"{tar_uri}#{member.name}", extracted.read(), None
+    yield from _iter_tar(tar_uri, opts)
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """A TarInfo that notes on its archive (``bad_end``) a partial or invalid header after the
+    first member: ``tarfile`` takes either as the end of the archive and stops without a word,
+    which would drop the rest of a truncated or corrupt tar silently. A zero block (the proper
+    end) or nothing at all at a block boundary (tar tools accept that too) is an end."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            tar.bad_end = e
+            raise
+
+
+def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[Tuple[str, str, Optional[bytes], Optional[str]]]:
+    """:func:`iter_shard_files` for a tar: its image members in order and, if the tar cannot be
+    read to its end, one more record named after the tar with the reason (the members before it
+    are kept). Errors other than missing or corrupt data are retried (``READ_ATTEMPTS`` reads
+    from the start, members already given passed over)."""
+    name = posixpath.basename(tar_uri)
+    given, member_name = 0, None  # image members yielded; the member being read
+    delay = RETRY_BASE_DELAY_S
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        seen = 0
+        try:
+            with fsspec.open(tar_uri, "rb", **opts) as f, \
+                    tarfile.open(fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
+                for member in tar:
+                    if not member.isfile() or member.name.endswith(TAR_SIDECAR_EXTENSIONS):
+                        continue
+                    seen += 1
+                    if seen <= given:
+                        continue
+                    member_name = member.name
+                    data = tar.extractfile(member).read()
+                    given, member_name = given + 1, None
+                    yield posixpath.basename(member.name), f"{tar_uri}#{member.name}", data, None
+                bad_end = getattr(tar, "bad_end", None)
+            if bad_end is not None:
+                yield name, tar_uri, None, _tar_error(given, member_name, bad_end, "truncated or corrupt")
+            return
+        except FileNotFoundError as e:
+            yield name, tar_uri, None, f"FileNotFoundError: {e}"
+            return
+        except (tarfile.TarError, EOFError) as e:  # the bytes themselves are bad: reading again would not help
+            yield name, tar_uri, None, _tar_error(given, member_name, e, "truncated or corrupt")
+            return
+        except Exception as e:  # transient object-store and network errors
+            if attempt == READ_ATTEMPTS:
+                yield name, tar_uri, None, _tar_error(given, member_name, e, f"unreadable after {attempt} attempts")
+                return
+            time.sleep(delay)
+            delay *= 2
+
+
+def _tar_error(given: int, member: Optional[str], error: BaseException, what: str) -> str:
+    where = f"reading member {member!r}" if member else "reading a member header"
+    return f"tar {what}: {given} image(s) read, then {where}: {type(error).__name__}: {error}"
 
 
 def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> bytes:

@@ -21,6 +21,7 @@ from pipeline.config import PipelineConfig
 from pipeline.decode import decode_image
 from pipeline.output import MASKS_SCHEMA, OutputDir, ShardWriter, masks_from_ipc, masks_to_ipc
 from pipeline.run import pending_shards, run_pipeline
+from pipeline.reading import decode_rows
 from pipeline.shards import Shard, discover_shards, iter_shard_files
 from pipeline.single_machine import SAMPLE_IMAGES
 from pipeline.stages import ModelStage, ShardCollector, ShardWorker, build_generator
@@ -200,13 +201,15 @@ def test_run_on_tar_shards(ray_local, tmp_path, checkpoint):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    (shards / "sa_000002.tar").write_bytes(tar_bytes(SAMPLES)[:2000])  # truncated in its first member
     summary = run_pipeline(config(shards, tmp_path / "out", checkpoint))
-    assert (summary.images_ok, summary.images_error, summary.shards_processed) == (3, 0, 2)
+    assert (summary.images_ok, summary.images_error, summary.shards_processed) == (3, 1, 3)
+    assert summary.errors[0]["uri"].endswith("sa_000002.tar") and "truncated" in summary.errors[0]["detail"]
     _, images = read_tables(tmp_path / "out")
     assert images.column("image_id").to_pylist() == [
-        "sa_000000/astronaut.jpg", "sa_000000/chelsea.jpg", "sa_000001/coffee.jpg"]
+        "sa_000000/astronaut.jpg", "sa_000000/chelsea.jpg", "sa_000001/coffee.jpg", "sa_000002/sa_000002.tar"]
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == [
-        "sa_000000.parquet", "sa_000001.parquet"]
+        "sa_000000.parquet", "sa_000001.parquet", "sa_000002.parquet"]
 
 
 def test_generate_job_cli(ray_local, tmp_path, checkpoint, capsys):
@@ -258,6 +261,91 @@ def test_transient_read_errors_are_retried(tmp_path, monkeypatch):
     (ok, missing) = list(iter_shard_files(shard))
     assert ok[2] == b"abc" and ok[3] is None and len(calls) == 4  # 2 failures, 1 success, 1 missing
     assert missing[2] is None and missing[3].startswith("FileNotFoundError")
+
+
+def tar_bytes(names):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in names:
+            data = sample_bytes(name)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_tar_that_cannot_be_read_to_its_end_is_recorded(tmp_path):
+    """Its readable members are kept and the tar itself gets an error row saying where it broke,
+    including a tar cut inside a header, which tarfile alone would take for the end."""
+    whole = tar_bytes(SAMPLES)
+    first_end = 512 + (len(sample_bytes(SAMPLES[0])) + 511) // 512 * 512  # header + padded data
+    cases = {"cut_in_data": (whole[: first_end + 1000], 1, "reading member 'chelsea.jpg': ReadError"),
+             "cut_in_header": (whole[: first_end + 100], 1, "reading a member header: TruncatedHeaderError"),
+             "garbage_after_first": (whole[:first_end] + b"\x07" * 1024, 1, "InvalidHeaderError"),
+             "empty": (b"", 0, "ReadError: empty file"),
+             "not_a_tar": (b"hello" * 300, 0, "ReadError")}
+    for name, (data, kept, says) in cases.items():
+        (tmp_path / f"{name}.tar").write_bytes(data)
+        rows = [json.loads(r["image"]) if r["image_index"] != -1 else r
+                for r in decode_rows(Shard(name, "tar", (str(tmp_path / f"{name}.tar"),)), {}, 10**8)]
+        images, end = rows[:-1], rows[-1]
+        assert end["shard_images"] == kept + 1 == len(images), name
+        assert all(r["status"] == "error" for r in images)  # until the model stage sets "ok"
+        assert all(r["error_reason"] is None and r["width"] for r in images[:kept])  # decoded members
+        bad = images[-1]
+        assert bad["image_id"] == f"{name}/{name}.tar" and bad["error_reason"] == "unreadable", name
+        assert f"{kept} image(s) read, then" in bad["error_detail"] and says in bad["error_detail"], (name, bad)
+    (tmp_path / "whole.tar").write_bytes(whole + b"\0" * 512)  # zero blocks: the proper end
+    files = list(iter_shard_files(Shard("whole", "tar", (str(tmp_path / "whole.tar"),))))
+    assert [(n, e) for n, _, _, e in files] == [(n, None) for n in SAMPLES]
+    (missing,) = iter_shard_files(Shard("gone", "tar", (str(tmp_path / "gone.tar"),)))
+    assert missing[:3] == ("gone.tar", str(tmp_path / "gone.tar"), None) and "FileNotFoundError" in missing[3]
+
+
+def test_a_tar_read_that_fails_midway_is_retried_without_repeats(tmp_path, monkeypatch):
+    import fsspec
+
+    from pipeline import shards as shards_mod
+
+    path = tmp_path / "sa_000000.tar"
+    path.write_bytes(tar_bytes(SAMPLES))
+    real_open, opens = fsspec.open, []
+
+    class DropsAfter:  # a connection that breaks after ``limit`` bytes
+        def __init__(self, f, limit):
+            self.f, self.left = f, limit
+
+        def read(self, n=-1):
+            if self.left <= 0:
+                raise ConnectionError("connection reset by peer")
+            data = self.f.read(min(n, self.left) if n >= 0 else self.left)
+            self.left -= len(data)
+            return data
+
+    class Flaky:
+        def __init__(self, uri, *args, **kwargs):
+            self.of = real_open(uri, *args, **kwargs)
+            opens.append(uri)
+
+        def __enter__(self):
+            f = self.of.__enter__()
+            return DropsAfter(f, len(sample_bytes(SAMPLES[0])) + 4096) if len(opens) < 3 else f
+
+        def __exit__(self, *exc):
+            return self.of.__exit__(*exc)
+
+    monkeypatch.setattr(shards_mod.fsspec, "open", Flaky)
+    monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
+    files = list(iter_shard_files(Shard("sa_000000", "tar", (str(path),))))
+    assert [(n, d == sample_bytes(n), e) for n, _, d, e in files] == [(n, True, None) for n in SAMPLES]
+    assert len(opens) == 3  # two broken reads, then the rest of the tar; no member twice
+
+    opens.clear()
+    monkeypatch.setattr(shards_mod, "READ_ATTEMPTS", 2)  # every read breaks: the tar is recorded
+    files = list(iter_shard_files(Shard("sa_000000", "tar", (str(path),))))
+    assert [n for n, _, _, _ in files] == [SAMPLES[0], "sa_000000.tar"]
+    assert files[-1][3].startswith("tar unreadable after 2 attempts: 1 image(s) read, then")
+    assert "ConnectionError: connection reset by peer" in files[-1][3]
 
 
 def test_config_repr_hides_credentials():
