@@ -10,8 +10,9 @@ import io
 import json
 import posixpath
 import tarfile
-from collections import defaultdict
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from collections import Counter, defaultdict
+from itertools import groupby
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
 from PIL import Image
@@ -48,23 +49,43 @@ def _record(row: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def export_stems(names: Sequence[str]) -> Dict[str, str]:
+    """Per image name of one shard (``cam1/0001.jpg``), the stem its exported files are named by:
+    the name without its extension (``cam1/0001``), or the whole name where that would name two
+    images alike (``a.jpg`` and ``a.png`` stay ``a.jpg`` and ``a.png``)."""
+    stems = {n: posixpath.splitext(n)[0] for n in names}
+    while True:
+        count = Counter(stems.values())
+        clashing = [n for n, stem in stems.items() if count[stem] > 1 and stem != n]
+        if not clashing:  # names are unique, so whole names never clash with each other
+            return stems
+        for n in clashing:
+            stems[n] = n
+
+
 def sa1b_documents(tables: OutputDir) -> Iterator[Tuple[Dict[str, Any], str, Dict[str, Any]]]:
-    """(image row, file name, SA-1B document) per ok image; image and annotation ids numbered in
-    shard and file order, annotation ids unique across the whole export."""
-    next_ann = 0
-    for image_id, (image, masks) in enumerate(images_with_masks(tables)):
-        name = posixpath.basename(image["image_id"])
-        doc = sa1b_document(image_id, name, image["width"], image["height"], [_record(m) for m in masks],
-                            first_annotation_id=next_ann)
-        next_ann += len(masks)
-        yield image, name, doc
+    """(image row, file stem, SA-1B document) per ok image; the stem is unique within the
+    image's shard (:func:`export_stems`). Image and annotation ids are numbered in shard and file
+    order, annotation ids unique across the whole export."""
+    next_ann, image_id = 0, 0
+    for _, shard_images in groupby(images_with_masks(tables), key=lambda pair: pair[0]["shard"]):
+        shard_images = list(shard_images)
+        names = [image["image_id"].split("/", 1)[1] for image, _ in shard_images]
+        stems = export_stems(names)
+        for name, (image, masks) in zip(names, shard_images):
+            doc = sa1b_document(image_id, name, image["width"], image["height"], [_record(m) for m in masks],
+                                first_annotation_id=next_ann)
+            next_ann += len(masks)
+            image_id += 1
+            yield image, stems[name], doc
 
 
 def export_sa1b_json(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> int:
-    """Write ``<dest>/<shard>/<image stem>.json`` per ok image. Returns the number of files written."""
+    """Write ``<dest>/<shard>/<image stem>.json`` per ok image (the stem keeps the image's folders
+    within its input: ``cam1/0001.json``). Returns the number of files written."""
     written = 0
-    for image, name, doc in sa1b_documents(OutputDir(tables_uri, storage_options)):
-        write_sa1b_json(posixpath.join(dest_uri, image["shard"], posixpath.splitext(name)[0] + ".json"), doc)
+    for image, stem, doc in sa1b_documents(OutputDir(tables_uri, storage_options)):
+        write_sa1b_json(posixpath.join(dest_uri, image["shard"], stem + ".json"), doc)
         written += 1
     return written
 
@@ -78,7 +99,7 @@ def export_sa1b_tar(tables_uri: str, dest_uri: str, storage_options: Optional[Ma
     written = 0
     tar, tar_shard, handle = None, None, None
     try:
-        for image, name, doc in sa1b_documents(OutputDir(tables_uri, storage_options)):
+        for image, stem, doc in sa1b_documents(OutputDir(tables_uri, storage_options)):
             if image["shard"] != tar_shard:
                 if tar is not None:
                     tar.close()
@@ -87,7 +108,6 @@ def export_sa1b_tar(tables_uri: str, dest_uri: str, storage_options: Optional[Ma
                 handle = fsspec.open(posixpath.join(dest_uri, f"{tar_shard}.tar"), "wb", auto_mkdir=True,
                                      **opts).open()
                 tar = tarfile.open(fileobj=handle, mode="w")
-            stem = posixpath.splitext(name)[0]
             doc["image"]["file_name"] = f"{stem}.jpg"
             _add(tar, f"{stem}.jpg", _upright_jpeg(read_source(image["uri"], storage_options)))
             _add(tar, f"{stem}.json", json.dumps(doc).encode())

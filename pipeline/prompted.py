@@ -13,6 +13,7 @@ import json
 import math
 import posixpath
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -27,7 +28,7 @@ from .decode import DEFAULT_MAX_PIXELS
 from .output import OutputDir
 from .config import model_id
 from .run import summarize_tables
-from .shards import Shard
+from .shards import Shard, common_root
 from .single_machine import RunSummary
 from .reading import decoded_images
 
@@ -55,6 +56,9 @@ def read_prompts(path: str, images_root: Optional[str] = None,
         if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
             raise ValueError(f"{path}: a COCO file needs 'images' and 'annotations' lists.")
         files = {im["id"]: im["file_name"] for im in coco["images"]}
+        repeated = sorted(n for n, k in Counter(files.values()).items() if k > 1)
+        if repeated:
+            raise ValueError(f"{path}: {len(repeated)} file_name(s) belong to more than one image: {repeated[:10]}.")
         boxes: Dict[Any, List[Tuple[float, ...]]] = {i: [] for i in files}
         unknown = sorted({a["image_id"] for a in coco["annotations"] if a["image_id"] not in files}, key=str)
         if unknown:
@@ -165,9 +169,10 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
         out.clear()
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
     uris = [p.uri for p in prompts]
+    root = common_root(uris)
     shards_processed = images_processed = 0
     for i in range(0, len(uris), images_per_shard):
-        shard = Shard(f"prompts-{i // images_per_shard:05d}", "files", tuple(uris[i : i + images_per_shard]))
+        shard = Shard(f"prompts-{i // images_per_shard:05d}", "files", tuple(uris[i : i + images_per_shard]), root)
         if out.is_complete(shard):
             continue
         masks, images = prompter.process(shard, boxes_by_uri, storage_options)

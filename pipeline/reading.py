@@ -43,14 +43,21 @@ def decoded_images(
 
     The image is None when the file could not be read or decoded; the row (status "error") then
     holds the reason. For decoded images the row has the size and decode time and still says
-    "error" until the caller fills in the result.
+    "error" until the caller fills in the result. A name met again in the shard (a tar can hold
+    one twice) is an error (``duplicate_name``, image_id ``<shard>/<name>#<position>``): its masks
+    could not be told from the first one's.
     """
-    for name, uri, data, read_error in iter_shard_files(shard, storage_options):
-        row: Row = dict(image_id=f"{shard.shard_id}/{name}", uri=uri, shard=shard.shard_id, width=None,
-                        height=None, mask_count=None, status="error", error_reason=None,
-                        error_detail=None, decode_s=None, generate_s=None, postprocess_s=None)
+    first: Dict[str, int] = {}  # name -> position of the first image with it
+    for index, (name, uri, data, read_error) in enumerate(iter_shard_files(shard, storage_options)):
+        repeat = first.setdefault(name, index) != index
+        row: Row = dict(image_id=f"{shard.shard_id}/{name}" + (f"#{index}" if repeat else ""), uri=uri,
+                        shard=shard.shard_id, width=None, height=None, mask_count=None, status="error",
+                        error_reason=None, error_detail=None, decode_s=None, generate_s=None, postprocess_s=None)
         if read_error is not None:
             row.update(error_reason="unreadable", error_detail=read_error)
+        elif repeat:
+            row.update(error_reason="duplicate_name", error_detail=f"image {first[name]} of the shard has this name too")
+        if row["error_reason"] is not None:
             yield row, None
             continue
         t0 = time.perf_counter()
@@ -80,10 +87,10 @@ def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_
 
 def decode_shards(batch: Dict[str, Any], storage_options: Mapping[str, Any], max_pixels: int,
                   rows_per_output: int = 4) -> Iterator[pa.Table]:
-    """Ray stage (a task per shard): shards (``shard_id``, ``kind``, ``uris``) -> image rows,
-    yielded a few at a time so that a large tar never sits decoded in memory at once."""
-    for shard_id, kind, uris in zip(batch["shard_id"], batch["kind"], batch["uris"]):
-        shard = Shard(str(shard_id), str(kind), tuple(str(u) for u in uris))
+    """Ray stage (a task per shard): shards (``shard_id``, ``kind``, ``uris``, ``root``) -> image
+    rows, yielded a few at a time so that a large tar never sits decoded in memory at once."""
+    for shard_id, kind, uris, root in zip(batch["shard_id"], batch["kind"], batch["uris"], batch["root"]):
+        shard = Shard(str(shard_id), str(kind), tuple(str(u) for u in uris), None if root is None else str(root))
         rows: List[Row] = []
         for row in decode_rows(shard, storage_options, max_pixels):
             rows.append(row)

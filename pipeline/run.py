@@ -51,7 +51,7 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
             if not os.environ.get("RAY_ADDRESS"):  # this machine's own Ray, which will not grow:
                 config.check_fits(ray.cluster_resources())  # fail now rather than wait forever
         args = config.ray_stage_args()
-        items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris)} for s in todo]
+        items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris), "root": s.root} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(decode_shards, fn_kwargs={"storage_options": dict(config.storage_options),
                                                       "max_pixels": config.max_pixels}, **args["decode"])

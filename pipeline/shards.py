@@ -4,6 +4,10 @@
 - tar shards (``sa_000000.tar``): one shard per tar, named after it;
 - a manifest (``.parquet`` or ``.csv`` with a ``uri`` column): rows grouped like loose files,
   named ``<manifest stem>-00000``.
+
+An image's name in its shard (its ``image_id`` is ``<shard>/<name>``) is its path under the
+input's common folder (``cam1/0001.jpg``; the file name for a flat folder) or its path inside
+its tar, so that two files with one file name in different folders stay two images.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 import posixpath
 import tarfile
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
 
@@ -26,6 +31,24 @@ class Shard:
     shard_id: str  # unique within the run; names the output files
     kind: str  # "files" (uris are images) or "tar" (uris is one tar file)
     uris: Tuple[str, ...]
+    root: Optional[str] = None  # "files": images are named by their path under it (None: file name)
+
+    def name_of(self, uri: str) -> str:
+        """The name of the image at ``uri`` (a member of a "files" shard) within the shard."""
+        if self.root is None:
+            return posixpath.basename(uri)
+        return uri[len(self.root) + 1 :] if uri.startswith(self.root + "/") else uri
+
+
+def common_root(uris: Sequence[str]) -> str:
+    """The deepest folder that holds every one of ``uris`` ("" if they share none)."""
+    folders = [u.split("/")[:-1] for u in uris]
+    common: List[str] = []
+    for parts in zip(*folders):
+        if any(p != parts[0] for p in parts):
+            break
+        common.append(parts[0])
+    return "/".join(common)
 
 
 def _fs(uri: str, storage_options: Optional[Mapping[str, Any]]):
@@ -65,9 +88,10 @@ def discover_shards(
     tars = [u for u in uris if u.endswith(".tar")]
     others = [u for u in uris if not u.endswith(".tar")]
     shards = [Shard(posixpath.basename(u)[: -len(".tar")], "tar", (u,)) for u in tars]
+    root = common_root(others)
     for i in range(0, len(others), images_per_shard):
         members = tuple(others[i : i + images_per_shard])
-        shards.append(Shard(f"files-{i // images_per_shard:05d}", "files", members))
+        shards.append(Shard(f"files-{i // images_per_shard:05d}", "files", members, root))
     ids = [s.shard_id for s in shards]
     if len(set(ids)) != len(ids):
         raise ValueError(f"Two input tars share a name: {sorted(i for i in ids if ids.count(i) > 1)}.")
@@ -85,9 +109,14 @@ def _manifest_shards(uri: str, images_per_shard: int, storage_options) -> List[S
     uris = [u for u in table.column("uri").to_pylist()]
     if any(not u for u in uris):
         raise ValueError(f"Manifest {uri!r} has empty 'uri' values.")
+    repeated = [u for u, n in Counter(uris).items() if n > 1]
+    if repeated:
+        raise ValueError(f"Manifest {uri!r} lists {len(repeated)} uri(s) more than once (e.g. {repeated[:3]}); "
+                         "each image must be listed once.")
     stem = posixpath.splitext(posixpath.basename(uri))[0]
+    root = common_root(uris)
     return [
-        Shard(f"{stem}-{i // images_per_shard:05d}", "files", tuple(uris[i : i + images_per_shard]))
+        Shard(f"{stem}-{i // images_per_shard:05d}", "files", tuple(uris[i : i + images_per_shard]), root)
         for i in range(0, len(uris), images_per_shard)
     ]
 
@@ -122,7 +151,7 @@ def iter_shard_files(
     if shard.kind == "files":
         for uri in shard.uris:
             data, error = _read_with_retries(uri, opts)
-            yield posixpath.basename(uri), uri, data, error
+            yield shard.name_of(uri), uri, data, error
         return
     (tar_uri,) = shard.uris
     yield from _iter_tar(tar_uri, opts)
@@ -165,7 +194,7 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[Tuple[str, str, Op
                     member_name = member.name
                     data = tar.extractfile(member).read()
                     given, member_name = given + 1, None
-                    yield posixpath.basename(member.name), f"{tar_uri}#{member.name}", data, None
+                    yield _member_path(member.name), f"{tar_uri}#{member.name}", data, None
                 bad_end = getattr(tar, "bad_end", None)
             if bad_end is not None:
                 yield name, tar_uri, None, _tar_error(given, member_name, bad_end, "truncated or corrupt")
@@ -182,6 +211,13 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[Tuple[str, str, Op
                 return
             time.sleep(delay)
             delay *= 2
+
+
+def _member_path(name: str) -> str:
+    """A tar member's path as its image name ("./a/b.jpg" -> "a/b.jpg")."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name.lstrip("/")
 
 
 def _tar_error(given: int, member: Optional[str], error: BaseException, what: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from jobs.export import main as export_main
+from pipeline.export import export_stems
 from pipeline.config import PipelineConfig
 from pipeline.output import OutputDir
 from pipeline.shards import discover_shards
@@ -207,3 +209,41 @@ def test_tar_images_are_upright_jpegs():
         with Image.open(io.BytesIO(out)) as im:
             assert im.format == "JPEG" and im.getexif().get(EXIF_ORIENTATION, 1) == 1
         assert decode_image(out).shape == decode_image(source).shape  # what the masks were made on
+
+
+def test_one_file_name_in_two_folders_stays_two_images_through_export(tmp_path, capsys):
+    """Images are named by their path under the input folder, so ``cam1/0001.jpg`` and
+    ``cam2/0001.jpg`` get their own ids and export files; ``0001.jpg`` and ``0001.png`` in one
+    folder keep their extensions in the export names instead of sharing ``0001``."""
+    inputs = tmp_path / "in"
+    for rel, sample in [("cam1/0001.jpg", "chelsea.jpg"), ("cam2/0001.jpg", "coffee.jpg"),
+                        ("cam1/0001.png", "scene_00000.png")]:
+        (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inputs / rel).write_bytes(open(f"{SAMPLE_IMAGES}/{sample}", "rb").read())
+    cfg = PipelineConfig(input_uri=str(inputs), output_uri=str(tmp_path / "out"), amg=AMG)
+    worker = ShardWorker(cfg)
+    (shard,) = discover_shards(cfg.input_uri, cfg.images_per_shard)
+    worker.output.write_shard(shard, *worker.process(shard))
+    names = ["cam1/0001.jpg", "cam1/0001.png", "cam2/0001.jpg"]
+    images = OutputDir(cfg.output_uri).read_table("images").to_pylist()
+    assert [(r["image_id"], r["status"]) for r in images] == [(f"files-00000/{n}", "ok") for n in names]
+
+    dest = tmp_path / "sa1b"
+    assert export_main(["--tables", cfg.output_uri, "--format", "sa1b-json", "--dest", str(dest)]) == 0
+    assert "wrote 3 SA-1B JSON files" in capsys.readouterr().out
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*.json"))
+    assert files == ["files-00000/cam1/0001.jpg.json", "files-00000/cam1/0001.png.json", "files-00000/cam2/0001.json"]
+    assert read_sa1b_json(str(dest / files[2]))["image"]["file_name"] == "cam2/0001.jpg"
+
+    assert export_main(["--tables", cfg.output_uri, "--format", "sa1b-tar", "--dest", str(tmp_path / "tars")]) == 0
+    with tarfile.open(tmp_path / "tars" / "files-00000.tar") as tar:
+        assert tar.getnames() == ["cam1/0001.jpg.jpg", "cam1/0001.jpg.json", "cam1/0001.png.jpg",
+                                  "cam1/0001.png.json", "cam2/0001.jpg", "cam2/0001.json"]
+
+
+def test_export_stems_are_unique_within_a_shard():
+    assert export_stems(["a.jpg", "b.png", "d/a.jpg"]) == {"a.jpg": "a", "b.png": "b", "d/a.jpg": "d/a"}
+    assert export_stems(["a.jpg", "a.png", "b"]) == {"a.jpg": "a.jpg", "a.png": "a.png", "b": "b"}
+    # "a.jpg.png" would take the stem "a.jpg", which "a.jpg" keeps as its whole name: both keep theirs
+    stems = export_stems(["a.jpg", "a.png", "a.jpg.png"])
+    assert stems == {"a.jpg": "a.jpg", "a.png": "a.png", "a.jpg.png": "a.jpg.png"}

@@ -274,6 +274,40 @@ def tar_bytes(names):
     return buf.getvalue()
 
 
+def test_images_are_named_by_their_path_so_one_file_name_in_two_folders_stays_two(tmp_path):
+    inputs = tmp_path / "in"
+    for rel in ("cam1/0001.jpg", "cam2/0001.jpg", "top.jpg"):
+        (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inputs / rel).write_bytes(sample_bytes("coffee.jpg"))
+    (shard,) = discover_shards(str(inputs))
+    assert [n for n, _, _, _ in iter_shard_files(shard)] == ["cam1/0001.jpg", "cam2/0001.jpg", "top.jpg"]
+    (flat,) = discover_shards(str(inputs / "cam1"))  # a flat folder: file names, as before
+    assert [n for n, _, _, _ in iter_shard_files(flat)] == ["0001.jpg"]
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"uri\n{inputs}/cam1/0001.jpg\n{inputs}/cam2/0001.jpg\n")
+    (listed,) = discover_shards(str(manifest))
+    assert [n for n, _, _, _ in iter_shard_files(listed)] == ["cam1/0001.jpg", "cam2/0001.jpg"]
+    manifest.write_text(f"uri\n{inputs}/top.jpg\n{inputs}/cam1/0001.jpg\n{inputs}/top.jpg\n")
+    with pytest.raises(ValueError, match=r"lists 1 uri\(s\) more than once"):
+        discover_shards(str(manifest))
+
+    # In a tar: the member's path; a name met twice is recorded, not given the first one's id.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("a/x.jpg", "b/x.jpg", "./c.jpg", "a/x.jpg"):
+            data = sample_bytes("coffee.jpg")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "sa_000009.tar").write_bytes(buf.getvalue())
+    rows = [json.loads(r["image"]) for r in decode_rows(Shard("sa_000009", "tar", (str(tmp_path / "sa_000009.tar"),)),
+                                                         {}, 10**8) if r["image_index"] != -1]
+    assert [r["image_id"] for r in rows] == ["sa_000009/a/x.jpg", "sa_000009/b/x.jpg", "sa_000009/c.jpg",
+                                             "sa_000009/a/x.jpg#3"]
+    assert [r["error_reason"] for r in rows] == [None, None, None, "duplicate_name"]
+    assert rows[3]["error_detail"] == "image 0 of the shard has this name too" and rows[3]["width"] is None
+
+
 def test_a_tar_that_cannot_be_read_to_its_end_is_recorded(tmp_path):
     """Its readable members are kept and the tar itself gets an error row saying where it broke,
     including a tar cut inside a header, which tarfile alone would take for the end."""

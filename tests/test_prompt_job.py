@@ -124,3 +124,8 @@ def test_prompt_file_errors(tmp_path, capsys):
     table.write_text("path,bbox\nx.jpg,1\n")
     assert prompt_main(["--prompts", str(table), "--output", str(tmp_path / "o")]) == 2
     assert "needs a 'uri' column" in capsys.readouterr().err
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "a.jpg"}],
+                                 "annotations": []}))
+    assert prompt_main(["--prompts", str(twice), "--output", str(tmp_path / "o")]) == 2
+    assert "1 file_name(s) belong to more than one image: ['a.jpg']" in capsys.readouterr().err
