@@ -18,8 +18,10 @@ import fsspec
 from sam_core import SamAutomaticMaskGenerator
 from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
 
-from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from .shards import list_files
+from .decode import DEFAULT_MAX_PIXELS
+from .export import export_stems
+from .reading import decoded_images
+from .shards import Shard, common_root, list_files
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +65,29 @@ def run_single_machine(
     generator: SamAutomaticMaskGenerator,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> RunSummary:
-    """Generate masks for every input file; write ``<name>.json`` (SA-1B) per image and
-    ``summary.json`` under ``output_uri``. Bad inputs are recorded, never skipped silently."""
+    """Generate masks for every input file; write ``<stem>.json`` (SA-1B) per image, named by its
+    path under the input folder as exports are (:func:`pipeline.export.export_stems`), and
+    ``summary.json`` under ``output_uri``. Bad inputs (unreadable after retries, or not a usable
+    image) are recorded, never skipped silently."""
     if generator.output_mode != "coco_rle":
         raise ValueError("run_single_machine needs a generator with output_mode='coco_rle'.")
     summary = RunSummary()
     start = time.perf_counter()
     out_fs, out_path = fsspec.core.url_to_fs(output_uri)
     out_fs.makedirs(out_path, exist_ok=True)
-    for image_id, uri in enumerate(list_files(input_uri)):
-        name = posixpath.basename(uri)
-        try:
-            with fsspec.open(uri, "rb") as f:
-                image = decode_image(f.read(), max_pixels=max_pixels)
-        except ImageDecodeError as e:
+    uris = list_files(input_uri)
+    files = Shard("files", "files", tuple(uris), common_root(uris))  # names: paths under the input
+    stems = export_stems([files.name_of(u) for u in uris])  # cam1/0001.jpg -> cam1/0001.json
+    for image_id, (row, image) in enumerate(decoded_images(files, None, max_pixels)):
+        if image is None:
             summary.images_error += 1
-            summary.errors.append({"uri": uri, "reason": e.reason, "detail": e.detail})
-            log.warning("skipping %s: %s", uri, e)
+            summary.errors.append({"uri": row["uri"], "reason": row["error_reason"], "detail": row["error_detail"]})
             continue
+        uri, name = row["uri"], files.name_of(row["uri"])
         records = generator.generate(image)
         h, w = image.shape[:2]
         doc = sa1b_document(image_id, name, w, h, records)
-        write_sa1b_json(posixpath.join(output_uri, posixpath.splitext(name)[0] + ".json"), doc)
+        write_sa1b_json(posixpath.join(output_uri, stems[name] + ".json"), doc)
         summary.images_ok += 1
         summary.masks += len(records)
         log.info("%s: %d masks", uri, len(records))

@@ -95,6 +95,8 @@ def test_single_machine_runner_on_samples_and_bad_files(tmp_path):
     (inputs / "broken.jpg").write_bytes(jpeg[: len(jpeg) // 3])
     (inputs / "empty.png").write_bytes(b"")
     (inputs / "notes.txt").write_text("not an image")
+    (inputs / "more").mkdir()  # the same file name in a subfolder: its own file, not an overwrite
+    (inputs / "more" / "coffee.jpg").write_bytes(open(f"{SAMPLE_IMAGES}/chelsea.jpg", "rb").read())
     out = tmp_path / "out"
     torch.manual_seed(0)
     generator = SamAutomaticMaskGenerator(build_sam("tiny"), points_per_side=4, pred_iou_thresh=0,
@@ -103,10 +105,12 @@ def test_single_machine_runner_on_samples_and_bad_files(tmp_path):
     result = run_single_machine(str(inputs), str(out), generator)
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.as_dict()))
-    assert summary["images_ok"] == 2 and summary["images_error"] == 3
+    assert summary["images_ok"] == 3 and summary["images_error"] == 3
     assert sorted(e["reason"] for e in summary["errors"]) == ["corrupt", "empty", "not_an_image"]
     doc = read_sa1b_json(str(out / "coffee.json"))
     assert doc["image"]["file_name"] == "coffee.jpg" and doc["image"]["width"] == 512
-    assert len(doc["annotations"]) == summary["masks"] // 2 > 0  # no filters: every candidate stays
+    assert len(doc["annotations"]) == summary["masks"] // 3 > 0  # no filters: every candidate stays
+    other = read_sa1b_json(str(out / "more" / "coffee.json"))
+    assert other["image"]["file_name"] == "more/coffee.jpg" and other["image"]["width"] == 451  # chelsea's pixels
     printed = str(result)
-    assert "images ok: 2, errors: 3" in printed and "broken.jpg: corrupt" in printed
+    assert "images ok: 3, errors: 3" in printed and "broken.jpg: corrupt" in printed
