@@ -86,6 +86,14 @@ def _identity_change(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     return ", ".join(changes) or f"settings hash {before.get('settings_hash')} -> {now.get('settings_hash')}"
 
 
+def read_parquet(source: Any) -> pa.Table:
+    """A whole Parquet file (path or file object) as a table. Through ``ParquetFile``, not
+    ``pq.read_table``: the latter's dataset scanner leaves threads behind that abort the
+    interpreter at exit now and then ("terminate called without an active exception", exit code
+    134 after a successful run; apache/arrow#50482, seen with pyarrow 26)."""
+    return pq.ParquetFile(source).read()
+
+
 class OutputDir:
     def __init__(self, output_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
                  identity: Optional[Mapping[str, Any]] = None) -> None:
@@ -161,7 +169,7 @@ class OutputDir:
         """One completed shard's ``masks`` or ``images`` table."""
         schema = MASKS_SCHEMA if name == "masks" else IMAGES_SCHEMA
         with self.fs.open(self._p(name, f"{shard_id}.parquet"), "rb") as fh:
-            return pq.read_table(fh, schema=schema)
+            return read_parquet(fh).select(schema.names).cast(schema)
 
     def read_table(self, name: str) -> pa.Table:
         """All completed shards' ``masks`` or ``images`` as one table (empty with the schema if none).

@@ -25,7 +25,7 @@ from sam_core import SamPredictor, build_sam
 from sam_core.amg.masks import batched_mask_to_box, calculate_stability_score, coco_encode_rle, mask_to_rle
 
 from .decode import DEFAULT_MAX_PIXELS
-from .output import OutputDir
+from .output import OutputDir, read_parquet
 from .config import model_id
 from .run import summarize_tables
 from .shards import Shard, common_root
@@ -68,10 +68,9 @@ def read_prompts(path: str, images_root: Optional[str] = None,
         return [ImagePrompts(_join(images_root, files[i]), tuple(boxes[i])) for i in files]
     if path.endswith((".parquet", ".csv")):
         import pyarrow.csv as pacsv
-        import pyarrow.parquet as pq
 
         with fsspec.open(path, "rb", **opts) as f:
-            table = pq.read_table(f) if path.endswith(".parquet") else pacsv.read_csv(f)
+            table = read_parquet(f) if path.endswith(".parquet") else pacsv.read_csv(f)
         cols = set(table.column_names)
         if "uri" not in cols or not ({"bbox"} <= cols or {"x", "y", "w", "h"} <= cols):
             raise ValueError(f"{path}: needs a 'uri' column and 'bbox' (XYWH) or 'x', 'y', 'w', 'h' columns; "

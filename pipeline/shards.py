@@ -100,10 +100,11 @@ def discover_shards(
 
 def _manifest_shards(uri: str, images_per_shard: int, storage_options) -> List[Shard]:
     import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
+
+    from .output import read_parquet
 
     with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
-        table = pq.read_table(f) if uri.endswith(".parquet") else pacsv.read_csv(f)
+        table = read_parquet(f) if uri.endswith(".parquet") else pacsv.read_csv(f)
     if "uri" not in table.column_names:
         raise ValueError(f"Manifest {uri!r} has no 'uri' column (columns: {table.column_names}).")
     uris = [u for u in table.column("uri").to_pylist()]
