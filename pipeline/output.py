@@ -86,12 +86,14 @@ def _identity_change(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     return ", ".join(changes) or f"settings hash {before.get('settings_hash')} -> {now.get('settings_hash')}"
 
 
-def read_parquet(source: Any) -> pa.Table:
-    """A whole Parquet file (path or file object) as a table. Through ``ParquetFile``, not
+def read_parquet(source: Any, columns: Optional[Sequence[str]] = None) -> pa.Table:
+    """A Parquet file (path or file object) as a table (all columns, or ``columns`` in that
+    order). Through ``ParquetFile``, not
     ``pq.read_table``: the latter's dataset scanner leaves threads behind that abort the
     interpreter at exit now and then ("terminate called without an active exception", exit code
     134 after a successful run; apache/arrow#50482, seen with pyarrow 26)."""
-    return pq.ParquetFile(source).read()
+    table = pq.ParquetFile(source).read(columns=None if columns is None else list(columns))
+    return table if columns is None else table.select(list(columns))
 
 
 class OutputDir:
@@ -165,11 +167,14 @@ class OutputDir:
         """Completed shards, sorted."""
         return sorted(posixpath.basename(p)[: -len(".json")] for p in self.fs.glob(self._p("_done", "*.json")))
 
-    def read_shard(self, name: str, shard_id: str) -> pa.Table:
-        """One completed shard's ``masks`` or ``images`` table."""
+    def read_shard(self, name: str, shard_id: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
+        """One completed shard's ``masks`` or ``images`` table, or only its ``columns`` (a masks
+        table's ``counts`` are most of its bytes: leave them out where they are not needed)."""
         schema = MASKS_SCHEMA if name == "masks" else IMAGES_SCHEMA
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
         with self.fs.open(self._p(name, f"{shard_id}.parquet"), "rb") as fh:
-            return read_parquet(fh).select(schema.names).cast(schema)
+            return read_parquet(fh, schema.names).cast(schema)
 
     def read_table(self, name: str) -> pa.Table:
         """All completed shards' ``masks`` or ``images`` as one table (empty with the schema if none).

@@ -80,15 +80,17 @@ def summarize(config: PipelineConfig) -> RunSummary:
 
 
 def summarize_tables(output: OutputDir) -> RunSummary:
-    """Counts over the images table of an output folder (images ok/error, masks, every error)."""
-    images = output.read_table("images")
-    ok = pc.equal(images.column("status"), "ok")
-    errors = images.filter(pc.invert(ok))
-    return RunSummary(
-        images_ok=int(pc.sum(ok).as_py() or 0),
-        images_error=errors.num_rows,
-        masks=int(pc.sum(images.column("mask_count")).as_py() or 0),
-        errors=[{"uri": u, "reason": r, "detail": d} for u, r, d in zip(
+    """Counts over the images table of an output folder (images ok/error, masks, every error),
+    read shard by shard and only the columns counted, so memory grows with the errors only."""
+    summary = RunSummary()
+    for shard_id in output.shard_ids():
+        images = output.read_shard("images", shard_id, ["uri", "status", "mask_count", "error_reason", "error_detail"])
+        ok = pc.equal(images.column("status"), "ok")
+        errors = images.filter(pc.invert(ok))
+        summary.images_ok += int(pc.sum(ok).as_py() or 0)
+        summary.images_error += errors.num_rows
+        summary.masks += int(pc.sum(images.column("mask_count")).as_py() or 0)
+        summary.errors += [{"uri": u, "reason": r, "detail": d} for u, r, d in zip(
             errors.column("uri").to_pylist(), errors.column("error_reason").to_pylist(),
-            errors.column("error_detail").to_pylist())],
-    )
+            errors.column("error_detail").to_pylist())]
+    return summary

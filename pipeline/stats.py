@@ -28,32 +28,54 @@ def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = 
     images: ok/error counts, error reasons, width/height and masks-per-image distributions;
     masks: count, and distributions of area, area as a fraction of the image, predicted IoU and
     stability score; the model and settings identifiers found (a mixed folder shows several).
+    Read shard by shard, only the columns used (not the masks' RLE strings); per mask, three
+    float64 values and the area fraction are held for the quantiles.
     """
     out = OutputDir(tables_uri, storage_options)
-    images = out.read_table("images").to_pydict()
-    masks = out.read_table("masks").to_pydict()
-    ok = [s == "ok" for s in images["status"]]
-    image_area = {i: (w or 0) * (h or 0) for i, w, h in zip(images["image_id"], images["width"], images["height"])}
+    shard_ids = out.shard_ids()
+    reasons: Counter = Counter()
+    models: Counter = Counter()
+    hashes: Counter = Counter()
+    ok_sizes, mask_columns, fractions = [], [], []  # numpy parts per shard
+    total = 0
+    for shard_id in shard_ids:  # one shard at a time, without the masks' counts strings
+        images = out.read_shard("images", shard_id, ["image_id", "status", "error_reason", "width", "height",
+                                                     "mask_count"]).to_pydict()
+        ok = [status == "ok" for status in images["status"]]
+        total += len(ok)
+        reasons.update(r for r, good in zip(images["error_reason"], ok) if not good)
+        ok_sizes.append(np.array([(w, h, n) for w, h, n, good in zip(
+            images["width"], images["height"], images["mask_count"], ok) if good], dtype=np.float64).reshape(-1, 3))
+        image_area = {i: (w or 0) * (h or 0) for i, w, h in zip(images["image_id"], images["width"], images["height"])}
+        masks = out.read_shard("masks", shard_id, ["image_id", "area", "predicted_iou", "stability_score", "model",
+                                                   "settings_hash"]).to_pydict()
+        mask_columns.append(np.array([masks["area"], masks["predicted_iou"], masks["stability_score"]],
+                                     dtype=np.float64).reshape(3, -1))
+        fractions.append(np.array([a / image_area[i] for a, i in zip(masks["area"], masks["image_id"])
+                                   if image_area.get(i)], dtype=np.float64))
+        models.update(masks["model"])
+        hashes.update(masks["settings_hash"])
+    sizes = np.concatenate(ok_sizes) if ok_sizes else np.zeros((0, 3))
+    values = np.concatenate(mask_columns, axis=1) if mask_columns else np.zeros((3, 0))
     return {
-        "shards": len(out.shard_ids()),
+        "shards": len(shard_ids),
         "images": {
-            "total": len(ok),
-            "ok": int(sum(ok)),
-            "error": int(len(ok) - sum(ok)),
-            "error_reasons": dict(Counter(r for r, good in zip(images["error_reason"], ok) if not good)),
-            "width": distribution([w for w, good in zip(images["width"], ok) if good]),
-            "height": distribution([h for h, good in zip(images["height"], ok) if good]),
-            "masks_per_image": distribution([n for n, good in zip(images["mask_count"], ok) if good]),
+            "total": total,
+            "ok": int(len(sizes)),
+            "error": int(total - len(sizes)),
+            "error_reasons": dict(reasons),
+            "width": distribution(sizes[:, 0]),
+            "height": distribution(sizes[:, 1]),
+            "masks_per_image": distribution(sizes[:, 2]),
         },
         "masks": {
-            "total": len(masks["mask_id"]),
-            "area": distribution(masks["area"]),
-            "area_fraction": distribution([a / image_area[i] for a, i in zip(masks["area"], masks["image_id"])
-                                           if image_area.get(i)]),
-            "predicted_iou": distribution(masks["predicted_iou"]),
-            "stability_score": distribution(masks["stability_score"]),
-            "models": dict(Counter(masks["model"])),
-            "settings_hashes": dict(Counter(masks["settings_hash"])),
+            "total": int(values.shape[1]),
+            "area": distribution(values[0]),
+            "area_fraction": distribution(np.concatenate(fractions) if fractions else []),
+            "predicted_iou": distribution(values[1]),
+            "stability_score": distribution(values[2]),
+            "models": dict(models),
+            "settings_hashes": dict(hashes),
         },
     }
 
