@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -51,3 +52,14 @@ def test_harness_keeps_finished_sections_when_cut_short(tmp_path, monkeypatch):
                       "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["filter"]["ours_eager"]["identical"] and "postprocess" not in report
+
+
+def test_pipeline_benchmark_runs_and_prints_its_ratio(capsys):
+    """``python -m bench.pipeline`` (the README's command) on 4 images: it checks that the Ray
+    pipeline wrote as many masks as the engine loop found, and prints both rates and the ratio."""
+    from bench import pipeline as bench_pipeline
+
+    bench_pipeline.main(["--images", "4", "--points-per-side", "8"])
+    out = capsys.readouterr().out
+    assert "images ok: 4, errors: 0" in out
+    assert re.search(r"engine +[0-9.]+ images/s", out) and re.search(r"pipeline / engine = [0-9.]+%", out)
