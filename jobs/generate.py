@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 
 from jobs.model_args import add_model_args, resolve_model
-from pipeline.config import PipelineConfig
+from pipeline.config import RETRIED_REASONS, PipelineConfig
 from pipeline.render import render_gallery
 from pipeline.run import run_pipeline
 from pipeline.single_machine import SAMPLE_IMAGES
@@ -71,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images are errors")
     ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs (e.g. a local server)")
     ap.add_argument("--overwrite", action="store_true", help="discard previous results under --output")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="also redo completed shards with images that failed in the model or post-processing "
+                         "stage or could not be read (out of memory, a GPU in a bad state, a storage outage); "
+                         "shards are rewritten whole")
     ap.add_argument("--gallery", help="also render mask overlays of (up to 12) images and an HTML page "
                                       "into this folder (as jobs.render does)")
     return ap.parse_args(argv)
@@ -87,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         num_gpus_per_worker=args.num_gpus_per_worker, num_cpus_per_worker=args.num_cpus_per_worker,
         postprocess_workers=args.postprocess_workers, num_cpus_per_postprocessor=args.num_cpus_per_postprocessor,
         num_cpus_per_decoder=args.num_cpus_per_decoder, device=args.device, max_pixels=args.max_pixels, storage_options=storage, overwrite=args.overwrite,
+        retry_failed=args.retry_failed,
     )
 
 
@@ -100,6 +106,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary)
+    retriable = Counter(e["reason"] for e in summary.errors if e["reason"] in RETRIED_REASONS)
+    if retriable:
+        print(f"{sum(retriable.values())} image(s) failed for reasons another try may not meet "
+              f"({', '.join(f'{r} {n}' for r, n in sorted(retriable.items()))}): --retry-failed redoes their shards")
     print(f"tables: {args.output.rstrip('/')}/masks/*.parquet and images/*.parquet")
     if args.gallery:
         render_gallery(args.output, args.gallery, storage_options=config.storage_options)

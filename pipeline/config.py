@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from .output import OutputDir
 
 
+# Error reasons that another try may not repeat (out of memory, a GPU in a bad state, an
+# object-store outage): with ``retry_failed`` the shards holding such images are done again.
+RETRIED_REASONS = ("generate_failed", "postprocess_failed", "unreadable")
+
 # Generator settings that change speed and memory, not which masks come out (in fast mode, batch
 # sizes and a compiled encoder and decoder change bf16 rounding only).
 THROUGHPUT_SETTINGS = frozenset({"points_per_batch", "encoder_batch_size", "fast_points_per_batch", "max_chunk_pixels",
@@ -39,6 +43,7 @@ class PipelineConfig:
     images_per_batch: int = 4  # decoded images per generator call (their crops share encoder batches)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images larger than this are recorded as errors
     overwrite: bool = False  # delete previous results under output_uri instead of resuming
+    retry_failed: bool = False  # also redo completed shards with images of RETRIED_REASONS
     storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint...)
     device: Optional[str] = None  # torch device in the workers; None: cuda if the worker has a GPU
     num_gpus_per_worker: float = 0.0  # GPUs reserved by each model actor

@@ -138,6 +138,18 @@ class OutputDir:
                 )
         return True
 
+    def count_reasons(self, shard_id: str, reasons: Sequence[str]) -> int:
+        """Images of a completed shard whose ``error_reason`` is one of ``reasons``."""
+        column = self.read_shard("images", shard_id, ["error_reason"]).column("error_reason").to_pylist()
+        return sum(r in reasons for r in column)
+
+    def reopen(self, shard: Shard) -> None:
+        """Forget that ``shard`` was completed (remove its marker) before it is written again, so
+        that a run stopped while rewriting it leaves no marker over half-written files."""
+        path = self._p("_done", f"{shard.shard_id}.json")
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
     def clear(self) -> None:
         for sub in ("masks", "images", "_done"):
             if self.fs.exists(self._p(sub)):

@@ -9,7 +9,7 @@ from typing import List
 
 import pyarrow.compute as pc
 
-from .config import PipelineConfig
+from .config import RETRIED_REASONS, PipelineConfig
 from .output import OutputDir
 from .shards import Shard, discover_shards
 from .single_machine import RunSummary
@@ -20,13 +20,16 @@ log = logging.getLogger(__name__)
 
 
 def pending_shards(config: PipelineConfig) -> List[Shard]:
-    """Shards of the input not yet completed in the output (all of them with ``overwrite``)."""
+    """Shards of the input not yet completed in the output (all of them with ``overwrite``;
+    with ``retry_failed`` also completed ones holding images that failed for a reason in
+    ``RETRIED_REASONS``)."""
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options)
     output = config.output()
     if config.overwrite:
         output.clear()
         return shards
-    return [s for s in shards if not output.is_complete(s)]
+    return [s for s in shards if not output.is_complete(s)
+            or (config.retry_failed and output.count_reasons(s.shard_id, RETRIED_REASONS) > 0)]
 
 
 def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunSummary:
@@ -45,6 +48,8 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     log.info("%d shards to process", len(todo))
     output = config.output()
     collector = ShardCollector(todo, output.open_shard)
+    for shard in todo:  # shards redone with retry_failed: no longer complete until rewritten
+        output.reopen(shard)
     if todo:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)

@@ -698,6 +698,65 @@ def test_an_image_the_model_fails_on_is_recorded_and_its_batch_mates_still_done(
     assert masks == [m for m in clean_masks if "chelsea" not in m["image_id"]] and masks
 
 
+def test_retry_failed_redoes_the_shards_of_images_that_failed(ray_local, inputs, tmp_path, checkpoint):
+    """A run whose model raised on one image (out of memory, say) completes with that image
+    recorded; a plain re-run leaves it so, a re-run with retry_failed redoes its shard only (not
+    the shards whose files are broken for good), and the tables then equal a clean run's."""
+    failing_height = decode_image(sample_bytes("chelsea.jpg")).shape[0]
+
+    class Flaky(ModelStage):
+        def __init__(self, config):
+            super().__init__(config)
+            real = self.generator.generate_candidates_batch
+
+            def generate(images):
+                if any(im.shape[0] == failing_height for im in images):
+                    raise RuntimeError("CUDA out of memory (simulated)")
+                return real(images)
+            self.generator.generate_candidates_batch = generate
+
+    out = tmp_path / "out"
+    first = run_pipeline(config(inputs, out, checkpoint), model_stage=Flaky)
+    assert sorted(e["reason"] for e in first.errors) == ["corrupt", "empty", "generate_failed", "not_an_image",
+                                                         "too_large"]
+    assert run_pipeline(config(inputs, out, checkpoint)).shards_processed == 0
+    retried = run_pipeline(config(inputs, out, checkpoint, retry_failed=True))
+    assert retried.shards_processed == 1 and "generate_failed" not in {e["reason"] for e in retried.errors}
+    assert run_pipeline(config(inputs, out, checkpoint, retry_failed=True)).shards_processed == 0
+    run_pipeline(config(inputs, tmp_path / "clean", checkpoint))
+    assert read_tables(out)[0].equals(read_tables(tmp_path / "clean")[0])
+    assert read_tables(out)[1].drop_columns(TIMINGS).equals(read_tables(tmp_path / "clean")[1].drop_columns(TIMINGS))
+
+
+def test_a_shard_redone_has_no_marker_until_it_is_rewritten(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    shard = Shard("s", "files", ("a.jpg", "b.jpg"))
+    out.write_shard(shard, [], [dict(image_id="s/a.jpg", uri="a.jpg", shard="s", status="error",
+                                     error_reason="generate_failed"),
+                                dict(image_id="s/b.jpg", uri="b.jpg", shard="s", status="ok")])
+    assert out.count_reasons("s", ("generate_failed", "unreadable")) == 1 and out.count_reasons("s", ("corrupt",)) == 0
+    out.reopen(shard)  # a run stopped from here on leaves the shard to be redone, not half-written and marked
+    assert not out.is_complete(shard) and out.shard_ids() == []
+    out.reopen(shard)  # no marker: nothing to do
+
+
+def test_generate_job_says_when_retry_failed_may_help(tmp_path, monkeypatch, capsys):
+    import jobs.generate as job
+    from pipeline.single_machine import RunSummary
+
+    summary = RunSummary(images_ok=5, images_error=3, errors=[
+        {"uri": "a.jpg", "reason": "generate_failed", "detail": "RuntimeError: CUDA out of memory"},
+        {"uri": "b.jpg", "reason": "corrupt", "detail": "truncated"},
+        {"uri": "c.jpg", "reason": "unreadable", "detail": "ConnectionError after 3 attempts"}])
+    monkeypatch.setattr(job, "run_pipeline", lambda config: summary)
+    assert job.main(["--output", str(tmp_path / "out")]) == 0
+    assert ("2 image(s) failed for reasons another try may not meet (generate_failed 1, unreadable 1): "
+            "--retry-failed redoes their shards") in capsys.readouterr().out
+    summary.errors = summary.errors[1:2]
+    assert job.main(["--output", str(tmp_path / "out")]) == 0
+    assert "--retry-failed" not in capsys.readouterr().out
+
+
 def test_an_image_post_processing_fails_on_is_recorded(inputs, tmp_path, checkpoint):
     """Post-processing raises on one image's candidates: that image gets a postprocess_failed
     row, the others of the batch are finished."""
