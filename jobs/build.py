@@ -24,11 +24,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", required=True, help="build spec file (TOML, see above)")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="also redo shards with images that failed in the model or post-processing stage or "
+                         "could not be read (as jobs.generate --retry-failed)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         spec = load_spec(args.spec)
-        result = run_build(spec)
+        result = run_build(spec, retry_failed=args.retry_failed)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
         print(f"{spec.name}: up to date (latest manifest {latest}); nothing processed")
     else:
         shards = sum(len(s) for s in result.new_shards.values())
-        print(f"{spec.name}: processed {shards} new shards; wrote manifest {result.manifest_uri}")
+        print(f"{spec.name}: processed {shards} shards; wrote manifest {result.manifest_uri}")
     return 0
 
 

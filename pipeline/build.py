@@ -15,7 +15,7 @@ import json
 import posixpath
 import re
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import fsspec
@@ -152,15 +152,18 @@ class Manifests:
         return posixpath.join(self.output, "manifests", f"v{version:04d}.json")
 
 
-def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeline) -> BuildResult:
-    """Process the shards of every input not yet done, then write the next manifest version.
+def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeline,
+              retry_failed: bool = False) -> BuildResult:
+    """Process the shards of every input not yet done (with ``retry_failed``, also those holding
+    images that failed for a reason another try may not meet: see ``PipelineConfig``), then
+    write the next manifest version.
 
     Refuses (``SpecError``) when the model or settings differ from the latest manifest's: the
     output would otherwise mix masks of two configurations.
     """
     manifests = Manifests(spec.output, spec.storage_options())
     versions = manifests.versions()
-    configs = {uri: spec.pipeline_config(uri) for uri in spec.inputs}
+    configs = {uri: replace(spec.pipeline_config(uri), retry_failed=retry_failed) for uri in spec.inputs}
     first = next(iter(configs.values()))
     identity = {"model": first.model_id(), "settings_hash": first.settings_hash()}
     if versions:

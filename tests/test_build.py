@@ -11,6 +11,7 @@ from jobs.build import main as build_main
 from pipeline.build import SpecError, input_key, load_spec, run_build
 from pipeline.output import OutputDir
 from pipeline.run import pending_shards
+from pipeline.shards import discover_shards
 from pipeline.single_machine import SAMPLE_IMAGES
 from pipeline.stages import ShardWorker
 
@@ -63,6 +64,16 @@ def test_build_is_incremental_and_versioned(tmp_path):
     assert v2["inputs"][0]["shards"] == ["sa_000001", "sa_000002", "sa_000003"]
     assert v2["inputs"][0]["new_shards"] == ["sa_000003"]
     assert tables.read_table("images").num_rows == 4
+
+    # An image of sa_000002 failed in the model stage (out of memory, say): only --retry-failed redoes its shard.
+    images = tables.read_shard("images", "sa_000002").to_pylist()
+    images[0].update(status="error", error_reason="generate_failed", mask_count=None)
+    masks = [m for m in tables.read_shard("masks", "sa_000002").to_pylist() if m["image_id"] != images[0]["image_id"]]
+    tables.write_shard(next(s for s in discover_shards(str(shards)) if s.shard_id == "sa_000002"), masks, images)
+    assert run_build(spec, run=local_run).version is None
+    fourth = run_build(spec, run=local_run, retry_failed=True)
+    assert fourth.version == 3 and fourth.new_shards == {str(shards): ["sa_000002"]}
+    assert tables.read_table("images").column("status").to_pylist() == ["ok"] * 4
 
 
 def test_build_refuses_changed_settings(tmp_path):
