@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import Counter
 
 from jobs.model_args import add_model_args, resolve_model
-from pipeline.config import RETRIED_REASONS, PipelineConfig
+from jobs.run_args import add_run_args, print_run_end, run_config_args
+from pipeline.config import PipelineConfig
 from pipeline.render import render_gallery
 from pipeline.run import run_pipeline
 from pipeline.single_machine import SAMPLE_IMAGES
@@ -51,31 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--crop-n-layers", type=int, help="crop layers (default 0)")
     ap.add_argument("--crop-n-points-downscale-factor", type=int, help="points reduction per layer (default 1)")
     ap.add_argument("--min-mask-region-area", type=int, help="remove holes/islands below this area (default 0)")
-    ap.add_argument("--images-per-shard", type=int, default=64, help="loose images per shard (default 64)")
-    ap.add_argument("--images-per-batch", type=int, default=4,
-                    help="images per generator call; their crops share encoder batches (default 4)")
     ap.add_argument("--encoder-batch-size", type=int, help="crops per encoder forward (default 4)")
     ap.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the candidate reductions (same masks) and, with --mode fast, the "
                          "encoder and decoder; each model actor compiles on its first images (minutes for vit_h)")
-    ap.add_argument("--workers", type=int, default=1, help="model actors, one model each (default 1)")
-    ap.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default 0: CPU)")
-    ap.add_argument("--num-cpus-per-worker", type=float, default=1.0,
-                    help="CPUs per model actor; also its torch threads (default 1)")
     ap.add_argument("--postprocess-workers", type=int,
                     help="CPU actors for small-region removal and records (default: as many as --workers)")
     ap.add_argument("--num-cpus-per-postprocessor", type=float, default=0.5,
                     help="CPUs per post-processing actor (default 0.5)")
-    ap.add_argument("--num-cpus-per-decoder", type=float, default=0.5,
-                    help="CPUs per read-and-decode task (default 0.5)")
-    ap.add_argument("--device", help="torch device in the actors (default: cuda if the actor has a GPU)")
-    ap.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images are errors")
-    ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs (e.g. a local server)")
-    ap.add_argument("--overwrite", action="store_true", help="discard previous results under --output")
-    ap.add_argument("--retry-failed", action="store_true",
-                    help="also redo completed shards with images that failed in the model or post-processing "
-                         "stage or could not be read (out of memory, a GPU in a bad state, a storage outage); "
-                         "shards are rewritten whole")
+    add_run_args(ap)
     ap.add_argument("--gallery", help="also render mask overlays of (up to 12) images and an HTML page "
                                       "into this folder (as jobs.render does)")
     return ap.parse_args(argv)
@@ -83,16 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     resolve_model(args)
-    storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
     return PipelineConfig(
         input_uri=args.input, output_uri=args.output, model_type=args.model_type,
         checkpoint=args.checkpoint, seed=args.seed, preset=args.preset, mode=args.mode,
         amg={k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None},
-        images_per_shard=args.images_per_shard, images_per_batch=args.images_per_batch, workers=args.workers,
-        num_gpus_per_worker=args.num_gpus_per_worker, num_cpus_per_worker=args.num_cpus_per_worker,
         postprocess_workers=args.postprocess_workers, num_cpus_per_postprocessor=args.num_cpus_per_postprocessor,
-        num_cpus_per_decoder=args.num_cpus_per_decoder, device=args.device, max_pixels=args.max_pixels, storage_options=storage, overwrite=args.overwrite,
-        retry_failed=args.retry_failed,
+        **run_config_args(args),
     )
 
 
@@ -105,12 +85,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input, flags, checkpoint or resources: say which
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summary)
-    retriable = Counter(e["reason"] for e in summary.errors if e["reason"] in RETRIED_REASONS)
-    if retriable:
-        print(f"{sum(retriable.values())} image(s) failed for reasons another try may not meet "
-              f"({', '.join(f'{r} {n}' for r, n in sorted(retriable.items()))}): --retry-failed redoes their shards")
-    print(f"tables: {args.output.rstrip('/')}/masks/*.parquet and images/*.parquet")
+    print_run_end(summary, args.output)
     if args.gallery:
         render_gallery(args.output, args.gallery, storage_options=config.storage_options)
         print(f"overlays: {args.gallery.rstrip('/')}/index.html")

@@ -5,18 +5,22 @@ boxes in, the same masks/images Parquet tables as jobs.generate out, one mask pe
         --model-type vit_h --checkpoint sam_vit_h_4b8939.pth
     python -m jobs.prompt --prompts boxes.parquet --output s3://bucket/prompted --s3-endpoint-url URL
 
-A table has a `uri` column and `bbox` (XYWH) or `x`, `y`, `w`, `h`. Re-running resumes; an image
-whose boxes are unusable gets an images row with reason `bad_prompt`.
+A table has a `uri` column and `bbox` (XYWH) or `x`, `y`, `w`, `h`. Runs as jobs.generate does, on
+the Ray cluster it is attached to or a local one: read-and-decode tasks, --workers model actors
+(--num-gpus-per-worker each), the driver writing each shard. Re-running resumes; an image whose
+boxes are unusable gets an images row with reason `bad_prompt`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from jobs.model_args import add_model_args, resolve_model
-from pipeline.decode import DEFAULT_MAX_PIXELS
-from pipeline.prompted import BoxPrompter, read_prompts, run_prompted
+from jobs.run_args import add_run_args, print_run_end, run_config_args
+from pipeline.config import PipelineConfig
+from pipeline.prompted import read_prompts, run_prompted_on_ray
 
 
 def main(argv=None) -> int:
@@ -26,25 +30,21 @@ def main(argv=None) -> int:
     ap.add_argument("--images", help="folder/URI that relative file names in --prompts are under")
     ap.add_argument("--output", required=True, help="output folder of the masks/images tables")
     add_model_args(ap)
-    ap.add_argument("--device", help="torch device (default: cuda if available)")
-    ap.add_argument("--images-per-shard", type=int, default=64, help="images per output file (default 64)")
-    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are errors")
-    ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs")
-    ap.add_argument("--overwrite", action="store_true", help="discard previous results under --output")
+    add_run_args(ap)
     args = ap.parse_args(argv)
-    storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
-    if args.images_per_shard < 1:
-        ap.error("--images-per-shard must be >= 1")
-    try:  # bad prompts, checkpoint or an output made with another model: say which
-        prompts = read_prompts(args.prompts, args.images, storage)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:  # bad prompts, flags, checkpoint, resources or an output made with another model: say which
         resolve_model(args)
-        prompter = BoxPrompter(args.model_type, args.checkpoint, args.device, args.seed, args.max_pixels)
-        summary = run_prompted(prompts, args.output, prompter, args.images_per_shard, args.overwrite, storage)
+        # No post-processing actors here: their CPUs are not asked for.
+        config = PipelineConfig(input_uri=args.prompts, output_uri=args.output, model_type=args.model_type,
+                                checkpoint=args.checkpoint, seed=args.seed, num_cpus_per_postprocessor=0.0,
+                                **run_config_args(args))
+        prompts = read_prompts(args.prompts, args.images, config.storage_options)
+        summary = run_prompted_on_ray(prompts, config)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summary)
-    print(f"tables: {args.output.rstrip('/')}/masks/*.parquet and images/*.parquet")
+    print_run_end(summary, args.output)
     return 0
 
 

@@ -10,6 +10,7 @@ among its image's boxes in input order, ``point_coords`` is null and ``crop_box`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import posixpath
 import time
@@ -19,18 +20,25 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import torch
 
 from sam_core import SamPredictor, build_sam
 from sam_core.amg.masks import batched_mask_to_box, calculate_stability_score, coco_encode_rle, mask_to_rle
 
+from .config import PipelineConfig, model_id
 from .decode import DEFAULT_MAX_PIXELS
-from .output import OutputDir, read_parquet
-from .config import model_id
-from .run import summarize_tables
+from .output import OutputDir, masks_to_ipc, read_parquet
+from .reading import Row, decoded_images, to_table
+from .run import run_stages, select_pending, summarize_tables
 from .shards import Shard, common_root
 from .single_machine import RunSummary
-from .reading import decoded_images
+from .stages import failed
+
+
+PROMPTED_SETTINGS_HASH = "prompted-boxes"  # no generator settings: one mask per box
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ class BoxPrompter:
             torch.manual_seed(seed)
         self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device))
         self.model_id = model_id(model_type, checkpoint, seed)
-        self.settings_hash = "prompted-boxes"  # no generator settings: one mask per box
+        self.settings_hash = PROMPTED_SETTINGS_HASH
         self.max_pixels = max_pixels
 
     def masks(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> List[Dict[str, Any]]:
@@ -136,6 +144,19 @@ class BoxPrompter:
                              model=self.model_id, settings_hash=self.settings_hash))
         return rows
 
+    def prompt(self, row: Dict[str, Any], image: np.ndarray, boxes: Sequence[Sequence[float]]) -> List[Dict[str, Any]]:
+        """Mask rows of one decoded image's ``boxes``; completes its ``images`` row (ok, counts
+        and time; or ``bad_prompt`` with the boxes that cannot prompt, and no masks)."""
+        h, w = image.shape[:2]
+        bad = bad_boxes(boxes, w, h)
+        if bad:
+            row.update(error_reason="bad_prompt", error_detail="; ".join(bad))
+            return []
+        t1 = time.perf_counter()
+        rows = self.masks(image, boxes)
+        row.update(status="ok", mask_count=len(rows), generate_s=time.perf_counter() - t1)
+        return [dict(r, image_id=row["image_id"]) for r in rows]
+
     def process(self, shard: Shard, boxes_by_uri: Mapping[str, Sequence[Sequence[float]]],
                 storage_options: Optional[Mapping[str, Any]] = None):
         """Rows of the masks and images tables for one shard of prompted images."""
@@ -143,42 +164,84 @@ class BoxPrompter:
         images: List[Dict[str, Any]] = []
         for row, image in decoded_images(shard, storage_options, self.max_pixels):
             images.append(row)
-            if image is None:
-                continue
-            h, w = image.shape[:2]
-            boxes = boxes_by_uri[row["uri"]]
-            bad = bad_boxes(boxes, w, h)
-            if bad:
-                row.update(error_reason="bad_prompt", error_detail="; ".join(bad))
-                continue
-            t1 = time.perf_counter()
-            rows = self.masks(image, boxes)
-            row.update(status="ok", mask_count=len(rows), generate_s=time.perf_counter() - t1)
-            masks.extend(dict(r, image_id=row["image_id"]) for r in rows)
+            if image is not None:
+                masks.extend(self.prompt(row, image, boxes_by_uri[row["uri"]]))
         return masks, images
+
+
+def prompt_identity(model: str) -> Dict[str, str]:
+    """What decides prompted masks (an output's identity, see ``OutputDir``): the model only."""
+    return {"model": model, "settings_hash": PROMPTED_SETTINGS_HASH}
+
+
+def prompt_shards(prompts: Sequence[ImagePrompts], images_per_shard: int) -> List[Shard]:
+    """The prompted images in input order, ``images_per_shard`` to a shard (``prompts-00000``)."""
+    uris = [p.uri for p in prompts]
+    root = common_root(uris)
+    return [Shard(f"prompts-{i // images_per_shard:05d}", "files", tuple(uris[i : i + images_per_shard]), root)
+            for i in range(0, len(uris), images_per_shard)]
 
 
 def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: BoxPrompter,
                  images_per_shard: int = 64, overwrite: bool = False,
                  storage_options: Optional[Mapping[str, Any]] = None) -> RunSummary:
-    """Process every shard of prompted images not yet complete under ``output_uri``."""
+    """Process every shard of prompted images not yet complete under ``output_uri``, in this
+    process (:func:`run_prompted_on_ray` spreads the same work over a Ray cluster)."""
     start = time.perf_counter()
-    out = OutputDir(output_uri, storage_options, {"model": prompter.model_id, "settings_hash": prompter.settings_hash})
-    if overwrite:
-        out.clear()
+    out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id))
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
-    uris = [p.uri for p in prompts]
-    root = common_root(uris)
     shards_processed = images_processed = 0
-    for i in range(0, len(uris), images_per_shard):
-        shard = Shard(f"prompts-{i // images_per_shard:05d}", "files", tuple(uris[i : i + images_per_shard]), root)
-        if out.is_complete(shard):
-            continue
+    for shard in select_pending(prompt_shards(prompts, images_per_shard), out, overwrite):
         masks, images = prompter.process(shard, boxes_by_uri, storage_options)
         out.write_shard(shard, masks, images)
         shards_processed += 1
         images_processed += len(images)
     summary = summarize_tables(out)
     summary.shards_processed, summary.images_processed = shards_processed, images_processed
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+class BoxStage:
+    """Ray model stage of :func:`run_prompted_on_ray`: decoded image rows with their ``prompts``
+    (boxes) -> rows with the image's ``masks`` (one per box) and its completed ``images`` row.
+    One model per actor; an image the model raises on gets ``generate_failed``."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.prompter = BoxPrompter(config.model_type, config.checkpoint, config.device, config.seed, config.max_pixels)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return to_table(self.process(batch.to_pylist()))
+
+    def process(self, rows: List[Row]) -> List[Row]:
+        for r in rows:
+            if r.get("pixels") is not None:
+                image_row = json.loads(r["image"])
+                image = np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3)
+                try:
+                    masks = self.prompter.prompt(image_row, image, json.loads(r["prompts"]))
+                except Exception as e:  # e.g. out of memory: recorded on the image, as in ModelStage
+                    log.exception("prompting failed for %s", image_row["uri"])
+                    failed(image_row, "generate_failed", e)
+                    masks = []
+                r.update(image=json.dumps(image_row), masks=masks_to_ipc(masks) if masks else None)
+            r.update(pixels=None, height=None, width=None, prompts=None)
+        return rows
+
+
+def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig, stage: type = BoxStage) -> RunSummary:
+    """:func:`run_prompted` on the Ray cluster (a local one if none is running): read-and-decode
+    tasks, ``config.workers`` model actors (:class:`BoxStage`; ``num_gpus_per_worker`` each), the
+    driver writing each shard as it completes. From ``config``: the model, output,
+    ``images_per_shard``, ``images_per_batch``, resources, ``max_pixels``, ``overwrite`` and
+    ``retry_failed`` (its ``input_uri`` and generator settings are not used). ``stage``: the model
+    stage's class (:class:`BoxStage` or a subclass)."""
+    start = time.perf_counter()
+    output = OutputDir(config.output_uri, config.storage_options, prompt_identity(config.model_id()))
+    todo = select_pending(prompt_shards(prompts, config.images_per_shard), output, config.overwrite,
+                          config.retry_failed)
+    boxes = {p.uri: [list(b) for b in p.boxes] for p in prompts}
+    summary = run_stages(config, todo, output, [(stage, "model")],
+                         item_fields=lambda shard: {"prompts": json.dumps([boxes[u] for u in shard.uris])})
     summary.seconds = time.perf_counter() - start
     return summary

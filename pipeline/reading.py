@@ -29,6 +29,7 @@ STAGE_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("candidates", pa.large_binary()),
     ("masks", pa.large_binary()),
+    ("prompts", pa.string()),
 ])
 
 
@@ -73,12 +74,17 @@ def decoded_images(
 
 
 # ---------------------------------------------------------------------- stage 1: decode (CPU tasks)
-def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int) -> Iterator[Row]:
-    """One row per file of ``shard`` (pixels set if it decoded), then the shard's end row."""
+def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int,
+                prompts: Optional[Sequence[Any]] = None) -> Iterator[Row]:
+    """One row per file of ``shard`` (pixels set if it decoded), then the shard's end row.
+    ``prompts``: per file of a "files" shard, what the model stage is to prompt it with (JSON-able;
+    passed on as the rows' ``prompts``)."""
     count = 0
     for index, (row, image) in enumerate(decoded_images(shard, storage_options, max_pixels)):
         count += 1
         out: Row = dict(shard_id=shard.shard_id, image_index=index, shard_images=END, image=json.dumps(row))
+        if prompts is not None:
+            out["prompts"] = json.dumps(prompts[index])
         if image is not None:
             out.update(pixels=image.tobytes(), height=image.shape[0], width=image.shape[1])
         yield out
@@ -87,12 +93,15 @@ def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_
 
 def decode_shards(batch: Dict[str, Any], storage_options: Mapping[str, Any], max_pixels: int,
                   rows_per_output: int = 4) -> Iterator[pa.Table]:
-    """Ray stage (a task per shard): shards (``shard_id``, ``kind``, ``uris``, ``root``) -> image
-    rows, yielded a few at a time so that a large tar never sits decoded in memory at once."""
-    for shard_id, kind, uris, root in zip(batch["shard_id"], batch["kind"], batch["uris"], batch["root"]):
+    """Ray stage (a task per shard): shards (``shard_id``, ``kind``, ``uris``, ``root``, and
+    ``prompts`` as JSON if the model stage prompts) -> image rows, yielded a few at a time so that
+    a large tar never sits decoded in memory at once."""
+    prompts_column = batch.get("prompts", [None] * len(batch["shard_id"]))
+    for shard_id, kind, uris, root, prompts in zip(batch["shard_id"], batch["kind"], batch["uris"], batch["root"],
+                                                   prompts_column):
         shard = Shard(str(shard_id), str(kind), tuple(str(u) for u in uris), None if root is None else str(root))
         rows: List[Row] = []
-        for row in decode_rows(shard, storage_options, max_pixels):
+        for row in decode_rows(shard, storage_options, max_pixels, None if prompts is None else json.loads(prompts)):
             rows.append(row)
             if len(rows) >= rows_per_output:
                 yield to_table(rows)

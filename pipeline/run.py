@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import List
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow.compute as pc
 
@@ -24,12 +24,18 @@ def pending_shards(config: PipelineConfig) -> List[Shard]:
     with ``retry_failed`` also completed ones holding images that failed for a reason in
     ``RETRIED_REASONS``)."""
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options)
-    output = config.output()
-    if config.overwrite:
+    return select_pending(shards, config.output(), config.overwrite, config.retry_failed)
+
+
+def select_pending(shards: Sequence[Shard], output: OutputDir, overwrite: bool = False,
+                   retry_failed: bool = False) -> List[Shard]:
+    """Of ``shards``, those ``output`` does not hold complete (all, after clearing it, with
+    ``overwrite``; with ``retry_failed`` also those holding images of ``RETRIED_REASONS``)."""
+    if overwrite:
         output.clear()
-        return shards
+        return list(shards)
     return [s for s in shards if not output.is_complete(s)
-            or (config.retry_failed and output.count_reasons(s.shard_id, RETRIED_REASONS) > 0)]
+            or (retry_failed and output.count_reasons(s.shard_id, RETRIED_REASONS) > 0)]
 
 
 def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunSummary:
@@ -41,12 +47,24 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     the driver streaming each shard's masks to its file in file order, finishing the shard once
     all its rows are in. ``model_stage`` is the model stage's class (a :class:`ModelStage` or
     subclass)."""
+    start = time.perf_counter()
+    todo = pending_shards(config)
+    summary = run_stages(config, todo, config.output(), [(model_stage, "model"), (PostprocessStage, "postprocess")])
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir, stages: Sequence[Tuple[type, str]],
+               item_fields: Optional[Callable[[Shard], Dict[str, Any]]] = None) -> RunSummary:
+    """Stream the shards ``todo`` through the decode stage and then ``stages`` (a class, built
+    with ``config``, and the key of its resources in ``config.ray_stage_args()``) on Ray, each
+    shard written into ``output`` once all its rows are in; the summary of the whole output.
+    ``item_fields(shard)`` adds fields to a shard's item that the decode stage passes on (a
+    shard's ``prompts``)."""
     import ray
 
     start = time.perf_counter()
-    todo = pending_shards(config)
     log.info("%d shards to process", len(todo))
-    output = config.output()
     collector = ShardCollector(todo, output.open_shard)
     for shard in todo:  # shards redone with retry_failed: no longer complete until rewritten
         output.reopen(shard)
@@ -56,12 +74,13 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
             if not os.environ.get("RAY_ADDRESS"):  # this machine's own Ray, which will not grow:
                 config.check_fits(ray.cluster_resources())  # fail now rather than wait forever
         args = config.ray_stage_args()
-        items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris), "root": s.root} for s in todo]
+        items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris), "root": s.root,
+                  **(item_fields(s) if item_fields else {})} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(decode_shards, fn_kwargs={"storage_options": dict(config.storage_options),
                                                       "max_pixels": config.max_pixels}, **args["decode"])
-        ds = ds.map_batches(model_stage, fn_constructor_kwargs={"config": config}, **args["model"])
-        ds = ds.map_batches(PostprocessStage, fn_constructor_kwargs={"config": config}, **args["postprocess"])
+        for stage, resources in stages:
+            ds = ds.map_batches(stage, fn_constructor_kwargs={"config": config}, **args[resources])
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 collector.add(batch.to_pylist())
@@ -70,7 +89,7 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
             raise
         if collector.unfinished():
             raise RuntimeError(f"The run ended with shards not written (re-run to redo them): {collector.unfinished()}")
-    summary = summarize(config)
+    summary = summarize_tables(output)
     summary.seconds = time.perf_counter() - start
     summary.stage_seconds = {stage: float(sum(s[f"{stage}_s"] for s in collector.written))
                              for stage in ("decode", "generate", "postprocess")}

@@ -18,6 +18,8 @@ whole, however the images were spread over actors. Columns (Arrow):
                           only by these stages
     masks         binary  postprocess -> collector: the image's ``masks`` rows as an Arrow IPC
                           stream (``pipeline.output.masks_to_ipc``); null if it has none
+    prompts       str     decode -> model, jobs.prompt only (``pipeline.prompted.BoxStage``, which
+                          also makes ``masks``): JSON of the image's boxes; null otherwise
 """
 
 from __future__ import annotations

@@ -51,3 +51,13 @@ def assert_records_identical(expected, got):
                 assert a.dtype == b.dtype and np.array_equal(a, b), (i, key)
             else:
                 assert a == b, (i, key, a, b)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of 2 CPUs for the tests of one module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()

@@ -71,15 +71,6 @@ def config(inputs, output, checkpoint, **kw):
                           amg=AMG, images_per_shard=3, max_pixels=300_000, **kw)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def test_discover_folder_glob_tar_and_manifest(inputs, tmp_path):
     shards = discover_shards(str(inputs), images_per_shard=3)
     assert [s.shard_id for s in shards] == ["files-00000", "files-00001", "files-00002"]
@@ -670,25 +661,27 @@ def test_stages_on_ray_equal_the_engine_with_crops_and_small_regions(ray_local, 
     assert images.column("postprocess_s").null_count == 0
 
 
+class FailsOnChelsea(ModelStage):
+    """A model stage whose generator raises (as if out of memory) on any batch with chelsea.jpg."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        real = self.generator.generate_candidates_batch
+        failing_height = decode_image(sample_bytes("chelsea.jpg")).shape[0]
+
+        def generate(images):
+            if any(im.shape[0] == failing_height for im in images):
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(images)
+        self.generator.generate_candidates_batch = generate
+
+
 def test_an_image_the_model_fails_on_is_recorded_and_its_batch_mates_still_done(inputs, tmp_path, checkpoint):
     """The generator raises for one image: its batch is retried image by image, that image gets
     an error row with the exception, the others the same masks as a clean run."""
-    failing_height = decode_image(sample_bytes("chelsea.jpg")).shape[0]
-
-    class Flaky(ModelStage):
-        def __init__(self, config):
-            super().__init__(config)
-            real = self.generator.generate_candidates_batch
-
-            def generate(images):
-                if any(im.shape[0] == failing_height for im in images):
-                    raise RuntimeError("CUDA out of memory (simulated)")
-                return real(images)
-            self.generator.generate_candidates_batch = generate
-
     cfg = config(inputs, tmp_path / "out", checkpoint, images_per_batch=3)
     shard = discover_shards(str(inputs), 10)[0]
-    masks, images = ShardWorker(cfg, model_stage=Flaky).process(shard)
+    masks, images = ShardWorker(cfg, model_stage=FailsOnChelsea).process(shard)
     clean_masks, _ = ShardWorker(cfg).process(shard)
     by_name = {r["image_id"].split("/", 1)[1]: r for r in images}
     assert by_name["chelsea.jpg"]["status"] == "error"
@@ -702,21 +695,8 @@ def test_retry_failed_redoes_the_shards_of_images_that_failed(ray_local, inputs,
     """A run whose model raised on one image (out of memory, say) completes with that image
     recorded; a plain re-run leaves it so, a re-run with retry_failed redoes its shard only (not
     the shards whose files are broken for good), and the tables then equal a clean run's."""
-    failing_height = decode_image(sample_bytes("chelsea.jpg")).shape[0]
-
-    class Flaky(ModelStage):
-        def __init__(self, config):
-            super().__init__(config)
-            real = self.generator.generate_candidates_batch
-
-            def generate(images):
-                if any(im.shape[0] == failing_height for im in images):
-                    raise RuntimeError("CUDA out of memory (simulated)")
-                return real(images)
-            self.generator.generate_candidates_batch = generate
-
     out = tmp_path / "out"
-    first = run_pipeline(config(inputs, out, checkpoint), model_stage=Flaky)
+    first = run_pipeline(config(inputs, out, checkpoint), model_stage=FailsOnChelsea)
     assert sorted(e["reason"] for e in first.errors) == ["corrupt", "empty", "generate_failed", "not_an_image",
                                                          "too_large"]
     assert run_pipeline(config(inputs, out, checkpoint)).shards_processed == 0

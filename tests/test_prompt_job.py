@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 
 from jobs.prompt import main as prompt_main
 from pipeline.decode import decode_image
+from pipeline.config import PipelineConfig
 from pipeline.output import OutputDir
+from pipeline.prompted import BoxPrompter, BoxStage, read_prompts, run_prompted, run_prompted_on_ray
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core import SamPredictor, build_sam
 
@@ -52,7 +56,7 @@ def rows_by_image(out):
     return by, images
 
 
-def test_prompted_masks_equal_the_predictor(photos, tmp_path, tiny_checkpoint, capsys):
+def test_prompted_masks_equal_the_predictor(ray_local, photos, tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "out"
     args = ["--prompts", str(coco_file(tmp_path / "dets.json", photos)), "--images", str(photos),
             "--output", str(out), "--checkpoint", str(tiny_checkpoint)]
@@ -99,7 +103,7 @@ def test_prompted_masks_equal_the_predictor(photos, tmp_path, tiny_checkpoint, c
     assert "model tiny:sam_tiny.pth -> tiny:random-seed0" in capsys.readouterr().err
 
 
-def test_box_table_gives_the_same_masks(photos, tmp_path, tiny_checkpoint):
+def test_box_table_gives_the_same_masks(ray_local, photos, tmp_path, tiny_checkpoint):
     rows = [{"uri": name, "bbox": b} for name, boxes in BOXES.items() for b in boxes]
     table = tmp_path / "boxes.parquet"
     pq.write_table(pa.Table.from_pylist(rows), table)
@@ -129,3 +133,45 @@ def test_prompt_file_errors(tmp_path, capsys):
                                  "annotations": []}))
     assert prompt_main(["--prompts", str(twice), "--output", str(tmp_path / "o")]) == 2
     assert "1 file_name(s) belong to more than one image: ['a.jpg']" in capsys.readouterr().err
+
+
+def test_prompts_on_ray_equal_the_in_process_run_and_failures_are_recorded(ray_local, photos, tmp_path,
+                                                                          tiny_checkpoint):
+    """Two model actors over shards of 2 images give the tables of the in-process run; an image
+    the model raises on gets generate_failed and --retry-failed redoes its shard."""
+    prompts = read_prompts(str(coco_file(tmp_path / "dets.json", photos)), str(photos))
+    cfg = PipelineConfig(input_uri="dets.json", output_uri=str(tmp_path / "ray"), model_type="tiny",
+                         checkpoint=str(tiny_checkpoint), images_per_shard=2, images_per_batch=1, workers=2,
+                         num_cpus_per_worker=0.5, num_cpus_per_postprocessor=0.0)
+    summary = run_prompted_on_ray(prompts, cfg)
+    assert (summary.images_ok, summary.images_error, summary.shards_processed) == (3, 2, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actors (Ray gives a 0.5-CPU actor one thread): same sums, same bits
+    try:
+        run_prompted(prompts, str(tmp_path / "local"), BoxPrompter("tiny", str(tiny_checkpoint)), images_per_shard=2)
+    finally:
+        torch.set_num_threads(threads)
+    timings = ["decode_s", "generate_s", "postprocess_s"]
+    for name in ("masks", "images"):
+        on_ray = OutputDir(cfg.output_uri).read_table(name)
+        local = OutputDir(str(tmp_path / "local")).read_table(name)
+        if name == "images":
+            on_ray, local = on_ray.drop_columns(timings), local.drop_columns(timings)
+        assert on_ray.equals(local), name
+
+    class Failing(BoxStage):
+        def __init__(self, config):
+            super().__init__(config)
+
+            def out_of_memory(image, boxes):
+                raise RuntimeError("CUDA out of memory (simulated)")
+            self.prompter.masks = out_of_memory
+
+    failing_cfg = replace(cfg, output_uri=str(tmp_path / "failing"))
+    first = run_prompted_on_ray(prompts, failing_cfg, stage=Failing)
+    assert sorted(e["reason"] for e in first.errors) == ["bad_prompt"] + ["generate_failed"] * 3 + ["unreadable"]
+    assert "RuntimeError: CUDA out of memory (simulated)" in first.errors[0]["detail"] + first.errors[1]["detail"]
+    retried = run_prompted_on_ray(prompts, replace(failing_cfg, retry_failed=True))
+    assert retried.shards_processed == 2 and sorted(e["reason"] for e in retried.errors) == ["bad_prompt",
+                                                                                              "unreadable"]
+    assert OutputDir(failing_cfg.output_uri).read_table("masks").equals(OutputDir(cfg.output_uri).read_table("masks"))

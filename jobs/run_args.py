@@ -1,0 +1,53 @@
+"""The flags the Ray jobs share (jobs.generate, jobs.prompt): shards and batches, model actors and
+their resources, storage, and how a run treats an output it finds."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from typing import Any, Dict
+
+from pipeline.config import RETRIED_REASONS
+from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.single_machine import RunSummary
+
+
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--images-per-shard", type=int, default=64,
+                    help="images per shard: the unit written, resumed and retried (default 64; a tar is one shard)")
+    ap.add_argument("--images-per-batch", type=int, default=4,
+                    help="decoded images per model call (jobs.generate: their crops share encoder batches; default 4)")
+    ap.add_argument("--workers", type=int, default=1, help="model actors, one model each (default 1)")
+    ap.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default 0: CPU)")
+    ap.add_argument("--num-cpus-per-worker", type=float, default=1.0,
+                    help="CPUs per model actor; also its torch threads (default 1)")
+    ap.add_argument("--num-cpus-per-decoder", type=float, default=0.5,
+                    help="CPUs per read-and-decode task (default 0.5)")
+    ap.add_argument("--device", help="torch device in the actors (default: cuda if the actor has a GPU)")
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are errors")
+    ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs (e.g. a local server)")
+    ap.add_argument("--overwrite", action="store_true", help="discard previous results under --output")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="also redo completed shards with images that failed in the model or post-processing "
+                         "stage or could not be read (out of memory, a GPU in a bad state, a storage outage); "
+                         "shards are rewritten whole")
+
+
+def run_config_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """``PipelineConfig`` fields from the flags of :func:`add_run_args`."""
+    storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
+    return dict(images_per_shard=args.images_per_shard, images_per_batch=args.images_per_batch,
+                workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
+                num_cpus_per_worker=args.num_cpus_per_worker, num_cpus_per_decoder=args.num_cpus_per_decoder,
+                device=args.device, max_pixels=args.max_pixels, storage_options=storage,
+                overwrite=args.overwrite, retry_failed=args.retry_failed)
+
+
+def print_run_end(summary: RunSummary, output: str) -> None:
+    """The run's summary, whether ``--retry-failed`` may recover some of its errors, and where the tables are."""
+    print(summary)
+    retriable = Counter(e["reason"] for e in summary.errors if e["reason"] in RETRIED_REASONS)
+    if retriable:
+        print(f"{sum(retriable.values())} image(s) failed for reasons another try may not meet "
+              f"({', '.join(f'{r} {n}' for r, n in sorted(retriable.items()))}): --retry-failed redoes their shards")
+    print(f"tables: {output.rstrip('/')}/masks/*.parquet and images/*.parquet")
