@@ -88,10 +88,9 @@ def _identity_change(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
 
 def read_parquet(source: Any, columns: Optional[Sequence[str]] = None) -> pa.Table:
     """A Parquet file (path or file object) as a table (all columns, or ``columns`` in that
-    order). Through ``ParquetFile``, not
-    ``pq.read_table``: the latter's dataset scanner leaves threads behind that abort the
-    interpreter at exit now and then ("terminate called without an active exception", exit code
-    134 after a successful run; apache/arrow#50482, seen with pyarrow 26)."""
+    order). Through ``ParquetFile``, not ``pq.read_table``: the latter's dataset scanner leaves
+    threads behind that abort the interpreter at exit now and then ("terminate called without an
+    active exception", exit code 134 after a successful run; apache/arrow#50482, pyarrow 26)."""
     table = pq.ParquetFile(source).read(columns=None if columns is None else list(columns))
     return table if columns is None else table.select(list(columns))
 

@@ -95,7 +95,11 @@ def read_prompts(path: str, images_root: Optional[str] = None,
 def bad_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) -> List[str]:
     """Descriptions of boxes that cannot prompt: non-finite, empty, or wholly outside the image."""
     bad = []
-    for i, (x, y, w, h) in enumerate(boxes):
+    for i, box in enumerate(boxes):
+        if len(box) != 4:
+            bad.append(f"box {i} {list(box)} does not have 4 values (x, y, w, h)")
+            continue
+        x, y, w, h = box
         if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
             bad.append(f"box {i} {[x, y, w, h]} is not a finite box of positive size")
         elif x >= width or y >= height or x + w <= 0 or y + h <= 0:

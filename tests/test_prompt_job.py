@@ -175,3 +175,15 @@ def test_prompts_on_ray_equal_the_in_process_run_and_failures_are_recorded(ray_l
     assert retried.shards_processed == 2 and sorted(e["reason"] for e in retried.errors) == ["bad_prompt",
                                                                                               "unreadable"]
     assert OutputDir(failing_cfg.output_uri).read_table("masks").equals(OutputDir(cfg.output_uri).read_table("masks"))
+
+
+def test_bad_boxes_say_what_is_wrong_with_each():
+    from pipeline.prompted import bad_boxes
+
+    assert bad_boxes([(0, 0, 10, 10), (5.5, 1, 2, 3)], 100, 50) == []
+    assert bad_boxes([(1, 2, 3), (0, 0, float("nan"), 1), (0, 0, 0, 5), (100, 0, 5, 5), (-9, -9, 9, 9)], 100, 50) == [
+        "box 0 [1, 2, 3] does not have 4 values (x, y, w, h)",
+        "box 1 [0, 0, nan, 1] is not a finite box of positive size",
+        "box 2 [0, 0, 0, 5] is not a finite box of positive size",
+        "box 3 [100, 0, 5, 5] lies outside the 100x50 image",
+        "box 4 [-9, -9, 9, 9] lies outside the 100x50 image"]
