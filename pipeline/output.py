@@ -4,7 +4,8 @@ Layout under the output URI::
 
     masks/<shard>.parquet    one row per mask
     images/<shard>.parquet   one row per input file (ok or error)
-    _done/<shard>.json       written last: the shard's members, counts, model and settings
+    _done/<shard>.json       written last: the shard's members, counts (errors by reason), model
+                             and settings
 
 A shard whose marker exists is complete; data files without a marker are leftovers of an
 interrupted run (or a shard being written): readers skip them and the next run rewrites them.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import fsspec
@@ -115,13 +117,27 @@ class OutputDir:
             return None
         return json.loads(self.fs.cat_file(path))
 
+    def markers(self, shard_ids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+        """The markers of the completed ones of ``shard_ids``, by shard id: one listing of
+        ``_done/`` and one read of the markers found (fsspec fetches many paths concurrently from
+        object stores, where one request per shard would make resuming a large run slow)."""
+        done = sorted(set(self.shard_ids()) & set(shard_ids))
+        if not done:
+            return {}
+        blobs = self.fs.cat([self._p("_done", f"{i}.json") for i in done])
+        return {posixpath.basename(path)[: -len(".json")]: json.loads(data) for path, data in blobs.items()}
+
     def is_complete(self, shard: Shard) -> bool:
-        """True if ``shard`` was written; raises if it was written from other members, or with
-        another model or settings than this output's ``identity`` (markers written before
-        identities were recorded are not checked)."""
+        """True if ``shard`` was written; raises as :meth:`check_marker` if it cannot be resumed."""
         done = self.marker(shard.shard_id)
-        if done is None:
-            return False
+        if done is not None:
+            self.check_marker(shard, done)
+        return done is not None
+
+    def check_marker(self, shard: Shard, done: Mapping[str, Any]) -> None:
+        """Raise if the completed ``shard`` (its marker ``done``) was written from other members,
+        or with another model or settings than this output's ``identity`` (markers written before
+        identities were recorded are not checked)."""
         if tuple(done["members"]) != shard.uris:
             raise ValueError(
                 f"Shard {shard.shard_id} was completed from other input files than it has now (the "
@@ -135,10 +151,13 @@ class OutputDir:
                     f"this run ({_identity_change(done, self.identity)}); resuming would mix the two in one "
                     "output. Re-run with overwrite (--overwrite) to redo everything, or write to a new output."
                 )
-        return True
 
-    def count_reasons(self, shard_id: str, reasons: Sequence[str]) -> int:
-        """Images of a completed shard whose ``error_reason`` is one of ``reasons``."""
+    def count_reasons(self, shard_id: str, reasons: Sequence[str], marker: Optional[Mapping[str, Any]] = None) -> int:
+        """Images of a completed shard whose ``error_reason`` is one of ``reasons``: from its
+        marker's ``errors`` counts (``marker`` if given), else from its images table."""
+        marker = self.marker(shard_id) if marker is None else marker
+        if marker is not None and "errors" in marker:
+            return sum(n for reason, n in marker["errors"].items() if reason in reasons)
         column = self.read_shard("images", shard_id, ["error_reason"]).column("error_reason").to_pylist()
         return sum(r in reasons for r in column)
 
@@ -234,7 +253,9 @@ class ShardWriter:
         self._writer.close()
         self._file.close()
         self.output._write_table(self.output._p("images", f"{self.shard.shard_id}.parquet"), images, IMAGES_SCHEMA)
+        errors = Counter(r.get("error_reason") for r in images if r.get("status") != "ok")
         marker = {"members": list(self.shard.uris), "images": len(images), "masks": self.masks,
+                  "errors": {str(reason): n for reason, n in sorted(errors.items(), key=str)},
                   **(self.output.identity or {})}
         self.output._put(self.output._p("_done", f"{self.shard.shard_id}.json"),
                          json.dumps(marker, default=str).encode())

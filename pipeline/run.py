@@ -34,8 +34,18 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, overwrite: bool =
     if overwrite:
         output.clear()
         return list(shards)
-    return [s for s in shards if not output.is_complete(s)
-            or (retry_failed and output.count_reasons(s.shard_id, RETRIED_REASONS) > 0)]
+    markers = output.markers([s.shard_id for s in shards])
+    pending = []
+    for shard in shards:
+        done = markers.get(shard.shard_id)
+        if done is None:
+            pending.append(shard)
+            continue
+        output.check_marker(shard, done)
+        if retry_failed and output.count_reasons(shard.shard_id, RETRIED_REASONS, done) > 0:
+            output.reopen(shard)  # not complete until rewritten: a stop meanwhile leaves no marker over half a shard
+            pending.append(shard)
+    return pending
 
 
 def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunSummary:
@@ -66,8 +76,6 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
     start = time.perf_counter()
     log.info("%d shards to process", len(todo))
     collector = ShardCollector(todo, output.open_shard)
-    for shard in todo:  # shards redone with retry_failed: no longer complete until rewritten
-        output.reopen(shard)
     if todo:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)

@@ -599,7 +599,7 @@ def test_shard_writer_streams_row_groups_and_readers_skip_unfinished_shards(tmp_
     some = out.read_shard("masks", "s", ["area", "image_id"])  # only these columns, in this order
     assert some.schema == pa.schema([MASKS_SCHEMA.field("area"), MASKS_SCHEMA.field("image_id")])
     assert some.to_pylist() == [{"area": r["area"], "image_id": r["image_id"]} for r in rows]
-    assert out.marker("s") == {"members": ["x.jpg", "y.jpg"], "images": 2, "masks": 10}
+    assert out.marker("s") == {"members": ["x.jpg", "y.jpg"], "images": 2, "masks": 10, "errors": {}}
     with pytest.raises(ValueError, match="masks schema"):
         ShardWriter(out, shard).add_masks(pa.table({"image_id": ["s/x.jpg"]}))
 
@@ -714,7 +714,12 @@ def test_a_shard_redone_has_no_marker_until_it_is_rewritten(tmp_path):
     out.write_shard(shard, [], [dict(image_id="s/a.jpg", uri="a.jpg", shard="s", status="error",
                                      error_reason="generate_failed"),
                                 dict(image_id="s/b.jpg", uri="b.jpg", shard="s", status="ok")])
+    assert out.marker("s")["errors"] == {"generate_failed": 1}
     assert out.count_reasons("s", ("generate_failed", "unreadable")) == 1 and out.count_reasons("s", ("corrupt",)) == 0
+    assert out.markers(["s", "t"]) == {"s": out.marker("s")}  # one listing, one read of those found
+    legacy = {k: v for k, v in out.marker("s").items() if k != "errors"}  # a marker of an earlier version
+    (tmp_path / "out" / "_done" / "s.json").write_text(json.dumps(legacy))
+    assert out.count_reasons("s", ("generate_failed",)) == 1  # counted from the images table
     out.reopen(shard)  # a run stopped from here on leaves the shard to be redone, not half-written and marked
     assert not out.is_complete(shard) and out.shard_ids() == []
     out.reopen(shard)  # no marker: nothing to do
