@@ -1,7 +1,7 @@
 """Inputs as shards: deterministic groups of images that are processed, written and resumed whole.
 
 - a folder or glob of image files: sorted, grouped ``images_per_shard`` at a time (``files-00000``);
-- tar shards (``sa_000000.tar``): one shard per tar, named after it;
+- tar shards (``sa_000000.tar``, also gzipped: ``.tar.gz``, ``.tgz``): one shard per tar, named after it;
 - a manifest (``.parquet`` or ``.csv`` with a ``uri`` column): rows grouped like loose files,
   named ``<manifest stem>-00000``.
 
@@ -15,12 +15,14 @@ from __future__ import annotations
 import posixpath
 import tarfile
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
 
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # a file with one of these is a shard of its own
 TAR_SIDECAR_EXTENSIONS = (".json",)  # SA-1B tars pair each jpg with its annotation json
 READ_ATTEMPTS = 3  # tries per file before its read error is recorded
 RETRY_BASE_DELAY_S = 0.5  # doubled after every failed try
@@ -85,9 +87,9 @@ def discover_shards(
     if input_uri.endswith((".parquet", ".csv")) and not any(c in input_uri for c in "*?["):
         return _manifest_shards(input_uri, images_per_shard, storage_options)
     uris = list_files(input_uri, storage_options)
-    tars = [u for u in uris if u.endswith(".tar")]
-    others = [u for u in uris if not u.endswith(".tar")]
-    shards = [Shard(posixpath.basename(u)[: -len(".tar")], "tar", (u,)) for u in tars]
+    tars = [u for u in uris if u.endswith(TAR_EXTENSIONS)]
+    others = [u for u in uris if not u.endswith(TAR_EXTENSIONS)]
+    shards = [Shard(_tar_stem(posixpath.basename(u)), "tar", (u,)) for u in tars]
     root = common_root(others)
     for i in range(0, len(others), images_per_shard):
         members = tuple(others[i : i + images_per_shard])
@@ -203,7 +205,7 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[Tuple[str, str, Op
         except FileNotFoundError as e:
             yield name, tar_uri, None, f"FileNotFoundError: {e}"
             return
-        except (tarfile.TarError, EOFError) as e:  # the bytes themselves are bad: reading again would not help
+        except (tarfile.TarError, EOFError, zlib.error) as e:  # the bytes are bad: reading again would not help
             yield name, tar_uri, None, _tar_error(given, member_name, e, "truncated or corrupt")
             return
         except Exception as e:  # transient object-store and network errors
@@ -212,6 +214,11 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[Tuple[str, str, Op
                 return
             time.sleep(delay)
             delay *= 2
+
+
+def _tar_stem(name: str) -> str:
+    """A tar's name without its extension: its shard id ("sa_000000.tar.gz" -> "sa_000000")."""
+    return name[: -len(next(e for e in TAR_EXTENSIONS if name.endswith(e)))]
 
 
 def _member_path(name: str) -> str:
@@ -229,7 +236,7 @@ def _tar_error(given: int, member: Optional[str], error: BaseException, what: st
 def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> bytes:
     """Bytes of an images-table ``uri``: a file, or ``<tar uri>#<member>``."""
     opts = dict(storage_options or {})
-    if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
+    if "#" in uri and uri.split("#", 1)[0].endswith(TAR_EXTENSIONS):
         tar_uri, member = uri.split("#", 1)
         with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for m in tar:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -327,6 +328,17 @@ def test_a_tar_that_cannot_be_read_to_its_end_is_recorded(tmp_path):
     assert [(n, e) for n, _, _, e in files] == [(n, None) for n in SAMPLES]
     (missing,) = iter_shard_files(Shard("gone", "tar", (str(tmp_path / "gone.tar"),)))
     assert missing[:3] == ("gone.tar", str(tmp_path / "gone.tar"), None) and "FileNotFoundError" in missing[3]
+
+    # Gzipped tars are shards too; one cut short is recorded the same way.
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    (gz / "sa_000001.tar.gz").write_bytes(gzip.compress(whole))
+    (gz / "sa_000002.tgz").write_bytes(gzip.compress(whole)[:3000])
+    full, cut = discover_shards(str(gz))
+    assert (full.shard_id, full.kind, cut.shard_id) == ("sa_000001", "tar", "sa_000002")
+    assert [n for n, _, _, _ in iter_shard_files(full)] == list(SAMPLES)
+    bad = list(iter_shard_files(cut))[-1]
+    assert bad[0] == "sa_000002.tgz" and "truncated or corrupt: 0 image(s) read, then reading member" in bad[3]
 
 
 def test_a_tar_read_that_fails_midway_is_retried_without_repeats(tmp_path, monkeypatch):
