@@ -106,11 +106,6 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
     return summary
 
 
-def summarize(config: PipelineConfig) -> RunSummary:
-    """Counts over the images table of the output."""
-    return summarize_tables(OutputDir(config.output_uri, config.storage_options))
-
-
 def summarize_tables(output: OutputDir) -> RunSummary:
     """Counts over the images table of an output folder (images ok/error, masks, every error),
     read shard by shard and only the columns counted, so memory grows with the errors only."""
