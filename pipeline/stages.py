@@ -172,6 +172,7 @@ class ShardCollector:
         self.written: List[Dict[str, Any]] = []  # per written shard: id, counts, summed stage times
         self.done: set = set()  # ids of written shards
         self.total = len(self.shards)  # for the progress line logged per written shard
+        self.images_written = 0  # images of the written shards (a running count: no sum per shard)
         self.started = time.perf_counter()
 
     def add(self, rows: Iterable[Row]) -> None:
@@ -220,6 +221,7 @@ class ShardCollector:
             shard_id=shard_id, images_ok=ok, images_error=len(images) - ok, masks=writer.masks,
             **{f"{stage}_s": sum(r.get(f"{stage}_s") or 0.0 for r in images)
                for stage in ("decode", "generate", "postprocess")}))
+        self.images_written += len(images)
         log.info("%s", self.progress())
 
     def progress(self) -> str:
@@ -227,13 +229,12 @@ class ShardCollector:
         (4 of 40): 64 images (1 error), 5123 masks; run: 2.31 images/s, about 12 min left"."""
         last, n = self.written[-1], len(self.written)
         elapsed = time.perf_counter() - self.started
-        images = sum(s["images_ok"] + s["images_error"] for s in self.written)
         errors = f" ({last['images_error']} error{'s' * (last['images_error'] != 1)})" if last["images_error"] else ""
         left = (self.total - n) * elapsed / n  # by shards: tar shards' image counts are known only once read
         eta = f", about {_duration(left)} left" if n < self.total else ""
         return (f"shard {last['shard_id']} written ({n} of {self.total}): "
                 f"{last['images_ok'] + last['images_error']} images{errors}, {last['masks']} masks; "
-                f"run: {images / max(elapsed, 1e-9):.2f} images/s{eta}")
+                f"run: {self.images_written / max(elapsed, 1e-9):.2f} images/s{eta}")
 
     def abort(self) -> None:
         """The run failed: drop the partial files of shards being written (none gets a marker)."""
