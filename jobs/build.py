@@ -17,7 +17,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.build import SpecError, load_spec, run_build
+from pipeline.build import load_spec, run_build
+from pipeline.run import StageStartError
 
 
 def main(argv=None) -> int:
@@ -32,9 +33,12 @@ def main(argv=None) -> int:
     try:
         spec = load_spec(args.spec)
         result = run_build(spec, retry_failed=args.retry_failed)
-    except SpecError as e:
+    except (ValueError, FileNotFoundError) as e:  # the spec (SpecError), a checkpoint, an input: say which
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StageStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if result.version is None:
         latest = f"v{result.latest:04d}" if result.latest else "none"
         print(f"{spec.name}: up to date (latest manifest {latest}); nothing processed")

@@ -24,13 +24,17 @@ def main(argv=None) -> int:
     ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs")
     args = ap.parse_args(argv)
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
-    if args.format == "sa1b-json":
-        print(f"wrote {export_sa1b_json(args.tables, args.dest, storage)} SA-1B JSON files under {args.dest}")
-    elif args.format == "sa1b-tar":
-        print(f"wrote {export_sa1b_tar(args.tables, args.dest, storage)} images in SA-1B tar shards under {args.dest}")
-    else:
-        counts = export_coco(args.tables, args.dest, storage)
-        print(f"wrote {args.dest}: {counts['images']} images, {counts['annotations']} annotations")
+    try:  # tables that are not a run's output, or a destination that cannot be opened: say which
+        if args.format == "sa1b-json":
+            print(f"wrote {export_sa1b_json(args.tables, args.dest, storage)} SA-1B JSON files under {args.dest}")
+        elif args.format == "sa1b-tar":
+            print(f"wrote {export_sa1b_tar(args.tables, args.dest, storage)} images in SA-1B tar shards under {args.dest}")
+        else:
+            counts = export_coco(args.tables, args.dest, storage)
+            print(f"wrote {args.dest}: {counts['images']} images, {counts['annotations']} annotations")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

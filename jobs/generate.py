@@ -23,7 +23,7 @@ from jobs.model_args import add_model_args, resolve_model
 from jobs.run_args import add_run_args, print_run_end, run_config_args
 from pipeline.config import PipelineConfig
 from pipeline.render import render_gallery
-from pipeline.run import run_pipeline
+from pipeline.run import StageStartError, run_pipeline
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core.amg import PRESETS
 
@@ -66,13 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    resolve_model(args)
+    run_args = run_config_args(args)
+    resolve_model(args, run_args["storage_options"])
     return PipelineConfig(
         input_uri=args.input, output_uri=args.output, model_type=args.model_type,
         checkpoint=args.checkpoint, seed=args.seed, preset=args.preset, mode=args.mode,
         amg={k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None},
         postprocess_workers=args.postprocess_workers, num_cpus_per_postprocessor=args.num_cpus_per_postprocessor,
-        **run_config_args(args),
+        **run_args,
     )
 
 
@@ -85,6 +86,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input, flags, checkpoint or resources: say which
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StageStartError as e:  # e.g. a worker without the GPU or memory it was given
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print_run_end(summary, args.output)
     if args.gallery:
         render_gallery(args.output, args.gallery, storage_options=config.storage_options)

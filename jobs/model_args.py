@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from typing import Any, Mapping, Optional
 
 from sam_core.checkpoint import CheckpointError, bundled_checkpoint, guess_preset, read_checkpoint
 
@@ -14,12 +15,13 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model-type",
                     help="demo, tiny, vit_b, vit_l or vit_h (default: read from --checkpoint; without "
                          "one, demo: the bundled small model trained on procedural scenes)")
-    ap.add_argument("--checkpoint", help="official-format SAM checkpoint (.pth) "
-                                         "(default for demo: the bundled weights)")
+    ap.add_argument("--checkpoint", help="official-format SAM checkpoint (.pth): a path or an fsspec URI "
+                                         "(s3://...: each node copies it once into ~/.cache/sam_datagen or "
+                                         "$SAM_DATAGEN_CACHE; default for demo: the bundled weights)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights without a checkpoint")
 
 
-def resolve_model(args: argparse.Namespace) -> None:
+def resolve_model(args: argparse.Namespace, storage_options: Optional[Mapping[str, Any]] = None) -> None:
     """Fill in ``args.model_type`` (from the checkpoint's shapes, or ``demo``) and ``args.checkpoint``
     (the bundled weights of the model type when none was given); warn when the model still ends up
     with random weights."""
@@ -27,7 +29,7 @@ def resolve_model(args: argparse.Namespace) -> None:
         if args.checkpoint is None:
             args.model_type = DEFAULT_MODEL_TYPE
         else:
-            args.model_type = guess_preset(read_checkpoint(args.checkpoint))
+            args.model_type = guess_preset(read_checkpoint(args.checkpoint, storage_options, shapes_only=True))
             if args.model_type is None:
                 raise CheckpointError(f"{args.checkpoint} matches no known model type; name it with --model-type.")
     args.checkpoint = bundled_checkpoint(args.model_type, args.checkpoint)

@@ -21,6 +21,7 @@ from jobs.model_args import add_model_args, resolve_model
 from jobs.run_args import add_run_args, print_run_end, run_config_args
 from pipeline.config import PipelineConfig
 from pipeline.prompted import read_prompts, run_prompted_on_ray
+from pipeline.run import StageStartError
 
 
 def main(argv=None) -> int:
@@ -34,16 +35,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:  # bad prompts, flags, checkpoint, resources or an output made with another model: say which
-        resolve_model(args)
+        run_args = run_config_args(args)
+        resolve_model(args, run_args["storage_options"])
         # No post-processing actors here: their CPUs are not asked for.
         config = PipelineConfig(input_uri=args.prompts, output_uri=args.output, model_type=args.model_type,
                                 checkpoint=args.checkpoint, seed=args.seed, num_cpus_per_postprocessor=0.0,
-                                **run_config_args(args))
+                                **run_args)
         prompts = read_prompts(args.prompts, args.images, config.storage_options)
         summary = run_prompted_on_ray(prompts, config)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StageStartError as e:  # e.g. a worker without the GPU or memory it was given
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print_run_end(summary, args.output)
     return 0
 

@@ -21,7 +21,11 @@ def main(argv=None) -> int:
     ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs")
     args = ap.parse_args(argv)
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
-    stats = table_stats(args.tables, storage)
+    try:
+        stats = table_stats(args.tables, storage)
+    except (ValueError, FileNotFoundError) as e:  # not a run's output folder (a mistyped path): say so
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_stats(stats))
     if args.json:
         with open(args.json, "w") as f:

@@ -18,13 +18,12 @@ import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-import fsspec
-
 from sam_core.checkpoint import bundled_checkpoint
 
 from .config import PipelineConfig
 from .output import OutputDir
 from .run import pending_shards, run_pipeline
+from .shards import filesystem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -131,7 +130,7 @@ class Manifests:
     """The versioned manifests of a build: ``manifests/vNNNN.json`` under the output root."""
 
     def __init__(self, output: str, storage_options: Mapping[str, Any]) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(output, **dict(storage_options))
+        self.fs, self.root = filesystem(output, storage_options)
         self.dir = posixpath.join(self.root, "manifests")
         self.output = output
 

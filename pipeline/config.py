@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
@@ -11,6 +13,8 @@ from .decode import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from .output import OutputDir
+
+log = logging.getLogger(__name__)
 
 
 # Error reasons that another try may not repeat (out of memory, a GPU in a bad state, an
@@ -94,6 +98,27 @@ class PipelineConfig:
 
     def model_id(self) -> str:
         return model_id(self.model_type, self.checkpoint, self.seed)
+
+    def check_model(self) -> None:
+        """Raise now, in the driver, what every model actor would raise on starting: generator
+        settings it cannot run with, an unknown model type, a checkpoint that is missing,
+        unreadable or of another model (only its tensor names and shapes are read: kB, also from
+        object storage). Attached to a cluster (``RAY_ADDRESS``), a local checkpoint path the
+        driver does not see is left to the actors: the workers may mount it where the driver does not."""
+        from sam_core.amg import check_generator_settings
+        from sam_core.build import check_checkpoint
+        from sam_core.config import get_config
+
+        check_generator_settings(**self.resolved_generator_settings())
+        get_config(self.model_type)
+        if self.checkpoint is None:
+            return
+        remote = "://" in self.checkpoint and not self.checkpoint.startswith("file://")
+        if not remote and not os.path.exists(self.checkpoint) and os.environ.get("RAY_ADDRESS"):
+            log.warning("Checkpoint %s is not on this machine; the model actors will read it on theirs.",
+                        self.checkpoint)
+            return
+        check_checkpoint(self.model_type, self.checkpoint, self.storage_options)
 
     def mask_settings(self) -> Dict[str, Any]:
         """The generator settings that decide the masks (batch sizes, memory caps, compile left out)."""

@@ -69,9 +69,7 @@ def load_predictions(path: str, storage_options: Optional[Mapping[str, Any]] = N
             uris = [img.get("source_uri", img["file_name"]) for img in json.load(f)["images"]]
         return {uri: {"status": "ok", "reason": None, "height": g["height"], "width": g["width"],
                       "masks": g["objects"]} for uri, g in zip(uris, gt)}
-    tables = OutputDir(path, storage_options)
-    if not tables.shard_ids():
-        raise EvaluationError(f"{path} holds no completed shard of masks/images tables.")
+    tables = OutputDir.of_run(path, storage_options)  # a folder without completed shards is an error
     out: Dict[str, Dict[str, Any]] = {}
     for shard_id in tables.shard_ids():
         masks = defaultdict(list)

@@ -21,7 +21,7 @@ from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
 
 from .decode import decode_image
 from .output import OutputDir
-from .shards import read_source
+from .shards import filesystem, read_source
 
 EXIF_ORIENTATION = 0x0112
 COCO_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
@@ -80,12 +80,19 @@ def sa1b_documents(tables: OutputDir) -> Iterator[Tuple[Dict[str, Any], str, Dic
             yield image, stems[name], doc
 
 
+def _tables(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]]) -> OutputDir:
+    """The run's tables, after checking that both they and the destination can be opened (a
+    mistyped path or a missing filesystem package fails before anything is read)."""
+    filesystem(dest_uri, storage_options)
+    return OutputDir.of_run(tables_uri, storage_options)
+
+
 def export_sa1b_json(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> int:
     """Write ``<dest>/<shard>/<image stem>.json`` per ok image (the stem keeps the image's folders
     within its input: ``cam1/0001.json``). Returns the number of files written."""
     written = 0
-    for image, stem, doc in sa1b_documents(OutputDir(tables_uri, storage_options)):
-        write_sa1b_json(posixpath.join(dest_uri, image["shard"], stem + ".json"), doc)
+    for image, stem, doc in sa1b_documents(_tables(tables_uri, dest_uri, storage_options)):
+        write_sa1b_json(posixpath.join(dest_uri, image["shard"], stem + ".json"), doc, storage_options)
         written += 1
     return written
 
@@ -97,9 +104,10 @@ def export_sa1b_tar(tables_uri: str, dest_uri: str, storage_options: Optional[Ma
     match the pixels. Returns the number of images written."""
     opts = dict(storage_options or {})
     written = 0
+    tables = _tables(tables_uri, dest_uri, storage_options)
     tar, tar_shard, handle = None, None, None
     try:
-        for image, stem, doc in sa1b_documents(OutputDir(tables_uri, storage_options)):
+        for image, stem, doc in sa1b_documents(tables):
             if image["shard"] != tar_shard:
                 if tar is not None:
                     tar.close()
@@ -138,7 +146,7 @@ def export_coco(tables_uri: str, dest_uri: str, storage_options: Optional[Mappin
     """One COCO instance-segmentation JSON (class-agnostic: every mask is category 1, "object"),
     loadable by ``pycocotools.coco.COCO`` and usable as results in ``COCOeval`` (``score`` =
     predicted IoU). Returns counts of images and annotations."""
-    tables = OutputDir(tables_uri, storage_options)
+    tables = _tables(tables_uri, dest_uri, storage_options)
     images, annotations = [], []
     for image_id, (image, masks) in enumerate(images_with_masks(tables), start=1):
         images.append({"id": image_id, "file_name": image["image_id"], "width": image["width"],

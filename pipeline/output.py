@@ -24,11 +24,10 @@ import posixpath
 from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shards import Shard
+from .shards import Shard, filesystem
 
 MASKS_SCHEMA = pa.schema([
     ("image_id", pa.string()),  # "<shard>/<file name>"
@@ -105,8 +104,19 @@ class OutputDir:
         written into every marker and checked against completed shards' markers when resuming.
         Readers leave it out."""
         self.uri = output_uri.rstrip("/")
-        self.fs, self.path = fsspec.core.url_to_fs(self.uri, **dict(storage_options or {}))
+        self.fs, self.path = filesystem(self.uri, storage_options)
         self.identity = dict(identity) if identity is not None else None
+
+    @classmethod
+    def of_run(cls, output_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> "OutputDir":
+        """The output folder of a run, for reading its tables. Raises ``FileNotFoundError`` if it
+        holds no completed shard: a mistyped path would otherwise read as a run with no images."""
+        out = cls(output_uri, storage_options)
+        if not out.shard_ids():
+            what = "does not exist" if not out.fs.exists(out.path) else "holds no completed shard (no _done/*.json)"
+            raise FileNotFoundError(f"{output_uri!r} {what}: expected the output folder of a jobs.generate or "
+                                    "jobs.prompt run that has written at least one shard.")
+        return out
 
     def _p(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)

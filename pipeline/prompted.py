@@ -111,11 +111,12 @@ class BoxPrompter:
     """Masks for the boxes of each image: one encoder pass per image, all its boxes in one decoder batch."""
 
     def __init__(self, model_type: str, checkpoint: Optional[str], device: Optional[str] = None,
-                 seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 storage_options: Optional[Dict[str, Any]] = None) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if checkpoint is None:
             torch.manual_seed(seed)
-        self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device))
+        self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device, storage_options=storage_options))
         self.model_id = model_id(model_type, checkpoint, seed)
         self.settings_hash = PROMPTED_SETTINGS_HASH
         self.max_pixels = max_pixels
@@ -212,7 +213,8 @@ class BoxStage:
     One model per actor; an image the model raises on gets ``generate_failed``."""
 
     def __init__(self, config: PipelineConfig) -> None:
-        self.prompter = BoxPrompter(config.model_type, config.checkpoint, config.device, config.seed, config.max_pixels)
+        self.prompter = BoxPrompter(config.model_type, config.checkpoint, config.device, config.seed, config.max_pixels,
+                                    dict(config.storage_options))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return to_table(self.process(batch.to_pylist()))
@@ -241,6 +243,7 @@ def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig,
     ``retry_failed`` (its ``input_uri`` and generator settings are not used). ``stage``: the model
     stage's class (:class:`BoxStage` or a subclass)."""
     start = time.perf_counter()
+    config.check_model()
     output = OutputDir(config.output_uri, config.storage_options, prompt_identity(config.model_id()))
     todo = select_pending(prompt_shards(prompts, config.images_per_shard), output, config.overwrite,
                           config.retry_failed)

@@ -14,7 +14,6 @@ import random
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import fsspec
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -22,7 +21,7 @@ from pycocotools import mask as mask_utils
 from .decode import decode_image
 from .export import images_with_masks
 from .output import OutputDir
-from .shards import read_source
+from .shards import filesystem, read_source
 from .stats import format_stats, table_stats
 
 ALPHA = 0.5
@@ -51,7 +50,7 @@ def render_gallery(tables_uri: str, dest: str, image_ids: Optional[Sequence[str]
 
     Raises ValueError naming any requested id that is not an ok image of the tables.
     """
-    tables = OutputDir(tables_uri, storage_options)
+    tables = OutputDir.of_run(tables_uri, storage_options)
     available = {image["image_id"]: (image, masks) for image, masks in images_with_masks(tables)}
     if image_ids:
         missing = [i for i in image_ids if i not in available]
@@ -61,7 +60,7 @@ def render_gallery(tables_uri: str, dest: str, image_ids: Optional[Sequence[str]
     else:
         chosen = sorted(available)
         chosen = sorted(random.Random(seed).sample(chosen, min(sample, len(chosen))))
-    fs, root = fsspec.core.url_to_fs(dest, **dict(storage_options or {}))
+    fs, root = filesystem(dest, storage_options)
     fs.makedirs(posixpath.join(root, "img"), exist_ok=True)
     figures = []
     for image_id in chosen:

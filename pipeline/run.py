@@ -19,6 +19,16 @@ from .stages import ModelStage, PostprocessStage, ShardCollector
 log = logging.getLogger(__name__)
 
 
+class StageStartError(RuntimeError):
+    """A stage's actors could not start (their constructor raised: no GPU, out of memory, a
+    checkpoint only the driver sees): the cause's last line, not Ray's page of traces."""
+
+    def __init__(self, error: BaseException) -> None:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = lines[-1] if lines else repr(error)
+        super().__init__(f"A pipeline actor could not start: {cause} (its traceback is in the Ray worker logs).")
+
+
 def pending_shards(config: PipelineConfig) -> List[Shard]:
     """Shards of the input not yet completed in the output (all of them with ``overwrite``;
     with ``retry_failed`` also completed ones holding images that failed for a reason in
@@ -58,6 +68,7 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     all its rows are in. ``model_stage`` is the model stage's class (a :class:`ModelStage` or
     subclass)."""
     start = time.perf_counter()
+    config.check_model()  # a bad checkpoint or setting fails here, not in every actor
     todo = pending_shards(config)
     summary = run_stages(config, todo, config.output(), [(model_stage, "model"), (PostprocessStage, "postprocess")])
     summary.seconds = time.perf_counter() - start
@@ -92,8 +103,10 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 collector.add(batch.to_pylist())
-        except BaseException:
+        except BaseException as e:
             collector.abort()  # no partial masks file is left behind (and none has a marker)
+            if isinstance(e, ray.exceptions.RayActorError) and e.actor_init_failed:
+                raise StageStartError(e) from None
             raise
         if collector.unfinished():
             raise RuntimeError(f"The run ended with shards not written (re-run to redo them): {collector.unfinished()}")

@@ -53,8 +53,13 @@ def common_root(uris: Sequence[str]) -> str:
     return "/".join(common)
 
 
-def _fs(uri: str, storage_options: Optional[Mapping[str, Any]]):
-    return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+def filesystem(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Tuple[Any, str]:
+    """``(fsspec filesystem, path)`` of ``uri``; a scheme whose package is not installed
+    (``gs://`` without gcsfs) is a ``ValueError`` naming it, before any work is done."""
+    try:
+        return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    except ImportError as e:  # fsspec: "Please install gcsfs to access Google Storage"
+        raise ValueError(f"Cannot open {uri!r}: {e} (in every node's environment).") from None
 
 
 def _full_uri(fs, path: str) -> str:
@@ -68,7 +73,7 @@ def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = No
     Hidden files are skipped; anything else is returned, so that a file that is not an image is
     reported as such rather than silently ignored.
     """
-    fs, path = _fs(input_uri, storage_options)
+    fs, path = filesystem(input_uri, storage_options)
     if fs.isdir(path):
         paths = [p for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
     else:

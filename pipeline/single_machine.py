@@ -21,7 +21,7 @@ from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
 from .decode import DEFAULT_MAX_PIXELS
 from .export import export_stems
 from .reading import decoded_images
-from .shards import Shard, common_root, list_files
+from .shards import Shard, common_root, filesystem, list_files
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run_single_machine(
         raise ValueError("run_single_machine needs a generator with output_mode='coco_rle'.")
     summary = RunSummary()
     start = time.perf_counter()
-    out_fs, out_path = fsspec.core.url_to_fs(output_uri)
+    out_fs, out_path = filesystem(output_uri)
     out_fs.makedirs(out_path, exist_ok=True)
     uris = list_files(input_uri)
     files = Shard("files", "files", tuple(uris), common_root(uris))  # names: paths under the input

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 def build_generator(config: PipelineConfig, device: str) -> SamAutomaticMaskGenerator:
     if config.checkpoint is None:
         torch.manual_seed(config.seed)
-    model = build_sam(config.model_type, config.checkpoint, device=device)
+    model = build_sam(config.model_type, config.checkpoint, device=device, storage_options=dict(config.storage_options))
     return SamAutomaticMaskGenerator(model, **config.generator_settings())
 
 

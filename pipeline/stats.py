@@ -31,7 +31,7 @@ def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = 
     Read shard by shard, only the columns used (not the masks' RLE strings); per mask, three
     float64 values and the area fraction are held for the quantiles.
     """
-    out = OutputDir(tables_uri, storage_options)
+    out = OutputDir.of_run(tables_uri, storage_options)
     shard_ids = out.shard_ids()
     reasons: Counter = Counter()
     models: Counter = Counter()

@@ -18,7 +18,7 @@ from .shards import read_source
 def table_samples(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Iterator[Sample]:
     """Endless shuffled passes over the ok images with at least one mask; each image is read from
     its source URI and decoded as the pipeline does (EXIF orientation applied), so masks line up."""
-    tables = OutputDir(tables_uri, storage_options)
+    tables = OutputDir.of_run(tables_uri, storage_options)
     entries = [(image["uri"], [m["counts"] for m in masks], (image["height"], image["width"]))
                for image, masks in images_with_masks(tables) if masks]
     if not entries:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from .checkpoint import load_state_dict_strict, read_checkpoint
+from .checkpoint import check_state_dict, load_state_dict_strict, read_checkpoint
 from .config import PRESET_ALIASES, PRESETS, SamConfig, get_config
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
@@ -21,22 +21,21 @@ def build_sam(
     *,
     device: "Optional[torch.device | str]" = None,
     attention_backend: str = "sdpa",
+    storage_options: Optional[Dict[str, Any]] = None,
 ) -> Sam:
     """Build SAM from a preset name or :class:`SamConfig`, optionally loading a checkpoint.
 
-    The model is returned in eval mode on ``device`` (default CPU). Checkpoints are read with
-    ``weights_only=True`` and loaded strictly; see :mod:`sam_core.checkpoint` for the errors.
+    The model is returned in eval mode on ``device`` (default CPU). Checkpoints (a local path or
+    an fsspec URI, ``storage_options`` for its filesystem) are read with ``weights_only=True``
+    and loaded strictly; see :mod:`sam_core.checkpoint` for the errors.
     """
-    preset = None
-    if isinstance(config, str):
-        preset = PRESET_ALIASES.get(config, config)
-        config = get_config(config)
+    config, preset = _config_and_preset(config)
     if checkpoint is None:
         sam = _assemble(config)
     else:
         # float32 like the official load_state_dict copy would make them (a half checkpoint too).
         state_dict = {k: v.float() if v.is_floating_point() else v
-                      for k, v in read_checkpoint(checkpoint).items()}
+                      for k, v in read_checkpoint(checkpoint, storage_options).items()}
         # Build without allocating or initialising weights, then adopt the checkpoint's tensors.
         with torch.device("meta"):
             sam = _assemble(config)
@@ -48,6 +47,25 @@ def build_sam(
     if device is not None:
         sam.to(device)
     return sam
+
+
+def check_checkpoint(config: Union[SamConfig, str], checkpoint: "os.PathLike[str] | str",
+                     storage_options: Optional[Dict[str, Any]] = None) -> None:
+    """Raise what :func:`build_sam` would raise about ``checkpoint`` (missing, unreadable, holding
+    pickled code, another model size, keys or shapes that do not match) while reading only its
+    tensor names and shapes: kB of a GB file, also from object storage. For drivers that check
+    a run's model before starting workers."""
+    config, preset = _config_and_preset(config)
+    with torch.device("meta"):
+        sam = _assemble(config)
+    check_state_dict(sam, read_checkpoint(checkpoint, storage_options, shapes_only=True), expected=preset)
+
+
+def _config_and_preset(config: Union[SamConfig, str]) -> Tuple[SamConfig, Optional[str]]:
+    """The config, and the preset name when ``config`` names one (for "is a vit_l model" errors)."""
+    if isinstance(config, str):
+        return get_config(config), PRESET_ALIASES.get(config, config)
+    return config, None
 
 
 def _assemble(c: SamConfig) -> Sam:

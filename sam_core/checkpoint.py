@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import posixpath
 from typing import Any, Dict, Mapping, Optional
 
+import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 from .config import PRESETS
@@ -63,32 +67,78 @@ def _looks_like_state_dict(d: Mapping[str, Any]) -> bool:
     return len(d) > 0 and any(isinstance(v, torch.Tensor) for v in d.values())
 
 
-def read_checkpoint(path: "os.PathLike[str] | str") -> Dict[str, torch.Tensor]:
-    """Read a ``.pth`` file with ``weights_only=True`` (never runs pickled code) and filter it."""
+def read_checkpoint(path: "os.PathLike[str] | str", storage_options: Optional[Mapping[str, Any]] = None, *,
+                    shapes_only: bool = False) -> Dict[str, torch.Tensor]:
+    """Read a ``.pth`` file with ``weights_only=True`` (never runs pickled code) and filter it.
+
+    ``path`` is a local path or an fsspec URI (``s3://``, ``gs://``; ``storage_options`` as for
+    ``fsspec``). A remote file is copied once into a node-local cache (:func:`cached_copy`) and
+    read from there. ``shapes_only`` reads just the tensor names and shapes (tensors on the meta
+    device): a few kB of a multi-GB file, also remotely, for checking it before a run.
+    """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path!r} does not exist or is not a file.")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        raise CheckpointError(f"Checkpoint {path!r} is an empty file.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            raise CheckpointError(
-                f"Checkpoint {path!r} contains pickled objects other than tensors; refusing to "
-                "load it (loading runs with weights_only=True, so no code in it was executed). "
-                "Re-save it as a plain state dict: torch.save(model.state_dict(), path)."
-            ) from e
-        raise CheckpointError(_unreadable(path, head)) from e
-    except Exception as e:  # torch.load fails in many ways on arbitrary bytes
-        raise CheckpointError(_unreadable(path, head)) from e
+        fs, fs_path = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    except ImportError as e:  # a scheme whose package is missing: "Please install gcsfs ..."
+        raise CheckpointError(f"Cannot open checkpoint {path!r}: {e}.") from None
+    if not fs.isfile(fs_path):
+        raise FileNotFoundError(f"Checkpoint {path!r} does not exist or is not a file.")
+    if not shapes_only and not isinstance(fs, LocalFileSystem):
+        fs, fs_path = fsspec.filesystem("file"), cached_copy(fs, fs_path)
+    with fs.open(fs_path, "rb") as f:
+        head = f.read(4)
+        if not head:
+            raise CheckpointError(f"Checkpoint {path!r} is an empty file.")
+        f.seek(0)
+        try:
+            source = fs_path if isinstance(fs, LocalFileSystem) else f  # torch reads a local file itself
+            obj = torch.load(source, map_location="meta" if shapes_only else "cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" in str(e):
+                raise CheckpointError(
+                    f"Checkpoint {path!r} contains pickled objects other than tensors; refusing to "
+                    "load it (loading runs with weights_only=True, so no code in it was executed). "
+                    "Re-save it as a plain state dict: torch.save(model.state_dict(), path)."
+                ) from e
+            raise CheckpointError(_unreadable(path, head)) from e
+        except Exception as e:  # torch.load fails in many ways on arbitrary bytes
+            raise CheckpointError(_unreadable(path, head)) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"Checkpoint {path!r} holds a {type(obj).__name__}, not a state dict."
         )
     return filter_state_dict(obj)
+
+
+def cache_dir() -> str:
+    """Where remote checkpoints are copied: ``$SAM_DATAGEN_CACHE`` or ``~/.cache/sam_datagen``."""
+    return os.environ.get("SAM_DATAGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sam_datagen")
+
+
+def cached_copy(fs: Any, fs_path: str) -> str:
+    """Local path of a copy of remote ``fs_path``, downloaded once per node and version.
+
+    Keyed by the path and the store's version tag (``fs.ukey``: ETag or modification time), so a
+    file replaced under the same name is fetched again. Each process downloads to its own
+    temporary name and renames it into place, so actors starting together on a node never read
+    a half-written copy.
+    """
+    key = hashlib.sha256(f"{fs.protocol}:{fs_path}:{fs.ukey(fs_path)}".encode()).hexdigest()[:16]
+    local = os.path.join(cache_dir(), "checkpoints", key, posixpath.basename(fs_path))
+    size = fs.size(fs_path)
+    if os.path.isfile(local) and os.path.getsize(local) == size:
+        return local
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    partial = f"{local}.{os.getpid()}.partial"
+    try:
+        fs.get_file(fs_path, partial)
+        if os.path.getsize(partial) != size:
+            raise CheckpointError(f"Copying {fs_path!r} gave {os.path.getsize(partial)} of {size} bytes.")
+        os.replace(partial, local)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return local
 
 
 def _unreadable(path: str, head: bytes) -> str:
@@ -125,11 +175,19 @@ def load_state_dict_strict(
     expected: Optional[str] = None,
     assign: bool = False,
 ) -> None:
-    """Copy ``state_dict`` into ``model`` requiring the exact key set and shapes.
+    """Copy ``state_dict`` into ``model`` requiring the exact key set and shapes (see
+    :func:`check_state_dict` for the errors). ``assign`` adopts the tensors instead of copying
+    them (for a model built on the meta device)."""
+    check_state_dict(model, state_dict, expected)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], expected: Optional[str] = None) -> None:
+    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly ``model``'s keys and shapes
+    (either side may be on the meta device: only shapes are compared).
 
     ``expected`` names the preset the caller asked for, so a checkpoint of another size is
-    reported as such ("is a vit_l model") rather than as a wall of shape errors. ``assign``
-    adopts the tensors instead of copying them (for a model built on the meta device).
+    reported as such ("is a vit_l model") rather than as a wall of shape errors.
     """
     own = model.state_dict()
     mismatched = [
@@ -140,7 +198,6 @@ def load_state_dict_strict(
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if not (mismatched or missing or unexpected):
-        model.load_state_dict(state_dict, strict=True, assign=assign)
         return
     guess = guess_preset(state_dict)
     if expected is not None and guess is not None and guess != expected:

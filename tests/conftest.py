@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import torch
 
 from sam_core.testing import official_sam, ours_from, sharpen  # noqa: F401  (re-exported to tests)
+
+# Checkpoints read from object storage are cached here, not in ~/.cache (Ray workers inherit it).
+os.environ.setdefault("SAM_DATAGEN_CACHE", tempfile.mkdtemp(prefix="sam_datagen_cache_"))
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +57,16 @@ def assert_records_identical(expected, got):
                 assert a.dtype == b.dtype and np.array_equal(a, b), (i, key)
             else:
                 assert a == b, (i, key, a, b)
+
+
+@pytest.fixture(scope="session")
+def scheme_without_package():
+    """A URI scheme fsspec knows but whose package is not installed, as ``gs://`` is without gcsfs."""
+    import fsspec
+
+    fsspec.register_implementation("nopkgfs", "no_such_package_xyz.FileSystem", clobber=True,
+                                   errtxt="Please install no_such_package_xyz to access nopkgfs")
+    return "nopkgfs"
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import pickle
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from segment_anything import SamPredictor as OfficialPredictor
 
 from sam_core import CheckpointError, SamPredictor, build_sam, sam_model_registry
+from sam_core.build import check_checkpoint
 from sam_core.checkpoint import filter_state_dict, read_checkpoint
 
 from .conftest import official_sam, photo
@@ -179,3 +181,83 @@ def test_tensor_instead_of_state_dict(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(CheckpointError, match="not a state dict"):
         read_checkpoint(path)
+
+
+# ---------------------------------------------------------------- checking a checkpoint before a run
+def _bad_checkpoints(tiny_official, tiny_checkpoint, tmp_path):
+    """(name, path) of files that build_sam("tiny", path) refuses, one per kind of fault."""
+    data = tiny_checkpoint.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    for zip_format in (True, False):
+        torch.save(dict(tiny_official.state_dict(), extra=_Payload(tmp_path / "pwned")),
+                   tmp_path / f"evil-{zip_format}.pth", _use_new_zipfile_serialization=zip_format)
+    edited = dict(tiny_official.state_dict())
+    del edited["mask_decoder.iou_token.weight"]
+    torch.save(edited, tmp_path / "edited.pth")
+    reshaped = dict(tiny_official.state_dict())
+    reshaped["mask_decoder.iou_token.weight"] = torch.zeros(2, 3)
+    torch.save(reshaped, tmp_path / "reshaped.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    names = ["missing", "truncated", "empty", "text", "evil-True", "evil-False", "edited", "reshaped", "tensor"]
+    return [(n, tmp_path / f"{n}.pth") for n in names]
+
+
+def test_check_checkpoint_raises_what_loading_would(tiny_official, tiny_checkpoint, tmp_path):
+    """check_checkpoint reads only names and shapes, yet refuses every file build_sam refuses,
+    with the same error, and runs no pickled code."""
+    for name, path in _bad_checkpoints(tiny_official, tiny_checkpoint, tmp_path):
+        with pytest.raises(Exception) as built:
+            build_sam("tiny", checkpoint=path)
+        with pytest.raises(type(built.value)) as checked:
+            check_checkpoint("tiny", path)
+        assert str(checked.value) == str(built.value), name
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(CheckpointError, match="is a tiny model.*'vit_b' was requested"):
+        check_checkpoint("vit_b", tiny_checkpoint)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_check_checkpoint_passes_a_good_file_from_its_shapes(tiny_official, tmp_path, zip_format):
+    path = tmp_path / "good.pth"
+    torch.save(tiny_official.state_dict(), path, _use_new_zipfile_serialization=zip_format)
+    check_checkpoint("tiny", path)
+    shapes = read_checkpoint(path, shapes_only=True)
+    assert {k: v.shape for k, v in shapes.items()} == {k: v.shape for k, v in tiny_official.state_dict().items()}
+    assert {v.device.type for v in shapes.values()} == {"meta"}
+
+
+def test_checkpoint_from_object_storage_is_cached_per_version(tiny_official, tiny_checkpoint, tmp_path, monkeypatch):
+    """A checkpoint URI (fsspec's memory filesystem stands in for S3) loads like the local file;
+    it is copied once into the cache, and again only when the stored file changes."""
+    import fsspec
+
+    monkeypatch.setenv("SAM_DATAGEN_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/models/sam_tiny.pth", tiny_checkpoint.read_bytes())
+    uri = "memory://models/sam_tiny.pth"
+    check_checkpoint("tiny", uri)
+    assert_same_weights(build_sam("tiny", uri), tiny_official.state_dict())
+    copies = list((tmp_path / "cache" / "checkpoints").glob("*/sam_tiny.pth"))
+    assert len(copies) == 1 and copies[0].read_bytes() == tiny_checkpoint.read_bytes()
+
+    fetched = []
+    monkeypatch.setattr(type(fs), "get_file", lambda self, *a, **k: fetched.append(a) or fsspec.AbstractFileSystem.get_file(self, *a, **k))
+    build_sam("tiny", uri)
+    assert fetched == []  # read from the cached copy
+    other = official_sam("tiny", seed=5).state_dict()
+    fs.rm("/models/sam_tiny.pth")
+    buf = io.BytesIO()
+    torch.save(other, buf)
+    fs.pipe("/models/sam_tiny.pth", buf.getvalue())
+    assert_same_weights(build_sam("tiny", uri), other)
+    assert len(fetched) == 1
+    with pytest.raises(FileNotFoundError, match="memory://models/nope.pth' does not exist"):
+        check_checkpoint("tiny", "memory://models/nope.pth")
+
+
+def test_checkpoint_scheme_without_its_package(scheme_without_package):
+    with pytest.raises(CheckpointError, match=f"Cannot open checkpoint '{scheme_without_package}://b/sam.pth': "
+                                              "Please install no_such_package_xyz"):
+        check_checkpoint("tiny", f"{scheme_without_package}://b/sam.pth")

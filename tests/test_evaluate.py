@@ -138,7 +138,7 @@ def test_coco_json_predictions_and_the_cli(scenes, tmp_path, capsys):
     assert json.loads(out_json.read_text())["recall@0.8"] == 1.0
     assert evaluate_main(["--ground-truth", str(tmp_path / "scenes.json"),
                           "--predictions", str(tmp_path / "nothing-here")]) == 2
-    assert "no completed shard" in capsys.readouterr().err
+    assert "nothing-here' does not exist: expected the output folder" in capsys.readouterr().err
 
 
 def test_size_mismatch_is_an_error(scenes, tmp_path):

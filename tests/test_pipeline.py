@@ -22,13 +22,15 @@ from pycocotools import mask as mask_utils
 
 from pipeline.config import PipelineConfig
 from pipeline.decode import decode_image
+from pipeline.export import export_sa1b_json
 from pipeline.output import MASKS_SCHEMA, OutputDir, ShardWriter, masks_from_ipc, masks_to_ipc
-from pipeline.run import pending_shards, run_pipeline
+from pipeline.run import StageStartError, pending_shards, run_pipeline
 from pipeline.reading import decode_rows
 from pipeline.shards import Shard, discover_shards, iter_shard_files
 from pipeline.single_machine import SAMPLE_IMAGES
 from pipeline.stages import ModelStage, ShardCollector, ShardWorker, build_generator
 from sam_core import SamAutomaticMaskGenerator
+from sam_core.amg.sa1b import read_sa1b_json
 
 from .conftest import official_sam, sharpen
 
@@ -232,6 +234,45 @@ def test_generate_job_cli_says_what_is_wrong(tmp_path, capsys):
     assert "No input files at" in capsys.readouterr().err
     assert main(["--output", str(tmp_path / "out"), "--images-per-batch", "0"]) == 2
     assert "images_per_batch must be >= 1" in capsys.readouterr().err
+
+
+def test_model_problems_are_refused_before_ray_starts(tmp_path, checkpoint, capsys, monkeypatch, scheme_without_package):
+    """Settings the generator cannot run with and checkpoints that are missing or of another
+    model fail in the driver, before Ray starts: not in every model actor, as a wall of traces."""
+    import ray
+
+    from jobs.generate import main
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = ["--output", str(tmp_path / "out")]
+    for flags, says in [(["--points-per-side", "0"], "points_per_side must be >= 1, got 0"),
+                        (["--crop-n-layers", "-1"], "crop_n_layers must be >= 0"),
+                        (["--checkpoint", str(tmp_path / "nope.pth"), "--model-type", "vit_b"],
+                         "nope.pth' does not exist or is not a file"),
+                        (["--checkpoint", checkpoint, "--model-type", "vit_b"],
+                         "This checkpoint is a tiny model (encoder width 64, depth 2) but model type 'vit_b'"),
+                        (["--input", f"{scheme_without_package}://bucket/images"], "Please install no_such_package_xyz"),
+                        (["--checkpoint", f"{scheme_without_package}://bucket/sam.pth"], "Please install no_such")]:
+        assert main(out + flags) == 2, flags
+        assert says in capsys.readouterr().err, flags
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="points_per_side must be >= 1"):
+        run_pipeline(PipelineConfig(SAMPLE_IMAGES, str(tmp_path / "out"), amg=dict(points_per_side=0)))
+
+
+def test_a_checkpoint_the_driver_does_not_see_is_left_to_a_clusters_workers(tmp_path, caplog):
+    """Attached to a cluster, the workers may mount the checkpoint where the driver does not."""
+    cfg = PipelineConfig(SAMPLE_IMAGES, str(tmp_path / "out"), checkpoint="/models/sam_vit_h_4b8939.pth",
+                         model_type="vit_h")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cfg.check_model()
+    os.environ["RAY_ADDRESS"] = "ray://head:10001"
+    try:
+        cfg.check_model()
+    finally:
+        del os.environ["RAY_ADDRESS"]
+    assert "not on this machine; the model actors will read it on theirs" in caplog.text
 
 
 def test_transient_read_errors_are_retried(tmp_path, monkeypatch):
@@ -438,8 +479,9 @@ def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
     for name in SAMPLES[:2]:
         fs.pipe(f"inbucket/photos/{name}", sample_bytes(name))
     fs.pipe("inbucket/photos/broken.jpg", b"")
+    fs.put_file(checkpoint, "inbucket/models/sam_tiny_sharp.pth")  # the model actors read it from S3 too
     cfg = PipelineConfig(input_uri="s3://inbucket/photos/", output_uri="s3://outbucket/run1",
-                         checkpoint=checkpoint, amg=AMG, storage_options=opts)
+                         checkpoint="s3://inbucket/models/sam_tiny_sharp.pth", amg=AMG, storage_options=opts)
     summary = run_pipeline(cfg)
     assert (summary.images_ok, summary.images_error) == (2, 1)
     assert summary.errors[0]["uri"] == "s3://inbucket/photos/broken.jpg"
@@ -447,7 +489,17 @@ def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
                                                "outbucket/run1/masks"]
     masks = OutputDir("s3://outbucket/run1", opts).read_table("masks")
     assert masks.num_rows == summary.masks > 0
+    local = run_pipeline(PipelineConfig(input_uri="s3://inbucket/photos/", output_uri=str(tmp_path / "local"),
+                                        checkpoint=checkpoint, amg=AMG, storage_options=opts))
+    assert read_tables(tmp_path / "local")[0].equals(masks.sort_by([("image_id", "ascending"), ("mask_id", "ascending")]))
+    assert local.masks == summary.masks
     assert run_pipeline(cfg).shards_processed == 0
+
+    # Exports to the same store use its endpoint (sa1b-json wrote to the default AWS one before).
+    assert export_sa1b_json("s3://outbucket/run1", "s3://outbucket/sa1b", opts) == 2
+    docs = sorted(fs.find("outbucket/sa1b"))
+    assert len(docs) == 2 and all(d.endswith(".json") for d in docs)
+    assert len(read_sa1b_json(f"s3://{docs[0]}", opts)["annotations"]) > 0
 
 
 def test_shard_writer_streams_to_s3(s3_server):
@@ -686,6 +738,21 @@ class FailsOnChelsea(ModelStage):
                 raise RuntimeError("CUDA out of memory (simulated)")
             return real(images)
         self.generator.generate_candidates_batch = generate
+
+
+class CannotStart(ModelStage):
+    """A model stage whose actors fail in their constructor, as on a node without the GPU asked for."""
+
+    def __init__(self, config):
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected (simulated)")
+
+
+def test_actors_that_cannot_start_end_the_run_with_the_cause(ray_local, inputs, tmp_path, checkpoint):
+    with pytest.raises(StageStartError, match=re.escape(
+            "A pipeline actor could not start: RuntimeError: CUDA error: no CUDA-capable device is detected "
+            "(simulated) (its traceback is in the Ray worker logs).")):
+        run_pipeline(config(inputs, tmp_path / "out", checkpoint), model_stage=CannotStart)
+    assert OutputDir(str(tmp_path / "out")).shard_ids() == []
 
 
 def test_an_image_the_model_fails_on_is_recorded_and_its_batch_mates_still_done(inputs, tmp_path, checkpoint):

@@ -77,6 +77,43 @@ def _empty_candidates(device: torch.device) -> MaskData:
     return data
 
 
+def check_generator_settings(*, points_per_side: Optional[int] = 32, point_grids: Optional[List[np.ndarray]] = None,
+                             output_mode: str = "binary_mask", mode: str = "exact", points_per_batch: int = 64,
+                             encoder_batch_size: int = 4, fast_points_per_batch: int = 256,
+                             max_chunk_pixels: int = 64 * 1024 * 1024, crop_n_layers: int = 0,
+                             crop_n_points_downscale_factor: int = 1, **_: Any) -> None:
+    """Raise ``ValueError`` for :class:`SamAutomaticMaskGenerator` settings it cannot run with,
+    without a model (drivers check a run's settings before starting workers). Settings not
+    named here are free values (thresholds, NMS IoUs) and pass."""
+    if (points_per_side is None) == (point_grids is None):
+        raise ValueError("Give exactly one of points_per_side or point_grids.")
+    if output_mode not in OUTPUT_MODES:
+        raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}.")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    for name, value in (("points_per_batch", points_per_batch), ("encoder_batch_size", encoder_batch_size),
+                        ("fast_points_per_batch", fast_points_per_batch),
+                        ("crop_n_points_downscale_factor", crop_n_points_downscale_factor),
+                        ("max_chunk_pixels", max_chunk_pixels)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}.")
+    if crop_n_layers < 0:
+        raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}.")
+    if points_per_side is not None:
+        if points_per_side < 1:
+            raise ValueError(f"points_per_side must be >= 1, got {points_per_side}.")
+        return
+    if len(point_grids) < crop_n_layers + 1:
+        raise ValueError(
+            f"point_grids has {len(point_grids)} grids; crop_n_layers={crop_n_layers} "
+            f"needs {crop_n_layers + 1} (one per layer)."
+        )
+    for i, grid in enumerate(point_grids):
+        g = np.asarray(grid)
+        if g.ndim != 2 or g.shape[1] != 2 or not np.all((g >= 0) & (g <= 1)):
+            raise ValueError(f"point_grids[{i}] must be Nx2 (x, y) in [0, 1].")
+
+
 class SamAutomaticMaskGenerator:
     def __init__(
         self,
@@ -116,36 +153,16 @@ class SamAutomaticMaskGenerator:
             encoder on a GPU): for long runs, not one image. Needs a system compiler for
             inductor (C++ on CPU, C on CUDA): without one, ``RuntimeError`` here.
         """
-        if (points_per_side is None) == (point_grids is None):
-            raise ValueError("Give exactly one of points_per_side or point_grids.")
-        if output_mode not in OUTPUT_MODES:
-            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}.")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        for name, value in (("points_per_batch", points_per_batch), ("encoder_batch_size", encoder_batch_size),
-                            ("fast_points_per_batch", fast_points_per_batch),
-                            ("crop_n_points_downscale_factor", crop_n_points_downscale_factor),
-                            ("max_chunk_pixels", max_chunk_pixels)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}.")
-        if crop_n_layers < 0:
-            raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}.")
+        check_generator_settings(points_per_side=points_per_side, point_grids=point_grids, output_mode=output_mode,
+                                 mode=mode, points_per_batch=points_per_batch, encoder_batch_size=encoder_batch_size,
+                                 fast_points_per_batch=fast_points_per_batch, max_chunk_pixels=max_chunk_pixels,
+                                 crop_n_layers=crop_n_layers,
+                                 crop_n_points_downscale_factor=crop_n_points_downscale_factor)
         if points_per_side is not None:
-            if points_per_side < 1:
-                raise ValueError(f"points_per_side must be >= 1, got {points_per_side}.")
             self.point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )
         else:
-            if len(point_grids) < crop_n_layers + 1:
-                raise ValueError(
-                    f"point_grids has {len(point_grids)} grids; crop_n_layers={crop_n_layers} "
-                    f"needs {crop_n_layers + 1} (one per layer)."
-                )
-            for i, grid in enumerate(point_grids):
-                g = np.asarray(grid)
-                if g.ndim != 2 or g.shape[1] != 2 or not np.all((g >= 0) & (g <= 1)):
-                    raise ValueError(f"point_grids[{i}] must be Nx2 (x, y) in [0, 1].")
             self.point_grids = point_grids
         if output_mode == "coco_rle":
             from pycocotools import mask as _  # noqa: F401  (fail early if missing)

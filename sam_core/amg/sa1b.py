@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import fsspec
 import numpy as np
@@ -54,16 +54,16 @@ def sa1b_document(
     return {"image": image, "annotations": annotations}
 
 
-def write_sa1b_json(path: str, document: Dict[str, Any]) -> None:
-    """Write a document to a local path or fsspec URI."""
+def write_sa1b_json(path: str, document: Dict[str, Any], storage_options: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a document to a local path or fsspec URI (``storage_options`` for its filesystem)."""
     validate_sa1b(document)
-    with fsspec.open(path, "w") as f:
+    with fsspec.open(path, "w", **dict(storage_options or {})) as f:
         json.dump(document, f)
 
 
-def read_sa1b_json(path: str) -> Dict[str, Any]:
+def read_sa1b_json(path: str, storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Read and validate an SA-1B JSON file from a local path or fsspec URI."""
-    with fsspec.open(path, "r") as f:
+    with fsspec.open(path, "r", **dict(storage_options or {})) as f:
         document = json.load(f)
     validate_sa1b(document, where=path)
     return document
