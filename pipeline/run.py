@@ -33,7 +33,7 @@ def pending_shards(config: PipelineConfig) -> List[Shard]:
     """Shards of the input not yet completed in the output (all of them with ``overwrite``;
     with ``retry_failed`` also completed ones holding images that failed for a reason in
     ``RETRIED_REASONS``)."""
-    shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options)
+    shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
     return select_pending(shards, config.output(), config.overwrite, config.retry_failed)
 
 

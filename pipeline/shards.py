@@ -12,6 +12,7 @@ its tar, so that two files with one file name in different folders stay two imag
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import tarfile
 import time
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
+
+log = logging.getLogger(__name__)
 
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # a file with one of these is a shard of its own
 TAR_SIDECAR_EXTENSIONS = (".json",)  # SA-1B tars pair each jpg with its annotation json
@@ -67,31 +70,44 @@ def _full_uri(fs, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> List[str]:
+def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+               output_uri: Optional[str] = None) -> List[str]:
     """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs.
 
     Hidden files are skipped; anything else is returned, so that a file that is not an image is
-    reported as such rather than silently ignored.
+    reported as such rather than silently ignored. Files under ``output_uri`` (a run's output
+    folder, when it lies inside its input) are the run's own tables, not inputs: left out.
     """
     fs, path = filesystem(input_uri, storage_options)
     if fs.isdir(path):
         paths = [p for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
     else:
         paths = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
-    if not paths:
+    uris = [_full_uri(fs, p) for p in sorted(paths)]
+    if output_uri is not None:
+        out_fs, out_path = filesystem(output_uri, storage_options)
+        inside = _full_uri(out_fs, out_path.rstrip("/")) + "/"
+        kept = [u for u in uris if not u.startswith(inside)]
+        if len(kept) < len(uris):
+            log.info("Leaving out %d files under the output folder %s (this run's tables), which lies in the input.",
+                     len(uris) - len(kept), output_uri)
+        uris = kept
+    if not uris:
         raise FileNotFoundError(f"No input files at {input_uri!r}.")
-    return [_full_uri(fs, p) for p in sorted(paths)]
+    return uris
 
 
 def discover_shards(
-    input_uri: str, images_per_shard: int = 64, storage_options: Optional[Mapping[str, Any]] = None
+    input_uri: str, images_per_shard: int = 64, storage_options: Optional[Mapping[str, Any]] = None,
+    output_uri: Optional[str] = None,
 ) -> List[Shard]:
-    """Shards of ``input_uri``: a folder, a glob, a single tar/manifest, or a folder of tars."""
+    """Shards of ``input_uri``: a folder, a glob, a single tar/manifest, or a folder of tars
+    (files under ``output_uri`` left out: see :func:`list_files`)."""
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}.")
     if input_uri.endswith((".parquet", ".csv")) and not any(c in input_uri for c in "*?["):
         return _manifest_shards(input_uri, images_per_shard, storage_options)
-    uris = list_files(input_uri, storage_options)
+    uris = list_files(input_uri, storage_options, output_uri)
     tars = [u for u in uris if u.endswith(TAR_EXTENSIONS)]
     others = [u for u in uris if not u.endswith(TAR_EXTENSIONS)]
     shards = [Shard(_tar_stem(posixpath.basename(u)), "tar", (u,)) for u in tars]

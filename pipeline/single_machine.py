@@ -75,7 +75,7 @@ def run_single_machine(
     start = time.perf_counter()
     out_fs, out_path = filesystem(output_uri)
     out_fs.makedirs(out_path, exist_ok=True)
-    uris = list_files(input_uri)
+    uris = list_files(input_uri, output_uri=output_uri)
     files = Shard("files", "files", tuple(uris), common_root(uris))  # names: paths under the input
     stems = export_stems([files.name_of(u) for u in uris])  # cam1/0001.jpg -> cam1/0001.json
     for image_id, (row, image) in enumerate(decoded_images(files, None, max_pixels)):

@@ -26,7 +26,7 @@ from pipeline.export import export_sa1b_json
 from pipeline.output import MASKS_SCHEMA, OutputDir, ShardWriter, masks_from_ipc, masks_to_ipc
 from pipeline.run import StageStartError, pending_shards, run_pipeline
 from pipeline.reading import decode_rows
-from pipeline.shards import Shard, discover_shards, iter_shard_files
+from pipeline.shards import Shard, discover_shards, iter_shard_files, list_files
 from pipeline.single_machine import SAMPLE_IMAGES
 from pipeline.stages import ModelStage, ShardCollector, ShardWorker, build_generator
 from sam_core import SamAutomaticMaskGenerator
@@ -151,6 +151,21 @@ def test_resume_refuses_another_model_or_settings(tmp_path):
     assert len(pending_shards(replace(cfg, seed=1, overwrite=True))) == 2  # overwrite starts afresh
     OutputDir(cfg.output_uri).write_shard(todo[0], [], [])  # a marker without model and settings
     assert pending_shards(cfg) == [todo[1]]
+
+
+def test_an_output_inside_the_input_is_not_read_as_input(tmp_path):
+    """--output photos/masks with --input photos/: the run's own tables and markers are not new
+    inputs when it resumes (they were, and the shard's members changed: resuming was refused)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in SAMPLES[:2]:
+        (photos / name).write_bytes(sample_bytes(name))
+    cfg = PipelineConfig(input_uri=str(photos), output_uri=str(photos / "masks"), amg=dict(AMG))
+    todo = pending_shards(cfg)
+    assert [s.uris for s in todo] == [tuple(str(photos / n) for n in sorted(SAMPLES[:2]))]
+    cfg.output().write_shard(todo[0], [], [])
+    assert len(list_files(str(photos))) == 5  # the two photos, a masks and an images table, a marker
+    assert pending_shards(cfg) == []
 
 
 def read_tables(path):
