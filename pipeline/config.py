@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 
 # Error reasons that another try may not repeat (out of memory, a GPU in a bad state, an
-# object-store outage): with ``retry_failed`` the shards holding such images are done again.
-RETRIED_REASONS = ("generate_failed", "postprocess_failed", "unreadable")
+# object-store outage, a lost node): with ``retry_failed`` the shards holding such images are done again.
+RETRIED_REASONS = ("generate_failed", "postprocess_failed", "unreadable", "worker_died")
 
 # Generator settings that change speed and memory, not which masks come out (in fast mode, batch
 # sizes and a compiled encoder and decoder change bf16 rounding only).

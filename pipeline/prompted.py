@@ -34,6 +34,7 @@ from .run import run_stages, select_pending, summarize_tables
 from .shards import Shard, common_root
 from .single_machine import RunSummary
 from .stages import failed
+from .worker_deaths import DeathGuard
 
 
 PROMPTED_SETTINGS_HASH = "prompted-boxes"  # no generator settings: one mask per box
@@ -212,7 +213,8 @@ class BoxStage:
     (boxes) -> rows with the image's ``masks`` (one per box) and its completed ``images`` row.
     One model per actor; an image the model raises on gets ``generate_failed``."""
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, ledger: Optional[Any] = None) -> None:
+        self.guard = DeathGuard(ledger)  # see pipeline.worker_deaths
         self.prompter = BoxPrompter(config.model_type, config.checkpoint, config.device, config.seed, config.max_pixels,
                                     dict(config.storage_options))
 
@@ -224,12 +226,14 @@ class BoxStage:
             if r.get("pixels") is not None:
                 image_row = json.loads(r["image"])
                 image = np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3)
-                try:
-                    masks = self.prompter.prompt(image_row, image, json.loads(r["prompts"]))
-                except Exception as e:  # e.g. out of memory: recorded on the image, as in ModelStage
-                    log.exception("prompting failed for %s", image_row["uri"])
-                    failed(image_row, "generate_failed", e)
-                    masks = []
+                masks = []
+                if not self.guard.passed_over(image_row, "prompting this image"):
+                    try:
+                        with self.guard.attempt([image_row["image_id"]]):
+                            masks = self.prompter.prompt(image_row, image, json.loads(r["prompts"]))
+                    except Exception as e:  # e.g. out of memory: recorded on the image, as in ModelStage
+                        log.exception("prompting failed for %s", image_row["uri"])
+                        failed(image_row, "generate_failed", e)
                 r.update(image=json.dumps(image_row), masks=masks_to_ipc(masks) if masks else None)
             r.update(pixels=None, height=None, width=None, prompts=None)
         return rows

@@ -15,6 +15,7 @@ from .shards import Shard, discover_shards
 from .single_machine import RunSummary
 from .reading import decode_shards
 from .stages import ModelStage, PostprocessStage, ShardCollector
+from .worker_deaths import start_ledger
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,9 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(decode_shards, fn_kwargs={"storage_options": dict(config.storage_options),
                                                       "max_pixels": config.max_pixels}, **args["decode"])
+        ledger = start_ledger()  # images a worker process died on, across actor restarts
         for stage, resources in stages:
-            ds = ds.map_batches(stage, fn_constructor_kwargs={"config": config}, **args[resources])
+            ds = ds.map_batches(stage, fn_constructor_kwargs={"config": config, "ledger": ledger}, **args[resources])
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 collector.add(batch.to_pylist())

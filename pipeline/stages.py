@@ -42,6 +42,7 @@ from .config import PipelineConfig
 from .output import ShardWriter, masks_from_ipc, masks_to_ipc
 from .reading import END, Row, decode_rows, to_table
 from .shards import Shard
+from .worker_deaths import DeathGuard
 
 log = logging.getLogger(__name__)
 
@@ -65,29 +66,40 @@ class ModelStage:
     of a batch go through one ``generate_candidates_batch`` call (their crops share encoder
     batches; decoding, filtering, NMS and RLE of the kept masks run on the actor's device)."""
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, ledger: Optional[Any] = None) -> None:
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.generator = build_generator(config, device)
+        self.guard = DeathGuard(ledger)  # see pipeline.worker_deaths
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return to_table(self.process(batch.to_pylist()))
 
     def process(self, rows: List[Row]) -> List[Row]:
         todo = [r for r in rows if r.get("pixels") is not None]
-        if todo:
+        ids = [json.loads(r["image"])["image_id"] for r in todo]
+        if todo and self.guard.died_on(ids):
+            log.warning("a worker process died on a batch with %s; generating its images one by one", ids)
+        elif todo:
             try:
-                self._generate(todo)
+                with self.guard.attempt(ids):
+                    self._generate(todo)
+                todo = []
             except Exception as e:  # e.g. out of memory on one large image: retry one by one
                 log.warning("a batch of %d images failed (%s: %s); retrying them one by one",
                             len(todo), type(e).__name__, e)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()  # give the failed call's cached memory back
-                for r in todo:
-                    try:
-                        self._generate([r])
-                    except Exception as e1:
-                        log.exception("generation failed for %s", json.loads(r["image"])["uri"])
-                        r["image"] = json.dumps(failed(json.loads(r["image"]), "generate_failed", e1))
+        for r in todo:  # one by one: after the batch raised, or a process died on it
+            image = json.loads(r["image"])
+            if self.guard.passed_over(image, "generating this image's masks"):
+                r["image"] = json.dumps(image)
+                continue
+            try:
+                with self.guard.attempt([image["image_id"]]):
+                    self._generate([r])
+            except Exception as e1:
+                log.exception("generation failed for %s", image["uri"])
+                r["image"] = json.dumps(failed(image, "generate_failed", e1))
         for r in rows:
             r["pixels"] = r["height"] = r["width"] = None
         return rows
@@ -108,7 +120,8 @@ class PostprocessStage:
     """Ray stage: candidate rows -> rows with the image's final ``masks`` rows (small-region
     removal and its NMS, COCO RLE strings, record assembly) and its completed ``images`` row."""
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, ledger: Optional[Any] = None) -> None:
+        self.guard = DeathGuard(ledger)  # see pipeline.worker_deaths
         settings = config.resolved_generator_settings()
         self.min_area = int(settings["min_mask_region_area"])
         self.nms_thresh = max(settings["box_nms_thresh"], settings["crop_nms_thresh"])
@@ -124,9 +137,13 @@ class PostprocessStage:
                 continue
             t0 = time.perf_counter()
             image = json.loads(r["image"])
+            if self.guard.passed_over(image, "post-processing this image's masks"):
+                r.update(candidates=None, image=json.dumps(image))
+                continue
             try:
-                data = finish_mask_data(MaskData(**pickle.loads(r["candidates"])), self.min_area, self.nms_thresh)
-                masks = self.mask_rows(image["image_id"], mask_records(data, "coco_rle"))
+                with self.guard.attempt([image["image_id"]]):
+                    data = finish_mask_data(MaskData(**pickle.loads(r["candidates"])), self.min_area, self.nms_thresh)
+                    masks = self.mask_rows(image["image_id"], mask_records(data, "coco_rle"))
             except Exception as e:  # recorded on the image, as the model stage does
                 log.exception("post-processing failed for %s", image["uri"])
                 failed(image, "postprocess_failed", e)

@@ -25,6 +25,7 @@ from pipeline.decode import decode_image
 from pipeline.export import export_sa1b_json
 from pipeline.output import MASKS_SCHEMA, OutputDir, ShardWriter, masks_from_ipc, masks_to_ipc
 from pipeline.run import StageStartError, pending_shards, run_pipeline
+from pipeline.worker_deaths import MAX_WORKER_DEATHS
 from pipeline.reading import decode_rows
 from pipeline.shards import Shard, discover_shards, iter_shard_files, list_files
 from pipeline.single_machine import SAMPLE_IMAGES
@@ -743,8 +744,8 @@ def test_stages_on_ray_equal_the_engine_with_crops_and_small_regions(ray_local, 
 class FailsOnChelsea(ModelStage):
     """A model stage whose generator raises (as if out of memory) on any batch with chelsea.jpg."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, ledger=None):
+        super().__init__(config, ledger)
         real = self.generator.generate_candidates_batch
         failing_height = decode_image(sample_bytes("chelsea.jpg")).shape[0]
 
@@ -758,8 +759,36 @@ class FailsOnChelsea(ModelStage):
 class CannotStart(ModelStage):
     """A model stage whose actors fail in their constructor, as on a node without the GPU asked for."""
 
-    def __init__(self, config):
+    def __init__(self, config, ledger=None):
         raise RuntimeError("CUDA error: no CUDA-capable device is detected (simulated)")
+
+
+class DiesOnChelsea(ModelStage):
+    """A model stage whose process dies (as when the kernel's OOM killer or a crash in native code
+    ends it) on any batch with chelsea.jpg; Ray restarts the actor and retries the batch."""
+
+    def _generate(self, rows):
+        if any(json.loads(r["image"])["uri"].endswith("chelsea.jpg") for r in rows):
+            os._exit(1)
+        super()._generate(rows)
+
+
+def test_an_image_that_kills_its_worker_is_passed_over_not_retried_forever(ray_local, inputs, tmp_path, checkpoint):
+    """Before, the run hung: Ray retries a dead actor's batch without limit. Now the image is
+    recorded as worker_died after MAX_WORKER_DEATHS deaths, and its batch mates are done."""
+    cfg = replace(config(inputs, tmp_path / "out", checkpoint), images_per_batch=4)
+    summary = run_pipeline(cfg, model_stage=DiesOnChelsea)
+    died = [e for e in summary.errors if e["reason"] == "worker_died"]
+    assert [e["uri"].rsplit("/", 1)[-1] for e in died] == ["chelsea.jpg"]
+    assert f"died {MAX_WORKER_DEATHS} times while generating this image's masks" in died[0]["detail"]
+    assert summary.images_ok == 2  # astronaut and coffee, which shared the batch
+    clean = run_pipeline(config(inputs, tmp_path / "clean", checkpoint))
+    masks, _ = read_tables(tmp_path / "out")
+    clean_masks, _ = read_tables(tmp_path / "clean")
+    keep = pc.invert(pc.match_substring(clean_masks.column("image_id"), "chelsea"))
+    assert masks.equals(clean_masks.filter(keep))
+    again = run_pipeline(replace(cfg, retry_failed=True))  # worker_died may be transient: retried
+    assert again.shards_processed == 1 and again.images_error == clean.images_error
 
 
 def test_actors_that_cannot_start_end_the_run_with_the_cause(ray_local, inputs, tmp_path, checkpoint):

@@ -160,8 +160,8 @@ def test_prompts_on_ray_equal_the_in_process_run_and_failures_are_recorded(ray_l
         assert on_ray.equals(local), name
 
     class Failing(BoxStage):
-        def __init__(self, config):
-            super().__init__(config)
+        def __init__(self, config, ledger=None):
+            super().__init__(config, ledger)
 
             def out_of_memory(image, boxes):
                 raise RuntimeError("CUDA out of memory (simulated)")
