@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from .decode import ImageDecodeError, decode_image
 from .shards import Shard, iter_shard_files
+from .worker_deaths import NO_GUARD, DeathGuard
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def to_table(rows: Sequence[Row]) -> pa.Table:
 
 
 def decoded_images(
-    shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int
+    shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int, guard: DeathGuard = NO_GUARD,
 ) -> Iterator[Tuple[Row, Optional[np.ndarray]]]:
     """Per file of the shard, in order: its ``images`` row and the decoded HxWx3 image.
 
@@ -46,7 +47,8 @@ def decoded_images(
     holds the reason. For decoded images the row has the size and decode time and still says
     "error" until the caller fills in the result. A name met again in the shard (a tar can hold
     one twice) is an error (``duplicate_name``, image_id ``<shard>/<name>#<position>``): its masks
-    could not be told from the first one's.
+    could not be told from the first one's. ``guard``: each decode is noted in the run's ledger,
+    and a file a process died on twice is ``worker_died`` (see :mod:`pipeline.worker_deaths`).
     """
     first: Dict[str, int] = {}  # name -> position of the first image with it
     for index, (name, uri, data, read_error) in enumerate(iter_shard_files(shard, storage_options)):
@@ -58,12 +60,13 @@ def decoded_images(
             row.update(error_reason="unreadable", error_detail=read_error)
         elif repeat:
             row.update(error_reason="duplicate_name", error_detail=f"image {first[name]} of the shard has this name too")
-        if row["error_reason"] is not None:
+        if row["error_reason"] is not None or guard.passed_over(row, "decoding this file"):
             yield row, None
             continue
         t0 = time.perf_counter()
         try:
-            image = decode_image(data, max_pixels)
+            with guard.attempt([row["image_id"]]):
+                image = decode_image(data, max_pixels)
         except ImageDecodeError as e:
             row.update(error_reason=e.reason, error_detail=e.detail, decode_s=time.perf_counter() - t0)
             log.warning("%s: %s", uri, e)
@@ -75,12 +78,12 @@ def decoded_images(
 
 # ---------------------------------------------------------------------- stage 1: decode (CPU tasks)
 def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int,
-                prompts: Optional[Sequence[Any]] = None) -> Iterator[Row]:
+                prompts: Optional[Sequence[Any]] = None, guard: DeathGuard = NO_GUARD) -> Iterator[Row]:
     """One row per file of ``shard`` (pixels set if it decoded), then the shard's end row.
     ``prompts``: per file of a "files" shard, what the model stage is to prompt it with (JSON-able;
-    passed on as the rows' ``prompts``)."""
+    passed on as the rows' ``prompts``). ``guard``: as for :func:`decoded_images`."""
     count = 0
-    for index, (row, image) in enumerate(decoded_images(shard, storage_options, max_pixels)):
+    for index, (row, image) in enumerate(decoded_images(shard, storage_options, max_pixels, guard)):
         count += 1
         out: Row = dict(shard_id=shard.shard_id, image_index=index, shard_images=END, image=json.dumps(row))
         if prompts is not None:
@@ -92,19 +95,28 @@ def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_
 
 
 def decode_shards(batch: Dict[str, Any], storage_options: Mapping[str, Any], max_pixels: int,
-                  rows_per_output: int = 4) -> Iterator[pa.Table]:
+                  rows_per_output: int = 4, ledger: Optional[Any] = None) -> Iterator[pa.Table]:
     """Ray stage (a task per shard): shards (``shard_id``, ``kind``, ``uris``, ``root``, and
     ``prompts`` as JSON if the model stage prompts) -> image rows, yielded a few at a time so that
-    a large tar never sits decoded in memory at once."""
+    a large tar never sits decoded in memory at once.
+
+    ``ledger`` (:mod:`pipeline.worker_deaths`): a shard's decode is noted as a whole; once a
+    process has died decoding it, its retries note every file, so a file that kills the
+    process (a crash in an image library) is found and passed over rather than retried forever."""
+    guard = DeathGuard(ledger)
     prompts_column = batch.get("prompts", [None] * len(batch["shard_id"]))
     for shard_id, kind, uris, root, prompts in zip(batch["shard_id"], batch["kind"], batch["uris"], batch["root"],
                                                    prompts_column):
         shard = Shard(str(shard_id), str(kind), tuple(str(u) for u in uris), None if root is None else str(root))
+        whole = [f"{shard.shard_id} (decode)"]
+        per_file = guard if guard.died_on(whole) else NO_GUARD  # a ledger call per file only after a death
         rows: List[Row] = []
-        for row in decode_rows(shard, storage_options, max_pixels, None if prompts is None else json.loads(prompts)):
-            rows.append(row)
-            if len(rows) >= rows_per_output:
-                yield to_table(rows)
-                rows = []
+        with guard.attempt(whole):
+            for row in decode_rows(shard, storage_options, max_pixels, None if prompts is None else json.loads(prompts),
+                                   per_file):
+                rows.append(row)
+                if len(rows) >= rows_per_output:
+                    yield to_table(rows)
+                    rows = []
         if rows:
             yield to_table(rows)

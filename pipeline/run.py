@@ -96,10 +96,11 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
         args = config.ray_stage_args()
         items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris), "root": s.root,
                   **(item_fields(s) if item_fields else {})} for s in todo]
+        ledger = start_ledger()  # images a worker process died on, across task retries and actor restarts
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(decode_shards, fn_kwargs={"storage_options": dict(config.storage_options),
-                                                      "max_pixels": config.max_pixels}, **args["decode"])
-        ledger = start_ledger()  # images a worker process died on, across actor restarts
+                                                      "max_pixels": config.max_pixels, "ledger": ledger},
+                            **args["decode"])
         for stage, resources in stages:
             ds = ds.map_batches(stage, fn_constructor_kwargs={"config": config, "ledger": ledger}, **args[resources])
         try:

@@ -4,7 +4,8 @@ Ray Data restarts a dead actor and retries its batch without limit (right for pr
 An image whose processing kills the process itself (the kernel's OOM killer, a crash in native
 code) would be retried forever and hang the run. A stage therefore notes in a :class:`DeathLedger`
 (one small actor per run, on the driver's node) which images it is working on before it starts
-and clears them when done, whatever the outcome. A retried batch that holds an image another
+and clears them when done, whatever the outcome (decode tasks note a shard as a whole, and its
+files one by one only once a process died on it). A retried batch that holds an image another
 process started and never finished is done image by image; an image that has been started
 ``MAX_WORKER_DEATHS`` times without finishing is recorded as ``worker_died`` instead of run again.
 """
@@ -82,3 +83,6 @@ class DeathGuard:
         import ray
 
         return ray.get(self.ledger.unfinished.remote(list(image_ids)))
+
+
+NO_GUARD = DeathGuard(None)  # in-process runs: nothing noted, nothing passed over

@@ -25,8 +25,8 @@ from pipeline.decode import decode_image
 from pipeline.export import export_sa1b_json
 from pipeline.output import MASKS_SCHEMA, OutputDir, ShardWriter, masks_from_ipc, masks_to_ipc
 from pipeline.run import StageStartError, pending_shards, run_pipeline
-from pipeline.worker_deaths import MAX_WORKER_DEATHS
-from pipeline.reading import decode_rows
+from pipeline.worker_deaths import MAX_WORKER_DEATHS, start_ledger
+from pipeline.reading import decode_rows, decode_shards
 from pipeline.shards import Shard, discover_shards, iter_shard_files, list_files
 from pipeline.single_machine import SAMPLE_IMAGES
 from pipeline.stages import ModelStage, ShardCollector, ShardWorker, build_generator
@@ -771,6 +771,28 @@ class DiesOnChelsea(ModelStage):
         if any(json.loads(r["image"])["uri"].endswith("chelsea.jpg") for r in rows):
             os._exit(1)
         super()._generate(rows)
+
+
+def test_a_file_a_decode_task_died_on_is_passed_over(ray_local, inputs):
+    """The decode side of the ledger: once a process died decoding a shard, its retry notes each
+    file, and a file that was started twice without finishing is worker_died, not decoded."""
+    import ray
+
+    ledger = start_ledger()
+    shard = discover_shards(str(inputs), images_per_shard=3)[0]  # astronaut, chelsea, coffee
+    batch = {"shard_id": [shard.shard_id], "kind": [shard.kind], "uris": [list(shard.uris)], "root": [shard.root]}
+
+    def decode_images():
+        rows = [r for t in decode_shards(batch, {}, 10**8, ledger=ledger) for r in t.to_pylist()]
+        return [json.loads(r["image"]) for r in rows if r["image"] is not None]
+
+    assert [i["error_reason"] for i in decode_images()] == [None, None, None]  # nothing died: all decoded
+    ray.get(ledger.start.remote([f"{shard.shard_id} (decode)", f"{shard.shard_id}/chelsea.jpg"]))
+    assert [i["error_reason"] for i in decode_images()] == [None, None, None]  # one death on chelsea: tried again
+    ray.get(ledger.start.remote([f"{shard.shard_id} (decode)", f"{shard.shard_id}/chelsea.jpg"] * 2))
+    images = decode_images()
+    assert [i["error_reason"] for i in images] == [None, "worker_died", None]
+    assert "died 2 times while decoding this file" in images[1]["error_detail"]
 
 
 def test_an_image_that_kills_its_worker_is_passed_over_not_retried_forever(ray_local, inputs, tmp_path, checkpoint):
