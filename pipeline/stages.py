@@ -42,7 +42,7 @@ from .config import PipelineConfig
 from .output import ShardWriter, masks_from_ipc, masks_to_ipc
 from .reading import END, Row, decode_rows, to_table
 from .shards import Shard
-from .worker_deaths import DeathGuard
+from .worker_deaths import NO_GUARD, DeathGuard
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +132,34 @@ class PostprocessStage:
         return to_table(self.process(batch.to_pylist()))
 
     def process(self, rows: List[Row]) -> List[Row]:
-        for r in rows:
-            if r.get("candidates") is None:
-                continue
-            t0 = time.perf_counter()
-            image = json.loads(r["image"])
-            if self.guard.passed_over(image, "post-processing this image's masks"):
-                r.update(candidates=None, image=json.dumps(image))
-                continue
-            try:
-                with self.guard.attempt([image["image_id"]]):
-                    data = finish_mask_data(MaskData(**pickle.loads(r["candidates"])), self.min_area, self.nms_thresh)
-                    masks = self.mask_rows(image["image_id"], mask_records(data, "coco_rle"))
-            except Exception as e:  # recorded on the image, as the model stage does
-                log.exception("post-processing failed for %s", image["uri"])
-                failed(image, "postprocess_failed", e)
-                masks = []
-            else:
-                image.update(mask_count=len(masks), status="ok")
-            image.update(postprocess_s=time.perf_counter() - t0)
-            r.update(candidates=None, image=json.dumps(image), masks=masks_to_ipc(masks) if masks else None)
+        todo = [r for r in rows if r.get("candidates") is not None]
+        ids = [json.loads(r["image"])["image_id"] for r in todo]
+        # The batch is noted as a whole (one ledger call); image by image once a process died on it.
+        whole, each = (NO_GUARD, self.guard) if self.guard.died_on(ids) else (self.guard, NO_GUARD)
+        with whole.attempt(ids):
+            for r in todo:
+                self._finish(r, each)
         return rows
+
+    def _finish(self, r: Row, guard: DeathGuard) -> None:
+        """Sets ``masks`` and completes the ``images`` row of one image's candidate row."""
+        t0 = time.perf_counter()
+        image = json.loads(r["image"])
+        if guard.passed_over(image, "post-processing this image's masks"):
+            r.update(candidates=None, image=json.dumps(image))
+            return
+        try:
+            with guard.attempt([image["image_id"]]):
+                data = finish_mask_data(MaskData(**pickle.loads(r["candidates"])), self.min_area, self.nms_thresh)
+                masks = self.mask_rows(image["image_id"], mask_records(data, "coco_rle"))
+        except Exception as e:  # recorded on the image, as the model stage does
+            log.exception("post-processing failed for %s", image["uri"])
+            failed(image, "postprocess_failed", e)
+            masks = []
+        else:
+            image.update(mask_count=len(masks), status="ok")
+        image.update(postprocess_s=time.perf_counter() - t0)
+        r.update(candidates=None, image=json.dumps(image), masks=masks_to_ipc(masks) if masks else None)
 
     def mask_rows(self, image_id: str, records: Sequence[Dict[str, Any]]) -> List[Row]:
         return [

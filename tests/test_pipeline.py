@@ -24,12 +24,12 @@ from pipeline.config import PipelineConfig
 from pipeline.decode import decode_image
 from pipeline.export import export_sa1b_json
 from pipeline.output import MASKS_SCHEMA, OutputDir, ShardWriter, masks_from_ipc, masks_to_ipc
-from pipeline.run import StageStartError, pending_shards, run_pipeline
+from pipeline.run import StageStartError, pending_shards, run_pipeline, run_stages
 from pipeline.worker_deaths import MAX_WORKER_DEATHS, start_ledger
 from pipeline.reading import decode_rows, decode_shards
 from pipeline.shards import Shard, discover_shards, iter_shard_files, list_files
 from pipeline.single_machine import SAMPLE_IMAGES
-from pipeline.stages import ModelStage, ShardCollector, ShardWorker, build_generator
+from pipeline.stages import ModelStage, PostprocessStage, ShardCollector, ShardWorker, build_generator
 from sam_core import SamAutomaticMaskGenerator
 from sam_core.amg.sa1b import read_sa1b_json
 
@@ -771,6 +771,25 @@ class DiesOnChelsea(ModelStage):
         if any(json.loads(r["image"])["uri"].endswith("chelsea.jpg") for r in rows):
             os._exit(1)
         super()._generate(rows)
+
+
+class DiesPostprocessingChelsea(PostprocessStage):
+    """A post-processing stage whose process dies on chelsea.jpg's masks."""
+
+    def mask_rows(self, image_id, records):
+        if image_id.endswith("chelsea.jpg"):
+            os._exit(1)
+        return super().mask_rows(image_id, records)
+
+
+def test_an_image_that_kills_its_postprocessing_worker_is_passed_over(ray_local, inputs, tmp_path, checkpoint):
+    cfg = replace(config(inputs, tmp_path / "out", checkpoint), images_per_batch=4)
+    summary = run_stages(cfg, pending_shards(cfg), cfg.output(), [(ModelStage, "model"),
+                                                                   (DiesPostprocessingChelsea, "postprocess")])
+    died = [e for e in summary.errors if e["reason"] == "worker_died"]
+    assert [e["uri"].rsplit("/", 1)[-1] for e in died] == ["chelsea.jpg"]
+    assert "while post-processing this image's masks" in died[0]["detail"]
+    assert summary.images_ok == 2
 
 
 def test_a_file_a_decode_task_died_on_is_passed_over(ray_local, inputs):
