@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from pipeline.evaluate import EvaluationError, evaluate, format_report
+from pipeline.evaluate import evaluate, format_report
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
     try:
         report = evaluate(args.ground_truth, args.predictions, storage)
-    except (EvaluationError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # EvaluationError, an unreadable file or folder: say which
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))

@@ -22,13 +22,13 @@ import posixpath
 from collections import defaultdict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import fsspec
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from sam_core.training.data import coco_rle
 
 from .output import OutputDir
+from .shards import open_uri
 
 SIZES = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, float("inf")))
 THRESHOLDS = (0.5, 0.8)
@@ -41,7 +41,7 @@ class EvaluationError(ValueError):
 def load_ground_truth(path: str, storage_options: Optional[Mapping[str, Any]] = None) -> Tuple[List[Dict[str, Any]], int]:
     """Images of a COCO JSON as dicts {file_name, height, width, objects: [RLE]}, and the number of
     crowd annotations left out."""
-    with fsspec.open(path, "r", **dict(storage_options or {})) as f:
+    with open_uri(path, "r", storage_options) as f:
         doc = json.load(f)
     by_image: Dict[Any, List[Dict[str, Any]]] = defaultdict(list)
     crowd = 0
@@ -65,7 +65,7 @@ def load_predictions(path: str, storage_options: Optional[Mapping[str, Any]] = N
     our tables (a folder) or a COCO JSON (``source_uri`` or ``file_name`` of each image)."""
     if path.endswith(".json"):
         gt, _ = load_ground_truth(path, storage_options)
-        with fsspec.open(path, "r", **dict(storage_options or {})) as f:
+        with open_uri(path, "r", storage_options) as f:
             uris = [img.get("source_uri", img["file_name"]) for img in json.load(f)["images"]]
         return {uri: {"status": "ok", "reason": None, "height": g["height"], "width": g["width"],
                       "masks": g["objects"]} for uri, g in zip(uris, gt)}

@@ -18,7 +18,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
@@ -31,7 +30,7 @@ from .decode import DEFAULT_MAX_PIXELS
 from .output import OutputDir, masks_to_ipc, read_parquet
 from .reading import Row, decoded_images, to_table
 from .run import run_stages, select_pending, summarize_tables
-from .shards import Shard, common_root
+from .shards import Shard, common_root, open_uri
 from .single_machine import RunSummary
 from .stages import failed
 from .worker_deaths import DeathGuard
@@ -60,7 +59,7 @@ def read_prompts(path: str, images_root: Optional[str] = None,
     ``images_root`` unless absolute. Images of a COCO file without annotations are kept (0 boxes)."""
     opts = dict(storage_options or {})
     if path.endswith(".json"):
-        with fsspec.open(path, "r", **opts) as f:
+        with open_uri(path, "r", opts) as f:
             coco = json.load(f)
         if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
             raise ValueError(f"{path}: a COCO file needs 'images' and 'annotations' lists.")
@@ -78,7 +77,7 @@ def read_prompts(path: str, images_root: Optional[str] = None,
     if path.endswith((".parquet", ".csv")):
         import pyarrow.csv as pacsv
 
-        with fsspec.open(path, "rb", **opts) as f:
+        with open_uri(path, "rb", opts) as f:
             table = read_parquet(f) if path.endswith(".parquet") else pacsv.read_csv(f)
         cols = set(table.column_names)
         if "uri" not in cols or not ({"bbox"} <= cols or {"x", "y", "w", "h"} <= cols):

@@ -65,6 +65,13 @@ def filesystem(uri: str, storage_options: Optional[Mapping[str, Any]] = None) ->
         raise ValueError(f"Cannot open {uri!r}: {e} (in every node's environment).") from None
 
 
+def open_uri(uri: str, mode: str = "rb", storage_options: Optional[Mapping[str, Any]] = None):
+    """``fsspec.open(uri, mode)``, with :func:`filesystem`'s ``ValueError`` for a scheme whose
+    package is not installed."""
+    filesystem(uri, storage_options)
+    return fsspec.open(uri, mode, **dict(storage_options or {}))
+
+
 def _full_uri(fs, path: str) -> str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
@@ -126,7 +133,7 @@ def _manifest_shards(uri: str, images_per_shard: int, storage_options) -> List[S
 
     from .output import read_parquet
 
-    with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+    with open_uri(uri, "rb", storage_options) as f:
         table = read_parquet(f) if uri.endswith(".parquet") else pacsv.read_csv(f)
     if "uri" not in table.column_names:
         raise ValueError(f"Manifest {uri!r} has no 'uri' column (columns: {table.column_names}).")

@@ -277,6 +277,36 @@ def test_model_problems_are_refused_before_ray_starts(tmp_path, checkpoint, caps
         run_pipeline(PipelineConfig(SAMPLE_IMAGES, str(tmp_path / "out"), amg=dict(points_per_side=0)))
 
 
+def test_every_job_names_a_missing_filesystem_package_and_a_missing_tables_folder(tmp_path, capsys, scheme_without_package):
+    """gs:// without gcsfs (here a scheme of a package that does not exist) and a --tables folder
+    that is not a run's output: one error line and exit code 2, from every job."""
+    from jobs.evaluate import main as evaluate_main
+    from jobs.export import main as export_main
+    from jobs.generate import main as generate_main
+    from jobs.prompt import main as prompt_main
+    from jobs.render import main as render_main
+    from jobs.stats import main as stats_main
+
+    remote, missing = f"{scheme_without_package}://bucket", str(tmp_path / "no-such-run")
+    out = str(tmp_path / "out")
+    for main, args, says in [
+            (generate_main, ["--input", f"{remote}/manifest.csv", "--output", out], "Please install no_such_package"),
+            (generate_main, ["--output", f"{remote}/masks"], "Please install no_such_package"),
+            (prompt_main, ["--prompts", f"{remote}/boxes.json", "--output", out], "Please install no_such_package"),
+            (prompt_main, ["--prompts", f"{remote}/boxes.parquet", "--output", out], "Please install no_such_package"),
+            (evaluate_main, ["--ground-truth", f"{remote}/gt.json", "--predictions", out], "Please install no_such"),
+            (export_main, ["--tables", out, "--format", "coco", "--dest", f"{remote}/c.json"], "Please install no_such"),
+            (stats_main, ["--tables", f"{remote}/run"], "Please install no_such_package"),
+            (stats_main, ["--tables", missing], "no-such-run' does not exist: expected the output folder"),
+            (export_main, ["--tables", missing, "--format", "sa1b-json", "--dest", out], "does not exist"),
+            (render_main, ["--tables", missing, "--dest", out], "does not exist")]:
+        assert main(args) == 2, args
+        assert says in capsys.readouterr().err, args
+    (tmp_path / "started" / "masks").mkdir(parents=True)  # a run that has not finished a shard yet
+    assert stats_main(["--tables", str(tmp_path / "started")]) == 2
+    assert "holds no completed shard (no _done/*.json)" in capsys.readouterr().err
+
+
 def test_a_checkpoint_the_driver_does_not_see_is_left_to_a_clusters_workers(tmp_path, caplog):
     """Attached to a cluster, the workers may mount the checkpoint where the driver does not."""
     cfg = PipelineConfig(SAMPLE_IMAGES, str(tmp_path / "out"), checkpoint="/models/sam_vit_h_4b8939.pth",
