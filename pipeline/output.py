@@ -9,8 +9,8 @@ Layout under the output URI::
 
 A shard whose marker exists is complete; data files without a marker are leftovers of an
 interrupted run (or a shard being written): readers skip them and the next run rewrites them.
-A run resumes only shards made from the same input files with the same model and settings, so
-an output never mixes masks of two configurations.
+Which shards a run still has to do is :mod:`pipeline.resuming`'s; completed shards made with
+another model or settings are refused, so an output never mixes masks of two configurations.
 A shard's masks are streamed into its file as row groups while its images arrive
 (:class:`ShardWriter`), so a large shard (an SA-1B tar: ~11k images, ~1M masks) is never held
 whole in memory.
@@ -127,11 +127,14 @@ class OutputDir:
             return None
         return json.loads(self.fs.cat_file(path))
 
-    def markers(self, shard_ids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-        """The markers of the completed ones of ``shard_ids``, by shard id: one listing of
-        ``_done/`` and one read of the markers found (fsspec fetches many paths concurrently from
-        object stores, where one request per shard would make resuming a large run slow)."""
-        done = sorted(set(self.shard_ids()) & set(shard_ids))
+    def markers(self, shard_ids: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
+        """The markers of the completed shards (of those of ``shard_ids`` if given), by shard id:
+        one listing of ``_done/`` and one read of the markers found (fsspec fetches many paths
+        concurrently from object stores, where one request per shard would make resuming a large
+        run slow)."""
+        done = self.shard_ids()
+        if shard_ids is not None:
+            done = sorted(set(done) & set(shard_ids))
         if not done:
             return {}
         blobs = self.fs.cat([self._p("_done", f"{i}.json") for i in done])
@@ -145,19 +148,30 @@ class OutputDir:
         return done is not None
 
     def check_marker(self, shard: Shard, done: Mapping[str, Any]) -> None:
-        """Raise if the completed ``shard`` (its marker ``done``) was written from other members,
-        or with another model or settings than this output's ``identity`` (markers written before
-        identities were recorded are not checked)."""
+        """:meth:`check_members` and :meth:`check_identity`."""
+        self.check_members(shard, done)
+        self.check_identity(shard.shard_id, done)
+
+    def check_members(self, shard: Shard, done: Mapping[str, Any]) -> None:
+        """Raise if the completed shard of ``shard``'s id (its marker ``done``) was written from
+        other input files (a tar of the same name elsewhere)."""
         if tuple(done["members"]) != shard.uris:
+            members = ", ".join(done["members"][:2]) + (", ..." if len(done["members"]) > 2 else "")
             raise ValueError(
-                f"Shard {shard.shard_id} was completed from other input files than it has now (the "
-                "input changed since the last run into this output). Re-run with overwrite, or write "
-                "to a new output."
+                f"Shard {shard.shard_id} under {self.uri!r} was completed from other input files ({members}) than "
+                f"this input's ({', '.join(shard.uris[:2])}{', ...' if len(shard.uris) > 2 else ''}): two inputs "
+                "with one name cannot share an output. Write to a new output, or re-run with overwrite "
+                "(--overwrite) to redo everything from this input."
             )
+
+    def check_identity(self, shard_id: str, done: Mapping[str, Any]) -> None:
+        """Raise if completed shard ``shard_id`` (its marker ``done``) was made with another model
+        or settings than this output's ``identity`` (markers written before identities were
+        recorded are not checked)."""
         if self.identity is not None and all(k in done for k in IDENTITY_KEYS):
             if any(done[k] != self.identity.get(k) for k in IDENTITY_KEYS):
                 raise ValueError(
-                    f"Shard {shard.shard_id} under {self.uri!r} was made with another model or settings than "
+                    f"Shard {shard_id} under {self.uri!r} was made with another model or settings than "
                     f"this run ({_identity_change(done, self.identity)}); resuming would mix the two in one "
                     "output. Re-run with overwrite (--overwrite) to redo everything, or write to a new output."
                 )
@@ -264,7 +278,7 @@ class ShardWriter:
         self._file.close()
         self.output._write_table(self.output._p("images", f"{self.shard.shard_id}.parquet"), images, IMAGES_SCHEMA)
         errors = Counter(r.get("error_reason") for r in images if r.get("status") != "ok")
-        marker = {"members": list(self.shard.uris), "images": len(images), "masks": self.masks,
+        marker = {"members": list(self.shard.uris), "root": self.shard.root, "images": len(images), "masks": self.masks,
                   "errors": {str(reason): n for reason, n in sorted(errors.items(), key=str)},
                   **(self.output.identity or {})}
         self.output._put(self.output._p("_done", f"{self.shard.shard_id}.json"),

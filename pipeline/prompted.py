@@ -29,7 +29,8 @@ from .config import PipelineConfig, model_id
 from .decode import DEFAULT_MAX_PIXELS
 from .output import OutputDir, masks_to_ipc, read_parquet
 from .reading import Row, decoded_images, to_table
-from .run import run_stages, select_pending, summarize_tables
+from .resuming import select_pending
+from .run import run_stages, summarize_tables
 from .shards import Shard, common_root, open_uri
 from .single_machine import RunSummary
 from .stages import failed
@@ -196,7 +197,7 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
     out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id))
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
     shards_processed = images_processed = 0
-    for shard in select_pending(prompt_shards(prompts, images_per_shard), out, overwrite):
+    for shard in select_pending(prompt_shards(prompts, images_per_shard), out, images_per_shard, overwrite):
         masks, images = prompter.process(shard, boxes_by_uri, storage_options)
         out.write_shard(shard, masks, images)
         shards_processed += 1
@@ -248,8 +249,8 @@ def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig,
     start = time.perf_counter()
     config.check_model()
     output = OutputDir(config.output_uri, config.storage_options, prompt_identity(config.model_id()))
-    todo = select_pending(prompt_shards(prompts, config.images_per_shard), output, config.overwrite,
-                          config.retry_failed)
+    todo = select_pending(prompt_shards(prompts, config.images_per_shard), output, config.images_per_shard,
+                          config.overwrite, config.retry_failed)
     boxes = {p.uri: [list(b) for b in p.boxes] for p in prompts}
     summary = run_stages(config, todo, output, [(stage, "model")],
                          item_fields=lambda shard: {"prompts": json.dumps([boxes[u] for u in shard.uris])})

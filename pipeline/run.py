@@ -9,11 +9,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow.compute as pc
 
-from .config import RETRIED_REASONS, PipelineConfig
+from .config import PipelineConfig
 from .output import OutputDir
 from .shards import Shard, discover_shards
 from .single_machine import RunSummary
 from .reading import decode_shards
+from .resuming import select_pending
 from .stages import ModelStage, PostprocessStage, ShardCollector
 from .worker_deaths import start_ledger
 
@@ -31,32 +32,9 @@ class StageStartError(RuntimeError):
 
 
 def pending_shards(config: PipelineConfig) -> List[Shard]:
-    """Shards of the input not yet completed in the output (all of them with ``overwrite``;
-    with ``retry_failed`` also completed ones holding images that failed for a reason in
-    ``RETRIED_REASONS``)."""
+    """Shards of the input not yet completed in the output (see :func:`pipeline.resuming.select_pending`)."""
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
-    return select_pending(shards, config.output(), config.overwrite, config.retry_failed)
-
-
-def select_pending(shards: Sequence[Shard], output: OutputDir, overwrite: bool = False,
-                   retry_failed: bool = False) -> List[Shard]:
-    """Of ``shards``, those ``output`` does not hold complete (all, after clearing it, with
-    ``overwrite``; with ``retry_failed`` also those holding images of ``RETRIED_REASONS``)."""
-    if overwrite:
-        output.clear()
-        return list(shards)
-    markers = output.markers([s.shard_id for s in shards])
-    pending = []
-    for shard in shards:
-        done = markers.get(shard.shard_id)
-        if done is None:
-            pending.append(shard)
-            continue
-        output.check_marker(shard, done)
-        if retry_failed and output.count_reasons(shard.shard_id, RETRIED_REASONS, done) > 0:
-            output.reopen(shard)  # not complete until rewritten: a stop meanwhile leaves no marker over half a shard
-            pending.append(shard)
-    return pending
+    return select_pending(shards, config.output(), config.images_per_shard, config.overwrite, config.retry_failed)
 
 
 def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunSummary:

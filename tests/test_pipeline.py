@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import posixpath
 import re
 import subprocess
 import sys
@@ -127,8 +128,64 @@ def test_marker_guards_changed_inputs(tmp_path):
     assert not out.is_complete(shard)
     out.write_shard(shard, [], [])
     assert out.is_complete(shard)
-    with pytest.raises(ValueError, match="input changed"):
+    with pytest.raises(ValueError, match="completed from other input files"):
         out.is_complete(Shard("files-00000", "files", ("a.jpg", "b.jpg")))
+
+
+def test_a_grown_input_gets_its_new_files_in_new_shards_and_keeps_the_completed_ones(tmp_path, caplog):
+    """Files added to a folder since the last run into an output (anywhere in sorted order) go
+    into new shards: nothing completed is redone or refused (it was: "the input changed", leaving
+    --overwrite, all of it again). An interrupted run resumes into the shards it planned; files
+    gone from the input keep their masks, with a warning; --retry-failed rebuilds a shard from its
+    marker after the input grew; two tars of one name are still refused."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+
+    def add(*names):
+        for name in names:
+            (photos / name).write_bytes(b"x")
+
+    def plan(**kw):
+        return [(s.shard_id, [posixpath.basename(u) for u in s.uris]) for s in pending_shards(replace(cfg, **kw))]
+
+    add("a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg")
+    cfg = PipelineConfig(input_uri=str(photos), output_uri=str(tmp_path / "out"), amg=dict(AMG), images_per_shard=2)
+    planned = pending_shards(cfg)
+    assert plan() == [("files-00000", ["a.jpg", "b.jpg"]), ("files-00001", ["c.jpg", "d.jpg"]),
+                      ("files-00002", ["e.jpg"])]
+    for shard in planned[0], planned[2]:  # a run stopped before files-00001 was written
+        cfg.output().write_shard(shard, [], [])
+    assert pending_shards(cfg) == [planned[1]]  # resumed as planned, root and all
+    add("b2.jpg", "f.jpg")
+    assert plan() == [("files-00001", ["b2.jpg", "c.jpg"]), ("files-00003", ["d.jpg", "f.jpg"])]
+    for shard in pending_shards(cfg):
+        cfg.output().write_shard(shard, [], [dict(image_id=f"{shard.shard_id}/{shard.name_of(u)}", uri=u,
+                                                  shard=shard.shard_id, status="error", error_reason="generate_failed")
+                                             for u in shard.uris if u.endswith("f.jpg")])
+    assert plan() == [] and plan(images_per_shard=7) == []
+    assert sorted(u for m in cfg.output().markers().values() for u in m["members"]) == sorted(
+        str(p) for p in photos.iterdir())  # every file once
+    add("g.jpg", "h.jpg", "i.jpg")
+    assert plan(images_per_shard=3) == [("files-00004", ["g.jpg", "h.jpg", "i.jpg"])]  # a new size for new shards
+    assert plan(retry_failed=True)[0] == ("files-00003", ["d.jpg", "f.jpg"])  # from its marker, named as before
+    assert pending_shards(cfg)[0].root == str(photos)
+    (photos / "a.jpg").unlink()
+    caplog.clear()
+    assert plan() == [("files-00003", ["d.jpg", "f.jpg"]), ("files-00004", ["g.jpg", "h.jpg"]),  # retried: redone
+                      ("files-00005", ["i.jpg"])]
+    assert "1 files of completed shards are no longer in the input" in caplog.text
+    with pytest.raises(ValueError, match=re.escape("points_per_side 4 -> 8")):  # still one configuration
+        pending_shards(replace(cfg, amg=dict(AMG, points_per_side=8)))
+
+    for folder in "ab":  # a tar shard is named after its tar: another tar of that name is refused
+        (tmp_path / folder).mkdir()
+        with tarfile.open(tmp_path / folder / "sa_000001.tar", "w"):
+            pass
+    tars = replace(cfg, input_uri=str(tmp_path / "a"), output_uri=str(tmp_path / "tars"))
+    tars.output().write_shard(pending_shards(tars)[0], [], [])
+    assert pending_shards(tars) == []
+    with pytest.raises(ValueError, match="completed from other input files"):
+        pending_shards(replace(tars, input_uri=str(tmp_path / "b")))
 
 
 def test_resume_refuses_another_model_or_settings(tmp_path):
@@ -201,6 +258,17 @@ def test_run_resume_after_crash_and_overwrite(ray_local, inputs, tmp_path, check
 
     fresh = run_pipeline(config(inputs, out, checkpoint, overwrite=True))
     assert fresh.shards_processed == 3 and read_tables(out)[0].equals(masks)
+
+    # A photo added to the input (first in sorted order): only it is done, in a shard of its own.
+    (inputs / "aaa.jpg").write_bytes(sample_bytes("chelsea.jpg"))
+    grown = run_pipeline(config(inputs, out, checkpoint))
+    assert (grown.shards_processed, grown.images_ok, grown.images_error) == (1, 4, 4)
+    new_masks, new_images = read_tables(out)
+    added = pc.starts_with(new_masks.column("image_id"), "files-00003/")
+    assert new_masks.filter(pc.invert(added)).equals(masks)
+    chelsea = masks.filter(pc.ends_with(masks.column("image_id"), "/chelsea.jpg"))
+    assert new_masks.filter(added).drop_columns(["image_id"]).equals(chelsea.drop_columns(["image_id"]))
+    assert new_images.num_rows == 8
 
 
 def test_run_on_tar_shards(ray_local, tmp_path, checkpoint):
@@ -709,7 +777,7 @@ def test_shard_writer_streams_row_groups_and_readers_skip_unfinished_shards(tmp_
     some = out.read_shard("masks", "s", ["area", "image_id"])  # only these columns, in this order
     assert some.schema == pa.schema([MASKS_SCHEMA.field("area"), MASKS_SCHEMA.field("image_id")])
     assert some.to_pylist() == [{"area": r["area"], "image_id": r["image_id"]} for r in rows]
-    assert out.marker("s") == {"members": ["x.jpg", "y.jpg"], "images": 2, "masks": 10, "errors": {}}
+    assert out.marker("s") == {"members": ["x.jpg", "y.jpg"], "root": None, "images": 2, "masks": 10, "errors": {}}
     with pytest.raises(ValueError, match="masks schema"):
         ShardWriter(out, shard).add_masks(pa.table({"image_id": ["s/x.jpg"]}))
 

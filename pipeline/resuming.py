@@ -1,0 +1,111 @@
+"""Which shards a run still has to do, given what its output already holds.
+
+An output grows; it is never redone behind the user's back. A run does the input files that no
+completed shard holds yet: a folder, manifest or prompts file that gained files since the last run
+into the output gets the new ones in new shards (numbered after, or in the gaps between, the
+completed ones), and every completed shard is kept. Resuming an interrupted run with the same
+input gives the shards it would have written. A tar is a shard of its own, named after it; a
+completed one of that name made from another tar is refused. Completed shards of another model or
+settings are refused too (an output never mixes two configurations), and ``overwrite`` starts
+afresh.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+from .config import RETRIED_REASONS
+from .output import OutputDir
+from .shards import TAR_EXTENSIONS, Shard
+
+log = logging.getLogger(__name__)
+
+
+def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard: int, overwrite: bool = False,
+                   retry_failed: bool = False) -> List[Shard]:
+    """The shards of the planned ``shards`` (an input's, see :func:`pipeline.shards.discover_shards`)
+    that ``output`` does not hold yet: all of them after clearing it with ``overwrite``; else the
+    tars without a marker and the loose files no completed shard holds, grouped
+    ``images_per_shard`` to a new shard. With ``retry_failed`` also the completed shards of this
+    input holding images that failed for a reason in ``RETRIED_REASONS`` (their markers removed)."""
+    if overwrite:
+        output.clear()
+        return list(shards)
+    markers = output.markers()
+    for shard_id, done in markers.items():
+        output.check_identity(shard_id, done)
+    pending: List[Shard] = []
+    for shard in (s for s in shards if s.kind == "tar"):
+        done = markers.get(shard.shard_id)
+        if done is not None:
+            output.check_members(shard, done)
+        if done is None or (retry_failed and _reopen(output, shard, done)):
+            pending.append(shard)
+    files = [s for s in shards if s.kind != "tar"]
+    if retry_failed:
+        pending += _retried_files(files, markers, output)
+    return pending + _new_files(files, markers, images_per_shard)
+
+
+def _group(shard_id: str) -> str:
+    """The planned group a loose-files shard id belongs to ("files-00012" -> "files")."""
+    return shard_id.rsplit("-", 1)[0]
+
+
+def _is_tar(done: Mapping[str, Any]) -> bool:
+    return len(done["members"]) == 1 and done["members"][0].endswith(TAR_EXTENSIONS)
+
+
+def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]],
+               images_per_shard: int) -> List[Shard]:
+    """The files of ``planned`` (loose-files shards) that no completed shard holds, in order,
+    ``images_per_shard`` to a shard named after its group with the lowest numbers no completed
+    shard has (so an unchanged input resumes into the shards it was planned as)."""
+    done: Set[str] = {u for m in markers.values() for u in m["members"]}
+    groups: Dict[str, Tuple[List[str], Optional[str]]] = {}
+    for shard in planned:
+        groups.setdefault(_group(shard.shard_id), ([], shard.root))[0].extend(shard.uris)
+    shards: List[Shard] = []
+    for group, (uris, root) in groups.items():
+        new = [u for u in uris if u not in done]
+        ids = (i for i in (f"{group}-{n:05d}" for n in itertools.count()) if i not in markers)
+        shards += [Shard(next(ids), "files", tuple(new[i : i + images_per_shard]), root)
+                   for i in range(0, len(new), images_per_shard)]
+        completed = [m for i, m in markers.items() if _group(i) == group and not _is_tar(m)]
+        present = set(uris)
+        gone = [u for m in completed for u in m["members"] if u not in present]
+        if completed and len(new) < len(uris):
+            log.info("%s: %d of %d input files are in completed shards already; %d new ones in %d shards.",
+                     group, len(uris) - len(new), len(uris), len(new), -(-len(new) // images_per_shard))
+        if gone:
+            log.warning("%s: %d files of completed shards are no longer in the input (e.g. %s); their masks stay in "
+                        "the output (--overwrite rebuilds it from this input).", group, len(gone), gone[0])
+    return shards
+
+
+def _retried_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]],
+                   output: OutputDir) -> List[Shard]:
+    """Completed loose-files shards holding files of ``planned`` and images of a retried reason,
+    rebuilt from their markers (members and naming root) and reopened."""
+    roots = {u: s.root for s in planned for u in s.uris}
+    shards = []
+    for shard_id, done in sorted(markers.items()):
+        members = tuple(done["members"])
+        if _is_tar(done) or not any(u in roots for u in members):
+            continue
+        root = done["root"] if "root" in done else next(roots[u] for u in members if u in roots)
+        shard = Shard(shard_id, "files", members, root)
+        if _reopen(output, shard, done):
+            shards.append(shard)
+    return shards
+
+
+def _reopen(output: OutputDir, shard: Shard, done: Mapping[str, Any]) -> bool:
+    """Whether completed ``shard`` holds images of a retried reason; if so its marker is removed
+    (not complete until rewritten: a stop meanwhile leaves no marker over half a shard)."""
+    if output.count_reasons(shard.shard_id, RETRIED_REASONS, done) == 0:
+        return False
+    output.reopen(shard)
+    return True
