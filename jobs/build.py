@@ -18,6 +18,7 @@ import logging
 import sys
 
 from pipeline.build import load_spec, run_build
+from pipeline.lease import OutputBusyError
 from pipeline.run import StageStartError
 
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # the spec (SpecError), a checkpoint, an input: say which
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except StageStartError as e:
+    except (StageStartError, OutputBusyError) as e:  # a worker without its GPU; another run on the output
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result.version is None:

@@ -23,6 +23,7 @@ from jobs.model_args import add_model_args, resolve_model
 from jobs.run_args import add_run_args, print_run_end, run_config_args
 from pipeline.config import PipelineConfig
 from pipeline.render import render_gallery
+from pipeline.lease import OutputBusyError
 from pipeline.run import StageStartError, run_pipeline
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core.amg import PRESETS
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input, flags, checkpoint or resources: say which
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except StageStartError as e:  # e.g. a worker without the GPU or memory it was given
+    except (StageStartError, OutputBusyError) as e:  # a worker without its GPU; another run on the output
         print(f"error: {e}", file=sys.stderr)
         return 1
     print_run_end(summary, args.output)

@@ -22,11 +22,13 @@ import io
 import json
 import posixpath
 from collections import Counter
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .lease import RunLease
 from .shards import Shard, filesystem
 
 MASKS_SCHEMA = pa.schema([
@@ -106,6 +108,7 @@ class OutputDir:
         self.uri = output_uri.rstrip("/")
         self.fs, self.path = filesystem(self.uri, storage_options)
         self.identity = dict(identity) if identity is not None else None
+        self.lease: Optional[RunLease] = None  # held by the run writing here (see hold_lease)
 
     @classmethod
     def of_run(cls, output_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> "OutputDir":
@@ -117,6 +120,18 @@ class OutputDir:
             raise FileNotFoundError(f"{output_uri!r} {what}: expected the output folder of a jobs.generate or "
                                     "jobs.prompt run that has written at least one shard.")
         return out
+
+    @contextmanager
+    def hold_lease(self) -> Iterator[RunLease]:
+        """Hold the output's lease for the block (:mod:`pipeline.lease`: one run at a time writes
+        here; :class:`~pipeline.lease.OutputBusyError` if another does). Shards are marked complete
+        only while this run still holds it."""
+        with RunLease(self.fs, self.path) as lease:
+            self.lease = lease
+            try:
+                yield lease
+            finally:
+                self.lease = None
 
     def _p(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
@@ -276,6 +291,8 @@ class ShardWriter:
         self._write_buffer()
         self._writer.close()
         self._file.close()
+        if self.output.lease is not None:
+            self.output.lease.check()  # another run took the output over: do not mark the shard complete
         self.output._write_table(self.output._p("images", f"{self.shard.shard_id}.parquet"), images, IMAGES_SCHEMA)
         errors = Counter(r.get("error_reason") for r in images if r.get("status") != "ok")
         marker = {"members": list(self.shard.uris), "root": self.shard.root, "images": len(images), "masks": self.masks,

@@ -197,11 +197,12 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
     out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id))
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
     shards_processed = images_processed = 0
-    for shard in select_pending(prompt_shards(prompts, images_per_shard), out, images_per_shard, overwrite):
-        masks, images = prompter.process(shard, boxes_by_uri, storage_options)
-        out.write_shard(shard, masks, images)
-        shards_processed += 1
-        images_processed += len(images)
+    with out.hold_lease():
+        for shard in select_pending(prompt_shards(prompts, images_per_shard), out, images_per_shard, overwrite):
+            masks, images = prompter.process(shard, boxes_by_uri, storage_options)
+            out.write_shard(shard, masks, images)
+            shards_processed += 1
+            images_processed += len(images)
     summary = summarize_tables(out)
     summary.shards_processed, summary.images_processed = shards_processed, images_processed
     summary.seconds = time.perf_counter() - start
@@ -249,10 +250,11 @@ def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig,
     start = time.perf_counter()
     config.check_model()
     output = OutputDir(config.output_uri, config.storage_options, prompt_identity(config.model_id()))
-    todo = select_pending(prompt_shards(prompts, config.images_per_shard), output, config.images_per_shard,
-                          config.overwrite, config.retry_failed)
     boxes = {p.uri: [list(b) for b in p.boxes] for p in prompts}
-    summary = run_stages(config, todo, output, [(stage, "model")],
-                         item_fields=lambda shard: {"prompts": json.dumps([boxes[u] for u in shard.uris])})
+    with output.hold_lease():  # one run at a time writes here
+        todo = select_pending(prompt_shards(prompts, config.images_per_shard), output, config.images_per_shard,
+                              config.overwrite, config.retry_failed)
+        summary = run_stages(config, todo, output, [(stage, "model")],
+                             item_fields=lambda shard: {"prompts": json.dumps([boxes[u] for u in shard.uris])})
     summary.seconds = time.perf_counter() - start
     return summary

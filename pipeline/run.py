@@ -45,11 +45,15 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     (``workers`` actors, ``num_gpus_per_worker`` each), post-processing on a CPU actor pool, and
     the driver streaming each shard's masks to its file in file order, finishing the shard once
     all its rows are in. ``model_stage`` is the model stage's class (a :class:`ModelStage` or
-    subclass)."""
+    subclass). Raises :class:`pipeline.lease.OutputBusyError` if another run is writing into
+    the output."""
     start = time.perf_counter()
     config.check_model()  # a bad checkpoint or setting fails here, not in every actor
-    todo = pending_shards(config)
-    summary = run_stages(config, todo, config.output(), [(model_stage, "model"), (PostprocessStage, "postprocess")])
+    shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
+    output = config.output()
+    with output.hold_lease():  # one run at a time writes here
+        todo = select_pending(shards, output, config.images_per_shard, config.overwrite, config.retry_failed)
+        summary = run_stages(config, todo, output, [(model_stage, "model"), (PostprocessStage, "postprocess")])
     summary.seconds = time.perf_counter() - start
     return summary
 
