@@ -4,8 +4,8 @@ Layout under the output URI::
 
     masks/<shard>.parquet    one row per mask
     images/<shard>.parquet   one row per input file (ok or error)
-    _done/<shard>.json       written last: the shard's members, counts (errors by reason), model
-                             and settings
+    _done/<shard>.json       written last: the shard's members (and their digests: jobs.prompt's
+                             boxes), counts (errors by reason), model and settings
 
 A shard whose marker exists is complete; data files without a marker are leftovers of an
 interrupted run (or a shard being written): readers skip them and the next run rewrites them.
@@ -297,6 +297,7 @@ class ShardWriter:
         errors = Counter(r.get("error_reason") for r in images if r.get("status") != "ok")
         marker = {"members": list(self.shard.uris), "root": self.shard.root, "images": len(images), "masks": self.masks,
                   "errors": {str(reason): n for reason, n in sorted(errors.items(), key=str)},
+                  **({"digests": dict(zip(self.shard.uris, self.shard.digests))} if self.shard.digests else {}),
                   **(self.output.identity or {})}
         self.output._put(self.output._p("_done", f"{self.shard.shard_id}.json"),
                          json.dumps(marker, default=str).encode())

@@ -9,6 +9,7 @@ among its image's boxes in input order, ``point_coords`` is null and ``crop_box`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -180,6 +181,12 @@ def prompt_identity(model: str) -> Dict[str, str]:
     return {"model": model, "settings_hash": PROMPTED_SETTINGS_HASH}
 
 
+def boxes_digest(boxes: Sequence[Sequence[float]]) -> str:
+    """A digest of an image's boxes in order, recorded in its shard's marker: a later run whose
+    prompts give the image other boxes redoes the shard (see :mod:`pipeline.resuming`)."""
+    return hashlib.sha256(json.dumps([[float(v) for v in b] for b in boxes]).encode()).hexdigest()[:16]
+
+
 def prompt_shards(prompts: Sequence[ImagePrompts], images_per_shard: int) -> List[Shard]:
     """The prompted images in input order, ``images_per_shard`` to a shard (``prompts-00000``)."""
     uris = [p.uri for p in prompts]
@@ -198,7 +205,8 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
     shards_processed = images_processed = 0
     with out.hold_lease():
-        for shard in select_pending(prompt_shards(prompts, images_per_shard), out, images_per_shard, overwrite):
+        for shard in select_pending(prompt_shards(prompts, images_per_shard), out, images_per_shard, overwrite,
+                                    digest=lambda uri: boxes_digest(boxes_by_uri[uri])):
             masks, images = prompter.process(shard, boxes_by_uri, storage_options)
             out.write_shard(shard, masks, images)
             shards_processed += 1
@@ -253,7 +261,7 @@ def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig,
     boxes = {p.uri: [list(b) for b in p.boxes] for p in prompts}
     with output.hold_lease():  # one run at a time writes here
         todo = select_pending(prompt_shards(prompts, config.images_per_shard), output, config.images_per_shard,
-                              config.overwrite, config.retry_failed)
+                              config.overwrite, config.retry_failed, digest=lambda uri: boxes_digest(boxes[uri]))
         summary = run_stages(config, todo, output, [(stage, "model")],
                              item_fields=lambda shard: {"prompts": json.dumps([boxes[u] for u in shard.uris])})
     summary.seconds = time.perf_counter() - start

@@ -4,17 +4,20 @@ An output grows; it is never redone behind the user's back. A run does the input
 completed shard holds yet: a folder, manifest or prompts file that gained files since the last run
 into the output gets the new ones in new shards (numbered after, or in the gaps between, the
 completed ones), and every completed shard is kept. Resuming an interrupted run with the same
-input gives the shards it would have written. A tar is a shard of its own, named after it; a
-completed one of that name made from another tar is refused. Completed shards of another model or
-settings are refused too (an output never mixes two configurations), and ``overwrite`` starts
-afresh.
+input gives the shards it would have written. A completed shard is redone (from the files of it
+still in the input) when a file's digest changed (``jobs.prompt``: its boxes) or, with
+``retry_failed``, when it holds images that failed for a reason a retry may fix. A tar is a shard
+of its own, named after it; a completed one of that name made from another tar is refused.
+Completed shards of another model or settings are refused too (an output never mixes two
+configurations), and ``overwrite`` starts afresh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .config import RETRIED_REASONS
 from .output import OutputDir
@@ -22,17 +25,20 @@ from .shards import TAR_EXTENSIONS, Shard
 
 log = logging.getLogger(__name__)
 
+Digest = Callable[[str], str]  # uri -> what besides the file decides its masks (recorded in markers)
+
 
 def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard: int, overwrite: bool = False,
-                   retry_failed: bool = False) -> List[Shard]:
+                   retry_failed: bool = False, digest: Optional[Digest] = None) -> List[Shard]:
     """The shards of the planned ``shards`` (an input's, see :func:`pipeline.shards.discover_shards`)
     that ``output`` does not hold yet: all of them after clearing it with ``overwrite``; else the
     tars without a marker and the loose files no completed shard holds, grouped
-    ``images_per_shard`` to a new shard. With ``retry_failed`` also the completed shards of this
-    input holding images that failed for a reason in ``RETRIED_REASONS`` (their markers removed)."""
+    ``images_per_shard`` to a new shard; and the completed shards to redo (their markers
+    removed): those holding a file whose ``digest`` changed since and, with ``retry_failed``,
+    those holding images that failed for a reason in ``RETRIED_REASONS``."""
     if overwrite:
         output.clear()
-        return list(shards)
+        return [_digested(s, digest) for s in shards]
     markers = output.markers()
     for shard_id, done in markers.items():
         output.check_identity(shard_id, done)
@@ -41,12 +47,13 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
         done = markers.get(shard.shard_id)
         if done is not None:
             output.check_members(shard, done)
-        if done is None or (retry_failed and _reopen(output, shard, done)):
+        if done is None or (retry_failed and _retried(output, shard.shard_id, done)):
+            if done is not None:
+                output.reopen(shard)
             pending.append(shard)
     files = [s for s in shards if s.kind != "tar"]
-    if retry_failed:
-        pending += _retried_files(files, markers, output)
-    return pending + _new_files(files, markers, images_per_shard)
+    return pending + _redone_files(files, markers, output, retry_failed, digest) + \
+        _new_files(files, markers, images_per_shard, digest)
 
 
 def _group(shard_id: str) -> str:
@@ -58,8 +65,16 @@ def _is_tar(done: Mapping[str, Any]) -> bool:
     return len(done["members"]) == 1 and done["members"][0].endswith(TAR_EXTENSIONS)
 
 
-def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]],
-               images_per_shard: int) -> List[Shard]:
+def _digested(shard: Shard, digest: Optional[Digest]) -> Shard:
+    return shard if digest is None else dataclasses.replace(shard, digests=tuple(digest(u) for u in shard.uris))
+
+
+def _retried(output: OutputDir, shard_id: str, done: Mapping[str, Any]) -> bool:
+    return output.count_reasons(shard_id, RETRIED_REASONS, done) > 0
+
+
+def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]], images_per_shard: int,
+               digest: Optional[Digest]) -> List[Shard]:
     """The files of ``planned`` (loose-files shards) that no completed shard holds, in order,
     ``images_per_shard`` to a shard named after its group with the lowest numbers no completed
     shard has (so an unchanged input resumes into the shards it was planned as)."""
@@ -71,7 +86,7 @@ def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]
     for group, (uris, root) in groups.items():
         new = [u for u in uris if u not in done]
         ids = (i for i in (f"{group}-{n:05d}" for n in itertools.count()) if i not in markers)
-        shards += [Shard(next(ids), "files", tuple(new[i : i + images_per_shard]), root)
+        shards += [_digested(Shard(next(ids), "files", tuple(new[i : i + images_per_shard]), root), digest)
                    for i in range(0, len(new), images_per_shard)]
         completed = [m for i, m in markers.items() if _group(i) == group and not _is_tar(m)]
         present = set(uris)
@@ -85,27 +100,32 @@ def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]
     return shards
 
 
-def _retried_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]],
-                   output: OutputDir) -> List[Shard]:
-    """Completed loose-files shards holding files of ``planned`` and images of a retried reason,
-    rebuilt from their markers (members and naming root) and reopened."""
+def _redone_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]], output: OutputDir,
+                  retry_failed: bool, digest: Optional[Digest]) -> List[Shard]:
+    """Completed loose-files shards holding files of ``planned`` to redo (a file's digest changed,
+    or with ``retry_failed`` images of a retried reason), rebuilt from their markers (the members
+    still in the input, the naming root) and reopened."""
     roots = {u: s.root for s in planned for u in s.uris}
-    shards = []
+    shards, changed, dropped, stale_shards = [], [], [], 0
     for shard_id, done in sorted(markers.items()):
-        members = tuple(done["members"])
-        if _is_tar(done) or not any(u in roots for u in members):
+        members = done["members"]
+        present = [u for u in members if u in roots]
+        if _is_tar(done) or not present:
             continue
-        root = done["root"] if "root" in done else next(roots[u] for u in members if u in roots)
-        shard = Shard(shard_id, "files", members, root)
-        if _reopen(output, shard, done):
-            shards.append(shard)
+        recorded = done.get("digests") or {}  # markers of generate runs and earlier versions: none
+        stale = [u for u in present if digest is not None and u in recorded and recorded[u] != digest(u)]
+        if not stale and not (retry_failed and _retried(output, shard_id, done)):
+            continue
+        changed += stale
+        stale_shards += bool(stale)
+        dropped += [u for u in members if u not in roots]
+        shard = Shard(shard_id, "files", tuple(present), done["root"] if "root" in done else roots[present[0]])
+        output.reopen(shard)
+        shards.append(_digested(shard, digest))
+    if changed:
+        log.warning("%d images of completed shards have other boxes in the prompts than when they were written "
+                    "(e.g. %s): their %d shards are redone.", len(changed), changed[0], stale_shards)
+    if dropped:
+        log.warning("%d files of shards being redone are no longer in the input (e.g. %s): their rows go.",
+                    len(dropped), dropped[0])
     return shards
-
-
-def _reopen(output: OutputDir, shard: Shard, done: Mapping[str, Any]) -> bool:
-    """Whether completed ``shard`` holds images of a retried reason; if so its marker is removed
-    (not complete until rewritten: a stop meanwhile leaves no marker over half a shard)."""
-    if output.count_reasons(shard.shard_id, RETRIED_REASONS, done) == 0:
-        return False
-    output.reopen(shard)
-    return True

@@ -37,6 +37,7 @@ class Shard:
     kind: str  # "files" (uris are images) or "tar" (uris is one tar file)
     uris: Tuple[str, ...]
     root: Optional[str] = None  # "files": images are named by their path under it (None: file name)
+    digests: Optional[Tuple[str, ...]] = None  # per uri, what else decides its masks (jobs.prompt: its boxes)
 
     def name_of(self, uri: str) -> str:
         """The name of the image at ``uri`` (a member of a "files" shard) within the shard."""

@@ -17,7 +17,7 @@ from jobs.prompt import main as prompt_main
 from pipeline.decode import decode_image
 from pipeline.config import PipelineConfig
 from pipeline.output import OutputDir
-from pipeline.prompted import BoxPrompter, BoxStage, read_prompts, run_prompted, run_prompted_on_ray
+from pipeline.prompted import BoxPrompter, BoxStage, ImagePrompts, read_prompts, run_prompted, run_prompted_on_ray
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core import SamPredictor, build_sam
 
@@ -175,6 +175,42 @@ def test_prompts_on_ray_equal_the_in_process_run_and_failures_are_recorded(ray_l
     assert retried.shards_processed == 2 and sorted(e["reason"] for e in retried.errors) == ["bad_prompt",
                                                                                               "unreadable"]
     assert OutputDir(failing_cfg.output_uri).read_table("masks").equals(OutputDir(cfg.output_uri).read_table("masks"))
+
+
+def test_changed_boxes_redo_their_shard_and_new_images_get_new_shards(photos, tmp_path, tiny_checkpoint, caplog):
+    """A prompts file edited since the last run into the output: the shards of images whose boxes
+    changed are redone (their masks were of the old boxes: kept, they were stale without a word),
+    new images go into new shards, and the rest is left as it was."""
+    prompter = BoxPrompter("tiny", str(tiny_checkpoint))
+    photos = shutil.copytree(photos, tmp_path / "photos")
+
+    def run(boxes, output):
+        prompts = [ImagePrompts(str(photos / name), tuple(tuple(b) for b in bs)) for name, bs in boxes.items()]
+        return run_prompted(prompts, str(output), prompter, images_per_shard=2)
+
+    def masks_of(output):
+        by, _ = rows_by_image(output)
+        return {name: [(r["mask_id"], r["counts"]) for r in rows] for name, rows in by.items()}
+
+    out = tmp_path / "out"
+    assert run(BOXES, out).shards_processed == 2  # (chelsea, coffee), (astronaut)
+    before = {p.name: p.read_bytes() for p in (out / "masks").iterdir()}
+    assert run(BOXES, out).shards_processed == 0
+    edited = dict(BOXES, **{"coffee.jpg": [[10.0, 20.0, 120.0, 90.0]]})
+    caplog.clear()
+    assert run(edited, out).shards_processed == 1
+    assert "1 images of completed shards have other boxes in the prompts" in caplog.text
+    assert (out / "masks" / "prompts-00001.parquet").read_bytes() == before["prompts-00001.parquet"]
+    edited = dict(edited, **{"astronaut.jpg": [[50.0, 50.0, 100.0, 100.0]], "coffee_copy.jpg": BOXES["coffee.jpg"]})
+    shutil.copy(photos / "coffee.jpg", photos / "coffee_copy.jpg")
+    second = run(edited, out)
+    assert second.shards_processed == 2 and OutputDir(str(out)).shard_ids() == [
+        "prompts-00000", "prompts-00001", "prompts-00002"]  # astronaut's redone, coffee_copy's new
+    assert run(edited, out).shards_processed == 0
+    run(edited, tmp_path / "clean")
+    assert masks_of(out) == masks_of(tmp_path / "clean")
+    run(BOXES, tmp_path / "old")
+    assert masks_of(out)["coffee_copy.jpg"] == masks_of(tmp_path / "old")["coffee.jpg"]
 
 
 def test_bad_boxes_say_what_is_wrong_with_each():
