@@ -10,6 +10,7 @@ import logging
 import os
 import posixpath
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -26,6 +27,7 @@ from .shards import Shard, common_root, filesystem, list_files
 log = logging.getLogger(__name__)
 
 SAMPLE_IMAGES = os.path.join(os.path.dirname(__file__), "sample_images")
+MAX_ERROR_LINES = 20  # errors a summary lists one by one (a large run's log is not flooded; the tables hold all)
 
 
 @dataclass
@@ -55,7 +57,13 @@ class RunSummary:
         if self.stage_seconds:
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
             lines.append(f"shards processed this run: {self.shards_processed}; worker time: {stages}")
-        lines += [f"  error {e['uri']}: {e['reason']} ({e['detail']})" for e in self.errors]
+        if self.errors:
+            reasons = Counter(e["reason"] for e in self.errors)
+            lines.append("errors by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=str)))
+        lines += [f"  error {e['uri']}: {e['reason']} ({e['detail']})" for e in self.errors[:MAX_ERROR_LINES]]
+        if len(self.errors) > MAX_ERROR_LINES:
+            lines.append(f"  ... and {len(self.errors) - MAX_ERROR_LINES} more: every error is a row of the images "
+                         "table (status 'error', with its uri, error_reason and error_detail)")
         return "\n".join(lines)
 
 

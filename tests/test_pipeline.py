@@ -987,6 +987,21 @@ def test_a_shard_redone_has_no_marker_until_it_is_rewritten(tmp_path):
     out.reopen(shard)  # no marker: nothing to do
 
 
+def test_a_summary_lists_the_first_errors_and_counts_them_all():
+    """A run's printed summary counts every error by reason and lists the first MAX_ERROR_LINES:
+    an output of a million images with 5% bad files is not 50,000 lines of job log each run."""
+    from pipeline.single_machine import MAX_ERROR_LINES, RunSummary
+
+    errors = [{"uri": f"s3://b/{i:03d}.jpg", "reason": "corrupt" if i % 3 else "unreadable", "detail": "d"}
+              for i in range(MAX_ERROR_LINES + 5)]
+    text = str(RunSummary(images_ok=100, images_error=len(errors), errors=errors))
+    assert "errors by reason: corrupt 16, unreadable 9" in text
+    assert text.count("  error s3://b/") == MAX_ERROR_LINES and "s3://b/019.jpg" in text and "020.jpg" not in text
+    assert "  ... and 5 more: every error is a row of the images table" in text
+    few = str(RunSummary(images_ok=1, images_error=1, errors=errors[:1]))
+    assert few.endswith("errors by reason: unreadable 1\n  error s3://b/000.jpg: unreadable (d)")
+
+
 def test_generate_job_says_when_retry_failed_may_help(tmp_path, monkeypatch, capsys):
     import jobs.generate as job
     from pipeline.single_machine import RunSummary
