@@ -72,11 +72,13 @@ class RunLease:
             age = time.time() - held["renewed"]
             ended = held.get("host") == socket.gethostname() and not process_alive(held.get("pid"), held.get("pid_start"))
             if age < self.expiry_s and not ended:
+                here = held.get("host") == socket.gethostname()
                 raise OutputBusyError(
                     f"Another run is writing into this output ({describe(held)}, lease renewed {age:.0f} s ago; "
                     f"{self.path}). Two runs into one output would write the same shards at once. Wait for it to "
-                    f"finish; if it was killed, its lease lapses {self.expiry_s - age:.0f} s from now and a new run "
-                    "takes over.")
+                    "finish" + (f" or stop it (process {held.get('pid')} on this host)." if here else
+                                f"; if it was killed, its lease lapses {self.expiry_s - age:.0f} s from now and a "
+                                "new run takes over."))
             log.warning("Taking over the lease of a run that %s (%s).", "ended without removing it" if ended else
                         f"stopped renewing it {age:.0f} s ago", describe(held))
         self._write()

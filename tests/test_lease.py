@@ -75,7 +75,7 @@ def test_a_lease_left_by_a_killed_run_on_this_host_is_taken_over_at_once(tmp_pat
             "started": time.time() - 60, "renewed": time.time() - 1}))
 
     held_by(os.getpid(), process_start(os.getpid()))  # alive: this very process
-    with pytest.raises(OutputBusyError, match="Another run is writing"):
+    with pytest.raises(OutputBusyError, match=r"Another run is writing.*or stop it \(process \d+ on this host\)"):
         lease_of(tmp_path).acquire()
     for pid, start in [(gone.pid, None), (os.getpid(), -1)]:  # ended; a reused pid
         held_by(pid, start)
