@@ -367,3 +367,67 @@ def test_mask_data_cat_accepts_empty_placeholders_on_either_side():
     assert full["low_res"].shape == (2, 4, 4) and len(full["iou_preds"]) == 2
     empty.cat(MaskData(low_res=torch.ones(1, 4, 4), iou_preds=torch.ones(1)))
     assert empty["low_res"].shape == (1, 4, 4)
+
+
+def test_utils_modules_carry_the_official_imports_over():
+    """``segment_anything.utils.amg``/``.transforms`` code runs on ``sam_core.utils.amg``/``.transforms``
+    unchanged: every official helper by name, with its parameters, and its results."""
+    import inspect
+
+    from segment_anything.utils.transforms import ResizeLongestSide as OfficialResize
+
+    from sam_core.utils import amg as ours
+    from sam_core.utils.transforms import ResizeLongestSide
+
+    official_names = {n for n, v in vars(official_amg).items()
+                      if callable(v) and getattr(v, "__module__", None) == official_amg.__name__}
+    assert official_names == set(ours.__all__)
+    for name in official_names - {"MaskData"}:
+        params = lambda f: [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+        assert params(getattr(ours, name)) == params(getattr(official_amg, name)), name
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 23, 17, generator=g) * 4
+    masks = logits > 0
+    masks[1] = False
+    masks[2] = True
+    rles = ours.mask_to_rle_pytorch(masks)
+    assert rles == official_amg.mask_to_rle_pytorch(masks)
+    for rle in rles:
+        assert np.array_equal(ours.rle_to_mask(rle), official_amg.rle_to_mask(rle))
+        assert ours.coco_encode_rle(rle) == official_amg.coco_encode_rle(rle)
+        assert ours.area_from_rle(rle) == official_amg.area_from_rle(rle)
+    assert torch.equal(ours.calculate_stability_score(logits, 0.0, 1.0),
+                       official_amg.calculate_stability_score(logits, 0.0, 1.0))
+    assert torch.equal(ours.batched_mask_to_box(masks), official_amg.batched_mask_to_box(masks))
+    for crop in ([0, 0, 17, 23], [5, 7, 22, 30]):
+        assert torch.equal(ours.uncrop_masks(masks, crop, 40, 30), official_amg.uncrop_masks(masks, crop, 40, 30))
+        boxes = torch.tensor([[1, 2, 10, 12], [0, 0, 17, 23]])
+        assert torch.equal(ours.uncrop_boxes_xyxy(boxes, crop), official_amg.uncrop_boxes_xyxy(boxes, crop))
+        assert torch.equal(ours.uncrop_points(boxes[:, :2], crop), official_amg.uncrop_points(boxes[:, :2], crop))
+        assert torch.equal(ours.is_box_near_crop_edge(boxes.float(), crop, [0, 0, 30, 40]),
+                           official_amg.is_box_near_crop_edge(boxes.float(), crop, [0, 0, 30, 40]))
+    for box in (torch.tensor([3.0, 4.0, 10.0, 20.0]), [3, 4, 10, 20], np.array([3, 4, 10, 20])):
+        got, expected = ours.box_xyxy_to_xywh(box), official_amg.box_xyxy_to_xywh(box)
+        assert type(got) is type(expected) and list(got) == list(expected) and list(box)[2] == 10
+    assert [list(map(list, b)) for b in ours.batch_iterator(3, list(range(7)), "abcdefg")] == \
+        [list(map(list, b)) for b in official_amg.batch_iterator(3, list(range(7)), "abcdefg")]
+    with pytest.raises(ValueError, match="all of the same length"):  # the official asserts
+        list(ours.batch_iterator(3, [1, 2], [1]))
+    assert np.array_equal(ours.build_point_grid(5), official_amg.build_point_grid(5))
+    assert all(np.array_equal(a, b) for a, b in zip(ours.build_all_layer_point_grids(8, 2, 2),
+                                                    official_amg.build_all_layer_point_grids(8, 2, 2)))
+    assert ours.generate_crop_boxes((40, 30), 2, 512 / 1500) == official_amg.generate_crop_boxes((40, 30), 2, 512 / 1500)
+    island = np.zeros((20, 20), bool)
+    island[2:12, 2:12], island[15, 15] = True, True
+    for mode in ("holes", "islands"):
+        got, expected = ours.remove_small_regions(island, 5, mode), official_amg.remove_small_regions(island, 5, mode)
+        assert np.array_equal(got[0], expected[0]) and got[1] == expected[1]
+    data = ours.MaskData(rles=rles, iou=torch.tensor([0.1, 0.5, 0.9]))
+    data.filter(torch.tensor([True, False, True]))
+    data.cat(ours.MaskData(rles=rles[:1], iou=torch.tensor([0.3])))
+    data.to_numpy()
+    assert data["rles"] == [rles[0], rles[2], rles[0]] and data["iou"].tolist() == pytest.approx([0.1, 0.9, 0.3])
+
+    image = (np.random.default_rng(0).random((30, 50, 3)) * 255).astype(np.uint8)
+    assert np.array_equal(ResizeLongestSide(64).apply_image(image), OfficialResize(64).apply_image(image))
