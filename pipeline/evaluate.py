@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from sam_core.training.data import coco_rle
+from sam_core.training.data import check_coco, coco_rle
 
 from .output import OutputDir
 from .shards import open_uri
@@ -43,15 +43,16 @@ def load_ground_truth(path: str, storage_options: Optional[Mapping[str, Any]] = 
     crowd annotations left out."""
     with open_uri(path, "r", storage_options) as f:
         doc = json.load(f)
+    check_coco(path, doc, ("id", "file_name", "height", "width"), ("image_id", "segmentation"))
     by_image: Dict[Any, List[Dict[str, Any]]] = defaultdict(list)
     crowd = 0
-    for a in doc.get("annotations", []):
+    for a in doc["annotations"]:
         if a.get("iscrowd", 0):
             crowd += 1
         else:
             by_image[a["image_id"]].append(a)
     images = []
-    for img in doc.get("images", []):
+    for img in doc["images"]:
         h, w = int(img["height"]), int(img["width"])
         images.append({"file_name": img["file_name"], "height": h, "width": w,
                        "objects": [coco_rle(a["segmentation"], h, w) for a in by_image.get(img["id"], [])]})

@@ -25,6 +25,7 @@ import torch
 
 from sam_core import SamPredictor, build_sam
 from sam_core.amg.masks import batched_mask_to_box, calculate_stability_score, coco_encode_rle, mask_to_rle
+from sam_core.training.data import check_coco
 
 from .config import PipelineConfig, model_id
 from .decode import DEFAULT_MAX_PIXELS
@@ -58,13 +59,16 @@ def _join(root: Optional[str], name: str) -> str:
 def read_prompts(path: str, images_root: Optional[str] = None,
                  storage_options: Optional[Mapping[str, Any]] = None) -> List[ImagePrompts]:
     """Boxes per image from a COCO JSON or a Parquet/CSV table; file names are joined to
-    ``images_root`` unless absolute. Images of a COCO file without annotations are kept (0 boxes)."""
+    ``images_root`` unless absolute. Images of a COCO file without annotations are kept (0 boxes).
+    A file that lacks what names an image or a box (a COCO image without ``file_name``, an
+    annotation without ``bbox``, a row without ``uri``) is refused, naming the entries; a box
+    whose values are not numbers is kept (as NaN) for its image to be recorded as ``bad_prompt``.
+    A table's ``bbox`` may be a list or its JSON text (``"[x, y, w, h]"``, as a CSV holds it)."""
     opts = dict(storage_options or {})
     if path.endswith(".json"):
         with open_uri(path, "r", opts) as f:
             coco = json.load(f)
-        if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
-            raise ValueError(f"{path}: a COCO file needs 'images' and 'annotations' lists.")
+        check_coco(path, coco, ("id", "file_name"), ("image_id", "bbox"))
         files = {im["id"]: im["file_name"] for im in coco["images"]}
         repeated = sorted(n for n, k in Counter(files.values()).items() if k > 1)
         if repeated:
@@ -74,35 +78,62 @@ def read_prompts(path: str, images_root: Optional[str] = None,
         if unknown:
             raise ValueError(f"{path}: annotations refer to image ids not in 'images': {unknown[:10]}.")
         for a in coco["annotations"]:
-            boxes[a["image_id"]].append(tuple(float(v) for v in a["bbox"]))
+            boxes[a["image_id"]].append(_box(a["bbox"]))
         return [ImagePrompts(_join(images_root, files[i]), tuple(boxes[i])) for i in files]
     if path.endswith((".parquet", ".csv")):
         import pyarrow.csv as pacsv
 
-        with open_uri(path, "rb", opts) as f:
-            table = read_parquet(f) if path.endswith(".parquet") else pacsv.read_csv(f)
+        try:
+            with open_uri(path, "rb", opts) as f:
+                table = read_parquet(f) if path.endswith(".parquet") else pacsv.read_csv(f)
+        except pa.ArrowInvalid as e:  # not a table of that format: name the file
+            raise ValueError(f"{path}: {e}") from None
         cols = set(table.column_names)
         if "uri" not in cols or not ({"bbox"} <= cols or {"x", "y", "w", "h"} <= cols):
             raise ValueError(f"{path}: needs a 'uri' column and 'bbox' (XYWH) or 'x', 'y', 'w', 'h' columns; "
                              f"has {sorted(cols)}.")
         rows = table.to_pylist()
+        empty = [i for i, r in enumerate(rows) if not r["uri"]]
+        if empty:
+            raise ValueError(f"{path}: {len(empty)} row(s) have no 'uri' (e.g. row {empty[0]}).")
         order: Dict[str, List[Tuple[float, ...]]] = {}
         for r in rows:
             box = r["bbox"] if "bbox" in cols else [r["x"], r["y"], r["w"], r["h"]]
-            order.setdefault(_join(images_root, r["uri"]), []).append(tuple(float(v) for v in box))
+            order.setdefault(_join(images_root, r["uri"]), []).append(_box(box))
         return [ImagePrompts(uri, tuple(b)) for uri, b in order.items()]
     raise ValueError(f"{path}: prompts must be a COCO .json or a .parquet/.csv table of boxes.")
 
 
+def _box(values: Any) -> Tuple[float, ...]:
+    """A box's values as floats (a JSON list in a string is read as the list); a value that is
+    not a number becomes NaN, so that :func:`bad_boxes` records its image as ``bad_prompt``."""
+    if isinstance(values, str):
+        try:
+            values = json.loads(values)
+        except ValueError:
+            return (math.nan,)
+    if not isinstance(values, (list, tuple)):
+        return (math.nan,)
+    out = []
+    for v in values:
+        try:
+            out.append(float(v) if not isinstance(v, bool) else math.nan)
+        except (TypeError, ValueError):
+            out.append(math.nan)
+    return tuple(out)
+
+
 def bad_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) -> List[str]:
-    """Descriptions of boxes that cannot prompt: non-finite, empty, or wholly outside the image."""
+    """Descriptions of boxes that cannot prompt: not 4 numbers, infinite, empty, or wholly outside the image."""
     bad = []
     for i, box in enumerate(boxes):
         if len(box) != 4:
             bad.append(f"box {i} {list(box)} does not have 4 values (x, y, w, h)")
             continue
         x, y, w, h = box
-        if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        if any(math.isnan(v) for v in box):
+            bad.append(f"box {i} {[x, y, w, h]} has a value that is not a number (nan)")
+        elif not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
             bad.append(f"box {i} {[x, y, w, h]} is not a finite box of positive size")
         elif x >= width or y >= height or x + w <= 0 or y + h <= 0:
             bad.append(f"box {i} {[x, y, w, h]} lies outside the {width}x{height} image")

@@ -149,3 +149,21 @@ def test_size_mismatch_is_an_error(scenes, tmp_path):
     bad.write_text(json.dumps(doc))
     with pytest.raises(EvaluationError, match="ground truth is"):
         evaluate(str(bad), pred)
+
+
+def test_a_ground_truth_file_missing_what_names_an_image_or_object_says_so(scenes, tmp_path, capsys):
+    """A ground-truth file whose images lack their size or whose annotations lack a segmentation
+    (it was a KeyError trace), or that is not a COCO object at all, is one error line, rc 2."""
+    folder, doc = scenes
+    pred = _tables_from(tmp_path / "pred", doc, lambda m: m)
+    gt = tmp_path / "gt.json"
+    no_size = dict(doc, images=[{k: v for k, v in im.items() if k != "height"} for im in doc["images"]])
+    no_segmentation = dict(doc, annotations=[{k: v for k, v in a.items() if k != "segmentation"}
+                                             for a in doc["annotations"]])
+    for content, says in [(no_size, f"{len(doc['images'])} of its images lack one of 'id', 'file_name', 'height', "
+                                    "'width' (e.g. images[0] = {"),
+                          (no_segmentation, "of its annotations lack one of 'image_id', 'segmentation'"),
+                          ([1, 2], "a COCO file needs 'images' and 'annotations' lists")]:
+        gt.write_text(json.dumps(content))
+        assert evaluate_main(["--ground-truth", str(gt), "--predictions", pred]) == 2
+        assert says in capsys.readouterr().err

@@ -95,6 +95,9 @@ def test_discover_folder_glob_tar_and_manifest(inputs, tmp_path):
     (tmp_path / "bad.csv").write_text("path\nx.jpg\n")
     with pytest.raises(ValueError, match="no 'uri' column"):
         discover_shards(str(tmp_path / "bad.csv"))
+    (tmp_path / "bad.parquet").write_text("uri\nx.jpg\n")  # a CSV named .parquet: the error names it
+    with pytest.raises(ValueError, match=r"Manifest '.*bad.parquet': Parquet magic bytes not found"):
+        discover_shards(str(tmp_path / "bad.parquet"))
     with pytest.raises(FileNotFoundError):
         discover_shards(str(tmp_path / "nothing-here"))
 

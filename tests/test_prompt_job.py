@@ -134,6 +134,41 @@ def test_prompt_file_errors(tmp_path, capsys):
     assert prompt_main(["--prompts", str(twice), "--output", str(tmp_path / "o")]) == 2
     assert "1 file_name(s) belong to more than one image: ['a.jpg']" in capsys.readouterr().err
 
+    # What names an image or a box missing: refused, naming the entries (it was a KeyError trace).
+    for doc, says in [({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2}], "annotations": []},
+                       "1 of its images lack one of 'id', 'file_name' (e.g. images[1] = {\"id\": 2})"),
+                      ({"images": [{"id": 1, "file_name": "a.jpg"}],
+                        "annotations": [{"id": 5, "image_id": 1, "segmentation": [[1, 2, 3, 4, 5, 6]]}]},
+                       "1 of its annotations lack one of 'image_id', 'bbox' (e.g. annotations[0] = {\"id\": 5"),
+                      ({"images": {}, "annotations": []}, "a COCO file needs 'images' and 'annotations' lists")]:
+        bad.write_text(json.dumps(doc))
+        assert prompt_main(["--prompts", str(bad), "--output", str(tmp_path / "o")]) == 2
+        assert says in capsys.readouterr().err
+    table.write_text('uri,bbox\n,"[1,2,3,4]"\n')
+    assert prompt_main(["--prompts", str(table), "--output", str(tmp_path / "o")]) == 2
+    assert "1 row(s) have no 'uri' (e.g. row 0)" in capsys.readouterr().err
+    table.write_text("uri,bbox\nx.jpg,[1,2,3,4]\n")  # a list not quoted: more fields than columns
+    assert prompt_main(["--prompts", str(table), "--output", str(tmp_path / "o")]) == 2
+    assert f"{table}: CSV parse error: Expected 2 columns, got 5" in capsys.readouterr().err
+
+
+def test_box_values_that_are_not_numbers_make_their_image_a_bad_prompt(tmp_path):
+    """A box value that is not a number (text, an empty CSV cell, null) is kept as NaN, so its image
+    gets a bad_prompt row naming the box (it was a ValueError or TypeError ending the job); a CSV
+    bbox written as JSON text is read as its list."""
+    from pipeline.prompted import bad_boxes
+
+    (tmp_path / "a.csv").write_text('uri,bbox\nx.jpg,"[1, 2, 30, 40]"\nx.jpg,"[1, 2, ""a"", 4]"\ny.jpg,oops\n')
+    (tmp_path / "b.csv").write_text("uri,x,y,w,h\nz.jpg,1,2,,4\n")
+    (tmp_path / "c.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "w.jpg"}],
+                                                 "annotations": [{"image_id": 1, "bbox": ["a", 1, 2, None]}]}))
+    prompts = {p.uri: p.boxes for name in ("a.csv", "b.csv", "c.json") for p in read_prompts(str(tmp_path / name))}
+    assert prompts["x.jpg"][0] == (1.0, 2.0, 30.0, 40.0)
+    assert bad_boxes(prompts["x.jpg"], 100, 100) == ["box 1 [1.0, 2.0, nan, 4.0] has a value that is not a number (nan)"]
+    assert bad_boxes(prompts["y.jpg"], 100, 100) == ["box 0 [nan] does not have 4 values (x, y, w, h)"]
+    assert bad_boxes(prompts["z.jpg"], 100, 100) == ["box 0 [1.0, 2.0, nan, 4.0] has a value that is not a number (nan)"]
+    assert bad_boxes(prompts["w.jpg"], 100, 100) == ["box 0 [nan, 1.0, 2.0, nan] has a value that is not a number (nan)"]
+
 
 def test_prompts_on_ray_equal_the_in_process_run_and_failures_are_recorded(ray_local, photos, tmp_path,
                                                                           tiny_checkpoint):
@@ -219,7 +254,7 @@ def test_bad_boxes_say_what_is_wrong_with_each():
     assert bad_boxes([(0, 0, 10, 10), (5.5, 1, 2, 3)], 100, 50) == []
     assert bad_boxes([(1, 2, 3), (0, 0, float("nan"), 1), (0, 0, 0, 5), (100, 0, 5, 5), (-9, -9, 9, 9)], 100, 50) == [
         "box 0 [1, 2, 3] does not have 4 values (x, y, w, h)",
-        "box 1 [0, 0, nan, 1] is not a finite box of positive size",
+        "box 1 [0, 0, nan, 1] has a value that is not a number (nan)",
         "box 2 [0, 0, 0, 5] is not a finite box of positive size",
         "box 3 [100, 0, 5, 5] lies outside the 100x50 image",
         "box 4 [-9, -9, 9, 9] lies outside the 100x50 image"]

@@ -286,3 +286,14 @@ def test_demo_recipe_resumed_at_a_stage_ends_with_the_same_weights(tmp_path):
         torch.set_num_threads(threads)
     a, b = torch.load(whole, weights_only=True), torch.load(resumed, weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_coco_file_missing_segmentations_is_refused_naming_them(tmp_path):
+    from sam_core.training.data import load_coco
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                                "annotations": [{"id": 7, "image_id": 1, "bbox": [0, 0, 4, 4]}]}))
+    with pytest.raises(ValueError, match=r"1 of its annotations lack one of 'image_id', 'segmentation' "
+                                         r"\(e.g. annotations\[0\] = \{\"id\": 7"):
+        load_coco(str(path))

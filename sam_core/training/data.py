@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from collections import defaultdict
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -30,6 +30,21 @@ def scene_samples(seed: int = 0, min_side: int = 192, max_side: int = 320,
         image, masks = make_scene(rng, scene_sizes(rng, min_side, max_side), spec)
         if masks:
             yield Sample(image, masks)
+
+
+def check_coco(path: str, doc: Any, image_keys: Sequence[str], annotation_keys: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``doc`` (the JSON of ``path``) has ``images`` and ``annotations``
+    lists whose entries are objects with ``image_keys`` and ``annotation_keys``; the message names
+    how many lack one and shows the first."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) \
+            or not isinstance(doc.get("annotations"), list):
+        raise ValueError(f"{path}: a COCO file needs 'images' and 'annotations' lists.")
+    for what, keys in (("images", image_keys), ("annotations", annotation_keys)):
+        entries = doc[what]
+        bad = [i for i, e in enumerate(entries) if not isinstance(e, dict) or any(k not in e for k in keys)]
+        if bad:
+            raise ValueError(f"{path}: {len(bad)} of its {what} lack one of {', '.join(repr(k) for k in keys)} "
+                             f"(e.g. {what}[{bad[0]}] = {json.dumps(entries[bad[0]])[:200]}).")
 
 
 def coco_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
@@ -55,6 +70,7 @@ def load_coco(json_path: str, image_root: Optional[str] = None) -> List[Tuple[st
     annotation. Crowd annotations and images without annotations are counted in the log."""
     with open(json_path) as f:
         doc = json.load(f)
+    check_coco(json_path, doc, ("id", "file_name"), ("image_id", "segmentation"))
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(json_path))
     anns: Dict[Any, List[Dict[str, Any]]] = defaultdict(list)
     crowd = 0
