@@ -173,7 +173,7 @@ def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeli
                 f"The spec's model/settings {identity} differ from manifest v{versions[-1]:04d} {before} "
                 f"under {spec.output!r}: build into a new output root to change them."
             )
-    pending = {uri: [s.shard_id for s in pending_shards(cfg)] for uri, cfg in configs.items()}
+    pending = {uri: [s.shard_id for s in pending_shards(cfg, reopen=False)] for uri, cfg in configs.items()}
     if not any(pending.values()):
         return BuildResult(None, versions[-1] if versions else None, {})
     for uri, shard_ids in pending.items():

@@ -29,15 +29,17 @@ Digest = Callable[[str], str]  # uri -> what besides the file decides its masks 
 
 
 def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard: int, overwrite: bool = False,
-                   retry_failed: bool = False, digest: Optional[Digest] = None) -> List[Shard]:
+                   retry_failed: bool = False, digest: Optional[Digest] = None, reopen: bool = True) -> List[Shard]:
     """The shards of the planned ``shards`` (an input's, see :func:`pipeline.shards.discover_shards`)
     that ``output`` does not hold yet: all of them after clearing it with ``overwrite``; else the
     tars without a marker and the loose files no completed shard holds, grouped
     ``images_per_shard`` to a new shard; and the completed shards to redo (their markers
     removed): those holding a file whose ``digest`` changed since and, with ``retry_failed``,
-    those holding images that failed for a reason in ``RETRIED_REASONS``."""
+    those holding images that failed for a reason in ``RETRIED_REASONS``. ``reopen=False``
+    only says what a run would do: no marker is removed (and ``overwrite`` clears nothing)."""
     if overwrite:
-        output.clear()
+        if reopen:
+            output.clear()
         return [_digested(s, digest) for s in shards]
     markers = output.markers()
     for shard_id, done in markers.items():
@@ -48,11 +50,11 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
         if done is not None:
             output.check_members(shard, done)
         if done is None or (retry_failed and _retried(output, shard.shard_id, done)):
-            if done is not None:
+            if done is not None and reopen:
                 output.reopen(shard)
             pending.append(shard)
     files = [s for s in shards if s.kind != "tar"]
-    return pending + _redone_files(files, markers, output, retry_failed, digest) + \
+    return pending + _redone_files(files, markers, output, retry_failed, digest, reopen) + \
         _new_files(files, markers, images_per_shard, digest)
 
 
@@ -101,10 +103,10 @@ def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]
 
 
 def _redone_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]], output: OutputDir,
-                  retry_failed: bool, digest: Optional[Digest]) -> List[Shard]:
+                  retry_failed: bool, digest: Optional[Digest], reopen: bool) -> List[Shard]:
     """Completed loose-files shards holding files of ``planned`` to redo (a file's digest changed,
     or with ``retry_failed`` images of a retried reason), rebuilt from their markers (the members
-    still in the input, the naming root) and reopened."""
+    still in the input, the naming root) and, with ``reopen``, reopened."""
     roots = {u: s.root for s in planned for u in s.uris}
     shards, changed, dropped, stale_shards = [], [], [], 0
     for shard_id, done in sorted(markers.items()):
@@ -120,7 +122,8 @@ def _redone_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, A
         stale_shards += bool(stale)
         dropped += [u for u in members if u not in roots]
         shard = Shard(shard_id, "files", tuple(present), done["root"] if "root" in done else roots[present[0]])
-        output.reopen(shard)
+        if reopen:
+            output.reopen(shard)
         shards.append(_digested(shard, digest))
     if changed:
         log.warning("%d images of completed shards have other boxes in the prompts than when they were written "

@@ -31,10 +31,12 @@ class StageStartError(RuntimeError):
         super().__init__(f"A pipeline actor could not start: {cause} (its traceback is in the Ray worker logs).")
 
 
-def pending_shards(config: PipelineConfig) -> List[Shard]:
-    """Shards of the input not yet completed in the output (see :func:`pipeline.resuming.select_pending`)."""
+def pending_shards(config: PipelineConfig, reopen: bool = True) -> List[Shard]:
+    """Shards of the input not yet completed in the output (see :func:`pipeline.resuming.select_pending`;
+    ``reopen=False``: what a run would do, changing nothing)."""
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
-    return select_pending(shards, config.output(), config.images_per_shard, config.overwrite, config.retry_failed)
+    return select_pending(shards, config.output(), config.images_per_shard, config.overwrite, config.retry_failed,
+                          reopen=reopen)
 
 
 def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunSummary:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -11,7 +12,7 @@ from jobs.build import main as build_main
 from pipeline.build import SpecError, input_key, load_spec, run_build
 from pipeline.output import OutputDir
 from pipeline.run import pending_shards
-from pipeline.shards import discover_shards
+from pipeline.shards import Shard, discover_shards
 from pipeline.single_machine import SAMPLE_IMAGES
 from pipeline.stages import ShardWorker
 
@@ -74,6 +75,37 @@ def test_build_is_incremental_and_versioned(tmp_path):
     fourth = run_build(spec, run=local_run, retry_failed=True)
     assert fourth.version == 3 and fourth.new_shards == {str(shards): ["sa_000002"]}
     assert tables.read_table("images").column("status").to_pylist() == ["ok"] * 4
+
+
+def test_a_folder_that_grows_is_built_incrementally(tmp_path):
+    """Loose images added to an input folder go into new shards of the next version (the build
+    refused before: "the input changed"); a --retry-failed build reports the shards it redoes
+    and the new ones, and its preview changes nothing before the run."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg", "scene_00000.png"):
+        shutil.copy(f"{SAMPLE_IMAGES}/{name}", photos / name)
+    spec = load_spec(spec_file(tmp_path, [photos], extra="images_per_shard = 2"))
+    assert run_build(spec, run=local_run).new_shards == {str(photos): ["files-00000", "files-00001"]}
+    shutil.copy(f"{SAMPLE_IMAGES}/astronaut.jpg", photos / "astronaut.jpg")  # sorts first
+    second = run_build(spec, run=local_run)
+    assert second.version == 2 and second.new_shards == {str(photos): ["files-00002"]}
+    tables = OutputDir(json.loads((tmp_path / "built/manifests/v0002.json").read_text())["inputs"][0]["tables"])
+    assert tables.read_table("images").num_rows == 4
+
+    images = tables.read_shard("images", "files-00000").to_pylist()  # chelsea, coffee
+    images[0].update(status="error", error_reason="generate_failed", mask_count=None)
+    masks = [m for m in tables.read_shard("masks", "files-00000").to_pylist() if m["image_id"] != images[0]["image_id"]]
+    marker = tables.marker("files-00000")
+    tables.write_shard(Shard("files-00000", "files", tuple(marker["members"]), marker["root"]), masks, images)
+    shutil.copy(f"{SAMPLE_IMAGES}/scene_00001.png", photos / "scene_00001.png")
+    seen = []
+    third = run_build(spec, run=lambda config: seen.append(sorted(tables.shard_ids())) or local_run(config),
+                      retry_failed=True)
+    assert seen == [["files-00000", "files-00001", "files-00002"]]  # the preview removed no marker
+    assert third.new_shards == {str(photos): ["files-00000", "files-00003"]}
+    assert tables.shard_ids() == ["files-00000", "files-00001", "files-00002", "files-00003"]
+    assert tables.read_table("images").column("status").to_pylist() == ["ok"] * 5
 
 
 def test_build_refuses_changed_settings(tmp_path):
