@@ -87,6 +87,9 @@ def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]
     shards: List[Shard] = []
     for group, (uris, root) in groups.items():
         new = [u for u in uris if u not in done]
+        recorded = {m["root"] for i, m in markers.items() if _group(i) == group and m.get("root")}
+        if len(recorded) == 1 and all(u.startswith(next(iter(recorded)) + "/") for u in new):
+            root = recorded.pop()  # name new files as the completed ones were (a glob's common folder may move)
         ids = (i for i in (f"{group}-{n:05d}" for n in itertools.count()) if i not in markers)
         shards += [_digested(Shard(next(ids), "files", tuple(new[i : i + images_per_shard]), root), digest)
                    for i in range(0, len(new), images_per_shard)]

@@ -6,8 +6,9 @@
   named ``<manifest stem>-00000``.
 
 An image's name in its shard (its ``image_id`` is ``<shard>/<name>``) is its path under the
-input's common folder (``cam1/0001.jpg``; the file name for a flat folder) or its path inside
-its tar, so that two files with one file name in different folders stay two images.
+input folder (``cam1/0001.jpg``; the file name for a flat folder; for a glob or a manifest, under
+the deepest folder its files share) or its path inside its tar, so that two files with one file
+name in different folders stay two images.
 """
 
 from __future__ import annotations
@@ -55,6 +56,17 @@ def common_root(uris: Sequence[str]) -> str:
             break
         common.append(parts[0])
     return "/".join(common)
+
+
+def naming_root(input_uri: str, uris: Sequence[str], storage_options: Optional[Mapping[str, Any]] = None) -> str:
+    """The folder the images of ``input_uri`` (its files ``uris``) are named under: the input
+    folder itself, so that names stay as the folder gains subfolders (a bucket holding only
+    ``2026-11-24/`` names its images ``2026-11-24/a.jpg``, as it will once ``2026-11-25/``
+    arrives); for a glob or a single file, the deepest folder common to ``uris``."""
+    fs, path = filesystem(input_uri, storage_options)
+    if not any(c in path for c in "*?[") and fs.isdir(path):
+        return _full_uri(fs, path.rstrip("/"))
+    return common_root(uris)
 
 
 def filesystem(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Tuple[Any, str]:
@@ -119,7 +131,7 @@ def discover_shards(
     tars = [u for u in uris if u.endswith(TAR_EXTENSIONS)]
     others = [u for u in uris if not u.endswith(TAR_EXTENSIONS)]
     shards = [Shard(_tar_stem(posixpath.basename(u)), "tar", (u,)) for u in tars]
-    root = common_root(others)
+    root = naming_root(input_uri, others, storage_options)
     for i in range(0, len(others), images_per_shard):
         members = tuple(others[i : i + images_per_shard])
         shards.append(Shard(f"files-{i // images_per_shard:05d}", "files", members, root))

@@ -22,7 +22,7 @@ from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
 from .decode import DEFAULT_MAX_PIXELS
 from .export import export_stems
 from .reading import decoded_images
-from .shards import Shard, common_root, filesystem, list_files
+from .shards import Shard, filesystem, list_files, naming_root
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def run_single_machine(
     out_fs, out_path = filesystem(output_uri)
     out_fs.makedirs(out_path, exist_ok=True)
     uris = list_files(input_uri, output_uri=output_uri)
-    files = Shard("files", "files", tuple(uris), common_root(uris))  # names: paths under the input
+    files = Shard("files", "files", tuple(uris), naming_root(input_uri, uris))  # names: paths under the input
     stems = export_stems([files.name_of(u) for u in uris])  # cam1/0001.jpg -> cam1/0001.json
     for image_id, (row, image) in enumerate(decoded_images(files, None, max_pixels)):
         if image is None:

@@ -443,6 +443,27 @@ def test_images_are_named_by_their_path_so_one_file_name_in_two_folders_stays_tw
     with pytest.raises(ValueError, match=r"lists 1 uri\(s\) more than once"):
         discover_shards(str(manifest))
 
+    # Names stay as the input grows: a folder names its images under itself even while it holds
+    # one subfolder (they were named under that subfolder, and renamed once a second arrived);
+    # a manifest's new shards keep the folder its completed ones were named under where they can.
+    days = tmp_path / "days"
+    (days / "2026-11-24").mkdir(parents=True)
+    (days / "2026-11-24" / "a.jpg").write_bytes(b"x")
+    cfg = PipelineConfig(input_uri=str(days), output_uri=str(tmp_path / "days-out"), amg=dict(AMG))
+    (first,) = pending_shards(cfg)
+    assert first.name_of(first.uris[0]) == "2026-11-24/a.jpg"
+    cfg.output().write_shard(first, [], [])
+    (days / "2026-11-25").mkdir()
+    (days / "2026-11-25" / "b.jpg").write_bytes(b"x")
+    (second,) = pending_shards(cfg)
+    assert second.name_of(second.uris[0]) == "2026-11-25/b.jpg"
+    manifest.write_text(f"uri\n{inputs}/cam1/0001.jpg\n{inputs}/top.jpg\n")  # named under {inputs}
+    listed = replace(cfg, input_uri=str(manifest), output_uri=str(tmp_path / "listed-out"))
+    listed.output().write_shard(pending_shards(listed)[0], [], [])
+    manifest.write_text(f"uri\n{inputs}/cam1/0001.jpg\n{inputs}/cam1/0002.jpg\n")  # top.jpg gone
+    (added,) = pending_shards(listed)
+    assert [added.name_of(u) for u in added.uris] == ["cam1/0002.jpg"]  # not "0002.jpg"
+
     # In a tar: the member's path; a name met twice is recorded, not given the first one's id.
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
