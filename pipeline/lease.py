@@ -6,7 +6,8 @@ two writers of one masks file leave it corrupt, under a marker that says it is c
 ``--overwrite`` run would delete the other's shards as it writes them. So a run takes the output's
 lease before it looks at what is pending (and before ``--overwrite`` clears anything):
 
-    <output>/_lease.json   {"run_id", "host", "pid", "started", "renewed" (unix seconds)}
+    <output>/_lease.json   {"run_id", "host", "pid", "pid_start" (see process_start), "started",
+                            "renewed" (unix seconds)}
 
 The holder renews it every ``RENEW_S`` seconds and removes it at the end, whatever the outcome. A
 lease whose run has ended without removing it (its driver was killed) is taken over with a
