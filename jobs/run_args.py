@@ -46,7 +46,7 @@ def run_config_args(args: argparse.Namespace) -> Dict[str, Any]:
 def print_run_end(summary: RunSummary, output: str) -> None:
     """The run's summary, whether ``--retry-failed`` may recover some of its errors, and where the tables are."""
     print(summary)
-    retriable = Counter(e["reason"] for e in summary.errors if e["reason"] in RETRIED_REASONS)
+    retriable = Counter({r: n for r, n in summary.reason_counts().items() if r in RETRIED_REASONS})
     if retriable:
         print(f"{sum(retriable.values())} image(s) failed for reasons another try may not meet "
               f"({', '.join(f'{r} {n}' for r, n in sorted(retriable.items()))}): --retry-failed redoes their shards")

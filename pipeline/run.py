@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow.compute as pc
@@ -12,7 +13,7 @@ import pyarrow.compute as pc
 from .config import PipelineConfig
 from .output import OutputDir
 from .shards import Shard, discover_shards
-from .single_machine import RunSummary
+from .single_machine import MAX_ERROR_LINES, RunSummary
 from .reading import decode_shards
 from .resuming import select_pending
 from .stages import ModelStage, PostprocessStage, ShardCollector
@@ -107,17 +108,34 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
 
 
 def summarize_tables(output: OutputDir) -> RunSummary:
-    """Counts over the images table of an output folder (images ok/error, masks, every error),
-    read shard by shard and only the columns counted, so memory grows with the errors only."""
+    """Counts of an output folder (images ok/error, masks, errors by reason) from its shards'
+    markers, and the first ``MAX_ERROR_LINES`` errors (uri, reason, detail) from the images tables
+    of the first shards holding any: one listing and one concurrent read of the markers, not a
+    read of every table (on an object store, ~40 ms each: an hour for 100k shards, at the end of
+    every run). A marker of an earlier version without counts is counted from its table."""
     summary = RunSummary()
-    for shard_id in output.shard_ids():
+    reasons: Counter = Counter()
+    for shard_id, done in sorted(output.markers().items()):
+        counted = all(k in done for k in ("images", "masks", "errors"))
+        if counted:
+            failed = sum(done["errors"].values())
+            summary.images_ok += done["images"] - failed
+            summary.images_error += failed
+            summary.masks += done["masks"]
+            reasons.update(done["errors"])
+            if failed == 0 or len(summary.errors) >= MAX_ERROR_LINES:
+                continue
         images = output.read_shard("images", shard_id, ["uri", "status", "mask_count", "error_reason", "error_detail"])
         ok = pc.equal(images.column("status"), "ok")
         errors = images.filter(pc.invert(ok))
-        summary.images_ok += int(pc.sum(ok).as_py() or 0)
-        summary.images_error += errors.num_rows
-        summary.masks += int(pc.sum(images.column("mask_count")).as_py() or 0)
+        if not counted:
+            summary.images_ok += int(pc.sum(ok).as_py() or 0)
+            summary.images_error += errors.num_rows
+            summary.masks += int(pc.sum(images.column("mask_count")).as_py() or 0)
+            reasons.update(str(r) for r in errors.column("error_reason").to_pylist())
+        room = max(MAX_ERROR_LINES - len(summary.errors), 0)
         summary.errors += [{"uri": u, "reason": r, "detail": d} for u, r, d in zip(
-            errors.column("uri").to_pylist(), errors.column("error_reason").to_pylist(),
-            errors.column("error_detail").to_pylist())]
+            errors.column("uri").to_pylist()[:room], errors.column("error_reason").to_pylist()[:room],
+            errors.column("error_detail").to_pylist()[:room])]
+    summary.error_reasons = dict(reasons)
     return summary

@@ -36,7 +36,9 @@ class RunSummary:
     images_error: int = 0
     masks: int = 0
     seconds: float = 0.0
-    errors: List[Dict[str, str]] = field(default_factory=list)  # {"uri", "reason", "detail"}
+    errors: List[Dict[str, str]] = field(default_factory=list)  # {"uri", "reason", "detail"} (see error_reasons)
+    error_reasons: Dict[str, int] = field(default_factory=dict)  # every error counted by reason, where
+    # errors lists only the first MAX_ERROR_LINES (a pipeline output's summary); empty: count errors
     stage_seconds: Dict[str, float] = field(default_factory=dict)  # summed worker time per stage
     shards_processed: int = 0  # shards done by this run (the rest were already complete)
     images_processed: Optional[int] = None  # images done by this run, if not all of them
@@ -45,6 +47,10 @@ class RunSummary:
     def images_per_second(self) -> float:
         done = self.images_ok + self.images_error if self.images_processed is None else self.images_processed
         return done / self.seconds if self.seconds else 0.0
+
+    def reason_counts(self) -> Counter:
+        """Errors by reason: ``error_reasons`` if given, else counted from ``errors``."""
+        return Counter(self.error_reasons) if self.error_reasons else Counter(e["reason"] for e in self.errors)
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(asdict(self), images_per_second=self.images_per_second)
@@ -57,13 +63,15 @@ class RunSummary:
         if self.stage_seconds:
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
             lines.append(f"shards processed this run: {self.shards_processed}; worker time: {stages}")
-        if self.errors:
-            reasons = Counter(e["reason"] for e in self.errors)
+        reasons = self.reason_counts()
+        if reasons:
             lines.append("errors by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=str)))
-        lines += [f"  error {e['uri']}: {e['reason']} ({e['detail']})" for e in self.errors[:MAX_ERROR_LINES]]
-        if len(self.errors) > MAX_ERROR_LINES:
-            lines.append(f"  ... and {len(self.errors) - MAX_ERROR_LINES} more: every error is a row of the images "
-                         "table (status 'error', with its uri, error_reason and error_detail)")
+        shown = self.errors[:MAX_ERROR_LINES]
+        lines += [f"  error {e['uri']}: {e['reason']} ({e['detail']})" for e in shown]
+        more = max(sum(reasons.values()), len(self.errors)) - len(shown)
+        if more > 0:
+            lines.append(f"  ... and {more} more: every error is a row of the images table (status 'error', "
+                         "with its uri, error_reason and error_detail)")
         return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from dataclasses import replace
 
 import pyarrow as pa
@@ -1024,6 +1025,45 @@ def test_a_summary_lists_the_first_errors_and_counts_them_all():
     assert "  ... and 5 more: every error is a row of the images table" in text
     few = str(RunSummary(images_ok=1, images_error=1, errors=errors[:1]))
     assert few.endswith("errors by reason: unreadable 1\n  error s3://b/000.jpg: unreadable (d)")
+
+
+def test_the_summary_of_an_output_comes_from_its_markers(tmp_path, monkeypatch):
+    """A run's closing summary counts images, masks and errors by reason from the markers and
+    reads images tables only for its first error lines (it read every shard's table at the end
+    of every run: an hour on an object store for 100k shards); a marker without counts (an
+    earlier version's) is counted from its table."""
+    from pipeline.run import summarize_tables
+    from pipeline.single_machine import MAX_ERROR_LINES
+
+    out = OutputDir(str(tmp_path / "out"))
+    for i in range(30):
+        shard = Shard(f"files-{i:05d}", "files", tuple(f"{i}-{k}.jpg" for k in range(3)))
+        rows = [dict(image_id=f"{shard.shard_id}/{u}", uri=u, shard=shard.shard_id, status="ok", mask_count=2)
+                for u in shard.uris]
+        for row in rows[: i % 3]:  # 0, 1 or 2 errors
+            row.update(status="error", mask_count=None, error_reason="corrupt" if i % 2 else "unreadable",
+                       error_detail=f"bad {row['uri']}")
+        masks = [mask_row(r["image_id"], k) for r in rows if r["status"] == "ok" for k in range(2)]
+        out.write_shard(shard, masks, rows)
+    legacy = {k: v for k, v in out.marker("files-00029").items() if k not in ("images", "masks", "errors")}
+    (tmp_path / "out" / "_done" / "files-00029.json").write_text(json.dumps(legacy))
+    images = out.read_table("images").to_pylist()
+    errors = [r for r in images if r["status"] != "ok"]
+    read, original = [], OutputDir.read_shard
+
+    def counting(self, name, shard_id, columns=None):
+        read.append(shard_id)
+        return original(self, name, shard_id, columns)
+
+    monkeypatch.setattr(OutputDir, "read_shard", counting)
+    summary = summarize_tables(out)
+    assert (summary.images_ok, summary.images_error) == (len(images) - len(errors), len(errors)) == (60, 30)
+    assert summary.masks == 2 * 60
+    assert summary.error_reasons == dict(Counter(r["error_reason"] for r in errors))
+    assert summary.errors == [{"uri": r["uri"], "reason": r["error_reason"], "detail": r["error_detail"]}
+                              for r in errors][:MAX_ERROR_LINES]
+    assert read == [f"files-{i:05d}" for i in range(29) if i % 3][:14] + ["files-00029"]  # 20 lines, then legacy
+    assert f"... and {30 - MAX_ERROR_LINES} more" in str(summary)
 
 
 def test_generate_job_says_when_retry_failed_may_help(tmp_path, monkeypatch, capsys):
