@@ -1,42 +1,57 @@
 """Exports of the Parquet tables: SA-1B per-image JSON files, SA-1B-style tar shards (jpg + json)
 and COCO instance-segmentation JSON.
 
-Each reads one completed shard at a time, so memory stays bounded by the largest shard.
+``sa1b-json`` and ``sa1b-tar`` export shard by shard, ``workers`` shards at a time (threads: the
+work is mostly object-store reads and writes), and are resumable and incremental. Each exported
+shard gets a marker ``<dest>/.export/<shard>.json``, written last (hidden, so a folder of
+exported tars stays a valid input folder); it records the tables' marker it was made from and
+the ids it used. A run exports the shards without a marker, and those whose tables changed since
+(``jobs.generate --retry-failed`` redid them); the rest are left as they are. Image and
+annotation ids follow shard and file order on a first export; shards exported later get ids after
+the highest ever given, so ids already handed out are never given to another image or mask.
+
+``coco`` is one file, rewritten whole each time, streamed: memory holds one shard's rows (and
+the shards read ahead), not the whole dataset.
+
+Memory per shard being exported: its images rows and one image's masks (mask rows are read in
+batches), so an SA-1B tar of ~11k images and ~1M masks is never held whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import posixpath
 import tarfile
-from collections import Counter, defaultdict
-from itertools import groupby
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
+import pyarrow.compute as pc
 from PIL import Image
 
-from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
+from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 
 from .decode import decode_image
-from .output import OutputDir
-from .shards import filesystem, read_source
+from .output import READ_WORKERS, OutputDir
+from .shards import TAR_EXTENSIONS, _iter_tar, _read_with_retries, filesystem
 
+log = logging.getLogger(__name__)
+
+FORMATS = ("sa1b-json", "sa1b-tar", "coco")
+EXPORT_MARKERS = ".export"  # <dest>/.export/<shard>.json, per exported shard
 EXIF_ORIENTATION = 0x0112
 COCO_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
+PROGRESS_EVERY_S = 10.0
+MAX_FAILURE_LINES = 20
 
 
-def images_with_masks(tables: OutputDir) -> Iterator[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
-    """(image row, its mask rows in mask_id order) for every ok image, in shard and file order."""
-    for shard_id in tables.shard_ids():
-        by_image: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
-        for row in tables.read_shard("masks", shard_id).to_pylist():
-            by_image[row["image_id"]].append(row)
-        for image in tables.read_shard("images", shard_id).to_pylist():
-            if image["status"] == "ok":
-                yield image, sorted(by_image.get(image["image_id"], []), key=lambda r: r["mask_id"])
-
+# -- one shard's rows --------------------------------------------------------------------------
 
 def _record(row: Dict[str, Any]) -> Dict[str, Any]:
     """A masks-table row as a generator record (COCO RLE segmentation)."""
@@ -47,6 +62,43 @@ def _record(row: Dict[str, Any]) -> Dict[str, Any]:
         "point_coords": [] if row["point_coords"] is None else [row["point_coords"]],  # none: a box prompt
         "crop_box": row["crop_box"],
     }
+
+
+def ok_images(tables: OutputDir, shard_id: str) -> List[Dict[str, Any]]:
+    """The shard's ok images rows, in file order."""
+    return [r for r in tables.read_shard("images", shard_id).to_pylist() if r["status"] == "ok"]
+
+
+def shard_images_with_masks(tables: OutputDir, shard_id: str, images: Sequence[Dict[str, Any]],
+                            masks_file: Optional[bytes] = None) -> Iterator[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
+    """(image row, its mask rows in mask_id order) for each of ``images`` (the shard's ok rows,
+    in file order). The masks file (``masks_file`` if read already) is decoded in batches; its
+    rows come grouped by image in file order, as the run writes them. A mask row of an image not
+    in ``images`` (or out of that order), or an image whose ``mask_count`` its rows do not match,
+    raises ``ValueError``: an export never drops a mask without a word."""
+    rows = tables.iter_masks(shard_id, masks_file)
+    pending = next(rows, None)
+    for image in images:
+        masks = []
+        while pending is not None and pending["image_id"] == image["image_id"]:
+            masks.append(pending)
+            pending = next(rows, None)
+        if len(masks) != (image["mask_count"] or 0):
+            raise ValueError(f"Shard {shard_id}: image {image['image_id']} has {image['mask_count']} masks in the "
+                             f"images table but {len(masks)} rows in the masks table (in file order).")
+        yield image, sorted(masks, key=lambda r: r["mask_id"])
+    if pending is not None:
+        raise ValueError(f"Shard {shard_id}: the masks table has rows of {pending['image_id']!r}, which is not an ok "
+                         "image of the shard (or its rows are out of file order).")
+
+
+def images_with_masks(tables: OutputDir, shard_ids: Optional[Sequence[str]] = None,
+                      workers: int = READ_WORKERS) -> Iterator[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
+    """(image row, its mask rows in mask_id order) for every ok image of the completed shards
+    (or ``shard_ids``), in shard and file order, ``workers`` shards read ahead."""
+    read = lambda s: (ok_images(tables, s), tables.masks_file(s))  # noqa: E731
+    for shard_id, (images, masks_file) in tables.each_shard(read, shard_ids, workers):
+        yield from shard_images_with_masks(tables, shard_id, images, masks_file)
 
 
 def export_stems(names: Sequence[str]) -> Dict[str, str]:
@@ -63,74 +115,141 @@ def export_stems(names: Sequence[str]) -> Dict[str, str]:
             stems[n] = n
 
 
-def sa1b_documents(tables: OutputDir) -> Iterator[Tuple[Dict[str, Any], str, Dict[str, Any]]]:
-    """(image row, file stem, SA-1B document) per ok image; the stem is unique within the
-    image's shard (:func:`export_stems`). Image and annotation ids are numbered in shard and file
-    order, annotation ids unique across the whole export."""
-    next_ann, image_id = 0, 0
-    for _, shard_images in groupby(images_with_masks(tables), key=lambda pair: pair[0]["shard"]):
-        shard_images = list(shard_images)
-        names = [image["image_id"].split("/", 1)[1] for image, _ in shard_images]
-        stems = export_stems(names)
-        for name, (image, masks) in zip(names, shard_images):
-            doc = sa1b_document(image_id, name, image["width"], image["height"], [_record(m) for m in masks],
-                                first_annotation_id=next_ann)
-            next_ann += len(masks)
-            image_id += 1
-            yield image, stems[name], doc
+# -- plan: which shards, which ids -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardExport:
+    """One shard to export: the digest of its tables marker and the ids it gets (its ok images
+    are numbered from ``first_image``, their masks from ``first_annotation``; ``*_slots`` ids are
+    reserved for it, at least its counts)."""
+
+    shard_id: str
+    source: str
+    first_image: int
+    images: int
+    image_slots: int
+    first_annotation: int
+    annotations: int
+    annotation_slots: int
 
 
-def _tables(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]]) -> OutputDir:
-    """The run's tables, after checking that both they and the destination can be opened (a
-    mistyped path or a missing filesystem package fails before anything is read)."""
-    filesystem(dest_uri, storage_options)
-    return OutputDir.of_run(tables_uri, storage_options)
+def _digest(marker: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(marker, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def export_sa1b_json(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> int:
-    """Write ``<dest>/<shard>/<image stem>.json`` per ok image (the stem keeps the image's folders
-    within its input: ``cam1/0001.json``). Returns the number of files written."""
-    written = 0
-    for image, stem, doc in sa1b_documents(_tables(tables_uri, dest_uri, storage_options)):
-        write_sa1b_json(posixpath.join(dest_uri, image["shard"], stem + ".json"), doc, storage_options)
-        written += 1
-    return written
+def _ok_counts(tables: OutputDir, shard_id: str, marker: Mapping[str, Any]) -> Tuple[int, int]:
+    """(ok images, masks) of a completed shard: from its marker, or its images table for a marker
+    of an earlier version without counts."""
+    if all(k in marker for k in ("images", "masks", "errors")):
+        return marker["images"] - sum(marker["errors"].values()), marker["masks"]
+    images = tables.read_shard("images", shard_id, ["status", "mask_count"])
+    ok = images.filter(pc.equal(images.column("status"), "ok"))
+    return ok.num_rows, int(pc.sum(ok.column("mask_count")).as_py() or 0)
 
 
-def export_sa1b_tar(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> int:
-    """Write ``<dest>/<shard>.tar`` per shard with ``<stem>.jpg`` + ``<stem>.json`` pairs, as SA-1B's
-    shards. JPEG sources are copied byte for byte unless EXIF rotates them; other formats (and
-    rotated JPEGs) are written as the decoded, upright pixels at quality 95, so the masks always
-    match the pixels. Returns the number of images written."""
+class ExportDest:
+    """The destination of an export and its per-shard markers."""
+
+    def __init__(self, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> None:
+        self.uri = dest_uri.rstrip("/")
+        self.fs, self.path = filesystem(self.uri, storage_options)
+        self.storage_options = dict(storage_options or {})
+
+    def _marker_path(self, shard_id: str) -> str:
+        return posixpath.join(self.path, EXPORT_MARKERS, f"{shard_id}.json")
+
+    def markers(self) -> Dict[str, Dict[str, Any]]:
+        """The exported shards' markers by shard id (one listing, one concurrent read)."""
+        paths = self.fs.glob(posixpath.join(self.path, EXPORT_MARKERS, "*.json"))
+        blobs = self.fs.cat(sorted(paths)) if paths else {}
+        return {posixpath.basename(p)[: -len(".json")]: json.loads(data) for p, data in blobs.items()}
+
+    def mark(self, plan: ShardExport, fmt: str, tables_uri: str, files: Sequence[str]) -> None:
+        marker = {"format": fmt, "tables": tables_uri, **asdict(plan), "files": list(files)}
+        self.fs.makedirs(posixpath.dirname(self._marker_path(plan.shard_id)), exist_ok=True)
+        self.fs.pipe_file(self._marker_path(plan.shard_id), json.dumps(marker).encode())
+
+    def unmark(self, shard_id: str) -> None:
+        if self.fs.exists(self._marker_path(shard_id)):
+            self.fs.rm(self._marker_path(shard_id))
+
+    def clear_markers(self) -> None:
+        if self.fs.exists(posixpath.join(self.path, EXPORT_MARKERS)):
+            self.fs.rm(posixpath.join(self.path, EXPORT_MARKERS), recursive=True)
+
+    def full_path(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+
+def plan_export(tables: OutputDir, dest: ExportDest, fmt: str, tables_uri: str,
+                overwrite: bool = False) -> Tuple[List[ShardExport], Dict[str, Dict[str, Any]], int]:
+    """(shards to export, the dest's markers of earlier exports, shards left as they are).
+
+    A shard is left when its export marker was made from the same tables marker. A changed shard
+    keeps its ids if its counts fit the ids reserved for it, else it gets new ones after the
+    highest reserved. A destination holding another format's export, or an export of other tables,
+    raises ``ValueError`` (``overwrite`` starts the destination's numbering afresh instead)."""
+    done = {} if overwrite else dest.markers()
+    for shard_id, m in sorted(done.items()):
+        if m.get("format") != fmt or m.get("tables") != tables_uri:
+            raise ValueError(
+                f"{dest.uri!r} holds a {m.get('format')} export of {m.get('tables')!r} (shard {shard_id}); this is "
+                f"a {fmt} export of {tables_uri!r}. Export into another --dest, or re-run with --overwrite to "
+                "replace that export.")
+    next_image = max((m["first_image"] + m["image_slots"] for m in done.values()), default=0)
+    next_annotation = max((m["first_annotation"] + m["annotation_slots"] for m in done.values()), default=0)
+    todo, unchanged = [], 0
+    for shard_id, marker in sorted(tables.markers().items()):
+        source, prev = _digest(marker), done.get(shard_id)
+        if prev is not None and prev["source"] == source:
+            unchanged += 1
+            continue
+        images, annotations = _ok_counts(tables, shard_id, marker)
+        if prev is not None and images <= prev["image_slots"] and annotations <= prev["annotation_slots"]:
+            ids = (prev["first_image"], images, prev["image_slots"], prev["first_annotation"], annotations,
+                   prev["annotation_slots"])
+        else:
+            ids = (next_image, images, images, next_annotation, annotations, annotations)
+            next_image, next_annotation = next_image + images, next_annotation + annotations
+        todo.append(ShardExport(shard_id, source, *ids))
+    return todo, done, unchanged
+
+
+# -- sources for the tars ----------------------------------------------------------------------
+
+def _tar_of(uri: str) -> Optional[str]:
+    """The tar of an images-table ``uri`` of a tar member (``<tar uri>#<member>``), else None."""
+    if "#" in uri and uri.split("#", 1)[0].endswith(TAR_EXTENSIONS):
+        return uri.split("#", 1)[0]
+    return None
+
+
+def iter_sources(uris: Sequence[str], storage_options: Optional[Mapping[str, Any]] = None) -> Iterator[bytes]:
+    """The bytes of each images-table ``uri``, in order: a file in one read (with the run's
+    retries), the members of a tar from one pass over it (a shard's members come in tar order),
+    not a pass from the start per member. A source that is gone or unreadable raises ``OSError``
+    naming it."""
     opts = dict(storage_options or {})
-    written = 0
-    tables = _tables(tables_uri, dest_uri, storage_options)
-    tar, tar_shard, handle = None, None, None
-    try:
-        for image, stem, doc in sa1b_documents(tables):
-            if image["shard"] != tar_shard:
-                if tar is not None:
-                    tar.close()
-                    handle.close()
-                tar_shard = image["shard"]
-                handle = fsspec.open(posixpath.join(dest_uri, f"{tar_shard}.tar"), "wb", auto_mkdir=True,
-                                     **opts).open()
-                tar = tarfile.open(fileobj=handle, mode="w")
-            doc["image"]["file_name"] = f"{stem}.jpg"
-            _add(tar, f"{stem}.jpg", _upright_jpeg(read_source(image["uri"], storage_options)))
-            _add(tar, f"{stem}.json", json.dumps(doc).encode())
-            written += 1
-    finally:
-        if tar is not None:
-            tar.close()
-            handle.close()
-    return written
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+    tar_uri, members = None, iter(())
+    for uri in uris:
+        tar = _tar_of(uri)
+        if tar is None:
+            data, error = _read_with_retries(uri, opts)
+            if error is not None:
+                raise OSError(f"source image {uri} could not be read: {error}")
+            yield data
+            continue
+        if tar != tar_uri:
+            tar_uri, members = tar, _iter_tar(tar, opts)
+        for _, member_uri, data, error in members:
+            if error is not None:
+                raise OSError(f"source tar {tar} could not be read: {error}")
+            if member_uri == uri:
+                yield data
+                break
+        else:
+            raise OSError(f"source image {uri} is not in {tar} (after the shard's members before it): the tar "
+                          "changed since the run")
 
 
 def _upright_jpeg(data: bytes) -> bytes:
@@ -142,24 +261,225 @@ def _upright_jpeg(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def export_coco(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, int]:
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+# -- one shard ---------------------------------------------------------------------------------
+
+def _documents(tables: OutputDir, plan: ShardExport, images: Sequence[Dict[str, Any]],
+               ) -> Iterator[Tuple[Dict[str, Any], str, Dict[str, Any]]]:
+    """(image row, file stem, SA-1B document) per ok image of the planned shard (``images``: its
+    ok rows, :func:`ok_images`), with the plan's ids."""
+    if len(images) != plan.images:
+        raise ValueError(f"Shard {plan.shard_id}: its marker counts {plan.images} ok images, its images table "
+                         f"{len(images)}.")
+    stems = export_stems([image["image_id"].split("/", 1)[1] for image in images])
+    image_id, annotation_id = plan.first_image, plan.first_annotation
+    for image, masks in shard_images_with_masks(tables, plan.shard_id, images):  # to its end: it checks the rest
+        name = image["image_id"].split("/", 1)[1]
+        doc = sa1b_document(image_id, name, image["width"], image["height"], [_record(m) for m in masks],
+                            first_annotation_id=annotation_id)
+        image_id, annotation_id = image_id + 1, annotation_id + len(masks)
+        yield image, stems[name], doc
+    if annotation_id - plan.first_annotation != plan.annotations:
+        raise ValueError(f"Shard {plan.shard_id}: its marker counts {plan.annotations} masks, its tables "
+                         f"{annotation_id - plan.first_annotation}.")
+
+
+def _export_json_shard(tables: OutputDir, plan: ShardExport, dest: ExportDest,
+                       previous: Optional[Mapping[str, Any]]) -> List[str]:
+    """Write ``<dest>/<shard>/<stem>.json`` per ok image; remove files of an earlier export of
+    the shard that this one does not write (an image that failed this time, a stem that changed).
+    Returns the files written, relative to ``<dest>/<shard>``."""
+    files = []
+    for _, stem, doc in _documents(tables, plan, ok_images(tables, plan.shard_id)):
+        validate_sa1b(doc)
+        files.append(f"{stem}.json")
+        path = dest.full_path(plan.shard_id, files[-1])
+        dest.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        dest.fs.pipe_file(path, json.dumps(doc).encode())  # one C-encoded string (json.dump: ~10x slower)
+    stale = sorted(set((previous or {}).get("files", [])) - set(files))
+    if stale:
+        dest.fs.rm([dest.full_path(plan.shard_id, name) for name in stale])
+    return files
+
+
+def _export_tar_shard(tables: OutputDir, plan: ShardExport, dest: ExportDest,
+                      previous: Optional[Mapping[str, Any]]) -> List[str]:
+    """Write ``<dest>/<shard>.tar`` with ``<stem>.jpg`` + ``<stem>.json`` per ok image, as SA-1B's
+    shards (an empty tar for a shard without ok images). JPEG sources are copied byte for byte
+    unless EXIF rotates them; other formats (and rotated JPEGs) are written as the decoded,
+    upright pixels at quality 95, so the masks always match the pixels. Returns the tar's name."""
+    images = ok_images(tables, plan.shard_id)
+    name = f"{plan.shard_id}.tar"
+    dest.fs.makedirs(dest.path, exist_ok=True)
+    try:
+        with dest.fs.open(dest.full_path(name), "wb") as handle, tarfile.open(fileobj=handle, mode="w") as tar:
+            sources = iter_sources([image["uri"] for image in images], dest.storage_options)
+            for (image, stem, doc), data in zip(_documents(tables, plan, images), sources):
+                doc["image"]["file_name"] = f"{stem}.jpg"
+                validate_sa1b(doc)
+                _add(tar, f"{stem}.jpg", _upright_jpeg(data))
+                _add(tar, f"{stem}.json", json.dumps(doc).encode())
+    except BaseException:  # closing the file above stored what was written: remove the partial tar
+        if dest.fs.exists(dest.full_path(name)):
+            dest.fs.rm(dest.full_path(name))
+        raise
+    return [name]
+
+
+SHARD_EXPORTERS = {"sa1b-json": _export_json_shard, "sa1b-tar": _export_tar_shard}
+
+
+# -- whole exports -----------------------------------------------------------------------------
+
+@dataclass
+class ExportSummary:
+    """What an export did: shards exported, left as they were (unchanged since their last
+    export) and failed (shard -> error; every other shard was still exported)."""
+
+    format: str
+    dest: str
+    shards_exported: int = 0
+    shards_unchanged: int = 0
+    images: int = 0
+    annotations: int = 0
+    failed: Dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        what = {"sa1b-json": "SA-1B JSON files", "sa1b-tar": "images in SA-1B tar shards",
+                "coco": "images in one COCO file"}[self.format]
+        lines = [f"wrote {self.images} {what} ({self.annotations} masks) under {self.dest}: "
+                 f"{self.shards_exported} shards exported, {self.shards_unchanged} unchanged since they were "
+                 f"exported, {len(self.failed)} failed, {self.seconds:.1f} s"]
+        for shard_id, error in sorted(self.failed.items())[:MAX_FAILURE_LINES]:
+            lines.append(f"  failed: {shard_id}: {error}")
+        if len(self.failed) > MAX_FAILURE_LINES:
+            lines.append(f"  ... and {len(self.failed) - MAX_FAILURE_LINES} more failed shards")
+        if self.failed:
+            lines.append("  a failed shard has no export marker: running the export again retries it")
+        return "\n".join(lines)
+
+
+def _tables(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]]) -> OutputDir:
+    """The run's tables, after checking that both they and the destination can be opened (a
+    mistyped path or a missing filesystem package fails before anything is read)."""
+    filesystem(dest_uri, storage_options)
+    return OutputDir.of_run(tables_uri, storage_options)
+
+
+def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Optional[Mapping[str, Any]] = None,
+                  workers: int = READ_WORKERS, overwrite: bool = False) -> ExportSummary:
+    """Export a run's tables as ``sa1b-json`` (``<dest>/<shard>/<stem>.json`` per ok image, the
+    stem keeping the image's folders within its input: ``cam1/0001.json``) or ``sa1b-tar``
+    (``<dest>/<shard>.tar``), ``workers`` shards at a time, only the shards not yet exported or
+    changed since (see the module docstring). A shard that fails (a source image gone, tables
+    that disagree with their marker) is recorded in the summary and the others go on."""
+    if fmt not in SHARD_EXPORTERS:
+        raise ValueError(f"Unknown shard export format {fmt!r}; expected one of {sorted(SHARD_EXPORTERS)}.")
+    start = time.monotonic()
+    tables = _tables(tables_uri, dest_uri, storage_options)
+    dest = ExportDest(dest_uri, storage_options)
+    if overwrite:
+        dest.clear_markers()
+    todo, previous, unchanged = plan_export(tables, dest, fmt, tables.uri)
+    summary = ExportSummary(fmt, dest.uri, shards_unchanged=unchanged)
+    export = SHARD_EXPORTERS[fmt]
+
+    def one(plan: ShardExport) -> ShardExport:
+        dest.unmark(plan.shard_id)  # a run stopped while this shard is rewritten leaves it to be redone
+        files = export(tables, plan, dest, previous.get(plan.shard_id))
+        dest.mark(plan, fmt, tables.uri, files)
+        return plan
+
+    last_log = time.monotonic()
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="export") as pool:
+        futures = {pool.submit(one, plan): plan for plan in todo}
+        for future in as_completed(futures):
+            plan = futures[future]
+            try:
+                future.result()
+            except Exception as e:
+                summary.failed[plan.shard_id] = f"{type(e).__name__}: {e}"
+                log.warning("Export of shard %s failed: %s: %s", plan.shard_id, type(e).__name__, e)
+                continue
+            summary.shards_exported += 1
+            summary.images += plan.images
+            summary.annotations += plan.annotations
+            if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+                last_log = time.monotonic()
+                log.info("exported %d of %d shards (%d images), %.1f images/s", summary.shards_exported, len(todo),
+                         summary.images, summary.images / (last_log - start))
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def export_sa1b_json(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+                     workers: int = READ_WORKERS, overwrite: bool = False) -> ExportSummary:
+    """:func:`export_shards` as SA-1B JSON files."""
+    return export_shards(tables_uri, dest_uri, "sa1b-json", storage_options, workers, overwrite)
+
+
+def export_sa1b_tar(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+                    workers: int = READ_WORKERS, overwrite: bool = False) -> ExportSummary:
+    """:func:`export_shards` as SA-1B tar shards."""
+    return export_shards(tables_uri, dest_uri, "sa1b-tar", storage_options, workers, overwrite)
+
+
+def export_coco(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+                workers: int = READ_WORKERS) -> ExportSummary:
     """One COCO instance-segmentation JSON (class-agnostic: every mask is category 1, "object"),
     loadable by ``pycocotools.coco.COCO`` and usable as results in ``COCOeval`` (``score`` =
-    predicted IoU). Returns counts of images and annotations."""
+    predicted IoU). Streamed: the images are written from a first pass over the images tables,
+    the annotations from a second over both tables, shard by shard (``workers`` read ahead), so
+    memory holds a few shards' rows, not the whole dataset. Image and annotation ids count from 1
+    in shard and file order."""
+    start = time.monotonic()
     tables = _tables(tables_uri, dest_uri, storage_options)
-    images, annotations = [], []
-    for image_id, (image, masks) in enumerate(images_with_masks(tables), start=1):
-        images.append({"id": image_id, "file_name": image["image_id"], "width": image["width"],
-                       "height": image["height"], "source_uri": image["uri"]})
-        for m in masks:
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": COCO_CATEGORY["id"],
-                "segmentation": {"size": [m["height"], m["width"]], "counts": m["counts"]},
-                "area": m["area"], "bbox": m["bbox"], "iscrowd": 0, "score": m["predicted_iou"],
-                "predicted_iou": m["predicted_iou"], "stability_score": m["stability_score"],
-            })
-    doc = {"info": {"description": "SAM automatic masks", "source_tables": tables_uri},
-           "images": images, "annotations": annotations, "categories": [COCO_CATEGORY]}
-    with fsspec.open(dest_uri, "w", **dict(storage_options or {})) as f:
-        json.dump(doc, f)
-    return {"images": len(images), "annotations": len(annotations)}
+    shard_ids = tables.shard_ids()
+    summary = ExportSummary("coco", dest_uri)
+    fs, path = filesystem(dest_uri, storage_options)
+    try:
+        image_id, annotation_id = _write_coco(tables, tables_uri, shard_ids, fs, path, workers)
+    except BaseException:  # closing the file stored what was written: remove the partial file
+        if fs.exists(path):
+            fs.rm(path)
+        raise
+    summary.shards_exported, summary.images, summary.annotations = len(shard_ids), image_id, annotation_id
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def _write_coco(tables: OutputDir, tables_uri: str, shard_ids: Sequence[str], fs: Any, path: str,
+                workers: int) -> Tuple[int, int]:
+    """:func:`export_coco`'s file; returns (images, annotations)."""
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write('{"info": ' + json.dumps({"description": "SAM automatic masks", "source_tables": tables_uri}))
+        f.write(', "images": [')
+        image_id = 0
+        for _, images in tables.each_shard(lambda s: ok_images(tables, s), shard_ids, workers):
+            for image in images:
+                image_id += 1
+                f.write((", " if image_id > 1 else "") + json.dumps({
+                    "id": image_id, "file_name": image["image_id"], "width": image["width"],
+                    "height": image["height"], "source_uri": image["uri"]}))
+        f.write('], "annotations": [')
+        image_id, annotation_id = 0, 0
+        for image, masks in images_with_masks(tables, shard_ids, workers):
+            image_id += 1
+            for m in masks:
+                annotation_id += 1
+                f.write((", " if annotation_id > 1 else "") + json.dumps({
+                    "id": annotation_id, "image_id": image_id, "category_id": COCO_CATEGORY["id"],
+                    "segmentation": {"size": [m["height"], m["width"]], "counts": m["counts"]},
+                    "area": m["area"], "bbox": m["bbox"], "iscrowd": 0, "score": m["predicted_iou"],
+                    "predicted_iou": m["predicted_iou"], "stability_score": m["stability_score"]}))
+        f.write('], "categories": ' + json.dumps([COCO_CATEGORY]) + "}")
+    return image_id, annotation_id

@@ -15,6 +15,7 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -39,6 +40,11 @@ def overlay(image: np.ndarray, masks: Sequence[Dict[str, Any]], seed: int = 0) -
     return out.round().astype(np.uint8)
 
 
+def _ok_ids(tables: OutputDir, shard_id: str) -> List[str]:
+    images = tables.read_shard("images", shard_id, ["image_id", "status"])
+    return images.filter(pc.equal(images.column("status"), "ok")).column("image_id").to_pylist()
+
+
 def _file_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id) + ".png"
 
@@ -51,15 +57,18 @@ def render_gallery(tables_uri: str, dest: str, image_ids: Optional[Sequence[str]
     Raises ValueError naming any requested id that is not an ok image of the tables.
     """
     tables = OutputDir.of_run(tables_uri, storage_options)
-    available = {image["image_id"]: (image, masks) for image, masks in images_with_masks(tables)}
+    ok = [i for _, ids in tables.each_shard(lambda s: _ok_ids(tables, s)) for i in ids]  # ids only: no masks yet
     if image_ids:
-        missing = [i for i in image_ids if i not in available]
+        known = set(ok)
+        missing = [i for i in image_ids if i not in known]
         if missing:
-            raise ValueError(f"Not ok images of {tables_uri}: {missing}; e.g. {sorted(available)[:3]}.")
+            raise ValueError(f"Not ok images of {tables_uri}: {missing}; e.g. {ok[:3]}.")
         chosen = list(image_ids)
     else:
-        chosen = sorted(available)
-        chosen = sorted(random.Random(seed).sample(chosen, min(sample, len(chosen))))
+        chosen = sorted(random.Random(seed).sample(sorted(ok), min(sample, len(ok))))
+    wanted = set(chosen)
+    available = {image["image_id"]: (image, masks) for image, masks in images_with_masks(
+        tables, sorted({i.split("/", 1)[0] for i in chosen})) if image["image_id"] in wanted}
     fs, root = filesystem(dest, storage_options)
     fs.makedirs(posixpath.join(root, "img"), exist_ok=True)
     figures = []

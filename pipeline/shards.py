@@ -94,13 +94,16 @@ def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = No
                output_uri: Optional[str] = None) -> List[str]:
     """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs.
 
-    Hidden files are skipped; anything else is returned, so that a file that is not an image is
-    reported as such rather than silently ignored. Files under ``output_uri`` (a run's output
+    Hidden files and folders (names starting with ".") under a folder are skipped; anything else
+    is returned, so that a file that is not an image is reported as such rather than silently
+    ignored. Files under ``output_uri`` (a run's output
     folder, when it lies inside its input) are the run's own tables, not inputs: left out.
     """
     fs, path = filesystem(input_uri, storage_options)
     if fs.isdir(path):
-        paths = [p for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
+        base = path.rstrip("/") + "/"
+        paths = [p for p in fs.find(path)  # hidden files and everything in hidden folders (.git, .export)
+                 if not any(part.startswith(".") for part in p[len(base):].split("/"))]
     else:
         paths = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
     uris = [_full_uri(fs, p) for p in sorted(paths)]

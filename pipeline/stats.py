@@ -28,8 +28,8 @@ def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = 
     images: ok/error counts, error reasons, width/height and masks-per-image distributions;
     masks: count, and distributions of area, area as a fraction of the image, predicted IoU and
     stability score; the model and settings identifiers found (a mixed folder shows several).
-    Read shard by shard, only the columns used (not the masks' RLE strings); per mask, three
-    float64 values and the area fraction are held for the quantiles.
+    Read shard by shard (a few read ahead in threads), only the columns used (not the masks' RLE
+    strings); per mask, three float64 values and the area fraction are held for the quantiles.
     """
     out = OutputDir.of_run(tables_uri, storage_options)
     shard_ids = out.shard_ids()
@@ -38,17 +38,20 @@ def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = 
     hashes: Counter = Counter()
     ok_sizes, mask_columns, fractions = [], [], []  # numpy parts per shard
     total = 0
-    for shard_id in shard_ids:  # one shard at a time, without the masks' counts strings
-        images = out.read_shard("images", shard_id, ["image_id", "status", "error_reason", "width", "height",
-                                                     "mask_count"]).to_pydict()
+
+    def read(shard_id: str):  # both tables of a shard, without the masks' counts strings
+        return (out.read_shard("images", shard_id, ["image_id", "status", "error_reason", "width", "height",
+                                                    "mask_count"]).to_pydict(),
+                out.read_shard("masks", shard_id, ["image_id", "area", "predicted_iou", "stability_score", "model",
+                                                   "settings_hash"]).to_pydict())
+
+    for _, (images, masks) in out.each_shard(read, shard_ids):  # a few shards read ahead, in order
         ok = [status == "ok" for status in images["status"]]
         total += len(ok)
         reasons.update(r for r, good in zip(images["error_reason"], ok) if not good)
         ok_sizes.append(np.array([(w, h, n) for w, h, n, good in zip(
             images["width"], images["height"], images["mask_count"], ok) if good], dtype=np.float64).reshape(-1, 3))
         image_area = {i: (w or 0) * (h or 0) for i, w, h in zip(images["image_id"], images["width"], images["height"])}
-        masks = out.read_shard("masks", shard_id, ["image_id", "area", "predicted_iou", "stability_score", "model",
-                                                   "settings_hash"]).to_pydict()
         mask_columns.append(np.array([masks["area"], masks["predicted_iou"], masks["stability_score"]],
                                      dtype=np.float64).reshape(3, -1))
         fractions.append(np.array([a / image_area[i] for a, i in zip(masks["area"], masks["image_id"])

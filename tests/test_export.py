@@ -47,6 +47,11 @@ def tables(tmp_path_factory):
     return root / "out"
 
 
+def exported_json(dest):
+    """The SA-1B JSON files of an export (not its .export/ markers)."""
+    return [p for p in dest.rglob("*.json") if ".export" not in p.parts]
+
+
 def table_masks(tables):
     rows = OutputDir(str(tables)).read_table("masks").to_pylist()
     out = {}
@@ -61,7 +66,7 @@ def test_sa1b_json_export_round_trips(tables, tmp_path, capsys):
     assert export_main(["--tables", str(tables), "--format", "sa1b-json", "--dest", str(dest)]) == 0
     assert "wrote 2 SA-1B JSON files" in capsys.readouterr().out
     expected = table_masks(tables)
-    docs = {f"{p.parent.name}/{p.stem}.jpg": read_sa1b_json(str(p)) for p in dest.glob("*/*.json")}
+    docs = {f"{p.parent.name}/{p.stem}.jpg": read_sa1b_json(str(p)) for p in exported_json(dest)}
     assert sorted(docs) == sorted(expected)
     ann_ids = []
     for image_id, doc in docs.items():
@@ -231,7 +236,7 @@ def test_one_file_name_in_two_folders_stays_two_images_through_export(tmp_path, 
     dest = tmp_path / "sa1b"
     assert export_main(["--tables", cfg.output_uri, "--format", "sa1b-json", "--dest", str(dest)]) == 0
     assert "wrote 3 SA-1B JSON files" in capsys.readouterr().out
-    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*.json"))
+    files = sorted(str(p.relative_to(dest)) for p in exported_json(dest))
     assert files == ["files-00000/cam1/0001.jpg.json", "files-00000/cam1/0001.png.json", "files-00000/cam2/0001.json"]
     assert read_sa1b_json(str(dest / files[2]))["image"]["file_name"] == "cam2/0001.jpg"
 
@@ -247,3 +252,185 @@ def test_export_stems_are_unique_within_a_shard():
     # "a.jpg.png" would take the stem "a.jpg", which "a.jpg" keeps as its whole name: both keep theirs
     stems = export_stems(["a.jpg", "a.png", "a.jpg.png"])
     assert stems == {"a.jpg": "a.jpg", "a.png": "a.png", "a.jpg.png": "a.jpg.png"}
+
+
+# -- exports at scale: one pass per source tar, resumable, incremental, failures recorded -----
+
+def synthetic_shard(out, shard_id, names, masks_per_image=2, uris=None, errors=()):
+    """A completed shard of ``names`` (ok, ``masks_per_image`` box masks each, except ``errors``)
+    written straight into ``out``; returns its mask rows."""
+    from pipeline.shards import Shard
+
+    uris = list(uris or [f"/src/{shard_id}/{n}" for n in names])
+    images, rows = [], []
+    for k, (name, uri) in enumerate(zip(names, uris)):
+        image_id = f"{shard_id}/{name}"
+        if name in errors:
+            images.append(dict(image_id=image_id, uri=uri, shard=shard_id, status="error", error_reason="corrupt",
+                               error_detail="bad bytes", mask_count=0))
+            continue
+        for j in range(masks_per_image):
+            m = np.zeros((30, 40), np.uint8, order="F")
+            m[j : j + 5 + k, 3 : 9 + j] = 1
+            rle = mask_utils.encode(m)
+            rows.append(dict(image_id=image_id, mask_id=j, counts=rle["counts"].decode(), height=30, width=40,
+                             area=int(m.sum()), bbox=[3.0, float(j), 6.0 + j, 5.0 + k], predicted_iou=0.9,
+                             stability_score=0.95, point_coords=[4.0, 5.0], crop_box=[0.0, 0.0, 40.0, 30.0],
+                             model="tiny:x", settings_hash="h"))
+        images.append(dict(image_id=image_id, uri=uri, shard=shard_id, width=40, height=30,
+                           mask_count=masks_per_image, status="ok"))
+    out.write_shard(Shard(shard_id, "files", tuple(uris), "/src"), rows, images)
+    return rows
+
+
+def export_ids(dest):
+    """{file: (image id, [annotation ids])} of an SA-1B JSON export."""
+    return {str(p.relative_to(dest)): (d["image"]["image_id"], [a["id"] for a in d["annotations"]])
+            for p in exported_json(dest) for d in [read_sa1b_json(str(p))]}
+
+
+def test_sa1b_json_export_resumes_and_grows_without_changing_ids(tmp_path, capsys):
+    """A second export does nothing; shards added to the tables since are exported alone with
+    ids after every id given before; a shard redone by the run (its marker changed) is exported
+    again with its ids, and the file of an image that is no longer ok is removed."""
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    synthetic_shard(out, "files-00000", ["a.jpg", "b.jpg"])
+    synthetic_shard(out, "files-00002", ["e.jpg"], masks_per_image=3)
+    dest = tmp_path / "sa1b"
+    args = ["--tables", str(tmp_path / "out"), "--format", "sa1b-json", "--dest", str(dest)]
+    assert export_main(args) == 0
+    first = export_ids(dest)
+    assert first == {"files-00000/a.json": (0, [0, 1]), "files-00000/b.json": (1, [2, 3]),
+                     "files-00002/e.json": (2, [4, 5, 6])}
+    stamps = {p: p.stat().st_mtime_ns for p in exported_json(dest)}
+    capsys.readouterr()
+    assert export_main(args) == 0
+    assert "0 shards exported, 2 unchanged" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in exported_json(dest)} == stamps  # nothing rewritten
+
+    synthetic_shard(out, "files-00001", ["c.jpg", "d.jpg"])  # grew in the gap (sorted before files-00002)
+    assert export_main(args) == 0
+    assert "1 shards exported, 2 unchanged" in capsys.readouterr().out
+    grown = export_ids(dest)
+    assert {k: v for k, v in grown.items() if k in first} == first
+    assert grown["files-00001/c.json"] == (3, [7, 8]) and grown["files-00001/d.json"] == (4, [9, 10])
+
+    synthetic_shard(out, "files-00000", ["a.jpg", "b.jpg"], errors={"b.jpg"})  # redone: b failed this time
+    assert export_main(args) == 0
+    assert "1 shards exported, 2 unchanged" in capsys.readouterr().out
+    redone = export_ids(dest)
+    assert "files-00000/b.json" not in redone and redone["files-00000/a.json"] == first["files-00000/a.json"]
+    assert {k: v for k, v in redone.items() if k != "files-00000/a.json"} == {
+        k: v for k, v in grown.items() if not k.startswith("files-00000/")}
+
+    # Another format into the same folder is refused; --overwrite numbers afresh in shard order.
+    assert export_main(["--tables", str(tmp_path / "out"), "--format", "sa1b-tar", "--dest", str(dest)]) == 2
+    assert "holds a sa1b-json export" in capsys.readouterr().err
+    assert export_main(args + ["--overwrite"]) == 0
+    assert export_ids(dest) == {"files-00000/a.json": (0, [0, 1]), "files-00001/c.json": (1, [2, 3]),
+                                "files-00001/d.json": (2, [4, 5]), "files-00002/e.json": (3, [6, 7, 8])}
+
+
+def test_sa1b_tar_export_reads_each_source_tar_once(tmp_path, monkeypatch):
+    """The images of a tar input are copied from one pass over their tar, not one pass from its
+    start per image (quadratic: an SA-1B tar of ~11k images would be read ~5k times over)."""
+    import fsspec
+
+    import pipeline.shards
+
+    src = tmp_path / "sa_000001.tar"
+    names = [f"sa_{i}.jpg" for i in range(6)]
+    blobs = {}
+    with tarfile.open(src, "w") as tar:
+        for i, name in enumerate(names):
+            buf = io.BytesIO()
+            from PIL import Image
+
+            Image.fromarray(np.full((30, 40, 3), 40 * i, np.uint8)).save(buf, format="JPEG")
+            blobs[name] = buf.getvalue()
+            info = tarfile.TarInfo(name)
+            info.size = len(blobs[name])
+            tar.addfile(info, io.BytesIO(blobs[name]))
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    synthetic_shard(out, "sa_000001", names, uris=[f"{src}#{n}" for n in names], errors={"sa_2.jpg"})
+    opened = []
+    real_open = fsspec.open
+    monkeypatch.setattr(pipeline.shards.fsspec, "open", lambda uri, *a, **k: opened.append(uri) or real_open(uri, *a, **k))
+    dest = tmp_path / "tars"
+    assert export_main(["--tables", str(tmp_path / "out"), "--format", "sa1b-tar", "--dest", str(dest)]) == 0
+    assert opened == [str(src)]
+    with tarfile.open(dest / "sa_000001.tar") as tar:
+        got = {n: tar.extractfile(n).read() for n in tar.getnames() if n.endswith(".jpg")}
+    assert got == {n: blobs[n] for n in names if n != "sa_2.jpg"}  # byte for byte, the error row left out
+
+
+def test_export_records_a_failed_shard_and_goes_on(tmp_path, capsys):
+    """A source image gone since the run fails its shard's tar (no partial tar, no marker) with
+    the reason in the summary and rc 1; the other shards are exported; once the image is back,
+    the next export does that shard alone."""
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate(["a.jpg", "b.jpg", "c.jpg"]):
+        Image.fromarray(np.full((30, 40, 3), 50 * i, np.uint8)).save(src / name)
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    synthetic_shard(out, "files-00000", ["a.jpg", "b.jpg"], uris=[str(src / "a.jpg"), str(src / "b.jpg")])
+    synthetic_shard(out, "files-00001", ["c.jpg"], uris=[str(src / "c.jpg")])
+    (src / "b.jpg").rename(tmp_path / "b.jpg")
+    dest = tmp_path / "tars"
+    args = ["--tables", str(tmp_path / "out"), "--format", "sa1b-tar", "--dest", str(dest)]
+    assert export_main(args) == 1
+    text = capsys.readouterr().out
+    assert "1 shards exported, 0 unchanged since they were exported, 1 failed" in text
+    assert f"failed: files-00000: OSError: source image {src / 'b.jpg'} could not be read: FileNotFoundError" in text
+    assert sorted(p.name for p in dest.iterdir()) == [".export", "files-00001.tar"]
+    assert sorted(p.name for p in (dest / ".export").iterdir()) == ["files-00001.json"]
+    (tmp_path / "b.jpg").rename(src / "b.jpg")
+    assert export_main(args) == 0
+    assert "1 shards exported, 1 unchanged" in capsys.readouterr().out
+    with tarfile.open(dest / "files-00000.tar") as tar:
+        assert tar.getnames() == ["a.jpg", "a.json", "b.jpg", "b.json"]
+
+
+def test_export_refuses_tables_that_disagree_with_themselves(tmp_path, capsys):
+    """Mask rows of an image the images table does not list as ok would be dropped by an export
+    that walks the images: the shard fails, naming the image, instead."""
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    rows = synthetic_shard(out, "files-00000", ["a.jpg", "b.jpg"])
+    images = out.read_shard("images", "files-00000").to_pylist()
+    from pipeline.shards import Shard
+
+    out.write_shard(Shard("files-00000", "files", ("/src/a.jpg", "/src/b.jpg"), "/src"), rows + [
+        dict(rows[0], image_id="files-00000/ghost.jpg")], images)
+    assert export_main(["--tables", str(tmp_path / "out"), "--format", "sa1b-json", "--dest", str(tmp_path / "j")]) == 1
+    assert "'files-00000/ghost.jpg', which is not an ok image of the shard" in capsys.readouterr().out
+
+
+def test_coco_export_streams_every_shard(tmp_path):
+    """COCO ids count from 1 across shards in shard and file order, every mask once."""
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    expected = []
+    for i in range(5):
+        expected += synthetic_shard(out, f"files-{i:05d}", [f"{i}a.jpg", f"{i}b.jpg", f"{i}c.jpg"],
+                                    masks_per_image=i, errors={f"{i}b.jpg"})
+    dest = tmp_path / "coco.json"
+    assert export_main(["--tables", str(tmp_path / "out"), "--format", "coco", "--dest", str(dest),
+                        "--workers", "2"]) == 0
+    doc = json.loads(dest.read_text())
+    assert [img["file_name"] for img in doc["images"]] == [f"files-{i:05d}/{i}{c}.jpg" for i in range(5) for c in "ac"]
+    assert [img["id"] for img in doc["images"]] == list(range(1, 11))
+    assert [a["id"] for a in doc["annotations"]] == list(range(1, len(expected) + 1))
+    by_id = {img["id"]: img["file_name"] for img in doc["images"]}
+    assert [(by_id[a["image_id"]], a["segmentation"]["counts"]) for a in doc["annotations"]] == [
+        (r["image_id"], r["counts"]) for r in expected]
+
+
+def test_hidden_folders_are_not_inputs(tmp_path):
+    """An export's .export/ markers (or a .git folder) inside an input folder are not images."""
+    from pipeline.shards import list_files
+
+    for rel in ("a.jpg", ".b.jpg", "sub/c.jpg", ".export/files-00000.json", "sub/.git/x"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert list_files(str(tmp_path)) == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "c.jpg")]

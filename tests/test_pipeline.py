@@ -635,10 +635,15 @@ def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
     assert run_pipeline(cfg).shards_processed == 0
 
     # Exports to the same store use its endpoint (sa1b-json wrote to the default AWS one before).
-    assert export_sa1b_json("s3://outbucket/run1", "s3://outbucket/sa1b", opts) == 2
-    docs = sorted(fs.find("outbucket/sa1b"))
+    assert export_sa1b_json("s3://outbucket/run1", "s3://outbucket/sa1b", opts).images == 2
+    files = sorted(fs.find("outbucket/sa1b"))
+    docs = [f for f in files if "/.export/" not in f]
     assert len(docs) == 2 and all(d.endswith(".json") for d in docs)
+    shard_ids = OutputDir("s3://outbucket/run1", opts).shard_ids()
+    assert [f for f in files if "/.export/" in f] == [f"outbucket/sa1b/.export/{s}.json" for s in shard_ids]
     assert len(read_sa1b_json(f"s3://{docs[0]}", opts)["annotations"]) > 0
+    again = export_sa1b_json("s3://outbucket/run1", "s3://outbucket/sa1b", opts)  # resumes: nothing left
+    assert (again.shards_exported, again.shards_unchanged) == (0, len(shard_ids))
 
 
 def test_shard_writer_streams_to_s3(s3_server):
