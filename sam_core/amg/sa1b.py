@@ -58,7 +58,7 @@ def write_sa1b_json(path: str, document: Dict[str, Any], storage_options: Option
     """Write a document to a local path or fsspec URI (``storage_options`` for its filesystem)."""
     validate_sa1b(document)
     with fsspec.open(path, "w", **dict(storage_options or {})) as f:
-        json.dump(document, f)
+        f.write(json.dumps(document))  # one C-encoded string; json.dump writes token by token, ~10x slower
 
 
 def read_sa1b_json(path: str, storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
