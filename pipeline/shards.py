@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import posixpath
 import tarfile
+import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -281,11 +282,46 @@ def _tar_error(given: int, member: Optional[str], error: BaseException, what: st
     return f"tar {what}: {given} image(s) read, then {where}: {type(error).__name__}: {error}"
 
 
+_TAR_INDEXES: "OrderedDict[str, Dict[str, Tuple[int, int]]]" = OrderedDict()  # tar uri -> member -> (offset, size)
+TAR_INDEXES_KEPT = 16
+_TAR_INDEXES_LOCK = threading.Lock()
+
+
+def tar_index(tar_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Tuple[int, int]]:
+    """{member name: (offset of its data, size)} of an uncompressed tar, from one scan of its
+    headers (the data in between is seeked over), kept for the last ``TAR_INDEXES_KEPT`` tars. A
+    name that repeats maps to its first member, the one the run took (later ones are
+    ``duplicate_name`` rows)."""
+    with _TAR_INDEXES_LOCK:
+        if tar_uri in _TAR_INDEXES:
+            _TAR_INDEXES.move_to_end(tar_uri)
+            return _TAR_INDEXES[tar_uri]
+    index: Dict[str, Tuple[int, int]] = {}
+    with fsspec.open(tar_uri, "rb", **dict(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for m in tar:
+            if m.isfile():
+                index.setdefault(m.name, (m.offset_data, m.size))
+    with _TAR_INDEXES_LOCK:
+        _TAR_INDEXES[tar_uri] = index
+        while len(_TAR_INDEXES) > TAR_INDEXES_KEPT:
+            _TAR_INDEXES.popitem(last=False)
+    return index
+
+
 def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> bytes:
-    """Bytes of an images-table ``uri``: a file, or ``<tar uri>#<member>``."""
+    """Bytes of an images-table ``uri``: a file, or ``<tar uri>#<member>``. A member of an
+    uncompressed tar is read at its offset (:func:`tar_index`: one scan of the tar's headers,
+    then one ranged read per image, not a pass from the tar's start per image); a gzipped tar
+    has no offsets, so it is read from its start up to the member."""
     opts = dict(storage_options or {})
     if "#" in uri and uri.split("#", 1)[0].endswith(TAR_EXTENSIONS):
         tar_uri, member = uri.split("#", 1)
+        if tar_uri.endswith(".tar"):
+            if member not in tar_index(tar_uri, opts):
+                raise FileNotFoundError(f"{member} not in {tar_uri}")
+            offset, size = tar_index(tar_uri, opts)[member]
+            fs, path = filesystem(tar_uri, opts)
+            return fs.cat_file(path, start=offset, end=offset + size)  # one ranged read, no read-ahead
         with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for m in tar:
                 if m.name == member:

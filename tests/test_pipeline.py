@@ -646,6 +646,46 @@ def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
     assert (again.shards_exported, again.shards_unchanged) == (0, len(shard_ids))
 
 
+def test_tar_members_are_read_at_their_offsets(s3_server, tmp_path, monkeypatch):
+    """``read_source`` of a tar member (the renderer's and the fine-tuning reader's random access)
+    scans the tar's headers once and then reads each member at its offset, locally and on S3,
+    instead of a pass from the tar's start per member; the first of a repeated name is the one
+    the run took; a gzipped tar, without offsets, is still read; a missing member is named."""
+    import boto3
+    import fsspec
+
+    import pipeline.shards
+    from pipeline.shards import read_source
+
+    members = [("a.jpg", b"A" * 700), ("b.jpg", b"B" * 1500), ("a.jpg", b"second a"), ("c/d.jpg", b"D" * 10)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "t.tar").write_bytes(buf.getvalue())
+    (tmp_path / "t.tar.gz").write_bytes(gzip.compress(buf.getvalue()))
+    client = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    client.create_bucket(Bucket="tarbucket")
+    client.put_object(Bucket="tarbucket", Key="sa_1.tar", Body=buf.getvalue())
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_server,
+                                                                      "region_name": "us-east-1"}}
+    opened = []
+    real_open = fsspec.open
+    monkeypatch.setattr(pipeline.shards.fsspec, "open", lambda uri, *a, **k: opened.append(uri) or real_open(uri, *a, **k))
+    expected = {"c/d.jpg": b"D" * 10, "b.jpg": b"B" * 1500, "a.jpg": b"A" * 700}  # the first a.jpg
+    for tar_uri, o in [(str(tmp_path / "t.tar"), {}), ("s3://tarbucket/sa_1.tar", opts)]:
+        opened.clear()
+        assert {name: read_source(f"{tar_uri}#{name}", o) for name in expected} == expected
+        assert opened == [tar_uri]  # the header scan; members then come from ranged reads
+        with pytest.raises(FileNotFoundError, match="nope.jpg not in"):
+            read_source(f"{tar_uri}#nope.jpg", o)
+    gz = str(tmp_path / "t.tar.gz")
+    assert {name: read_source(f"{gz}#{name}") for name in expected} == expected
+
+
 def test_shard_writer_streams_to_s3(s3_server):
     """Row groups streamed to an S3 object (written when closed), read back; abort leaves nothing."""
     import boto3
