@@ -351,11 +351,13 @@ class ExportSummary:
     seconds: float = 0.0
 
     def __str__(self) -> str:
-        what = {"sa1b-json": "SA-1B JSON files", "sa1b-tar": "images in SA-1B tar shards",
-                "coco": "images in one COCO file"}[self.format]
+        if self.format == "coco":
+            return (f"wrote {self.dest}: {self.images} images, {self.annotations} annotations from "
+                    f"{self.shards_exported} shards, {self.seconds:.1f} s")
+        what = {"sa1b-json": "SA-1B JSON files", "sa1b-tar": "images in SA-1B tar shards"}[self.format]
         lines = [f"wrote {self.images} {what} ({self.annotations} masks) under {self.dest}: "
-                 f"{self.shards_exported} shards exported, {self.shards_unchanged} unchanged since they were "
-                 f"exported, {len(self.failed)} failed, {self.seconds:.1f} s"]
+                 f"{self.shards_exported} shards exported, {self.shards_unchanged} unchanged since an earlier "
+                 f"export, {len(self.failed)} failed, {self.seconds:.1f} s"]
         for shard_id, error in sorted(self.failed.items())[:MAX_FAILURE_LINES]:
             lines.append(f"  failed: {shard_id}: {error}")
         if len(self.failed) > MAX_FAILURE_LINES:

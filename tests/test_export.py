@@ -382,7 +382,7 @@ def test_export_records_a_failed_shard_and_goes_on(tmp_path, capsys):
     args = ["--tables", str(tmp_path / "out"), "--format", "sa1b-tar", "--dest", str(dest)]
     assert export_main(args) == 1
     text = capsys.readouterr().out
-    assert "1 shards exported, 0 unchanged since they were exported, 1 failed" in text
+    assert "1 shards exported, 0 unchanged since an earlier export, 1 failed" in text
     assert f"failed: files-00000: OSError: source image {src / 'b.jpg'} could not be read: FileNotFoundError" in text
     assert sorted(p.name for p in dest.iterdir()) == [".export", "files-00001.tar"]
     assert sorted(p.name for p in (dest / ".export").iterdir()) == ["files-00001.json"]
