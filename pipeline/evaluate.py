@@ -71,15 +71,35 @@ def load_predictions(path: str, storage_options: Optional[Mapping[str, Any]] = N
         return {uri: {"status": "ok", "reason": None, "height": g["height"], "width": g["width"],
                       "masks": g["objects"]} for uri, g in zip(uris, gt)}
     tables = OutputDir.of_run(path, storage_options)  # a folder without completed shards is an error
+    preds = predicted_images(tables)
+    attach_masks(tables, preds, list(preds))
+    return preds
+
+
+def predicted_images(tables: OutputDir) -> Dict[str, Dict[str, Any]]:
+    """:func:`load_predictions` of tables without the masks (``masks: []``; see :func:`attach_masks`),
+    from the images tables only."""
     out: Dict[str, Dict[str, Any]] = {}
-    for shard_id in tables.shard_ids():
-        masks = defaultdict(list)
-        for row in tables.read_shard("masks", shard_id).to_pylist():
-            masks[row["image_id"]].append({"size": [row["height"], row["width"]], "counts": row["counts"].encode()})
-        for img in tables.read_shard("images", shard_id).to_pylist():
+    columns = ["image_id", "uri", "shard", "status", "error_reason", "height", "width"]
+    for _, images in tables.each_shard(lambda s: tables.read_shard("images", s, columns).to_pylist()):
+        for img in images:
             out[img["uri"]] = {"status": img["status"], "reason": img["error_reason"], "height": img["height"],
-                               "width": img["width"], "masks": masks.get(img["image_id"], [])}
+                               "width": img["width"], "masks": [], "image_id": img["image_id"], "shard": img["shard"]}
     return out
+
+
+def attach_masks(tables: OutputDir, preds: Mapping[str, Dict[str, Any]], uris: Sequence[str]) -> None:
+    """Fill in the masks of the ok images ``uris`` of ``preds`` (:func:`predicted_images`), reading
+    the masks tables of their shards only: an output of millions of images is not read whole to
+    score the images a ground truth covers."""
+    by_id = {preds[u]["image_id"]: preds[u] for u in uris if preds[u]["status"] == "ok"}
+    shards = sorted({p["shard"] for p in by_id.values()})
+    read = lambda s: tables.read_shard("masks", s, ["image_id", "height", "width", "counts"]).to_pylist()  # noqa: E731
+    for _, rows in tables.each_shard(read, shards):
+        for row in rows:
+            if row["image_id"] in by_id:
+                by_id[row["image_id"]]["masks"].append({"size": [row["height"], row["width"]],
+                                                        "counts": row["counts"].encode()})
 
 
 def match_image(gt: Sequence[Dict[str, Any]], pred: Sequence[Dict[str, Any]]) -> Tuple[np.ndarray, int]:
@@ -112,15 +132,18 @@ def _find(file_name: str, predictions: Mapping[str, Dict[str, Any]], by_base: Ma
 def evaluate(ground_truth: str, predictions: str, storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The report described in the module docstring, as a JSON-ready dict."""
     gt_images, crowd = load_ground_truth(ground_truth, storage_options)
-    preds = load_predictions(predictions, storage_options)
+    tables = None if predictions.endswith(".json") else OutputDir.of_run(predictions, storage_options)
+    preds = load_predictions(predictions, storage_options) if tables is None else predicted_images(tables)
     by_base: Dict[str, List[str]] = defaultdict(list)
     for uri in preds:
         by_base[posixpath.basename(uri)].append(uri)
+    found = [_find(img["file_name"], preds, by_base) for img in gt_images]
+    if tables is not None:  # the masks of the images the ground truth covers, and only theirs
+        attach_masks(tables, preds, [u for u in found if u])
     ious, areas, missing = [], [], []
     n_pred = n_pred_good = 0
     used = set()
-    for img in gt_images:
-        uri = _find(img["file_name"], preds, by_base)
+    for img, uri in zip(gt_images, found):
         p = preds.get(uri) if uri else None
         if p is not None and p["status"] == "ok" and (p["height"], p["width"]) != (img["height"], img["width"]):
             raise EvaluationError(f"{img['file_name']}: ground truth is {img['width']}x{img['height']}, "

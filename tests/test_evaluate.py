@@ -167,3 +167,24 @@ def test_a_ground_truth_file_missing_what_names_an_image_or_object_says_so(scene
         gt.write_text(json.dumps(content))
         assert evaluate_main(["--ground-truth", str(gt), "--predictions", pred]) == 2
         assert says in capsys.readouterr().err
+
+
+def test_only_the_masks_of_ground_truth_images_are_read(scenes, tmp_path, monkeypatch):
+    """Scoring a few hundred ground-truth images against an output of millions reads the images
+    tables and the masks tables of the shards that hold those images, not every mask."""
+    folder, doc = scenes
+    pred = _tables_from(tmp_path / "pred", doc, lambda m: m)
+    out = OutputDir(pred)
+    for k in (1, 2):  # shards of images the ground truth does not cover
+        shard_id = f"files-0000{k}"
+        rows = [dict(image_id=f"{shard_id}/other.png", uri=f"/data/other/{k}.png", shard=shard_id, width=9, height=9,
+                     mask_count=0, status="ok")]
+        out.write_shard(Shard(shard_id, "files", (rows[0]["uri"],)), [], rows)
+    reads = []
+    real = OutputDir.read_shard
+    monkeypatch.setattr(OutputDir, "read_shard", lambda self, name, s, *a, **k: reads.append((name, s)) or real(
+        self, name, s, *a, **k))
+    report = evaluate(str(tmp_path / "scenes.json"), pred)
+    assert report["miou"] == 1.0 and report["predicted_masks"] == len(doc["annotations"])
+    assert report["predicted_images_not_in_ground_truth"] == 2
+    assert sorted(s for name, s in reads if name == "masks") == ["files-00000"]
