@@ -3,6 +3,7 @@
     python -m jobs.export --tables out/demo --format sa1b-json --dest out/demo-sa1b
     python -m jobs.export --tables out/demo --format sa1b-tar --dest out/demo-tars
     python -m jobs.export --tables out/demo --format coco --dest out/demo-coco.json
+    ray job submit --working-dir . -- python -m jobs.export --ray --tables s3://b/masks --format sa1b-tar --dest s3://b/sa1b
 
 sa1b-json and sa1b-tar export only the shards not exported yet (or whose tables changed since):
 run again after the output grew, or after an export was stopped, and it goes on from there.
@@ -26,22 +27,29 @@ def main(argv=None) -> int:
                     help="sa1b-json: one SA-1B JSON per image under --dest; sa1b-tar: one tar of jpg+json "
                          "pairs per shard under --dest; coco: one COCO JSON file --dest")
     ap.add_argument("--dest", required=True, help="destination folder (sa1b-json, sa1b-tar) or file (coco)")
-    ap.add_argument("--workers", type=int, default=READ_WORKERS,
-                    help=f"shards exported (or read ahead, for coco) at once, in threads (default {READ_WORKERS})")
+    ap.add_argument("--workers", type=int, default=None,
+                    help=f"shards exported (or read ahead, for coco) at once: threads of this process (default "
+                         f"{READ_WORKERS}), or Ray tasks with --ray (default: the cluster's CPUs)")
+    ap.add_argument("--ray", action="store_true",
+                    help="sa1b-json/sa1b-tar: export the shards as Ray tasks over the cluster this job runs in (or "
+                         "a local Ray): one CPU each, so the JSON encoding and image copying use every node")
     ap.add_argument("--overwrite", action="store_true",
                     help="sa1b-json/sa1b-tar: export every shard again and number ids afresh, instead of only "
                          "the shards not exported yet (or changed since)")
     ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs")
     args = ap.parse_args(argv)
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         ap.error(f"--workers must be >= 1, got {args.workers}")
+    if args.ray and args.format == "coco":
+        ap.error("--ray exports shards in parallel; a coco export is one file, written by this process")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
     try:  # tables that are not a run's output, or a destination that cannot be opened: say which
         if args.format == "coco":
-            summary = export_coco(args.tables, args.dest, storage, args.workers)
+            summary = export_coco(args.tables, args.dest, storage, args.workers or READ_WORKERS)
         else:
-            summary = export_shards(args.tables, args.dest, args.format, storage, args.workers, args.overwrite)
+            summary = export_shards(args.tables, args.dest, args.format, storage, args.workers, args.overwrite,
+                                    on_ray=args.ray)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -375,12 +375,15 @@ def _tables(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[st
 
 
 def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Optional[Mapping[str, Any]] = None,
-                  workers: int = READ_WORKERS, overwrite: bool = False) -> ExportSummary:
+                  workers: Optional[int] = None, overwrite: bool = False, on_ray: bool = False) -> ExportSummary:
     """Export a run's tables as ``sa1b-json`` (``<dest>/<shard>/<stem>.json`` per ok image, the
     stem keeping the image's folders within its input: ``cam1/0001.json``) or ``sa1b-tar``
-    (``<dest>/<shard>.tar``), ``workers`` shards at a time, only the shards not yet exported or
-    changed since (see the module docstring). A shard that fails (a source image gone, tables
-    that disagree with their marker) is recorded in the summary and the others go on."""
+    (``<dest>/<shard>.tar``), only the shards not yet exported or changed since (see the module
+    docstring). ``workers`` shards at a time: threads of this process (default
+    ``READ_WORKERS``), or with ``on_ray`` Ray tasks of one CPU each over the cluster (default: as
+    many as it has CPUs; JSON encoding is CPU work that threads of one process do not spread).
+    A shard that fails (a source image gone, tables that disagree with their marker) is recorded
+    in the summary and the others go on."""
     if fmt not in SHARD_EXPORTERS:
         raise ValueError(f"Unknown shard export format {fmt!r}; expected one of {sorted(SHARD_EXPORTERS)}.")
     start = time.monotonic()
@@ -390,44 +393,93 @@ def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Opt
         dest.clear_markers()
     todo, previous, unchanged = plan_export(tables, dest, fmt, tables.uri)
     summary = ExportSummary(fmt, dest.uri, shards_unchanged=unchanged)
-    export = SHARD_EXPORTERS[fmt]
-
-    def one(plan: ShardExport) -> ShardExport:
-        dest.unmark(plan.shard_id)  # a run stopped while this shard is rewritten leaves it to be redone
-        files = export(tables, plan, dest, previous.get(plan.shard_id))
-        dest.mark(plan, fmt, tables.uri, files)
-        return plan
-
+    jobs = [(plan, previous.get(plan.shard_id)) for plan in todo]
+    done = (_on_ray(jobs, tables.uri, dest.uri, fmt, storage_options, workers) if on_ray else
+            _in_threads(jobs, tables, dest, fmt, workers or READ_WORKERS))
     last_log = time.monotonic()
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="export") as pool:
-        futures = {pool.submit(one, plan): plan for plan in todo}
-        for future in as_completed(futures):
-            plan = futures[future]
-            try:
-                future.result()
-            except Exception as e:
-                summary.failed[plan.shard_id] = f"{type(e).__name__}: {e}"
-                log.warning("Export of shard %s failed: %s: %s", plan.shard_id, type(e).__name__, e)
-                continue
-            summary.shards_exported += 1
-            summary.images += plan.images
-            summary.annotations += plan.annotations
-            if time.monotonic() - last_log >= PROGRESS_EVERY_S:
-                last_log = time.monotonic()
-                log.info("exported %d of %d shards (%d images), %.1f images/s", summary.shards_exported, len(todo),
-                         summary.images, summary.images / (last_log - start))
+    for plan, error in done:
+        if error is not None:
+            summary.failed[plan.shard_id] = error
+            log.warning("Export of shard %s failed: %s", plan.shard_id, error)
+            continue
+        summary.shards_exported += 1
+        summary.images += plan.images
+        summary.annotations += plan.annotations
+        if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+            last_log = time.monotonic()
+            log.info("exported %d of %d shards (%d images), %.1f images/s", summary.shards_exported, len(todo),
+                     summary.images, summary.images / (last_log - start))
     summary.seconds = time.monotonic() - start
     return summary
 
 
+def _export_one(tables: OutputDir, dest: ExportDest, fmt: str, plan: ShardExport,
+                previous: Optional[Mapping[str, Any]]) -> None:
+    """Export one shard: its marker removed first (a run stopped while the shard is rewritten
+    leaves it to be redone), its files, then its marker."""
+    dest.unmark(plan.shard_id)
+    files = SHARD_EXPORTERS[fmt](tables, plan, dest, previous)
+    dest.mark(plan, fmt, tables.uri, files)
+
+
+def _export_task(tables_uri: str, dest_uri: str, fmt: str, storage_options: Optional[Mapping[str, Any]],
+                 plan: ShardExport, previous: Optional[Mapping[str, Any]]) -> None:
+    """:func:`_export_one` in a Ray task."""
+    _export_one(OutputDir(tables_uri, storage_options), ExportDest(dest_uri, storage_options), fmt, plan, previous)
+
+
+Job = Tuple[ShardExport, Optional[Mapping[str, Any]]]  # a shard to export and its earlier export's marker
+
+
+def _in_threads(jobs: Sequence[Job], tables: OutputDir, dest: ExportDest, fmt: str,
+                workers: int) -> Iterator[Tuple[ShardExport, Optional[str]]]:
+    """(plan, error or None) per job as it finishes, ``workers`` threads at a time."""
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="export") as pool:
+        futures = {pool.submit(_export_one, tables, dest, fmt, plan, previous): plan for plan, previous in jobs}
+        for future in as_completed(futures):
+            error = future.exception()
+            yield futures[future], None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _on_ray(jobs: Sequence[Job], tables_uri: str, dest_uri: str, fmt: str, storage_options: Optional[Mapping[str, Any]],
+            workers: Optional[int]) -> Iterator[Tuple[ShardExport, Optional[str]]]:
+    """(plan, error or None) per job as it finishes, as Ray tasks of one CPU, at most ``workers``
+    (default: the cluster's CPUs) submitted at once. A task whose process dies is retried by Ray
+    (twice); an exception is the shard's error, not retried."""
+    import ray
+
+    if not jobs:
+        return
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    task = ray.remote(num_cpus=1, max_retries=2)(_export_task)
+    limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    waiting, running = list(reversed(jobs)), {}
+    opts = dict(storage_options or {})
+    while waiting or running:
+        while waiting and len(running) < limit:
+            plan, previous = waiting.pop()
+            running[task.remote(tables_uri, dest_uri, fmt, opts, plan, previous)] = plan
+        ready, _ = ray.wait(list(running), num_returns=1)
+        plan = running.pop(ready[0])
+        try:
+            ray.get(ready[0])
+            yield plan, None
+        except ray.exceptions.RayTaskError as e:  # the shard's own exception
+            cause = getattr(e, "cause", None) or e
+            yield plan, f"{type(cause).__name__}: {cause}"
+        except ray.exceptions.RayError as e:  # the task could not run (its process died 3 times, ...)
+            yield plan, f"{type(e).__name__}: {e}"
+
+
 def export_sa1b_json(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
-                     workers: int = READ_WORKERS, overwrite: bool = False) -> ExportSummary:
+                     workers: Optional[int] = None, overwrite: bool = False) -> ExportSummary:
     """:func:`export_shards` as SA-1B JSON files."""
     return export_shards(tables_uri, dest_uri, "sa1b-json", storage_options, workers, overwrite)
 
 
 def export_sa1b_tar(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
-                    workers: int = READ_WORKERS, overwrite: bool = False) -> ExportSummary:
+                    workers: Optional[int] = None, overwrite: bool = False) -> ExportSummary:
     """:func:`export_shards` as SA-1B tar shards."""
     return export_shards(tables_uri, dest_uri, "sa1b-tar", storage_options, workers, overwrite)
 

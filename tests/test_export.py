@@ -434,3 +434,27 @@ def test_hidden_folders_are_not_inputs(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     assert list_files(str(tmp_path)) == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "c.jpg")]
+
+
+def test_export_on_ray_equals_the_threaded_export(ray_local, tmp_path):
+    """``--ray`` runs each shard's export as a Ray task: the same tars and markers as threads of
+    one process, and a shard that fails is recorded with its exception while the rest are done."""
+    from PIL import Image
+
+    from pipeline.export import export_shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate(["a.jpg", "b.png", "c.jpg", "d.jpg"]):
+        Image.fromarray(np.full((30, 40, 3), 50 * i, np.uint8)).save(src / name)
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    for k, names in enumerate([["a.jpg", "b.png"], ["c.jpg"], ["d.jpg", "gone.jpg"]]):
+        synthetic_shard(out, f"files-{k:05d}", names, uris=[str(src / n) for n in names])
+    threads = export_shards(str(tmp_path / "out"), str(tmp_path / "threads"), "sa1b-tar")
+    ray_run = export_shards(str(tmp_path / "out"), str(tmp_path / "ray"), "sa1b-tar", on_ray=True, workers=2)
+    for summary in (threads, ray_run):
+        assert (summary.shards_exported, summary.images, sorted(summary.failed)) == (2, 3, ["files-00002"])
+        assert "could not be read: FileNotFoundError" in summary.failed["files-00002"]
+    for name in ["files-00000.tar", "files-00001.tar", ".export/files-00000.json", ".export/files-00001.json"]:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "threads" / name).read_bytes()
+    assert not (tmp_path / "ray" / "files-00002.tar").exists()
