@@ -39,7 +39,7 @@ from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 
 from .decode import decode_image
 from .output import READ_WORKERS, OutputDir
-from .shards import TAR_EXTENSIONS, _iter_tar, _read_with_retries, filesystem
+from .shards import TAR_EXTENSIONS, _full_uri, _iter_tar, _read_with_retries, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -391,10 +391,11 @@ def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Opt
     dest = ExportDest(dest_uri, storage_options)
     if overwrite:
         dest.clear_markers()
-    todo, previous, unchanged = plan_export(tables, dest, fmt, tables.uri)
+    tables_id = _full_uri(tables.fs, tables.path.rstrip("/"))  # "out/run" and "./out/run/" are one run's tables
+    todo, previous, unchanged = plan_export(tables, dest, fmt, tables_id)
     summary = ExportSummary(fmt, dest.uri, shards_unchanged=unchanged)
     jobs = [(plan, previous.get(plan.shard_id)) for plan in todo]
-    done = (_on_ray(jobs, tables.uri, dest.uri, fmt, storage_options, workers) if on_ray else
+    done = (_on_ray(jobs, tables_id, _full_uri(dest.fs, dest.path), fmt, storage_options, workers) if on_ray else
             _in_threads(jobs, tables, dest, fmt, workers or READ_WORKERS))
     last_log = time.monotonic()
     for plan, error in done:
@@ -419,7 +420,7 @@ def _export_one(tables: OutputDir, dest: ExportDest, fmt: str, plan: ShardExport
     leaves it to be redone), its files, then its marker."""
     dest.unmark(plan.shard_id)
     files = SHARD_EXPORTERS[fmt](tables, plan, dest, previous)
-    dest.mark(plan, fmt, tables.uri, files)
+    dest.mark(plan, fmt, _full_uri(tables.fs, tables.path.rstrip("/")), files)
 
 
 def _export_task(tables_uri: str, dest_uri: str, fmt: str, storage_options: Optional[Mapping[str, Any]],
