@@ -40,6 +40,7 @@ from .worker_deaths import DeathGuard
 
 
 PROMPTED_SETTINGS_HASH = "prompted-boxes"  # no generator settings: one mask per box
+MAX_CHUNK_PIXELS = 64 * 1024 * 1024  # full-resolution mask pixels decoded at once (the generator's default)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,13 @@ class BoxPrompter:
 
     def __init__(self, model_type: str, checkpoint: Optional[str], device: Optional[str] = None,
                  seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 storage_options: Optional[Dict[str, Any]] = None) -> None:
+                 storage_options: Optional[Dict[str, Any]] = None, max_chunk_pixels: int = MAX_CHUNK_PIXELS) -> None:
+        """``max_chunk_pixels``: full-resolution mask pixels decoded at once; an image's boxes
+        are decoded in chunks under it (at least one box), so a dense image (hundreds of boxes
+        on a large photo: ~50 MB of float logits per box at 4000x3000) does not run out of memory."""
+        if max_chunk_pixels < 1:
+            raise ValueError(f"max_chunk_pixels must be >= 1, got {max_chunk_pixels}.")
+        self.max_chunk_pixels = max_chunk_pixels
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if checkpoint is None:
             torch.manual_seed(seed)
@@ -155,27 +162,38 @@ class BoxPrompter:
         self.max_pixels = max_pixels
 
     def masks(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> List[Dict[str, Any]]:
-        """Mask rows (without image_id) for XYWH ``boxes`` on an HxWx3 image."""
+        """Mask rows (without image_id) for XYWH ``boxes`` on an HxWx3 image: one encoder pass,
+        the boxes decoded in chunks of at most ``max_chunk_pixels`` mask pixels."""
         p = self.predictor
         p.set_image(image)
         if not boxes:
             return []
-        xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h in boxes], dtype=np.float64)
+        h, w = image.shape[:2]
+        xyxy = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in boxes], dtype=np.float64)
         boxes_t = torch.as_tensor(p.transform.apply_boxes(xyxy, p.original_size), dtype=torch.float,
                                   device=p.device)
+        per_chunk = max(1, self.max_chunk_pixels // (h * w))
+        rows: List[Dict[str, Any]] = []
+        for start in range(0, len(boxes_t), per_chunk):
+            rows += self._chunk_rows(boxes_t[start : start + per_chunk], h, w, first_id=start)
+        return rows
+
+    def _chunk_rows(self, boxes_t: torch.Tensor, h: int, w: int, first_id: int) -> List[Dict[str, Any]]:
+        """Mask rows of (N, 4) transformed XYXY boxes on the current image, ids from ``first_id``."""
+        p = self.predictor
         with torch.no_grad():
             logits, iou, _ = p.predict_torch(None, None, boxes_t, multimask_output=False, return_logits=True)
         logits = logits[:, 0]  # (N, H, W)
         threshold = p.model.mask_threshold
         stability = calculate_stability_score(logits, threshold, 1.0)
         masks = logits > threshold
+        del logits
         mask_boxes = batched_mask_to_box(masks).cpu().numpy()
-        h, w = image.shape[:2]
         rows = []
         for i, rle in enumerate(mask_to_rle(masks)):
             coco = coco_encode_rle(rle)
             x0, y0, x1, y1 = (float(v) for v in mask_boxes[i])
-            rows.append(dict(mask_id=i, counts=coco["counts"], height=h, width=w,
+            rows.append(dict(mask_id=first_id + i, counts=coco["counts"], height=h, width=w,
                              area=int(sum(rle["counts"][1::2])), bbox=[x0, y0, x1 - x0, y1 - y0],
                              predicted_iou=float(iou[i, 0]), stability_score=float(stability[i]),
                              point_coords=None, crop_box=[0.0, 0.0, float(w), float(h)],
