@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     ap.add_argument("--images", help="folder/URI that relative file names in --prompts are under")
     ap.add_argument("--output", required=True, help="output folder of the masks/images tables")
     add_model_args(ap)
+    ap.add_argument("--mode", choices=["exact", "fast"], default="exact",
+                    help="exact: fp32, as SamPredictor; fast: bf16 autocast for encoder and decoder (GPUs; "
+                         "masks close to exact ones, see the README; an output keeps one mode)")
     add_run_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
         resolve_model(args, run_args["storage_options"])
         # No post-processing actors here: their CPUs are not asked for.
         config = PipelineConfig(input_uri=args.prompts, output_uri=args.output, model_type=args.model_type,
-                                checkpoint=args.checkpoint, seed=args.seed, num_cpus_per_postprocessor=0.0,
+                                checkpoint=args.checkpoint, seed=args.seed, mode=args.mode, num_cpus_per_postprocessor=0.0,
                                 **run_args)
         prompts = read_prompts(args.prompts, args.images, config.storage_options)
         summary = run_prompted_on_ray(prompts, config)

@@ -40,6 +40,7 @@ from .worker_deaths import DeathGuard
 
 
 PROMPTED_SETTINGS_HASH = "prompted-boxes"  # no generator settings: one mask per box
+PROMPT_MODES = ("exact", "fast")
 MAX_CHUNK_PIXELS = 64 * 1024 * 1024  # full-resolution mask pixels decoded at once (the generator's default)
 
 log = logging.getLogger(__name__)
@@ -142,23 +143,30 @@ def bad_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) -> List
 
 
 class BoxPrompter:
-    """Masks for the boxes of each image: one encoder pass per image, all its boxes in one decoder batch."""
+    """Masks for the boxes of each image: one encoder pass per image, its boxes decoded in chunks."""
 
     def __init__(self, model_type: str, checkpoint: Optional[str], device: Optional[str] = None,
                  seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 storage_options: Optional[Dict[str, Any]] = None, max_chunk_pixels: int = MAX_CHUNK_PIXELS) -> None:
+                 storage_options: Optional[Dict[str, Any]] = None, max_chunk_pixels: int = MAX_CHUNK_PIXELS,
+                 mode: str = "exact") -> None:
         """``max_chunk_pixels``: full-resolution mask pixels decoded at once; an image's boxes
         are decoded in chunks under it (at least one box), so a dense image (hundreds of boxes
-        on a large photo: ~50 MB of float logits per box at 4000x3000) does not run out of memory."""
+        on a large photo: ~50 MB of float logits per box at 4000x3000) does not run out of memory.
+        ``mode``: "exact" (fp32, as ``SamPredictor``) or "fast" (bf16 autocast for encoder and
+        decoder, as the generator's fast mode; other masks, so another output identity)."""
         if max_chunk_pixels < 1:
             raise ValueError(f"max_chunk_pixels must be >= 1, got {max_chunk_pixels}.")
+        if mode not in PROMPT_MODES:
+            raise ValueError(f"mode must be one of {PROMPT_MODES}, got {mode!r}.")
         self.max_chunk_pixels = max_chunk_pixels
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if checkpoint is None:
             torch.manual_seed(seed)
-        self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device, storage_options=storage_options))
+        self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device, storage_options=storage_options),
+                                      amp_dtype=torch.bfloat16 if mode == "fast" else None)
         self.model_id = model_id(model_type, checkpoint, seed)
-        self.settings_hash = PROMPTED_SETTINGS_HASH
+        self.mode = mode
+        self.settings_hash = prompt_identity(self.model_id, mode)["settings_hash"]
         self.max_pixels = max_pixels
 
     def masks(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> List[Dict[str, Any]]:
@@ -225,9 +233,11 @@ class BoxPrompter:
         return masks, images
 
 
-def prompt_identity(model: str) -> Dict[str, str]:
-    """What decides prompted masks (an output's identity, see ``OutputDir``): the model only."""
-    return {"model": model, "settings_hash": PROMPTED_SETTINGS_HASH}
+def prompt_identity(model: str, mode: str = "exact") -> Dict[str, Any]:
+    """What decides prompted masks (an output's identity, see ``OutputDir``): the model and the
+    mode (exact outputs keep the hash they had before fast mode existed)."""
+    settings_hash = PROMPTED_SETTINGS_HASH if mode == "exact" else f"{PROMPTED_SETTINGS_HASH}-{mode}"
+    return {"model": model, "settings_hash": settings_hash, "settings": {"mode": mode}}
 
 
 def boxes_digest(boxes: Sequence[Sequence[float]]) -> str:
@@ -250,7 +260,7 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
     """Process every shard of prompted images not yet complete under ``output_uri``, in this
     process (:func:`run_prompted_on_ray` spreads the same work over a Ray cluster)."""
     start = time.perf_counter()
-    out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id))
+    out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id, prompter.mode))
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
     shards_processed = images_processed = 0
     with out.hold_lease():
@@ -274,7 +284,7 @@ class BoxStage:
     def __init__(self, config: PipelineConfig, ledger: Optional[Any] = None) -> None:
         self.guard = DeathGuard(ledger)  # see pipeline.worker_deaths
         self.prompter = BoxPrompter(config.model_type, config.checkpoint, config.device, config.seed, config.max_pixels,
-                                    dict(config.storage_options))
+                                    dict(config.storage_options), mode=config.mode)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return to_table(self.process(batch.to_pylist()))
@@ -306,7 +316,7 @@ def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig,
     stage's class (:class:`BoxStage` or a subclass)."""
     start = time.perf_counter()
     config.check_model()
-    output = OutputDir(config.output_uri, config.storage_options, prompt_identity(config.model_id()))
+    output = OutputDir(config.output_uri, config.storage_options, prompt_identity(config.model_id(), config.mode))
     boxes = {p.uri: [list(b) for b in p.boxes] for p in prompts}
     with output.hold_lease():  # one run at a time writes here
         todo = select_pending(prompt_shards(prompts, config.images_per_shard), output, config.images_per_shard,
