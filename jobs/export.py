@@ -16,6 +16,7 @@ import logging
 import sys
 
 from pipeline.export import FORMATS, export_coco, export_shards
+from pipeline.lease import OutputBusyError
 from pipeline.output import READ_WORKERS
 
 
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputBusyError as e:  # another export into the same --dest
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(summary)
     return 1 if summary.failed else 0
 

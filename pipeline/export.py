@@ -10,6 +10,9 @@ the ids it used. A run exports the shards without a marker, and those whose tabl
 annotation ids follow shard and file order on a first export; shards exported later get ids after
 the highest ever given, so ids already handed out are never given to another image or mask.
 
+One export at a time writes into a destination: it holds the lease ``<dest>/.export/lease/``
+(:mod:`pipeline.lease`) while it plans and exports.
+
 ``coco`` is one file, rewritten whole each time, streamed: memory holds one shard's rows (and
 the shards read ahead), not the whole dataset.
 
@@ -38,6 +41,7 @@ from PIL import Image
 from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 
 from .decode import decode_image
+from .lease import RunLease
 from .output import READ_WORKERS, OutputDir
 from .shards import TAR_EXTENSIONS, _full_uri, _iter_tar, _read_with_retries, filesystem
 
@@ -174,8 +178,10 @@ class ExportDest:
             self.fs.rm(self._marker_path(shard_id))
 
     def clear_markers(self) -> None:
-        if self.fs.exists(posixpath.join(self.path, EXPORT_MARKERS)):
-            self.fs.rm(posixpath.join(self.path, EXPORT_MARKERS), recursive=True)
+        """Remove every shard's marker (not the lease beside them)."""
+        paths = self.fs.glob(posixpath.join(self.path, EXPORT_MARKERS, "*.json"))
+        if paths:
+            self.fs.rm(paths)
 
     def full_path(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
@@ -389,6 +395,13 @@ def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Opt
     start = time.monotonic()
     tables = _tables(tables_uri, dest_uri, storage_options)
     dest = ExportDest(dest_uri, storage_options)
+    with RunLease(dest.fs, posixpath.join(dest.path, EXPORT_MARKERS, "lease")) as lease:  # one export at a time
+        return _export_shards(tables, dest, fmt, storage_options, workers, overwrite, on_ray, lease, start)
+
+
+def _export_shards(tables: OutputDir, dest: ExportDest, fmt: str, storage_options: Optional[Mapping[str, Any]],
+                   workers: Optional[int], overwrite: bool, on_ray: bool, lease: RunLease, start: float) -> ExportSummary:
+    """:func:`export_shards` under the destination's lease."""
     if overwrite:
         dest.clear_markers()
     tables_id = _full_uri(tables.fs, tables.path.rstrip("/"))  # "out/run" and "./out/run/" are one run's tables
@@ -396,7 +409,7 @@ def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Opt
     summary = ExportSummary(fmt, dest.uri, shards_unchanged=unchanged)
     jobs = [(plan, previous.get(plan.shard_id)) for plan in todo]
     done = (_on_ray(jobs, tables_id, _full_uri(dest.fs, dest.path), fmt, storage_options, workers) if on_ray else
-            _in_threads(jobs, tables, dest, fmt, workers or READ_WORKERS))
+            _in_threads(jobs, tables, dest, fmt, workers or READ_WORKERS, lease))
     last_log = time.monotonic()
     for plan, error in done:
         if error is not None:
@@ -415,11 +428,14 @@ def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Opt
 
 
 def _export_one(tables: OutputDir, dest: ExportDest, fmt: str, plan: ShardExport,
-                previous: Optional[Mapping[str, Any]]) -> None:
+                previous: Optional[Mapping[str, Any]], lease: Optional[RunLease] = None) -> None:
     """Export one shard: its marker removed first (a run stopped while the shard is rewritten
-    leaves it to be redone), its files, then its marker."""
+    leaves it to be redone), its files, then its marker (if ``lease``, only while it is still
+    this export's)."""
     dest.unmark(plan.shard_id)
     files = SHARD_EXPORTERS[fmt](tables, plan, dest, previous)
+    if lease is not None:
+        lease.check()
     dest.mark(plan, fmt, _full_uri(tables.fs, tables.path.rstrip("/")), files)
 
 
@@ -432,11 +448,11 @@ def _export_task(tables_uri: str, dest_uri: str, fmt: str, storage_options: Opti
 Job = Tuple[ShardExport, Optional[Mapping[str, Any]]]  # a shard to export and its earlier export's marker
 
 
-def _in_threads(jobs: Sequence[Job], tables: OutputDir, dest: ExportDest, fmt: str,
-                workers: int) -> Iterator[Tuple[ShardExport, Optional[str]]]:
+def _in_threads(jobs: Sequence[Job], tables: OutputDir, dest: ExportDest, fmt: str, workers: int,
+                lease: RunLease) -> Iterator[Tuple[ShardExport, Optional[str]]]:
     """(plan, error or None) per job as it finishes, ``workers`` threads at a time."""
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="export") as pool:
-        futures = {pool.submit(_export_one, tables, dest, fmt, plan, previous): plan for plan, previous in jobs}
+        futures = {pool.submit(_export_one, tables, dest, fmt, plan, previous, lease): plan for plan, previous in jobs}
         for future in as_completed(futures):
             error = future.exception()
             yield futures[future], None if error is None else f"{type(error).__name__}: {error}"

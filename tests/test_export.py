@@ -386,7 +386,7 @@ def test_export_records_a_failed_shard_and_goes_on(tmp_path, capsys):
     assert "1 shards exported, 0 unchanged since an earlier export, 1 failed" in text
     assert f"failed: files-00000: OSError: source image {src / 'b.jpg'} could not be read: FileNotFoundError" in text
     assert sorted(p.name for p in dest.iterdir()) == [".export", "files-00001.tar"]
-    assert sorted(p.name for p in (dest / ".export").iterdir()) == ["files-00001.json"]
+    assert sorted(p.name for p in (dest / ".export").glob("*.json")) == ["files-00001.json"]
     (tmp_path / "b.jpg").rename(src / "b.jpg")
     assert export_main(args) == 0
     assert "1 shards exported, 1 unchanged" in capsys.readouterr().out
@@ -459,3 +459,21 @@ def test_export_on_ray_equals_the_threaded_export(ray_local, tmp_path):
     for name in ["files-00000.tar", "files-00001.tar", ".export/files-00000.json", ".export/files-00001.json"]:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "threads" / name).read_bytes()
     assert not (tmp_path / "ray" / "files-00002.tar").exists()
+
+
+def test_a_second_export_into_one_destination_is_refused(tmp_path, capsys):
+    """Two exports into one --dest would write the same files at once: while one holds the
+    destination's lease, another stops with rc 1 and names it; the lease is gone afterwards."""
+    from pipeline.export import EXPORT_MARKERS, ExportDest
+    from pipeline.lease import RunLease
+
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    synthetic_shard(out, "files-00000", ["a.jpg"])
+    dest = ExportDest(str(tmp_path / "sa1b"))
+    args = ["--tables", str(tmp_path / "out"), "--format", "sa1b-json", "--dest", str(tmp_path / "sa1b")]
+    with RunLease(dest.fs, f"{dest.path}/{EXPORT_MARKERS}/lease", settle_s=0.0):
+        assert export_main(args) == 1
+        assert "Another run is writing into this output" in capsys.readouterr().err
+    assert export_main(args + ["--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "sa1b" / ".export").iterdir()) == ["files-00000.json", "lease"]
+    assert list((tmp_path / "sa1b" / ".export" / "lease").iterdir()) == []
