@@ -24,6 +24,7 @@ import pyarrow as pa
 import torch
 
 from sam_core import SamPredictor, build_sam
+from sam_core.predictor import ImageEmbedding
 from sam_core.amg.masks import batched_mask_to_box, calculate_stability_score, coco_encode_rle, mask_to_rle
 from sam_core.training.data import check_coco
 
@@ -35,7 +36,7 @@ from .resuming import select_pending
 from .run import run_stages, summarize_tables
 from .shards import Shard, common_root, open_uri
 from .single_machine import RunSummary
-from .stages import failed
+from .stages import batch_then_each
 from .worker_deaths import DeathGuard
 
 
@@ -169,11 +170,20 @@ class BoxPrompter:
         self.settings_hash = prompt_identity(self.model_id, mode)["settings_hash"]
         self.max_pixels = max_pixels
 
-    def masks(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> List[Dict[str, Any]]:
-        """Mask rows (without image_id) for XYWH ``boxes`` on an HxWx3 image: one encoder pass,
-        the boxes decoded in chunks of at most ``max_chunk_pixels`` mask pixels."""
+    def encode(self, images: Sequence[np.ndarray]) -> List[ImageEmbedding]:
+        """Embeddings of HxWx3 images from one encoder batch (for :meth:`masks`)."""
+        return self.predictor.set_images(list(images))
+
+    def masks(self, image: np.ndarray, boxes: Sequence[Sequence[float]],
+              embedding: Optional[ImageEmbedding] = None) -> List[Dict[str, Any]]:
+        """Mask rows (without image_id) for XYWH ``boxes`` on an HxWx3 image: one encoder pass
+        (none with the image's ``embedding`` from :meth:`encode`), the boxes decoded in chunks of
+        at most ``max_chunk_pixels`` mask pixels."""
         p = self.predictor
-        p.set_image(image)
+        if embedding is None:
+            p.set_image(image)
+        else:
+            p.set_embedding(embedding)
         if not boxes:
             return []
         h, w = image.shape[:2]
@@ -208,17 +218,19 @@ class BoxPrompter:
                              model=self.model_id, settings_hash=self.settings_hash))
         return rows
 
-    def prompt(self, row: Dict[str, Any], image: np.ndarray, boxes: Sequence[Sequence[float]]) -> List[Dict[str, Any]]:
-        """Mask rows of one decoded image's ``boxes``; completes its ``images`` row (ok, counts
-        and time; or ``bad_prompt`` with the boxes that cannot prompt, and no masks)."""
+    def prompt(self, row: Dict[str, Any], image: np.ndarray, boxes: Sequence[Sequence[float]],
+               embedding: Optional[ImageEmbedding] = None, encode_s: float = 0.0) -> List[Dict[str, Any]]:
+        """Mask rows of one decoded image's ``boxes`` (``embedding``: its encoding, if done
+        already, in ``encode_s`` seconds); completes its ``images`` row (ok, counts and time; or
+        ``bad_prompt`` with the boxes that cannot prompt, and no masks)."""
         h, w = image.shape[:2]
         bad = bad_boxes(boxes, w, h)
         if bad:
             row.update(error_reason="bad_prompt", error_detail="; ".join(bad))
             return []
         t1 = time.perf_counter()
-        rows = self.masks(image, boxes)
-        row.update(status="ok", mask_count=len(rows), generate_s=time.perf_counter() - t1)
+        rows = self.masks(image, boxes, embedding)
+        row.update(status="ok", mask_count=len(rows), generate_s=encode_s + time.perf_counter() - t1)
         return [dict(r, image_id=row["image_id"]) for r in rows]
 
     def process(self, shard: Shard, boxes_by_uri: Mapping[str, Sequence[Sequence[float]]],
@@ -290,21 +302,26 @@ class BoxStage:
         return to_table(self.process(batch.to_pylist()))
 
     def process(self, rows: List[Row]) -> List[Row]:
+        batch_then_each([r for r in rows if r.get("pixels") is not None], self.guard, self._prompt,
+                        "prompting this image")
         for r in rows:
-            if r.get("pixels") is not None:
-                image_row = json.loads(r["image"])
-                image = np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3)
-                masks = []
-                if not self.guard.passed_over(image_row, "prompting this image"):
-                    try:
-                        with self.guard.attempt([image_row["image_id"]]):
-                            masks = self.prompter.prompt(image_row, image, json.loads(r["prompts"]))
-                    except Exception as e:  # e.g. out of memory: recorded on the image, as in ModelStage
-                        log.exception("prompting failed for %s", image_row["uri"])
-                        failed(image_row, "generate_failed", e)
-                r.update(image=json.dumps(image_row), masks=masks_to_ipc(masks) if masks else None)
             r.update(pixels=None, height=None, width=None, prompts=None)
         return rows
+
+    def _prompt(self, rows: List[Row]) -> None:
+        """Sets ``masks`` and completes ``image`` of decoded image rows: the images whose boxes
+        can prompt are encoded in one batch, then each image's boxes decoded."""
+        images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in rows]
+        boxes = [json.loads(r["prompts"]) for r in rows]
+        usable = [i for i, (image, b) in enumerate(zip(images, boxes))
+                  if not bad_boxes(b, image.shape[1], image.shape[0])]
+        t0 = time.perf_counter()
+        embeddings = dict(zip(usable, self.prompter.encode([images[i] for i in usable]) if usable else []))
+        encode_s = (time.perf_counter() - t0) / max(1, len(usable))  # the batch's time, shared equally
+        for i, r in enumerate(rows):
+            image_row = json.loads(r["image"])
+            masks = self.prompter.prompt(image_row, images[i], boxes[i], embeddings.get(i), encode_s)
+            r.update(image=json.dumps(image_row), masks=masks_to_ipc(masks) if masks else None)
 
 
 def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig, stage: type = BoxStage) -> RunSummary:

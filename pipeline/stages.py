@@ -75,31 +75,8 @@ class ModelStage:
         return to_table(self.process(batch.to_pylist()))
 
     def process(self, rows: List[Row]) -> List[Row]:
-        todo = [r for r in rows if r.get("pixels") is not None]
-        ids = [json.loads(r["image"])["image_id"] for r in todo]
-        if todo and self.guard.died_on(ids):
-            log.warning("a worker process died on a batch with %s; generating its images one by one", ids)
-        elif todo:
-            try:
-                with self.guard.attempt(ids):
-                    self._generate(todo)
-                todo = []
-            except Exception as e:  # e.g. out of memory on one large image: retry one by one
-                log.warning("a batch of %d images failed (%s: %s); retrying them one by one",
-                            len(todo), type(e).__name__, e)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # give the failed call's cached memory back
-        for r in todo:  # one by one: after the batch raised, or a process died on it
-            image = json.loads(r["image"])
-            if self.guard.passed_over(image, "generating this image's masks"):
-                r["image"] = json.dumps(image)
-                continue
-            try:
-                with self.guard.attempt([image["image_id"]]):
-                    self._generate([r])
-            except Exception as e1:
-                log.exception("generation failed for %s", image["uri"])
-                r["image"] = json.dumps(failed(image, "generate_failed", e1))
+        batch_then_each([r for r in rows if r.get("pixels") is not None], self.guard, self._generate,
+                        "generating this image's masks")
         for r in rows:
             r["pixels"] = r["height"] = r["width"] = None
         return rows
@@ -113,6 +90,37 @@ class ModelStage:
         for r, data in zip(rows, candidates):
             r["candidates"] = pickle.dumps(dict(data.items()), protocol=pickle.HIGHEST_PROTOCOL)
             r["image"] = json.dumps(dict(json.loads(r["image"]), generate_s=seconds))
+
+
+def batch_then_each(rows: List[Row], guard: DeathGuard, work: Callable[[List[Row]], None], what: str) -> None:
+    """``work(rows)``: one model call for the decoded image rows of a batch, noted with ``guard``.
+    If it raises (out of memory on one large image, ...), or a worker process died on this batch
+    before, ``work([row])`` for each row instead: an image a process died on twice is passed over
+    (``worker_died``), one that raises gets ``generate_failed``; the others are done. ``what``:
+    the work, for the messages ("generating this image's masks")."""
+    ids = [json.loads(r["image"])["image_id"] for r in rows]
+    if rows and guard.died_on(ids):
+        log.warning("a worker process died on a batch with %s; %s one image at a time", ids, what)
+    elif rows:
+        try:
+            with guard.attempt(ids):
+                work(rows)
+            return
+        except Exception as e:  # e.g. out of memory on one large image: retry one by one
+            log.warning("a batch of %d images failed (%s: %s); retrying them one by one", len(rows), type(e).__name__, e)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the failed call's cached memory back
+    for r in rows:  # one by one: after the batch raised, or a process died on it
+        image = json.loads(r["image"])
+        if guard.passed_over(image, what):
+            r["image"] = json.dumps(image)
+            continue
+        try:
+            with guard.attempt([image["image_id"]]):
+                work([r])
+        except Exception as e1:
+            log.exception("%s failed for %s", what, image["uri"])
+            r["image"] = json.dumps(failed(image, "generate_failed", e1))
 
 
 # ---------------------------------------------------------------------- stage 3: postprocess (CPU)

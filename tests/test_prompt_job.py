@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from jobs.prompt import main as prompt_main
 from pipeline.decode import decode_image
 from pipeline.config import PipelineConfig
-from pipeline.output import OutputDir
+from pipeline.output import OutputDir, masks_from_ipc
 from pipeline.prompted import BoxPrompter, BoxStage, ImagePrompts, read_prompts, run_prompted, run_prompted_on_ray
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core import SamPredictor, build_sam
@@ -172,11 +172,12 @@ def test_box_values_that_are_not_numbers_make_their_image_a_bad_prompt(tmp_path)
 
 def test_prompts_on_ray_equal_the_in_process_run_and_failures_are_recorded(ray_local, photos, tmp_path,
                                                                           tiny_checkpoint):
-    """Two model actors over shards of 2 images give the tables of the in-process run; an image
-    the model raises on gets generate_failed and --retry-failed redoes its shard."""
+    """Two model actors over shards of 2 images, encoding the images of a batch together, give
+    the tables of the in-process run (one image at a time); an image the model raises on gets
+    generate_failed and --retry-failed redoes its shard."""
     prompts = read_prompts(str(coco_file(tmp_path / "dets.json", photos)), str(photos))
     cfg = PipelineConfig(input_uri="dets.json", output_uri=str(tmp_path / "ray"), model_type="tiny",
-                         checkpoint=str(tiny_checkpoint), images_per_shard=2, images_per_batch=1, workers=2,
+                         checkpoint=str(tiny_checkpoint), images_per_shard=2, images_per_batch=2, workers=2,
                          num_cpus_per_worker=0.5, num_cpus_per_postprocessor=0.0)
     summary = run_prompted_on_ray(prompts, cfg)
     assert (summary.images_ok, summary.images_error, summary.shards_processed) == (3, 2, 3)
@@ -198,7 +199,7 @@ def test_prompts_on_ray_equal_the_in_process_run_and_failures_are_recorded(ray_l
         def __init__(self, config, ledger=None):
             super().__init__(config, ledger)
 
-            def out_of_memory(image, boxes):
+            def out_of_memory(image, boxes, embedding=None):
                 raise RuntimeError("CUDA out of memory (simulated)")
             self.prompter.masks = out_of_memory
 
@@ -308,3 +309,30 @@ def test_fast_mode_masks_are_close_to_exact_and_kept_apart(tmp_path):
         run_prompted(prompts, str(tmp_path / "exact"), fast)
     with pytest.raises(ValueError, match="mode must be one of"):
         BoxPrompter("demo", None, mode="bf16")
+
+
+def test_a_model_batch_encodes_its_images_together(photos, tmp_path, tiny_checkpoint):
+    """The model stage encodes the images of a batch whose boxes can prompt in one encoder call
+    (an image with a bad box is not encoded) and gives each image the masks it gets alone."""
+    from pipeline.reading import decode_rows
+    from pipeline.shards import Shard
+
+    names = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg"]
+    boxes = [BOXES["chelsea.jpg"], [[10.0, 10.0, 0.0, 5.0]], [[20.0, 30.0, 100.0, 80.0]]]
+    shard = Shard("prompts-00000", "files", tuple(str(photos / n) for n in names), str(photos))
+    rows = [r for r in decode_rows(shard, None, 10**9, prompts=boxes) if r.get("image")]
+    cfg = PipelineConfig(input_uri="x.json", output_uri=str(tmp_path / "o"), model_type="tiny",
+                         checkpoint=str(tiny_checkpoint))
+    stage = BoxStage(cfg)
+    batches = []
+    encode = stage.prompter.encode
+    stage.prompter.encode = lambda images: batches.append(len(images)) or encode(images)
+    out = stage.process(rows)
+    assert batches == [2]
+    alone = BoxPrompter("tiny", str(tiny_checkpoint))
+    for name, b, r in zip(names, boxes, out):
+        image_row = json.loads(r["image"])
+        expected = alone.prompt(dict(image_row), decode_image((photos / name).read_bytes()), b)
+        got = [] if r["masks"] is None else masks_from_ipc(r["masks"]).to_pylist()
+        assert [m["counts"] for m in got] == [m["counts"] for m in expected]
+        assert image_row["status"] == ("error" if name == "coffee.jpg" else "ok")
