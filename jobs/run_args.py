@@ -16,7 +16,8 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--images-per-shard", type=int, default=64,
                     help="images per shard: the unit written, resumed and retried (default 64; a tar is one shard)")
     ap.add_argument("--images-per-batch", type=int, default=4,
-                    help="decoded images per model call (jobs.generate: their crops share encoder batches; default 4)")
+                    help="decoded images per model call (jobs.generate: their crops share encoder batches; jobs.prompt: "
+                         "one encoder batch; default 4)")
     ap.add_argument("--workers", type=int, default=1, help="model actors, one model each (default 1)")
     ap.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per model actor (default 0: CPU)")
     ap.add_argument("--num-cpus-per-worker", type=float, default=1.0,
