@@ -297,3 +297,42 @@ def test_a_coco_file_missing_segmentations_is_refused_naming_them(tmp_path):
     with pytest.raises(ValueError, match=r"1 of its annotations lack one of 'image_id', 'segmentation' "
                                          r"\(e.g. annotations\[0\] = \{\"id\": 7"):
         load_coco(str(path))
+
+
+def test_table_samples_hold_a_few_shards_at_a_time(tmp_path, monkeypatch):
+    """A pass over our tables yields every ok image with masks once, with its masks in mask_id
+    order, reading the masks of ``SHUFFLE_SHARDS`` shards at a time rather than of the whole
+    output; images without masks and error rows are not samples."""
+    from PIL import Image
+
+    import pipeline.training_data as training_data
+    from pipeline.output import OutputDir
+
+    from .test_export import synthetic_shard
+
+    monkeypatch.setattr(training_data, "SHUFFLE_SHARDS", 3)
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    expected = {}
+    for k in range(7):
+        names = [f"{k}a.png", f"{k}b.png", f"{k}c.png"]
+        for i, name in enumerate(names):
+            Image.fromarray(np.full((30, 40, 3), 30 * i + k, np.uint8)).save(tmp_path / name)
+        rows = synthetic_shard(out, f"files-{k:05d}", names, masks_per_image=2, uris=[str(tmp_path / n) for n in names],
+                               errors={f"{k}b.png"})
+        for r in rows:
+            expected.setdefault(r["image_id"].split("/")[1], []).append(r["counts"])
+    reads = []
+    real = OutputDir.read_shard
+    monkeypatch.setattr(OutputDir, "read_shard", lambda self, name, s, *a, **k: reads.append((name, s)) or real(
+        self, name, s, *a, **k))
+    stream = training_data.table_samples(str(tmp_path / "out"), seed=1)
+    first = next(stream)
+    assert len({s for name, s in reads if name == "masks"}) == 3  # one group of shards, not all 7
+    samples = [first] + [next(stream) for _ in range(len(expected) - 1)]
+    seen = sorted(int(s.image[0, 0, 0]) for s in samples)  # pixel value 30 * i + k names the image
+    assert seen == sorted(30 * i + k for k in range(7) for i in (0, 2))
+    for s in samples:
+        k, i = int(s.image[0, 0, 0]) % 30, int(s.image[0, 0, 0]) // 30
+        counts = expected[f"{k}{'abc'[i]}.png"]
+        want = [mask_utils.decode({"size": [30, 40], "counts": c.encode()}).astype(bool) for c in counts]
+        assert len(s.masks) == 2 and all(np.array_equal(a, b) for a, b in zip(s.masks, want))
