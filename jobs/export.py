@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         ap.error(f"--workers must be >= 1, got {args.workers}")
     if args.ray and args.format == "coco":
         ap.error("--ray exports shards in parallel; a coco export is one file, written by this process")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
     try:  # tables that are not a run's output, or a destination that cannot be opened: say which
         if args.format == "coco":
