@@ -8,7 +8,9 @@ Spec (TOML), table [build]: name, output, inputs (list of URIs), and optionally 
 demo, the bundled model; name the type of any other checkpoint), checkpoint, seed, preset, mode,
 amg (a table of generator settings), images_per_shard,
 images_per_batch, workers, num_gpus_per_worker, num_cpus_per_worker, postprocess_workers,
-num_cpus_per_postprocessor, num_cpus_per_decoder, s3_endpoint_url.
+num_cpus_per_postprocessor, num_cpus_per_decoder, s3_endpoint_url; and a table [build.export]
+(format = "sa1b-tar" | "sa1b-json" | "coco", dest (default <output>/export), workers, ray) to
+export each input's tables after every run, incrementally, to <dest>/<input-key>.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def main(argv=None) -> int:
     else:
         shards = sum(len(s) for s in result.new_shards.values())
         print(f"{spec.name}: processed {shards} shards; wrote manifest {result.manifest_uri}")
-    return 0
+    for uri, summary in result.exports.items():
+        print(f"export of {uri}: {summary}")
+    return 1 if any(summary.failed for summary in result.exports.values()) else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ writes nothing. Layout under the output root::
 
     data/<input-key>/masks|images/<shard>.parquet   the tables of one input (see pipeline.output)
     manifests/v0001.json, v0002.json, ...           what each build version processed
+
+With a ``[build.export]`` table (``format``: sa1b-tar, sa1b-json or coco; ``dest``, default
+``<output>/export``; ``workers``; ``ray``), every run then exports each input's tables to
+``<dest>/<input-key>`` (``<dest>/<input-key>.json`` for coco), incrementally
+(:mod:`pipeline.export`): shards not exported yet, also those of earlier runs whose export failed.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from sam_core.checkpoint import bundled_checkpoint
 
 from .config import PipelineConfig
-from .output import OutputDir
+from .export import FORMATS, ExportSummary, export_coco, export_shards
+from .output import READ_WORKERS, OutputDir
 from .run import pending_shards, run_pipeline
 from .shards import filesystem
 
@@ -55,6 +61,7 @@ class BuildSpec:
     num_cpus_per_postprocessor: float = 0.5
     num_cpus_per_decoder: float = 0.5
     s3_endpoint_url: Optional[str] = None
+    export: Mapping[str, Any] = field(default_factory=dict)  # [build.export]: format, dest, workers, ray
 
     def storage_options(self) -> Dict[str, Any]:
         return {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}} if self.s3_endpoint_url else {}
@@ -112,10 +119,34 @@ def load_spec(path: str) -> BuildSpec:
         raise SpecError(f"preset {raw['preset']!r} in {path!r} is not one of {sorted(PRESETS)}.")
     if raw.get("mode", "exact") not in MODES:
         raise SpecError(f"mode {raw['mode']!r} in {path!r} is not one of {list(MODES)}.")
+    if not isinstance(raw.get("export", {}), dict):
+        raise SpecError(f"export in {path!r} must be a table ([build.export]), got {raw['export']!r}.")
+    check_export(raw.get("export", {}), path)
     try:
         return BuildSpec(**raw)
     except (TypeError, ValueError) as e:
         raise SpecError(f"[build] of {path!r}: {e}") from None
+
+
+EXPORT_KEYS = {"format": str, "dest": str, "workers": int, "ray": bool}
+
+
+def check_export(export: Mapping[str, Any], path: str) -> None:
+    """Raise ``SpecError`` saying what is wrong with a ``[build.export]`` table."""
+    if not export:
+        return
+    unknown = sorted(set(export) - set(EXPORT_KEYS))
+    if unknown:
+        raise SpecError(f"Unknown keys in [build.export] of {path!r}: {unknown}; known keys: {sorted(EXPORT_KEYS)}.")
+    if export.get("format") not in FORMATS:
+        raise SpecError(f"[build.export] of {path!r} needs format = one of {list(FORMATS)}, got {export.get('format')!r}.")
+    for key, kind in EXPORT_KEYS.items():
+        if key in export and not isinstance(export[key], kind):
+            raise SpecError(f"[build.export] {key} in {path!r} must be a {kind.__name__}, got {export[key]!r}.")
+    if export.get("workers", 1) < 1:
+        raise SpecError(f"[build.export] workers in {path!r} must be >= 1, got {export['workers']}.")
+    if export.get("ray") and export["format"] == "coco":
+        raise SpecError(f"[build.export] of {path!r}: ray exports shards in parallel; a coco export is one file.")
 
 
 @dataclass
@@ -124,6 +155,7 @@ class BuildResult:
     latest: Optional[int]  # the newest manifest version after this run
     new_shards: Dict[str, List[str]]  # input URI -> shard ids processed by this run
     manifest_uri: Optional[str] = None
+    exports: Dict[str, ExportSummary] = field(default_factory=dict)  # input URI -> its export ([build.export])
 
 
 class Manifests:
@@ -175,7 +207,7 @@ def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeli
             )
     pending = {uri: [s.shard_id for s in pending_shards(cfg, reopen=False)] for uri, cfg in configs.items()}
     if not any(pending.values()):
-        return BuildResult(None, versions[-1] if versions else None, {})
+        return BuildResult(None, versions[-1] if versions else None, {}, exports=export_build(spec, configs, pending))
     for uri, shard_ids in pending.items():
         if shard_ids:
             run(configs[uri])
@@ -198,4 +230,31 @@ def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeli
         ],
     }
     uri = manifests.write(version, manifest)
-    return BuildResult(version, version, {u: s for u, s in pending.items() if s}, uri)
+    return BuildResult(version, version, {u: s for u, s in pending.items() if s}, uri,
+                       exports=export_build(spec, configs, pending))
+
+
+def export_build(spec: BuildSpec, configs: Mapping[str, PipelineConfig],
+                 pending: Mapping[str, List[str]]) -> Dict[str, ExportSummary]:
+    """The ``[build.export]`` of every input that has tables (see the module docstring): the
+    per-shard formats always (they do only what is not exported yet), coco when the input had
+    new shards or its file is missing."""
+    export = spec.export
+    if not export:
+        return {}
+    dest = export.get("dest") or posixpath.join(spec.output, "export")
+    summaries = {}
+    for uri, cfg in configs.items():
+        tables = OutputDir(cfg.output_uri, cfg.storage_options)
+        if not tables.shard_ids():
+            continue
+        target = posixpath.join(dest, input_key(uri))
+        if export["format"] != "coco":
+            summaries[uri] = export_shards(cfg.output_uri, target, export["format"], cfg.storage_options,
+                                           export.get("workers"), on_ray=export.get("ray", False))
+            continue
+        fs, path = filesystem(target + ".json", cfg.storage_options)
+        if pending.get(uri) or not fs.exists(path):
+            summaries[uri] = export_coco(cfg.output_uri, target + ".json", cfg.storage_options,
+                                         export.get("workers") or READ_WORKERS)
+    return summaries

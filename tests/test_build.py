@@ -161,3 +161,34 @@ def test_batch_sizes_do_not_change_the_settings_hash():
                                               "points_per_batch": 256, "compile": True})
     other = PipelineConfig("in", "out", amg={"points_per_side": 16})
     assert base.settings_hash() == faster.settings_hash() != other.settings_hash()
+
+
+def test_build_exports_each_input_incrementally(tmp_path, capsys):
+    """[build.export]: every build run exports each input's tables, only what is not exported yet
+    (an up-to-date build exports nothing; a new tar's shard alone), to <dest>/<input-key>."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "sa_000001.tar", ["chelsea.jpg"])
+    dest = tmp_path / "sa1b"
+    spec = load_spec(spec_file(tmp_path, [shards], f'[build.export]\nformat = "sa1b-tar"\ndest = "{dest}"\nworkers = 2'))
+    first = run_build(spec, run=local_run)
+    assert first.exports[str(shards)].shards_exported == 1
+    exported = dest / input_key(str(shards))
+    assert sorted(p.name for p in exported.glob("*.tar")) == ["sa_000001.tar"]
+    stamp = (exported / "sa_000001.tar").stat().st_mtime_ns
+    again = run_build(spec, run=local_run)
+    assert again.version is None and (again.exports[str(shards)].shards_exported,
+                                      again.exports[str(shards)].shards_unchanged) == (0, 1)
+    write_tar(shards / "sa_000002.tar", ["coffee.jpg"])
+    third = run_build(spec, run=local_run)
+    assert third.version == 2 and third.exports[str(shards)].shards_exported == 1
+    assert sorted(p.name for p in exported.glob("*.tar")) == ["sa_000001.tar", "sa_000002.tar"]
+    assert (exported / "sa_000001.tar").stat().st_mtime_ns == stamp
+    with tarfile.open(exported / "sa_000002.tar") as tar:
+        assert tar.getnames() == ["sa_0.jpg", "sa_0.json"]
+
+    for extra, message in [('[build.export]\nformat = "png"', "needs format = one of"),
+                           ('[build.export]\nformat = "coco"\nray = true', "a coco export is one file"),
+                           ('[build.export]\nformat = "coco"\nbucket = "x"', r"Unknown keys in \[build\.export\]")]:
+        with pytest.raises(SpecError, match=message):
+            load_spec(spec_file(tmp_path, [shards], extra))
