@@ -1,8 +1,8 @@
 """Exports of the Parquet tables: SA-1B per-image JSON files, SA-1B-style tar shards (jpg + json)
 and COCO instance-segmentation JSON.
 
-``sa1b-json`` and ``sa1b-tar`` export shard by shard, ``workers`` shards at a time (threads: the
-work is mostly object-store reads and writes), and are resumable and incremental. Each exported
+``sa1b-json`` and ``sa1b-tar`` export shard by shard, ``workers`` shards at a time (threads of
+this process, or Ray tasks over a cluster), and are resumable and incremental. Each exported
 shard gets a marker ``<dest>/.export/<shard>.json``, written last (hidden, so a folder of
 exported tars stays a valid input folder); it records the tables' marker it was made from and
 the ids it used. A run exports the shards without a marker, and those whose tables changed since
@@ -34,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import fsspec
 import pyarrow.compute as pc
 from PIL import Image
 
@@ -43,7 +42,7 @@ from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 from .decode import decode_image
 from .lease import RunLease
 from .output import READ_WORKERS, OutputDir
-from .shards import TAR_EXTENSIONS, _full_uri, _iter_tar, _read_with_retries, filesystem
+from .shards import _full_uri, _iter_tar, _read_with_retries, filesystem, tar_of_member
 
 log = logging.getLogger(__name__)
 
@@ -187,15 +186,15 @@ class ExportDest:
         return posixpath.join(self.path, *parts)
 
 
-def plan_export(tables: OutputDir, dest: ExportDest, fmt: str, tables_uri: str,
-                overwrite: bool = False) -> Tuple[List[ShardExport], Dict[str, Dict[str, Any]], int]:
+def plan_export(tables: OutputDir, dest: ExportDest, fmt: str,
+                tables_uri: str) -> Tuple[List[ShardExport], Dict[str, Dict[str, Any]], int]:
     """(shards to export, the dest's markers of earlier exports, shards left as they are).
 
     A shard is left when its export marker was made from the same tables marker. A changed shard
     keeps its ids if its counts fit the ids reserved for it, else it gets new ones after the
-    highest reserved. A destination holding another format's export, or an export of other tables,
-    raises ``ValueError`` (``overwrite`` starts the destination's numbering afresh instead)."""
-    done = {} if overwrite else dest.markers()
+    highest reserved. A destination holding another format's export, or an export of other tables
+    (``tables_uri``: their full path), raises ``ValueError``."""
+    done = dest.markers()
     for shard_id, m in sorted(done.items()):
         if m.get("format") != fmt or m.get("tables") != tables_uri:
             raise ValueError(
@@ -223,13 +222,6 @@ def plan_export(tables: OutputDir, dest: ExportDest, fmt: str, tables_uri: str,
 
 # -- sources for the tars ----------------------------------------------------------------------
 
-def _tar_of(uri: str) -> Optional[str]:
-    """The tar of an images-table ``uri`` of a tar member (``<tar uri>#<member>``), else None."""
-    if "#" in uri and uri.split("#", 1)[0].endswith(TAR_EXTENSIONS):
-        return uri.split("#", 1)[0]
-    return None
-
-
 def iter_sources(uris: Sequence[str], storage_options: Optional[Mapping[str, Any]] = None) -> Iterator[bytes]:
     """The bytes of each images-table ``uri``, in order: a file in one read (with the run's
     retries), the members of a tar from one pass over it (a shard's members come in tar order),
@@ -238,7 +230,7 @@ def iter_sources(uris: Sequence[str], storage_options: Optional[Mapping[str, Any
     opts = dict(storage_options or {})
     tar_uri, members = None, iter(())
     for uri in uris:
-        tar = _tar_of(uri)
+        tar = tar_of_member(uri)
         if tar is None:
             data, error = _read_with_retries(uri, opts)
             if error is not None:

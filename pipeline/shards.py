@@ -308,14 +308,22 @@ def tar_index(tar_uri: str, storage_options: Optional[Mapping[str, Any]] = None)
     return index
 
 
+def tar_of_member(uri: str) -> Optional[str]:
+    """The tar of an images-table ``uri`` of a tar member (``<tar uri>#<member>``), else None."""
+    if "#" in uri and uri.split("#", 1)[0].endswith(TAR_EXTENSIONS):
+        return uri.split("#", 1)[0]
+    return None
+
+
 def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> bytes:
     """Bytes of an images-table ``uri``: a file, or ``<tar uri>#<member>``. A member of an
     uncompressed tar is read at its offset (:func:`tar_index`: one scan of the tar's headers,
     then one ranged read per image, not a pass from the tar's start per image); a gzipped tar
     has no offsets, so it is read from its start up to the member."""
     opts = dict(storage_options or {})
-    if "#" in uri and uri.split("#", 1)[0].endswith(TAR_EXTENSIONS):
-        tar_uri, member = uri.split("#", 1)
+    tar_uri = tar_of_member(uri)
+    if tar_uri is not None:
+        member = uri.split("#", 1)[1]
         if tar_uri.endswith(".tar"):
             if member not in tar_index(tar_uri, opts):
                 raise FileNotFoundError(f"{member} not in {tar_uri}")
