@@ -3,6 +3,7 @@
     python -m jobs.export --tables out/demo --format sa1b-json --dest out/demo-sa1b
     python -m jobs.export --tables out/demo --format sa1b-tar --dest out/demo-tars
     python -m jobs.export --tables out/demo --format coco --dest out/demo-coco.json
+    python -m jobs.export --tables out/prompted --format coco --prompts dets.json --images photos/ --dest dets-masks.json
     ray job submit --working-dir . -- python -m jobs.export --ray --tables s3://b/masks --format sa1b-tar --dest s3://b/sa1b
 
 sa1b-json and sa1b-tar export only the shards not exported yet (or whose tables changed since):
@@ -15,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.export import FORMATS, export_coco, export_shards
+from pipeline.export import FORMATS, export_coco, export_prompted_coco, export_shards
 from pipeline.lease import OutputBusyError
 from pipeline.output import READ_WORKERS
 
@@ -37,15 +38,29 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true",
                     help="sa1b-json/sa1b-tar: export every shard again and number ids afresh, instead of only "
                          "the shards not exported yet (or changed since)")
+    ap.add_argument("--prompts", help="coco, for the tables of a jobs.prompt run from a COCO file: write that file "
+                                      "with every annotation's mask (ids and categories kept) instead of a "
+                                      "class-agnostic one")
+    ap.add_argument("--images", help="with --prompts: the folder its file names are under (as jobs.prompt's)")
     ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs")
     args = ap.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         ap.error(f"--workers must be >= 1, got {args.workers}")
+    if (args.prompts or args.images) and (args.format != "coco" or not args.prompts):
+        ap.error("--prompts (and --images) go with --format coco: the prompts file with its masks")
     if args.ray and args.format == "coco":
         ap.error("--ray exports shards in parallel; a coco export is one file, written by this process")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
     try:  # tables that are not a run's output, or a destination that cannot be opened: say which
+        if args.prompts:
+            counts = export_prompted_coco(args.tables, args.prompts, args.dest, args.images, storage,
+                                          args.workers or READ_WORKERS)
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(counts["reasons"].items()))
+            print(f"wrote {args.dest}: {counts['annotations']} annotations of {args.prompts}, {counts['masked']} with "
+                  f"their mask, {counts['unmasked']} without" + (f" ({reasons}; listed under "
+                                                                   f"unmasked_annotations)" if reasons else ""))
+            return 0
         if args.format == "coco":
             summary = export_coco(args.tables, args.dest, storage, args.workers or READ_WORKERS)
         else:

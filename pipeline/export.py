@@ -546,3 +546,73 @@ def _write_coco(tables: OutputDir, tables_uri: str, shard_ids: Sequence[str], fs
                     "predicted_iou": m["predicted_iou"], "stability_score": m["stability_score"]}))
         f.write('], "categories": ' + json.dumps([COCO_CATEGORY]) + "}")
     return image_id, annotation_id
+
+
+def export_prompted_coco(tables_uri: str, prompts: str, dest_uri: str, images_root: Optional[str] = None,
+                         storage_options: Optional[Mapping[str, Any]] = None,
+                         workers: int = READ_WORKERS) -> Dict[str, Any]:
+    """The COCO prompts file of a ``jobs.prompt`` run with its masks: every annotation, with its
+    id, category and other fields as they were, gets its box's mask as ``segmentation`` (COCO
+    RLE), ``area`` (the mask's), ``predicted_iou`` and ``stability_score`` (its ``bbox`` stays the
+    box it was prompted with). An annotation without a mask (its image failed or is not in the
+    tables, or the image decodes to another size than the file says) is not left out without a
+    word: it moves to ``"unmasked_annotations"`` with the reason, so ``annotations`` loads in
+    ``pycocotools`` as instance segmentation. Returns counts: annotations, masked, unmasked."""
+    from .prompted import load_coco_prompts
+
+    tables = _tables(tables_uri, dest_uri, storage_options)
+    doc, uris = load_coco_prompts(prompts, images_root, storage_options)
+    wanted = set(uris.values())
+    images: Dict[str, Dict[str, Any]] = {}  # uri -> images row of the tables
+    columns = ["image_id", "uri", "status", "error_reason", "width", "height"]
+    for _, rows in tables.each_shard(lambda s: tables.read_shard("images", s, columns).to_pylist(), workers=workers):
+        images.update((r["uri"], r) for r in rows if r["uri"] in wanted)
+    ok_ids = {r["image_id"] for r in images.values() if r["status"] == "ok"}
+    masks: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    shards = sorted({i.split("/", 1)[0] for i in ok_ids})
+    read = lambda s: tables.read_shard("masks", s, ["image_id", "mask_id", "counts", "height", "width", "area",  # noqa: E731
+                                                    "predicted_iou", "stability_score"]).to_pylist()
+    for _, rows in tables.each_shard(read, shards, workers):
+        masks.update(((r["image_id"], r["mask_id"]), r) for r in rows if r["image_id"] in ok_ids)
+    sizes = {im["id"]: (im.get("width"), im.get("height")) for im in doc["images"]}
+    annotated, unmasked, position = [], [], Counter()
+    for ann in doc["annotations"]:
+        k = position[ann["image_id"]]
+        position[ann["image_id"]] += 1
+        row = images.get(uris[ann["image_id"]])
+        mask = masks.get((row["image_id"], k)) if row is not None and row["status"] == "ok" else None
+        reason = _unmasked_reason(row, mask, sizes[ann["image_id"]])
+        if reason is not None:
+            unmasked.append({"id": ann.get("id"), "image_id": ann["image_id"], "reason": reason})
+            continue
+        annotated.append(dict(ann, segmentation={"size": [mask["height"], mask["width"]], "counts": mask["counts"]},
+                              area=mask["area"], predicted_iou=mask["predicted_iou"],
+                              stability_score=mask["stability_score"]))
+    for im in doc["images"]:  # sizes the file left out: the decoded image's, which the masks have
+        row = images.get(uris[im["id"]])
+        if row is not None and row["status"] == "ok":
+            im.setdefault("width", row["width"])
+            im.setdefault("height", row["height"])
+    out = dict(doc, annotations=annotated, unmasked_annotations=unmasked)
+    fs, path = filesystem(dest_uri, storage_options)
+    if posixpath.dirname(path):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, json.dumps(out).encode())
+    return {"annotations": len(doc["annotations"]), "masked": len(annotated), "unmasked": len(unmasked),
+            "reasons": dict(Counter(u["reason"].split(":", 1)[0] for u in unmasked))}
+
+
+def _unmasked_reason(row: Optional[Dict[str, Any]], mask: Optional[Dict[str, Any]],
+                     size: Tuple[Optional[int], Optional[int]]) -> Optional[str]:
+    """Why a prompts annotation gets no mask (None: it gets one)."""
+    if row is None:
+        return "image not in the tables (not prompted yet, or another prompts file's run)"
+    if row["status"] != "ok":
+        return f"image error: {row['error_reason']}"
+    if mask is None:
+        return "no mask row for this box in the tables"
+    width, height = size
+    if (width is not None and width != row["width"]) or (height is not None and height != row["height"]):
+        return (f"size mismatch: the image decodes to {row['width']}x{row['height']} (EXIF orientation applied), "
+                f"the prompts file says {width}x{height}")
+    return None

@@ -69,20 +69,11 @@ def read_prompts(path: str, images_root: Optional[str] = None,
     A table's ``bbox`` may be a list or its JSON text (``"[x, y, w, h]"``, as a CSV holds it)."""
     opts = dict(storage_options or {})
     if path.endswith(".json"):
-        with open_uri(path, "r", opts) as f:
-            coco = json.load(f)
-        check_coco(path, coco, ("id", "file_name"), ("image_id", "bbox"))
-        files = {im["id"]: im["file_name"] for im in coco["images"]}
-        repeated = sorted(n for n, k in Counter(files.values()).items() if k > 1)
-        if repeated:
-            raise ValueError(f"{path}: {len(repeated)} file_name(s) belong to more than one image: {repeated[:10]}.")
-        boxes: Dict[Any, List[Tuple[float, ...]]] = {i: [] for i in files}
-        unknown = sorted({a["image_id"] for a in coco["annotations"] if a["image_id"] not in files}, key=str)
-        if unknown:
-            raise ValueError(f"{path}: annotations refer to image ids not in 'images': {unknown[:10]}.")
+        coco, uris = load_coco_prompts(path, images_root, opts)
+        boxes: Dict[Any, List[Tuple[float, ...]]] = {i: [] for i in uris}
         for a in coco["annotations"]:
             boxes[a["image_id"]].append(_box(a["bbox"]))
-        return [ImagePrompts(_join(images_root, files[i]), tuple(boxes[i])) for i in files]
+        return [ImagePrompts(uri, tuple(boxes[i])) for i, uri in uris.items()]
     if path.endswith((".parquet", ".csv")):
         import pyarrow.csv as pacsv
 
@@ -105,6 +96,24 @@ def read_prompts(path: str, images_root: Optional[str] = None,
             order.setdefault(_join(images_root, r["uri"]), []).append(_box(box))
         return [ImagePrompts(uri, tuple(b)) for uri, b in order.items()]
     raise ValueError(f"{path}: prompts must be a COCO .json or a .parquet/.csv table of boxes.")
+
+
+def load_coco_prompts(path: str, images_root: Optional[str] = None,
+                      storage_options: Optional[Mapping[str, Any]] = None) -> Tuple[Dict[str, Any], Dict[Any, str]]:
+    """A COCO prompts file, checked (see :func:`read_prompts`), and each image id's URI (its
+    ``file_name`` joined to ``images_root``). An image's boxes are its annotations in file order:
+    the k-th is prompted as the image's mask ``k``."""
+    with open_uri(path, "r", dict(storage_options or {})) as f:
+        coco = json.load(f)
+    check_coco(path, coco, ("id", "file_name"), ("image_id", "bbox"))
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    repeated = sorted(n for n, k in Counter(files.values()).items() if k > 1)
+    if repeated:
+        raise ValueError(f"{path}: {len(repeated)} file_name(s) belong to more than one image: {repeated[:10]}.")
+    unknown = sorted({a["image_id"] for a in coco["annotations"] if a["image_id"] not in files}, key=str)
+    if unknown:
+        raise ValueError(f"{path}: annotations refer to image ids not in 'images': {unknown[:10]}.")
+    return coco, {i: _join(images_root, name) for i, name in files.items()}
 
 
 def _box(values: Any) -> Tuple[float, ...]:

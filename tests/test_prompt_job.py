@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from dataclasses import replace
@@ -336,3 +338,42 @@ def test_a_model_batch_encodes_its_images_together(photos, tmp_path, tiny_checkp
         got = [] if r["masks"] is None else masks_from_ipc(r["masks"]).to_pylist()
         assert [m["counts"] for m in got] == [m["counts"] for m in expected]
         assert image_row["status"] == ("error" if name == "coffee.jpg" else "ok")
+
+
+def test_coco_prompts_come_back_with_their_masks(photos, tmp_path, tiny_checkpoint, capsys):
+    """``jobs.export --format coco --prompts``: the detections file of a prompt run with each
+    annotation's mask (ids, categories and boxes kept); an annotation without one (its image
+    failed, or the file gives the image another size) is listed with its reason, not dropped."""
+    from pycocotools.coco import COCO
+
+    from jobs.export import main as export_main
+
+    dets = coco_file(tmp_path / "dets.json", photos)
+    doc = json.loads(dets.read_text())
+    for a in doc["annotations"]:
+        a["category_id"] = 7 if a["id"] % 2 else 3
+    doc["images"][1]["width"] = 999  # coffee.jpg is not 999 wide: its mask would not fit the file's image
+    dets.write_text(json.dumps(doc))
+    prompts = read_prompts(str(dets), str(photos))
+    run_prompted(prompts, str(tmp_path / "out"), BoxPrompter("tiny", str(tiny_checkpoint)), images_per_shard=2)
+    dest = tmp_path / "with-masks.json"
+    assert export_main(["--tables", str(tmp_path / "out"), "--format", "coco", "--prompts", str(dets),
+                        "--images", str(photos), "--dest", str(dest)]) == 0
+    assert "5 annotations of" in capsys.readouterr().out
+    out = json.loads(dest.read_text())
+    by_image = {im["id"]: im["file_name"] for im in doc["images"]}
+    masks, _ = rows_by_image(tmp_path / "out")
+    assert [(a["id"], a["category_id"], a["bbox"]) for a in out["annotations"]] == [
+        (a["id"], a["category_id"], a["bbox"]) for a in doc["annotations"] if by_image[a["image_id"]] == "chelsea.jpg"]
+    for k, a in enumerate(out["annotations"]):
+        row = next(r for r in masks["chelsea.jpg"] if r["mask_id"] == k)
+        assert a["segmentation"]["counts"] == row["counts"] and a["area"] == row["area"]
+    assert sorted((by_image[u["image_id"]], u["reason"].split(":")[0]) for u in out["unmasked_annotations"]) == [
+        ("coffee.jpg", "size mismatch"), ("coffee_bad.jpg", "image error"), ("missing.jpg", "image error")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(dest))
+    assert all(coco.annToMask(a).sum() == a["area"] for a in coco.loadAnns(coco.getAnnIds()))
+    with pytest.raises(SystemExit):  # argparse: --prompts goes with coco
+        export_main(["--tables", str(tmp_path / "out"), "--format", "sa1b-json", "--prompts", str(dets),
+                     "--dest", str(tmp_path / "x")])
+    assert "--prompts (and --images) go with --format coco" in capsys.readouterr().err
