@@ -477,3 +477,24 @@ def test_a_second_export_into_one_destination_is_refused(tmp_path, capsys):
     assert export_main(args + ["--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "sa1b" / ".export").iterdir()) == ["files-00000.json", "lease"]
     assert list((tmp_path / "sa1b" / ".export" / "lease").iterdir()) == []
+
+
+def test_stats_of_more_masks_than_a_sample_holds(tmp_path, monkeypatch, capsys):
+    """Beyond ``SAMPLE_ROWS`` rows, quantiles come from a uniform sample (said in the report)
+    while counts, means, minima and maxima stay exact, so memory is bounded for any output."""
+    import pipeline.stats
+    from jobs.stats import main as stats_main
+
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    rows = []
+    for k in range(6):
+        rows += synthetic_shard(out, f"files-{k:05d}", [f"{k}{c}.jpg" for c in "abcd"], masks_per_image=5)
+    monkeypatch.setattr(pipeline.stats, "SAMPLE_ROWS", 40)
+    assert stats_main(["--tables", str(tmp_path / "out"), "--json", str(tmp_path / "s.json")]) == 0
+    assert "from a uniform sample of 40 rows" in capsys.readouterr().out
+    area = json.loads((tmp_path / "s.json").read_text())["masks"]["area"]
+    exact = np.array([r["area"] for r in rows], dtype=np.float64)
+    assert (area["count"], area["sampled"]) == (120, 40)
+    assert area["mean"] == pytest.approx(exact.mean()) and (area["min"], area["max"]) == (exact.min(), exact.max())
+    assert exact.min() <= area["p5"] <= area["median"] <= area["p95"] <= exact.max()
+    assert np.quantile(exact, 0.05) <= area["median"] <= np.quantile(exact, 0.95)
