@@ -7,10 +7,11 @@ opens offline from disk. A small inline script counts the images that loaded int
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import html
 import io
 import posixpath
-import random
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -57,15 +58,16 @@ def render_gallery(tables_uri: str, dest: str, image_ids: Optional[Sequence[str]
     Raises ValueError naming any requested id that is not an ok image of the tables.
     """
     tables = OutputDir.of_run(tables_uri, storage_options)
-    ok = [i for _, ids in tables.each_shard(lambda s: _ok_ids(tables, s)) for i in ids]  # ids only: no masks yet
-    if image_ids:
-        known = set(ok)
+    if image_ids:  # the images tables of their shards only
+        shards = sorted({i.split("/", 1)[0] for i in image_ids} & set(tables.shard_ids()))
+        known = {i for _, ids in tables.each_shard(lambda s: _ok_ids(tables, s), shards) for i in ids}
         missing = [i for i in image_ids if i not in known]
         if missing:
-            raise ValueError(f"Not ok images of {tables_uri}: {missing}; e.g. {ok[:3]}.")
+            raise ValueError(f"Not ok images of {tables_uri}: {missing}; e.g. {sorted(known)[:3]}.")
         chosen = list(image_ids)
-    else:
-        chosen = sorted(random.Random(seed).sample(sorted(ok), min(sample, len(ok))))
+    else:  # the ok ids with the smallest seeded hashes: a uniform sample held in O(sample) memory
+        ok = (i for _, ids in tables.each_shard(lambda s: _ok_ids(tables, s)) for i in ids)
+        chosen = sorted(heapq.nsmallest(sample, ok, key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).digest()))
     wanted = set(chosen)
     available = {image["image_id"]: (image, masks) for image, masks in images_with_masks(
         tables, sorted({i.split("/", 1)[0] for i in chosen})) if image["image_id"] in wanted}
