@@ -250,13 +250,16 @@ def iter_sources(uris: Sequence[str], storage_options: Optional[Mapping[str, Any
                           "changed since the run")
 
 
-def _upright_jpeg(data: bytes) -> bytes:
+def _upright_jpeg(data: bytes) -> Tuple[bytes, Tuple[int, int]]:
+    """(an upright JPEG of the image, its width and height): the bytes as they are for a JPEG
+    that EXIF does not rotate, else the decoded pixels (what the masks were made on) at quality 95."""
     with Image.open(io.BytesIO(data)) as im:
         if im.format == "JPEG" and im.getexif().get(EXIF_ORIENTATION, 1) == 1:
-            return data
+            return data, im.size
+    pixels = decode_image(data)
     buf = io.BytesIO()
-    Image.fromarray(decode_image(data)).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+    return buf.getvalue(), (pixels.shape[1], pixels.shape[0])
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -320,7 +323,13 @@ def _export_tar_shard(tables: OutputDir, plan: ShardExport, dest: ExportDest,
             for (image, stem, doc), data in zip(_documents(tables, plan, images), sources):
                 doc["image"]["file_name"] = f"{stem}.jpg"
                 validate_sa1b(doc)
-                _add(tar, f"{stem}.jpg", _upright_jpeg(data))
+                jpeg, size = _upright_jpeg(data)
+                if size != (image["width"], image["height"]):
+                    raise ValueError(
+                        f"source image {image['uri']} is {size[0]}x{size[1]} now, {image['width']}x{image['height']} "
+                        f"when its masks were made: it changed since the run. Redo its shard (remove "
+                        f"_done/{plan.shard_id}.json from the tables and run again) before exporting it.")
+                _add(tar, f"{stem}.jpg", jpeg)
                 _add(tar, f"{stem}.json", json.dumps(doc).encode())
     except BaseException:  # closing the file above stored what was written: remove the partial tar
         if dest.fs.exists(dest.full_path(name)):

@@ -208,9 +208,10 @@ def test_tar_images_are_upright_jpegs():
     exif[EXIF_ORIENTATION] = 6  # viewers rotate it 90 degrees
     Image.fromarray(pixels).save(rotated, format="JPEG", exif=exif)
     Image.fromarray(pixels).save(png, format="PNG")
-    assert _upright_jpeg(plain.getvalue()) == plain.getvalue()  # copied byte for byte
-    for source in (rotated.getvalue(), png.getvalue()):
-        out = _upright_jpeg(source)
+    assert _upright_jpeg(plain.getvalue()) == (plain.getvalue(), (40, 20))  # copied byte for byte
+    for source, size in ((rotated.getvalue(), (20, 40)), (png.getvalue(), (40, 20))):
+        out, upright = _upright_jpeg(source)
+        assert upright == size
         with Image.open(io.BytesIO(out)) as im:
             assert im.format == "JPEG" and im.getexif().get(EXIF_ORIENTATION, 1) == 1
         assert decode_image(out).shape == decode_image(source).shape  # what the masks were made on
@@ -387,6 +388,10 @@ def test_export_records_a_failed_shard_and_goes_on(tmp_path, capsys):
     assert f"failed: files-00000: OSError: source image {src / 'b.jpg'} could not be read: FileNotFoundError" in text
     assert sorted(p.name for p in dest.iterdir()) == [".export", "files-00001.tar"]
     assert sorted(p.name for p in (dest / ".export").glob("*.json")) == ["files-00001.json"]
+    Image.fromarray(np.zeros((30, 41, 3), np.uint8)).save(src / "b.jpg")  # another image under its name
+    assert export_main(args) == 1
+    assert f"source image {src / 'b.jpg'} is 41x30 now, 40x30 when its masks were made" in capsys.readouterr().out
+    assert not (dest / "files-00000.tar").exists()
     (tmp_path / "b.jpg").rename(src / "b.jpg")
     assert export_main(args) == 0
     assert "1 shards exported, 1 unchanged" in capsys.readouterr().out
