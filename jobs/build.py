@@ -31,11 +31,14 @@ def main(argv=None) -> int:
     ap.add_argument("--retry-failed", action="store_true",
                     help="also redo shards with images that failed in the model or post-processing stage or "
                          "could not be read (as jobs.generate --retry-failed)")
+    ap.add_argument("--redo-changed", action="store_true",
+                    help="also redo shards holding input files replaced under their names since (as jobs.generate "
+                         "--redo-changed)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         spec = load_spec(args.spec)
-        result = run_build(spec, retry_failed=args.retry_failed)
+        result = run_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed)
     except (ValueError, FileNotFoundError) as e:  # the spec (SpecError), a checkpoint, an input: say which
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-cpus-per-postprocessor", type=float, default=0.5,
                     help="CPUs per post-processing actor (default 0.5)")
     add_run_args(ap)
+    ap.add_argument("--redo-changed", action="store_true",
+                    help="also redo completed shards holding files replaced under their names since (their size "
+                         "and ETag or modification time differ from the listing the shard was made from; without "
+                         "it such files are only counted in a warning)")
     ap.add_argument("--gallery", help="also render mask overlays of (up to 12) images and an HTML page "
                                       "into this folder (as jobs.render does)")
     return ap.parse_args(argv)
@@ -74,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         checkpoint=args.checkpoint, seed=args.seed, preset=args.preset, mode=args.mode,
         amg={k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None},
         postprocess_workers=args.postprocess_workers, num_cpus_per_postprocessor=args.num_cpus_per_postprocessor,
-        **run_args,
+        redo_changed=args.redo_changed, **run_args,
     )
 
 

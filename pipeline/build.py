@@ -184,17 +184,18 @@ class Manifests:
 
 
 def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeline,
-              retry_failed: bool = False) -> BuildResult:
+              retry_failed: bool = False, redo_changed: bool = False) -> BuildResult:
     """Process the shards of every input not yet done (with ``retry_failed``, also those holding
-    images that failed for a reason another try may not meet: see ``PipelineConfig``), then
-    write the next manifest version.
+    images that failed for a reason another try may not meet; with ``redo_changed``, those
+    holding files replaced since: see ``PipelineConfig``), then write the next manifest version.
 
     Refuses (``SpecError``) when the model or settings differ from the latest manifest's: the
     output would otherwise mix masks of two configurations.
     """
     manifests = Manifests(spec.output, spec.storage_options())
     versions = manifests.versions()
-    configs = {uri: replace(spec.pipeline_config(uri), retry_failed=retry_failed) for uri in spec.inputs}
+    configs = {uri: replace(spec.pipeline_config(uri), retry_failed=retry_failed, redo_changed=redo_changed)
+               for uri in spec.inputs}
     first = next(iter(configs.values()))
     identity = {"model": first.model_id(), "settings_hash": first.settings_hash()}
     if versions:

@@ -48,6 +48,7 @@ class PipelineConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # images larger than this are recorded as errors
     overwrite: bool = False  # delete previous results under output_uri instead of resuming
     retry_failed: bool = False  # also redo completed shards with images of RETRIED_REASONS
+    redo_changed: bool = False  # also redo completed shards with files replaced since (see pipeline.resuming)
     storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint...)
     device: Optional[str] = None  # torch device in the workers; None: cuda if the worker has a GPU
     num_gpus_per_worker: float = 0.0  # GPUs reserved by each model actor

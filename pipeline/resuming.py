@@ -5,8 +5,10 @@ completed shard holds yet: a folder, manifest or prompts file that gained files 
 into the output gets the new ones in new shards (numbered after, or in the gaps between, the
 completed ones), and every completed shard is kept. Resuming an interrupted run with the same
 input gives the shards it would have written. A completed shard is redone (from the files of it
-still in the input) when a file's digest changed (``jobs.prompt``: its boxes) or, with
-``retry_failed``, when it holds images that failed for a reason a retry may fix. A tar is a shard
+still in the input) when a file's digest changed (``jobs.prompt``: its boxes; ``jobs.generate``
+with ``redo_changed``: the file's listing fingerprint, i.e. it was replaced under its name; without
+it, such files are counted in a warning) or, with ``retry_failed``, when it holds images that
+failed for a reason a retry may fix. A tar is a shard
 of its own, named after it; a completed one of that name made from another tar is refused.
 Completed shards of another model or settings are refused too (an output never mixes two
 configurations), and ``overwrite`` starts afresh.
@@ -29,14 +31,24 @@ Digest = Callable[[str], str]  # uri -> what besides the file decides its masks 
 
 
 def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard: int, overwrite: bool = False,
-                   retry_failed: bool = False, digest: Optional[Digest] = None, reopen: bool = True) -> List[Shard]:
+                   retry_failed: bool = False, digest: Optional[Digest] = None, reopen: bool = True,
+                   redo_changed: bool = True) -> List[Shard]:
     """The shards of the planned ``shards`` (an input's, see :func:`pipeline.shards.discover_shards`)
     that ``output`` does not hold yet: all of them after clearing it with ``overwrite``; else the
     tars without a marker and the loose files no completed shard holds, grouped
     ``images_per_shard`` to a new shard; and the completed shards to redo (their markers
-    removed): those holding a file whose ``digest`` changed since and, with ``retry_failed``,
-    those holding images that failed for a reason in ``RETRIED_REASONS``. ``reopen=False``
-    only says what a run would do: no marker is removed (and ``overwrite`` clears nothing)."""
+    removed): those holding a file whose ``digest`` changed since (``digest`` None: the planned
+    shards' own digests, their files' fingerprints; with ``redo_changed`` False such shards are
+    only counted in a warning) and, with ``retry_failed``, those holding images that failed for a
+    reason in ``RETRIED_REASONS``. ``reopen=False`` only says what a run would do: no marker is
+    removed (and ``overwrite`` clears nothing)."""
+    if digest is None:
+        planned = {u: d for s in shards if s.digests for u, d in zip(s.uris, s.digests)}
+        digest = planned.get if planned else None
+        kind = "files replaced under their names (their size, ETag or modification time differ)"
+    else:
+        kind = "images with other boxes in the prompts"
+    changes = Changes(kind, redo_changed)
     if overwrite:
         if reopen:
             output.clear()
@@ -49,13 +61,51 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
         done = markers.get(shard.shard_id)
         if done is not None:
             output.check_members(shard, done)
-        if done is None or (retry_failed and _retried(output, shard.shard_id, done)):
+        stale = done is not None and changes.note(shard.shard_id, _stale(shard.uris, done, digest))
+        if done is None or stale or (retry_failed and _retried(output, shard.shard_id, done)):
             if done is not None and reopen:
                 output.reopen(shard)
             pending.append(shard)
     files = [s for s in shards if s.kind != "tar"]
-    return pending + _redone_files(files, markers, output, retry_failed, digest, reopen) + \
-        _new_files(files, markers, images_per_shard, digest)
+    pending += _redone_files(files, markers, output, retry_failed, digest, reopen, changes)
+    changes.report()
+    return pending + _new_files(files, markers, images_per_shard, digest)
+
+
+class Changes:
+    """Files of completed shards whose digest changed: redone (``redo``) or, if not, counted
+    in a warning that says how to redo them."""
+
+    def __init__(self, kind: str, redo: bool) -> None:
+        self.kind, self.redo = kind, redo
+        self.files: List[str] = []
+        self.shards = 0
+
+    def note(self, shard_id: str, stale: Sequence[str]) -> bool:
+        """Note a completed shard's ``stale`` files; True if the shard is to be redone for them."""
+        self.files += stale
+        self.shards += bool(stale)
+        return bool(stale) and self.redo
+
+    def report(self) -> None:
+        if not self.files:
+            return
+        if self.redo:
+            log.warning("%d %s since their shards were written (e.g. %s): their %d shards are redone.",
+                        len(self.files), self.kind, self.files[0], self.shards)
+        else:
+            log.warning("%d %s since their shards were written (e.g. %s): their masks are of the files as they "
+                        "were. --redo-changed redoes their %d shards.", len(self.files), self.kind, self.files[0],
+                        self.shards)
+
+
+def _stale(uris: Sequence[str], done: Mapping[str, Any], digest: Optional[Digest]) -> List[str]:
+    """The ``uris`` of a completed shard (its marker ``done``) whose digest differs from the one
+    recorded (files without either are not compared: markers of earlier versions, manifests)."""
+    if digest is None:
+        return []
+    recorded = done.get("digests") or {}
+    return [u for u in uris if recorded.get(u) is not None and digest(u) is not None and recorded[u] != digest(u)]
 
 
 def _group(shard_id: str) -> str:
@@ -106,31 +156,25 @@ def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]
 
 
 def _redone_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]], output: OutputDir,
-                  retry_failed: bool, digest: Optional[Digest], reopen: bool) -> List[Shard]:
+                  retry_failed: bool, digest: Optional[Digest], reopen: bool, changes: Changes) -> List[Shard]:
     """Completed loose-files shards holding files of ``planned`` to redo (a file's digest changed,
-    or with ``retry_failed`` images of a retried reason), rebuilt from their markers (the members
-    still in the input, the naming root) and, with ``reopen``, reopened."""
+    as ``changes`` decides, or with ``retry_failed`` images of a retried reason), rebuilt from their
+    markers (the members still in the input, the naming root) and, with ``reopen``, reopened."""
     roots = {u: s.root for s in planned for u in s.uris}
-    shards, changed, dropped, stale_shards = [], [], [], 0
+    shards, dropped = [], []
     for shard_id, done in sorted(markers.items()):
         members = done["members"]
         present = [u for u in members if u in roots]
         if _is_tar(done) or not present:
             continue
-        recorded = done.get("digests") or {}  # markers of generate runs and earlier versions: none
-        stale = [u for u in present if digest is not None and u in recorded and recorded[u] != digest(u)]
+        stale = changes.note(shard_id, _stale(present, done, digest))
         if not stale and not (retry_failed and _retried(output, shard_id, done)):
             continue
-        changed += stale
-        stale_shards += bool(stale)
         dropped += [u for u in members if u not in roots]
         shard = Shard(shard_id, "files", tuple(present), done["root"] if "root" in done else roots[present[0]])
         if reopen:
             output.reopen(shard)
         shards.append(_digested(shard, digest))
-    if changed:
-        log.warning("%d images of completed shards have other boxes in the prompts than when they were written "
-                    "(e.g. %s): their %d shards are redone.", len(changed), changed[0], stale_shards)
     if dropped:
         log.warning("%d files of shards being redone are no longer in the input (e.g. %s): their rows go.",
                     len(dropped), dropped[0])

@@ -37,7 +37,7 @@ def pending_shards(config: PipelineConfig, reopen: bool = True) -> List[Shard]:
     ``reopen=False``: what a run would do, changing nothing)."""
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
     return select_pending(shards, config.output(), config.images_per_shard, config.overwrite, config.retry_failed,
-                          reopen=reopen)
+                          reopen=reopen, redo_changed=config.redo_changed)
 
 
 def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunSummary:
@@ -55,7 +55,8 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
     output = config.output()
     with output.hold_lease():  # one run at a time writes here
-        todo = select_pending(shards, output, config.images_per_shard, config.overwrite, config.retry_failed)
+        todo = select_pending(shards, output, config.images_per_shard, config.overwrite, config.retry_failed,
+                              redo_changed=config.redo_changed)
         summary = run_stages(config, todo, output, [(model_stage, "model"), (PostprocessStage, "postprocess")])
     summary.seconds = time.perf_counter() - start
     return summary

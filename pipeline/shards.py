@@ -39,7 +39,9 @@ class Shard:
     kind: str  # "files" (uris are images) or "tar" (uris is one tar file)
     uris: Tuple[str, ...]
     root: Optional[str] = None  # "files": images are named by their path under it (None: file name)
-    digests: Optional[Tuple[str, ...]] = None  # per uri, what else decides its masks (jobs.prompt: its boxes)
+    # Per uri, what besides the uri decides its masks: jobs.prompt, the image's boxes; jobs.generate,
+    # the file's listing fingerprint (size and ETag or modification time, see fingerprint).
+    digests: Optional[Tuple[Optional[str], ...]] = None
 
     def name_of(self, uri: str) -> str:
         """The name of the image at ``uri`` (a member of a "files" shard) within the shard."""
@@ -91,9 +93,31 @@ def _full_uri(fs, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
+FINGERPRINT_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "mtime", "LastModified", "last_modified",
+                    "updated")  # S3, GCS, local and others' listings
+
+
+def fingerprint(info: Mapping[str, Any]) -> Optional[str]:
+    """What tells a stored file's content from another's without reading it, from its listing
+    entry: its size and its ETag (S3), checksum or generation (GCS) or modification time (local);
+    None where the listing has none of them."""
+    for key in FINGERPRINT_KEYS:
+        if info.get(key) is not None:
+            return f"{info.get('size')}:{info[key]}"
+    return None
+
+
 def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
                output_uri: Optional[str] = None) -> List[str]:
-    """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs.
+    """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs
+    (:func:`list_fingerprints` without the fingerprints)."""
+    return list(list_fingerprints(input_uri, storage_options, output_uri))
+
+
+def list_fingerprints(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+                      output_uri: Optional[str] = None) -> Dict[str, Optional[str]]:
+    """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs, with
+    its :func:`fingerprint` (from the same listing: no request per file).
 
     Hidden files and folders (names starting with ".") under a folder are skipped; anything else
     is returned, so that a file that is not an image is reported as such rather than silently
@@ -103,11 +127,14 @@ def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = No
     fs, path = filesystem(input_uri, storage_options)
     if fs.isdir(path):
         base = path.rstrip("/") + "/"
-        paths = [p for p in fs.find(path)  # hidden files and everything in hidden folders (.git, .export)
-                 if not any(part.startswith(".") for part in p[len(base):].split("/"))]
+        infos = {p: i for p, i in fs.find(path, detail=True).items()  # hidden files and folders (.git, .export) left out
+                 if not any(part.startswith(".") for part in p[len(base):].split("/"))}
+    elif any(c in path for c in "*?["):
+        infos = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
     else:
-        paths = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
-    uris = [_full_uri(fs, p) for p in sorted(paths)]
+        infos = {path: fs.info(path)} if fs.exists(path) else {}
+    fingerprints = {_full_uri(fs, p): fingerprint(infos[p]) for p in sorted(infos)}
+    uris = list(fingerprints)
     if output_uri is not None:
         out_fs, out_path = filesystem(output_uri, storage_options)
         inside = _full_uri(out_fs, out_path.rstrip("/")) + "/"
@@ -118,7 +145,7 @@ def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = No
         uris = kept
     if not uris:
         raise FileNotFoundError(f"No input files at {input_uri!r}.")
-    return uris
+    return {u: fingerprints[u] for u in uris}
 
 
 def discover_shards(
@@ -126,19 +153,22 @@ def discover_shards(
     output_uri: Optional[str] = None,
 ) -> List[Shard]:
     """Shards of ``input_uri``: a folder, a glob, a single tar/manifest, or a folder of tars
-    (files under ``output_uri`` left out: see :func:`list_files`)."""
+    (files under ``output_uri`` left out: see :func:`list_files`). The shards of a listing carry
+    each file's :func:`fingerprint` as its digest (a manifest's do not: it is not listed)."""
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}.")
     if input_uri.endswith((".parquet", ".csv")) and not any(c in input_uri for c in "*?["):
         return _manifest_shards(input_uri, images_per_shard, storage_options)
-    uris = list_files(input_uri, storage_options, output_uri)
+    fingerprints = list_fingerprints(input_uri, storage_options, output_uri)
+    uris = list(fingerprints)
     tars = [u for u in uris if u.endswith(TAR_EXTENSIONS)]
     others = [u for u in uris if not u.endswith(TAR_EXTENSIONS)]
-    shards = [Shard(_tar_stem(posixpath.basename(u)), "tar", (u,)) for u in tars]
+    shards = [Shard(_tar_stem(posixpath.basename(u)), "tar", (u,), digests=(fingerprints[u],)) for u in tars]
     root = naming_root(input_uri, others, storage_options)
     for i in range(0, len(others), images_per_shard):
         members = tuple(others[i : i + images_per_shard])
-        shards.append(Shard(f"files-{i // images_per_shard:05d}", "files", members, root))
+        shards.append(Shard(f"files-{i // images_per_shard:05d}", "files", members, root,
+                            tuple(fingerprints[u] for u in members)))
     ids = [s.shard_id for s in shards]
     if len(set(ids)) != len(ids):
         raise ValueError(f"Two input tars share a name: {sorted(i for i in ids if ids.count(i) > 1)}.")

@@ -192,6 +192,46 @@ def test_a_grown_input_gets_its_new_files_in_new_shards_and_keeps_the_completed_
         pending_shards(replace(tars, input_uri=str(tmp_path / "b")))
 
 
+def test_files_replaced_under_their_names_are_found_and_redone_on_request(tmp_path, caplog):
+    """Markers record each file's listing fingerprint (size and modification time here, ETag on
+    S3). A file replaced under its name since its shard was written is counted in a warning, and
+    with --redo-changed its shard (or tar) is redone, the others left as they are; files named by
+    a manifest (not listed) are not compared."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (photos / name).write_bytes(b"x")
+    with tarfile.open(photos / "sa_000001.tar", "w"):
+        pass
+    cfg = PipelineConfig(input_uri=str(photos), output_uri=str(tmp_path / "out"), amg=dict(AMG), images_per_shard=2)
+    for shard in pending_shards(cfg):
+        cfg.output().write_shard(shard, [], [])
+    markers = cfg.output().markers()
+    assert set(markers["files-00000"]["digests"]) == {str(photos / "a.jpg"), str(photos / "b.jpg")}
+    assert markers["sa_000001"]["digests"] == {str(photos / "sa_000001.tar"): f"{(photos / 'sa_000001.tar').stat().st_size}:"
+                                               f"{(photos / 'sa_000001.tar').stat().st_mtime}"}
+    (photos / "c.jpg").write_bytes(b"a new photo")  # replaced under its name
+    with tarfile.open(photos / "sa_000001.tar", "w") as tar:
+        tar.add(photos / "a.jpg", arcname="a.jpg")
+    caplog.clear()
+    assert pending_shards(cfg) == []
+    assert "2 files replaced under their names" in caplog.text and "--redo-changed redoes their 2 shards" in caplog.text
+    redo = replace(cfg, redo_changed=True)
+    assert sorted(s.shard_id for s in pending_shards(redo, reopen=False)) == ["files-00001", "sa_000001"]
+    for shard in pending_shards(redo):
+        cfg.output().write_shard(shard, [], [])
+    caplog.clear()
+    assert pending_shards(redo) == [] and "replaced" not in caplog.text  # their markers hold the new files
+
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("uri\n" + "\n".join(str(photos / n) for n in ("a.jpg", "b.jpg")) + "\n")
+    listed = replace(cfg, input_uri=str(manifest), output_uri=str(tmp_path / "m"), redo_changed=True)
+    for shard in pending_shards(listed):
+        listed.output().write_shard(shard, [], [])
+    (photos / "a.jpg").write_bytes(b"another")
+    assert pending_shards(listed) == []
+
+
 def test_resume_refuses_another_model_or_settings(tmp_path):
     """Completed shards are resumed only by a run with the model and mask settings their markers
     record; batch sizes and compile may change. Readers and markers without them are not checked."""

@@ -237,7 +237,7 @@ def test_changed_boxes_redo_their_shard_and_new_images_get_new_shards(photos, tm
     edited = dict(BOXES, **{"coffee.jpg": [[10.0, 20.0, 120.0, 90.0]]})
     caplog.clear()
     assert run(edited, out).shards_processed == 1
-    assert "1 images of completed shards have other boxes in the prompts" in caplog.text
+    assert "1 images with other boxes in the prompts since their shards were written" in caplog.text
     assert (out / "masks" / "prompts-00001.parquet").read_bytes() == before["prompts-00001.parquet"]
     edited = dict(edited, **{"astronaut.jpg": [[50.0, 50.0, 100.0, 100.0]], "coffee_copy.jpg": BOXES["coffee.jpg"]})
     shutil.copy(photos / "coffee.jpg", photos / "coffee_copy.jpg")
