@@ -87,7 +87,8 @@ def test_discover_folder_glob_tar_and_manifest(inputs, tmp_path):
         tar.add(inputs / "chelsea.jpg", arcname="sa_1.jpg")
         tar.add(inputs / "notes.txt", arcname="sa_1.json")
     (tar_shard,) = discover_shards(str(tar_path))
-    assert tar_shard == Shard("sa_000001", "tar", (str(tar_path),))
+    stat = tar_path.stat()
+    assert tar_shard == Shard("sa_000001", "tar", (str(tar_path),), digests=(f"{stat.st_size}:{stat.st_mtime}",))
     files = list(iter_shard_files(tar_shard))
     assert [(n, u.endswith("#sa_1.jpg")) for n, u, _, _ in files] == [("sa_1.jpg", True)]
     manifest = tmp_path / "list.parquet"
