@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow.compute as pc
 from PIL import Image
@@ -40,7 +40,7 @@ from PIL import Image
 from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 
 from .decode import decode_image
-from .lease import RunLease
+from .lease import RunLease, check_holder
 from .output import READ_WORKERS, OutputDir
 from .shards import _full_uri, _iter_tar, _read_with_retries, filesystem, tar_of_member
 
@@ -204,7 +204,13 @@ def plan_export(tables: OutputDir, dest: ExportDest, fmt: str,
     next_image = max((m["first_image"] + m["image_slots"] for m in done.values()), default=0)
     next_annotation = max((m["first_annotation"] + m["annotation_slots"] for m in done.values()), default=0)
     todo, unchanged = [], 0
-    for shard_id, marker in sorted(tables.markers().items()):
+    markers = tables.markers()
+    gone = sorted(set(done) - set(markers))
+    if gone:
+        log.warning("%d shards exported into %s earlier are no longer in the tables (e.g. %s); their exported files "
+                    "stay (--overwrite does not remove them either: use a new destination).", len(gone), dest.uri,
+                    gone[0])
+    for shard_id, marker in sorted(markers.items()):
         source, prev = _digest(marker), done.get(shard_id)
         if prev is not None and prev["source"] == source:
             unchanged += 1
@@ -396,7 +402,7 @@ def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Opt
     start = time.monotonic()
     tables = _tables(tables_uri, dest_uri, storage_options)
     dest = ExportDest(dest_uri, storage_options)
-    with RunLease(dest.fs, posixpath.join(dest.path, EXPORT_MARKERS, "lease")) as lease:  # one export at a time
+    with RunLease(dest.fs, _lease_dir(dest)) as lease:  # one export at a time
         return _export_shards(tables, dest, fmt, storage_options, workers, overwrite, on_ray, lease, start)
 
 
@@ -409,8 +415,8 @@ def _export_shards(tables: OutputDir, dest: ExportDest, fmt: str, storage_option
     todo, previous, unchanged = plan_export(tables, dest, fmt, tables_id)
     summary = ExportSummary(fmt, dest.uri, shards_unchanged=unchanged)
     jobs = [(plan, previous.get(plan.shard_id)) for plan in todo]
-    done = (_on_ray(jobs, tables_id, _full_uri(dest.fs, dest.path), fmt, storage_options, workers) if on_ray else
-            _in_threads(jobs, tables, dest, fmt, workers or READ_WORKERS, lease))
+    done = (_on_ray(jobs, tables_id, _full_uri(dest.fs, dest.path), fmt, storage_options, workers, lease.run_id)
+            if on_ray else _in_threads(jobs, tables, dest, fmt, workers or READ_WORKERS, lease))
     last_log = time.monotonic()
     for plan, error in done:
         if error is not None:
@@ -429,21 +435,26 @@ def _export_shards(tables: OutputDir, dest: ExportDest, fmt: str, storage_option
 
 
 def _export_one(tables: OutputDir, dest: ExportDest, fmt: str, plan: ShardExport,
-                previous: Optional[Mapping[str, Any]], lease: Optional[RunLease] = None) -> None:
+                previous: Optional[Mapping[str, Any]], still_held: Callable[[], None]) -> None:
     """Export one shard: its marker removed first (a run stopped while the shard is rewritten
-    leaves it to be redone), its files, then its marker (if ``lease``, only while it is still
-    this export's)."""
+    leaves it to be redone), its files, then its marker, once ``still_held()`` has not raised
+    (the destination's lease is still this export's)."""
     dest.unmark(plan.shard_id)
     files = SHARD_EXPORTERS[fmt](tables, plan, dest, previous)
-    if lease is not None:
-        lease.check()
+    still_held()
     dest.mark(plan, fmt, _full_uri(tables.fs, tables.path.rstrip("/")), files)
 
 
+def _lease_dir(dest: ExportDest) -> str:
+    return posixpath.join(dest.path, EXPORT_MARKERS, "lease")
+
+
 def _export_task(tables_uri: str, dest_uri: str, fmt: str, storage_options: Optional[Mapping[str, Any]],
-                 plan: ShardExport, previous: Optional[Mapping[str, Any]]) -> None:
-    """:func:`_export_one` in a Ray task."""
-    _export_one(OutputDir(tables_uri, storage_options), ExportDest(dest_uri, storage_options), fmt, plan, previous)
+                 plan: ShardExport, previous: Optional[Mapping[str, Any]], run_id: str) -> None:
+    """:func:`_export_one` in a Ray task of export run ``run_id`` (the lease is read from its file)."""
+    dest = ExportDest(dest_uri, storage_options)
+    _export_one(OutputDir(tables_uri, storage_options), dest, fmt, plan, previous,
+                lambda: check_holder(dest.fs, _lease_dir(dest), run_id))
 
 
 Job = Tuple[ShardExport, Optional[Mapping[str, Any]]]  # a shard to export and its earlier export's marker
@@ -453,14 +464,15 @@ def _in_threads(jobs: Sequence[Job], tables: OutputDir, dest: ExportDest, fmt: s
                 lease: RunLease) -> Iterator[Tuple[ShardExport, Optional[str]]]:
     """(plan, error or None) per job as it finishes, ``workers`` threads at a time."""
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="export") as pool:
-        futures = {pool.submit(_export_one, tables, dest, fmt, plan, previous, lease): plan for plan, previous in jobs}
+        futures = {pool.submit(_export_one, tables, dest, fmt, plan, previous, lease.check): plan
+                   for plan, previous in jobs}
         for future in as_completed(futures):
             error = future.exception()
             yield futures[future], None if error is None else f"{type(error).__name__}: {error}"
 
 
 def _on_ray(jobs: Sequence[Job], tables_uri: str, dest_uri: str, fmt: str, storage_options: Optional[Mapping[str, Any]],
-            workers: Optional[int]) -> Iterator[Tuple[ShardExport, Optional[str]]]:
+            workers: Optional[int], run_id: str) -> Iterator[Tuple[ShardExport, Optional[str]]]:
     """(plan, error or None) per job as it finishes, as Ray tasks of one CPU, at most ``workers``
     (default: the cluster's CPUs) submitted at once. A task whose process dies is retried by Ray
     (twice); an exception is the shard's error, not retried."""
@@ -477,7 +489,7 @@ def _on_ray(jobs: Sequence[Job], tables_uri: str, dest_uri: str, fmt: str, stora
     while waiting or running:
         while waiting and len(running) < limit:
             plan, previous = waiting.pop()
-            running[task.remote(tables_uri, dest_uri, fmt, opts, plan, previous)] = plan
+            running[task.remote(tables_uri, dest_uri, fmt, opts, plan, previous, run_id)] = plan
         ready, _ = ray.wait(list(running), num_returns=1)
         plan = running.pop(ready[0])
         try:

@@ -148,6 +148,16 @@ class RunLease:
                               "writing into this output.")
 
 
+def check_holder(fs: Any, path: str, run_id: str) -> None:
+    """Raise :class:`OutputBusyError` unless the lease on the folder ``path`` is run ``run_id``'s:
+    :meth:`RunLease.check` for a worker process of that run (a Ray task), read from the file."""
+    lease = RunLease(fs, path)
+    held = lease._read()
+    if held is None or held["run_id"] != run_id:
+        raise OutputBusyError(f"The lease {lease.path} is no longer this run's ({describe(held) if held else 'it is gone'})"
+                              "; this run stops so that the two do not write the same files.")
+
+
 def describe(held: Dict[str, Any]) -> str:
     """A lease as "run 3f2a... on host node-1, pid 4242, started 2026-11-24 07:30:00 UTC"."""
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(held.get("started", 0)))

@@ -149,3 +149,17 @@ def test_a_run_into_a_busy_output_is_refused_before_ray_starts_and_clears_nothin
     assert OutputDir(str(out)).shard_ids() == ["files-00000"]  # --overwrite cleared nothing
     assert job.main(["--output", str(out), "--overwrite"]) == 1
     assert "error: Another run is writing into this output (run other on host node-7, pid 4242" in capsys.readouterr().err
+
+
+def test_a_worker_process_checks_its_runs_lease_from_the_file(tmp_path):
+    """A Ray task of a run (an export's) has no lease object: ``check_holder`` reads the file and
+    raises once the lease is another run's, or gone."""
+    from pipeline.lease import check_holder
+
+    fs = fsspec.filesystem("file")
+    with lease_of(tmp_path) as lease:
+        check_holder(fs, str(tmp_path), lease.run_id)
+        with pytest.raises(OutputBusyError, match="no longer this run's"):
+            check_holder(fs, str(tmp_path), "another-run")
+    with pytest.raises(OutputBusyError, match="it is gone"):
+        check_holder(fs, str(tmp_path), lease.run_id)
