@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import defaultdict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -71,21 +71,27 @@ def load_predictions(path: str, storage_options: Optional[Mapping[str, Any]] = N
         return {uri: {"status": "ok", "reason": None, "height": g["height"], "width": g["width"],
                       "masks": g["objects"]} for uri, g in zip(uris, gt)}
     tables = OutputDir.of_run(path, storage_options)  # a folder without completed shards is an error
-    preds = predicted_images(tables)
+    preds, _ = predicted_images(tables)
     attach_masks(tables, preds, list(preds))
     return preds
 
 
-def predicted_images(tables: OutputDir) -> Dict[str, Dict[str, Any]]:
-    """:func:`load_predictions` of tables without the masks (``masks: []``; see :func:`attach_masks`),
-    from the images tables only."""
+def predicted_images(tables: OutputDir, names: Optional[Set[str]] = None) -> Tuple[Dict[str, Dict[str, Any]], int]:
+    """(:func:`load_predictions` of tables without the masks (``masks: []``; see
+    :func:`attach_masks`), the number of predicted images), from the images tables only. With
+    ``names`` (file names), only images whose URI ends with one of them are kept: memory for the
+    images a ground truth names, not for every image of the output."""
     out: Dict[str, Dict[str, Any]] = {}
+    total = 0
     columns = ["image_id", "uri", "shard", "status", "error_reason", "height", "width"]
     for _, images in tables.each_shard(lambda s: tables.read_shard("images", s, columns).to_pylist()):
+        total += len(images)
         for img in images:
-            out[img["uri"]] = {"status": img["status"], "reason": img["error_reason"], "height": img["height"],
-                               "width": img["width"], "masks": [], "image_id": img["image_id"], "shard": img["shard"]}
-    return out
+            if names is None or posixpath.basename(img["uri"]) in names:
+                out[img["uri"]] = {"status": img["status"], "reason": img["error_reason"], "height": img["height"],
+                                   "width": img["width"], "masks": [], "image_id": img["image_id"],
+                                   "shard": img["shard"]}
+    return out, total
 
 
 def attach_masks(tables: OutputDir, preds: Mapping[str, Dict[str, Any]], uris: Sequence[str]) -> None:
@@ -133,7 +139,11 @@ def evaluate(ground_truth: str, predictions: str, storage_options: Optional[Mapp
     """The report described in the module docstring, as a JSON-ready dict."""
     gt_images, crowd = load_ground_truth(ground_truth, storage_options)
     tables = None if predictions.endswith(".json") else OutputDir.of_run(predictions, storage_options)
-    preds = load_predictions(predictions, storage_options) if tables is None else predicted_images(tables)
+    if tables is None:
+        preds = load_predictions(predictions, storage_options)
+        total = len(preds)
+    else:  # only the images whose file names the ground truth has (then matched by their whole path)
+        preds, total = predicted_images(tables, {posixpath.basename(img["file_name"]) for img in gt_images})
     by_base: Dict[str, List[str]] = defaultdict(list)
     for uri in preds:
         by_base[posixpath.basename(uri)].append(uri)
@@ -163,7 +173,7 @@ def evaluate(ground_truth: str, predictions: str, storage_options: Optional[Mapp
         n_pred_good += good
     ious_a, areas_a = np.asarray(ious), np.asarray(areas)
     report = {"ground_truth": ground_truth, "predictions": predictions, "images": len(gt_images),
-              "images_without_prediction": missing, "predicted_images_not_in_ground_truth": len(preds) - len(used) - sum(
+              "images_without_prediction": missing, "predicted_images_not_in_ground_truth": total - len(used) - sum(
                   1 for m in missing if m["reason"] != "no prediction"),
               "crowd_annotations_ignored": crowd, "predicted_masks": n_pred,
               "precision@0.5": n_pred_good / n_pred if n_pred else None,
