@@ -79,6 +79,7 @@ def masks_from_ipc(data: bytes) -> pa.Table:
 
 T = TypeVar("T")
 READ_WORKERS = 8  # shards read at once by the readers (object-store latency, not CPU, bounds them)
+READ_AHEAD_BYTES = 64 * 1024 * 1024  # a masks file larger than this is streamed, not read ahead whole
 
 IDENTITY_KEYS = ("model", "settings_hash")  # a marker's and a resuming run's must be equal
 
@@ -249,9 +250,12 @@ class OutputDir:
         with self.fs.open(self._p(name, f"{shard_id}.parquet"), "rb") as fh:
             return read_parquet(fh, schema.names).cast(schema)
 
-    def masks_file(self, shard_id: str) -> bytes:
-        """A completed shard's masks Parquet file, as stored (to read ahead: :meth:`iter_masks`)."""
-        return self.fs.cat_file(self._p("masks", f"{shard_id}.parquet"))
+    def masks_file(self, shard_id: str, max_bytes: int = READ_AHEAD_BYTES) -> Optional[bytes]:
+        """A completed shard's masks Parquet file, as stored, to read ahead (:meth:`iter_masks`);
+        None if it is over ``max_bytes`` (an SA-1B tar's: it is then streamed when its turn comes,
+        so that a few shards read ahead do not hold gigabytes)."""
+        path = self._p("masks", f"{shard_id}.parquet")
+        return None if self.fs.size(path) > max_bytes else self.fs.cat_file(path)
 
     def iter_masks(self, shard_id: str, data: Optional[bytes] = None, batch_rows: int = 4096) -> Iterator[Dict[str, Any]]:
         """A completed shard's mask rows, in file order, decoded ``batch_rows`` at a time (an SA-1B

@@ -430,6 +430,9 @@ def test_coco_export_streams_every_shard(tmp_path):
     by_id = {img["id"]: img["file_name"] for img in doc["images"]}
     assert [(by_id[a["image_id"]], a["segmentation"]["counts"]) for a in doc["annotations"]] == [
         (r["image_id"], r["counts"]) for r in expected]
+    # A masks file over the read-ahead bound is not read ahead, then streamed: the same rows.
+    assert out.masks_file("files-00004", max_bytes=1) is None
+    assert list(out.iter_masks("files-00004")) == list(out.iter_masks("files-00004", out.masks_file("files-00004")))
 
 
 def test_hidden_folders_are_not_inputs(tmp_path):
