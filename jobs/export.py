@@ -4,6 +4,7 @@
     python -m jobs.export --tables out/demo --format sa1b-tar --dest out/demo-tars
     python -m jobs.export --tables out/demo --format coco --dest out/demo-coco.json
     python -m jobs.export --tables out/prompted --format coco --prompts dets.json --images photos/ --dest dets-masks.json
+    python -m jobs.export --tables out/prompted --format parquet --prompts boxes.parquet --dest boxes-masks.parquet
     ray job submit --working-dir . -- python -m jobs.export --ray --tables s3://b/masks --format sa1b-tar --dest s3://b/sa1b
 
 sa1b-json and sa1b-tar export only the shards not exported yet (or whose tables changed since):
@@ -16,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.export import FORMATS, export_coco, export_prompted_coco, export_shards
+from pipeline.export import FORMATS, export_coco, export_prompted_coco, export_prompted_table, export_shards
 from pipeline.lease import OutputBusyError
 from pipeline.output import READ_WORKERS
 
@@ -25,9 +26,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tables", required=True, help="output folder of a generate run (local path or fsspec URI)")
-    ap.add_argument("--format", required=True, choices=FORMATS,
+    ap.add_argument("--format", required=True, choices=FORMATS + ("parquet",),
                     help="sa1b-json: one SA-1B JSON per image under --dest; sa1b-tar: one tar of jpg+json "
-                         "pairs per shard under --dest; coco: one COCO JSON file --dest")
+                         "pairs per shard under --dest; coco: one COCO JSON file --dest; parquet (with a "
+                         "Parquet/CSV --prompts): that table with each row's mask")
     ap.add_argument("--dest", required=True, help="destination folder (sa1b-json, sa1b-tar) or file (coco)")
     ap.add_argument("--workers", type=int, default=None,
                     help=f"shards exported (or read ahead, for coco) at once: threads of this process (default "
@@ -38,28 +40,35 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true",
                     help="sa1b-json/sa1b-tar: export every shard again and number ids afresh, instead of only "
                          "the shards not exported yet (or changed since)")
-    ap.add_argument("--prompts", help="coco, for the tables of a jobs.prompt run from a COCO file: write that file "
-                                      "with every annotation's mask (ids and categories kept) instead of a "
-                                      "class-agnostic one")
+    ap.add_argument("--prompts", help="for the tables of a jobs.prompt run: its prompts file, written back with "
+                                      "each box's mask (coco: a COCO file, ids and categories kept, instead of a "
+                                      "class-agnostic one; parquet: a Parquet/CSV table, every column kept)")
     ap.add_argument("--images", help="with --prompts: the folder its file names are under (as jobs.prompt's)")
     ap.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for s3:// URIs")
     args = ap.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         ap.error(f"--workers must be >= 1, got {args.workers}")
-    if (args.prompts or args.images) and (args.format != "coco" or not args.prompts):
-        ap.error("--prompts (and --images) go with --format coco: the prompts file with its masks")
+    if args.images and not args.prompts:
+        ap.error("--images goes with --prompts (the folder its file names are under)")
+    if args.prompts:
+        wanted = "coco" if args.prompts.endswith(".json") else "parquet"
+        if args.format != wanted:
+            ap.error(f"--prompts {args.prompts} is written back as --format {wanted}, not {args.format}")
+    elif args.format == "parquet":
+        ap.error("--format parquet writes a Parquet/CSV --prompts table back with its masks: name it with --prompts")
     if args.ray and args.format == "coco":
         ap.error("--ray exports shards in parallel; a coco export is one file, written by this process")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
     try:  # tables that are not a run's output, or a destination that cannot be opened: say which
         if args.prompts:
-            counts = export_prompted_coco(args.tables, args.prompts, args.dest, args.images, storage,
-                                          args.workers or READ_WORKERS)
+            write_back = export_prompted_coco if args.format == "coco" else export_prompted_table
+            counts = write_back(args.tables, args.prompts, args.dest, args.images, storage,
+                                args.workers or READ_WORKERS)
             reasons = ", ".join(f"{r} {n}" for r, n in sorted(counts["reasons"].items()))
-            print(f"wrote {args.dest}: {counts['annotations']} annotations of {args.prompts}, {counts['masked']} with "
-                  f"their mask, {counts['unmasked']} without" + (f" ({reasons}; listed under "
-                                                                   f"unmasked_annotations)" if reasons else ""))
+            where = "listed under unmasked_annotations" if args.format == "coco" else "in their mask_status"
+            print(f"wrote {args.dest}: {counts['annotations']} boxes of {args.prompts}, {counts['masked']} with "
+                  f"their mask, {counts['unmasked']} without" + (f" ({reasons}; {where})" if reasons else ""))
             return 0
         if args.format == "coco":
             summary = export_coco(args.tables, args.dest, storage, args.workers or READ_WORKERS)

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import pyarrow.compute as pc
 from PIL import Image
@@ -583,18 +583,7 @@ def export_prompted_coco(tables_uri: str, prompts: str, dest_uri: str, images_ro
 
     tables = _tables(tables_uri, dest_uri, storage_options)
     doc, uris = load_coco_prompts(prompts, images_root, storage_options)
-    wanted = set(uris.values())
-    images: Dict[str, Dict[str, Any]] = {}  # uri -> images row of the tables
-    columns = ["image_id", "uri", "status", "error_reason", "width", "height"]
-    for _, rows in tables.each_shard(lambda s: tables.read_shard("images", s, columns).to_pylist(), workers=workers):
-        images.update((r["uri"], r) for r in rows if r["uri"] in wanted)
-    ok_ids = {r["image_id"] for r in images.values() if r["status"] == "ok"}
-    masks: Dict[Tuple[str, int], Dict[str, Any]] = {}
-    shards = sorted({i.split("/", 1)[0] for i in ok_ids})
-    read = lambda s: tables.read_shard("masks", s, ["image_id", "mask_id", "counts", "height", "width", "area",  # noqa: E731
-                                                    "predicted_iou", "stability_score"]).to_pylist()
-    for _, rows in tables.each_shard(read, shards, workers):
-        masks.update(((r["image_id"], r["mask_id"]), r) for r in rows if r["image_id"] in ok_ids)
+    images, masks = _prompted_masks(tables, set(uris.values()), workers)
     sizes = {im["id"]: (im.get("width"), im.get("height")) for im in doc["images"]}
     annotated, unmasked, position = [], [], Counter()
     for ann in doc["annotations"]:
@@ -621,6 +610,69 @@ def export_prompted_coco(tables_uri: str, prompts: str, dest_uri: str, images_ro
     fs.pipe_file(path, json.dumps(out).encode())
     return {"annotations": len(doc["annotations"]), "masked": len(annotated), "unmasked": len(unmasked),
             "reasons": dict(Counter(u["reason"].split(":", 1)[0] for u in unmasked))}
+
+
+def _prompted_masks(tables: OutputDir, uris: Set[str], workers: int,
+                    ) -> Tuple[Dict[str, Dict[str, Any]], Dict[Tuple[str, int], Dict[str, Any]]]:
+    """(images rows by uri, mask rows by (image id, mask id)) of the prompted images ``uris``:
+    the images tables, then the masks tables of the shards holding those of them that are ok."""
+    images: Dict[str, Dict[str, Any]] = {}
+    columns = ["image_id", "uri", "status", "error_reason", "width", "height"]
+    for _, rows in tables.each_shard(lambda s: tables.read_shard("images", s, columns).to_pylist(), workers=workers):
+        images.update((r["uri"], r) for r in rows if r["uri"] in uris)
+    ok_ids = {r["image_id"] for r in images.values() if r["status"] == "ok"}
+    masks: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    shards = sorted({i.split("/", 1)[0] for i in ok_ids})
+    read = lambda s: tables.read_shard("masks", s, ["image_id", "mask_id", "counts", "height", "width", "area",  # noqa: E731
+                                                    "predicted_iou", "stability_score"]).to_pylist()
+    for _, rows in tables.each_shard(read, shards, workers):
+        masks.update(((r["image_id"], r["mask_id"]), r) for r in rows if r["image_id"] in ok_ids)
+    return images, masks
+
+
+def export_prompted_table(tables_uri: str, prompts: str, dest_uri: str, images_root: Optional[str] = None,
+                          storage_options: Optional[Mapping[str, Any]] = None,
+                          workers: int = READ_WORKERS) -> Dict[str, Any]:
+    """The Parquet/CSV prompts table of a ``jobs.prompt`` run with its masks, as Parquet: every
+    row as it was (its columns and order), plus its box's mask (``mask_counts`` COCO RLE,
+    ``mask_height``, ``mask_width``, ``mask_area``, ``predicted_iou``, ``stability_score``) and
+    ``mask_status``: "ok", or why the row has no mask (its image failed or is not in the tables).
+    Returns counts as :func:`export_prompted_coco`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .prompted import _join, load_prompt_table
+
+    tables = _tables(tables_uri, dest_uri, storage_options)
+    table = load_prompt_table(prompts, storage_options)
+    row_uris = [_join(images_root, u) for u in table.column("uri").to_pylist()]
+    images, masks = _prompted_masks(tables, set(row_uris), workers)
+    added: Dict[str, List[Any]] = {k: [] for k in ("mask_counts", "mask_height", "mask_width", "mask_area",
+                                                   "predicted_iou", "stability_score", "mask_status")}
+    position: Counter = Counter()
+    for uri in row_uris:
+        k = position[uri]
+        position[uri] += 1
+        row = images.get(uri)
+        mask = masks.get((row["image_id"], k)) if row is not None and row["status"] == "ok" else None
+        reason = _unmasked_reason(row, mask, (None, None))
+        for key, field_name in (("mask_counts", "counts"), ("mask_height", "height"), ("mask_width", "width"),
+                                ("mask_area", "area"), ("predicted_iou", "predicted_iou"),
+                                ("stability_score", "stability_score")):
+            added[key].append(None if reason is not None else mask[field_name])
+        added["mask_status"].append("ok" if reason is None else reason)
+    types = {"mask_counts": pa.string(), "mask_height": pa.int32(), "mask_width": pa.int32(), "mask_area": pa.int64(),
+             "predicted_iou": pa.float64(), "stability_score": pa.float64(), "mask_status": pa.string()}
+    for key, values in added.items():
+        table = table.append_column(key, pa.array(values, type=types[key]))
+    fs, path = filesystem(dest_uri, storage_options)
+    if posixpath.dirname(path):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
+    unmasked = [s for s in added["mask_status"] if s != "ok"]
+    return {"annotations": table.num_rows, "masked": table.num_rows - len(unmasked), "unmasked": len(unmasked),
+            "reasons": dict(Counter(u.split(":", 1)[0] for u in unmasked))}
 
 
 def _unmasked_reason(row: Optional[Dict[str, Any]], mask: Optional[Dict[str, Any]],

@@ -75,27 +75,35 @@ def read_prompts(path: str, images_root: Optional[str] = None,
             boxes[a["image_id"]].append(_box(a["bbox"]))
         return [ImagePrompts(uri, tuple(boxes[i])) for i, uri in uris.items()]
     if path.endswith((".parquet", ".csv")):
-        import pyarrow.csv as pacsv
-
-        try:
-            with open_uri(path, "rb", opts) as f:
-                table = read_parquet(f) if path.endswith(".parquet") else pacsv.read_csv(f)
-        except pa.ArrowInvalid as e:  # not a table of that format: name the file
-            raise ValueError(f"{path}: {e}") from None
+        table = load_prompt_table(path, opts)
         cols = set(table.column_names)
-        if "uri" not in cols or not ({"bbox"} <= cols or {"x", "y", "w", "h"} <= cols):
-            raise ValueError(f"{path}: needs a 'uri' column and 'bbox' (XYWH) or 'x', 'y', 'w', 'h' columns; "
-                             f"has {sorted(cols)}.")
-        rows = table.to_pylist()
-        empty = [i for i, r in enumerate(rows) if not r["uri"]]
-        if empty:
-            raise ValueError(f"{path}: {len(empty)} row(s) have no 'uri' (e.g. row {empty[0]}).")
         order: Dict[str, List[Tuple[float, ...]]] = {}
-        for r in rows:
+        for r in table.to_pylist():
             box = r["bbox"] if "bbox" in cols else [r["x"], r["y"], r["w"], r["h"]]
             order.setdefault(_join(images_root, r["uri"]), []).append(_box(box))
         return [ImagePrompts(uri, tuple(b)) for uri, b in order.items()]
     raise ValueError(f"{path}: prompts must be a COCO .json or a .parquet/.csv table of boxes.")
+
+
+def load_prompt_table(path: str, storage_options: Optional[Mapping[str, Any]] = None) -> pa.Table:
+    """A Parquet/CSV prompts table, checked (a ``uri`` in every row, ``bbox`` or ``x``, ``y``,
+    ``w``, ``h`` columns). An image's boxes are its rows in table order: the k-th is prompted as
+    the image's mask ``k``."""
+    import pyarrow.csv as pacsv
+
+    try:
+        with open_uri(path, "rb", dict(storage_options or {})) as f:
+            table = read_parquet(f) if path.endswith(".parquet") else pacsv.read_csv(f)
+    except pa.ArrowInvalid as e:  # not a table of that format: name the file
+        raise ValueError(f"{path}: {e}") from None
+    cols = set(table.column_names)
+    if "uri" not in cols or not ({"bbox"} <= cols or {"x", "y", "w", "h"} <= cols):
+        raise ValueError(f"{path}: needs a 'uri' column and 'bbox' (XYWH) or 'x', 'y', 'w', 'h' columns; "
+                         f"has {sorted(cols)}.")
+    empty = [i for i, u in enumerate(table.column("uri").to_pylist()) if not u]
+    if empty:
+        raise ValueError(f"{path}: {len(empty)} row(s) have no 'uri' (e.g. row {empty[0]}).")
+    return table
 
 
 def load_coco_prompts(path: str, images_root: Optional[str] = None,

@@ -359,7 +359,7 @@ def test_coco_prompts_come_back_with_their_masks(photos, tmp_path, tiny_checkpoi
     dest = tmp_path / "with-masks.json"
     assert export_main(["--tables", str(tmp_path / "out"), "--format", "coco", "--prompts", str(dets),
                         "--images", str(photos), "--dest", str(dest)]) == 0
-    assert "5 annotations of" in capsys.readouterr().out
+    assert "5 boxes of" in capsys.readouterr().out
     out = json.loads(dest.read_text())
     by_image = {im["id"]: im["file_name"] for im in doc["images"]}
     masks, _ = rows_by_image(tmp_path / "out")
@@ -376,4 +376,34 @@ def test_coco_prompts_come_back_with_their_masks(photos, tmp_path, tiny_checkpoi
     with pytest.raises(SystemExit):  # argparse: --prompts goes with coco
         export_main(["--tables", str(tmp_path / "out"), "--format", "sa1b-json", "--prompts", str(dets),
                      "--dest", str(tmp_path / "x")])
-    assert "--prompts (and --images) go with --format coco" in capsys.readouterr().err
+    assert "is written back as --format coco, not sa1b-json" in capsys.readouterr().err
+
+
+def test_a_box_table_comes_back_with_its_masks(photos, tmp_path, tiny_checkpoint, capsys):
+    """``jobs.export --format parquet --prompts boxes.parquet``: every row of the table, its own
+    columns and order kept (rows of one image need not be together), with its box's mask, or a
+    mask_status saying why it has none."""
+    from jobs.export import main as export_main
+
+    rows = [{"uri": "chelsea.jpg", "bbox": BOXES["chelsea.jpg"][0], "label": "cat", "score": 0.9},
+            {"uri": "coffee.jpg", "bbox": BOXES["coffee.jpg"][0], "label": "cup", "score": 0.8},
+            {"uri": "missing.jpg", "bbox": [1.0, 1.0, 5.0, 5.0], "label": "x", "score": 0.1},
+            {"uri": "chelsea.jpg", "bbox": BOXES["chelsea.jpg"][1], "label": "sofa", "score": 0.7}]
+    boxes = tmp_path / "boxes.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), boxes)
+    prompts = read_prompts(str(boxes), str(photos))
+    run_prompted(prompts, str(tmp_path / "out"), BoxPrompter("tiny", str(tiny_checkpoint)))
+    dest = tmp_path / "with-masks.parquet"
+    assert export_main(["--tables", str(tmp_path / "out"), "--format", "parquet", "--prompts", str(boxes),
+                        "--images", str(photos), "--dest", str(dest)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 boxes of" in printed and "3 with their mask, 1 without (image error 1; in their mask_status)" in printed
+    got = pq.read_table(dest).to_pylist()
+    assert [{k: r[k] for k in ("uri", "bbox", "label", "score")} for r in got] == rows
+    masks, _ = rows_by_image(tmp_path / "out")
+    expected = [masks["chelsea.jpg"][0]["counts"], masks["coffee.jpg"][0]["counts"], None,
+                masks["chelsea.jpg"][1]["counts"]]
+    assert [r["mask_counts"] for r in got] == expected
+    assert [r["mask_status"] for r in got] == ["ok", "ok", "image error: unreadable", "ok"]
+    with pytest.raises(SystemExit):
+        export_main(["--tables", str(tmp_path / "out"), "--format", "parquet", "--dest", str(dest)])
