@@ -99,13 +99,8 @@ def attach_masks(tables: OutputDir, preds: Mapping[str, Dict[str, Any]], uris: S
     the masks tables of their shards only: an output of millions of images is not read whole to
     score the images a ground truth covers."""
     by_id = {preds[u]["image_id"]: preds[u] for u in uris if preds[u]["status"] == "ok"}
-    shards = sorted({p["shard"] for p in by_id.values()})
-    read = lambda s: tables.read_shard("masks", s, ["image_id", "height", "width", "counts"]).to_pylist()  # noqa: E731
-    for _, rows in tables.each_shard(read, shards):
-        for row in rows:
-            if row["image_id"] in by_id:
-                by_id[row["image_id"]]["masks"].append({"size": [row["height"], row["width"]],
-                                                        "counts": row["counts"].encode()})
+    for image_id, rows in tables.masks_of(list(by_id), ["height", "width", "counts"]).items():
+        by_id[image_id]["masks"] = [{"size": [r["height"], r["width"]], "counts": r["counts"].encode()} for r in rows]
 
 
 def match_image(gt: Sequence[Dict[str, Any]], pred: Sequence[Dict[str, Any]]) -> Tuple[np.ndarray, int]:

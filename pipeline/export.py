@@ -620,13 +620,9 @@ def _prompted_masks(tables: OutputDir, uris: Set[str], workers: int,
     columns = ["image_id", "uri", "status", "error_reason", "width", "height"]
     for _, rows in tables.each_shard(lambda s: tables.read_shard("images", s, columns).to_pylist(), workers=workers):
         images.update((r["uri"], r) for r in rows if r["uri"] in uris)
-    ok_ids = {r["image_id"] for r in images.values() if r["status"] == "ok"}
-    masks: Dict[Tuple[str, int], Dict[str, Any]] = {}
-    shards = sorted({i.split("/", 1)[0] for i in ok_ids})
-    read = lambda s: tables.read_shard("masks", s, ["image_id", "mask_id", "counts", "height", "width", "area",  # noqa: E731
-                                                    "predicted_iou", "stability_score"]).to_pylist()
-    for _, rows in tables.each_shard(read, shards, workers):
-        masks.update(((r["image_id"], r["mask_id"]), r) for r in rows if r["image_id"] in ok_ids)
+    ok_ids = [r["image_id"] for r in images.values() if r["status"] == "ok"]
+    columns = ["counts", "height", "width", "area", "predicted_iou", "stability_score"]
+    masks = {(i, r["mask_id"]): r for i, rows in tables.masks_of(ok_ids, columns, workers).items() for r in rows}
     return images, masks
 
 

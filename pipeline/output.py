@@ -283,6 +283,23 @@ class OutputDir:
                 shard_id, future = ahead.popleft()
                 yield shard_id, future.result()
 
+    def masks_of(self, image_ids: Sequence[str], columns: Sequence[str],
+                 workers: int = READ_WORKERS) -> Dict[str, List[Dict[str, Any]]]:
+        """The mask rows (``columns``, in mask_id order) of ``image_ids`` (``<shard>/<name>``),
+        reading the masks tables of their shards only: a reader that needs a few images' masks
+        does not read the whole output."""
+        wanted = set(image_ids)
+        out: Dict[str, List[Dict[str, Any]]] = {i: [] for i in wanted}
+        cols = list(dict.fromkeys(["image_id", "mask_id", *columns]))
+        shards = sorted({i.split("/", 1)[0] for i in wanted} & set(self.shard_ids()))
+        for _, rows in self.each_shard(lambda s: self.read_shard("masks", s, cols).to_pylist(), shards, workers):
+            for row in rows:
+                if row["image_id"] in wanted:
+                    out[row["image_id"]].append(row)
+        for rows in out.values():
+            rows.sort(key=lambda r: r["mask_id"])
+        return out
+
     def read_table(self, name: str) -> pa.Table:
         """All completed shards' ``masks`` or ``images`` as one table (empty with the schema if none).
         Files of shards without a marker (interrupted or still being written) are left out."""
