@@ -470,7 +470,10 @@ def main(argv=None) -> None:
                              compile=args.compile))
         save()
     if "sa1b" in sections:
-        settings = dict(SA1B_PRESET, points_per_side=profile["points_per_side"])
+        # Both generators get the settings the official one knows: the preset's
+        # max_mask_area_fraction (ours only) would make the records differ by design.
+        settings = {k: v for k, v in SA1B_PRESET.items() if k != "max_mask_area_fraction"}
+        settings["points_per_side"] = profile["points_per_side"]
         amg.append(bench_amg(f"sa1b {profile['sa1b_model']} (light weights)", *light_models, args.device,
                              image, settings, max(1, repeats // 2), official_repeats=1,
                              batch_images=profile["batch_images"], profile=args.profile,

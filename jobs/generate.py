@@ -30,7 +30,12 @@ from sam_core.amg import PRESETS
 
 AMG_FLAGS = ("points_per_side", "points_per_batch", "encoder_batch_size", "pred_iou_thresh", "stability_score_thresh",
              "box_nms_thresh", "crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area",
-             "compile")
+             "max_mask_area_fraction", "compile")
+
+
+def fraction_or_none(text: str):
+    """``--max-mask-area-fraction``: a float, or "none" (no such filter, also under a preset)."""
+    return "none" if text.lower() == "none" else float(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--crop-n-layers", type=int, help="crop layers (default 0)")
     ap.add_argument("--crop-n-points-downscale-factor", type=int, help="points reduction per layer (default 1)")
     ap.add_argument("--min-mask-region-area", type=int, help="remove holes/islands below this area (default 0)")
+    ap.add_argument("--max-mask-area-fraction", type=fraction_or_none,
+                    help="drop masks covering this fraction of the image or more, before NMS (sa1b preset: 0.95; "
+                         "default: none, as the official generator)")
     ap.add_argument("--encoder-batch-size", type=int, help="crops per encoder forward (default 4)")
     ap.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the candidate reductions (same masks) and, with --mode fast, the "
@@ -76,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(
         input_uri=args.input, output_uri=args.output, model_type=args.model_type,
         checkpoint=args.checkpoint, seed=args.seed, preset=args.preset, mode=args.mode,
-        amg={k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None},
+        amg={k: None if getattr(args, k) == "none" else getattr(args, k)
+             for k in AMG_FLAGS if getattr(args, k) is not None},
         postprocess_workers=args.postprocess_workers, num_cpus_per_postprocessor=args.num_cpus_per_postprocessor,
         redo_changed=args.redo_changed, **run_args,
     )

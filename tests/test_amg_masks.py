@@ -125,9 +125,16 @@ def test_mask_statistics_match_official(threshold, offset, compiled):
         expected = official_amg.calculate_stability_score(logits, threshold, offset)  # NaN if empty
         torch.testing.assert_close(stability, expected, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(boxes, official_amg.batched_mask_to_box(logits > threshold))
+        again, boxes_again, area = M.mask_statistics(logits, threshold, offset, compiled=compiled, with_area=True)
+        torch.testing.assert_close(again, expected, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(boxes_again, boxes)
+        assert torch.equal(area, (logits > threshold).flatten(1).sum(1))
+        assert area[0] == 0 and area[1] == h * w
     assert (M._compiled_reductions is not None) or not compiled
     stability, boxes = M.mask_statistics(torch.zeros(0, 5, 7), threshold, offset, compiled=compiled)
     assert stability.shape == (0,) and boxes.shape == (0, 4)
+    *_, area = M.mask_statistics(torch.zeros(0, 5, 7), threshold, offset, compiled=compiled, with_area=True)
+    assert area.shape == (0,)
 
 
 def brute_force_nms(boxes, scores, thresh):

@@ -125,10 +125,37 @@ def test_sa1b_preset(sharpened):
     assert gen.crop_n_layers == 2 and gen.crop_n_points_downscale_factor == 2
     assert gen.min_mask_region_area == 100 and gen.pred_iou_thresh == 0.88
     assert [len(g) for g in gen.point_grids] == [16, 4, 1]
+    assert gen.max_mask_area_fraction == 0.95
     default = SamAutomaticMaskGenerator.from_preset("sa1b", sharpened[1])
     assert [len(g) for g in default.point_grids] == [1024, 256, 64]
     with pytest.raises(ValueError, match="Unknown preset"):
         SamAutomaticMaskGenerator.from_preset("sa2", sharpened[1])
+
+
+@pytest.mark.parametrize("crop_n_layers", [0, 1])
+def test_masks_covering_most_of_the_image_are_dropped(sharpened, crop_n_layers):
+    """max_mask_area_fraction drops candidates covering that fraction of the image or more, and
+    only those; with NMS off (IoU 1.0) every other record stays as it was."""
+    image = photo("chelsea", (233, 177))
+    settings = dict(points_per_side=6, crop_n_layers=crop_n_layers, crop_nms_thresh=1.0, **RELAXED)
+    everything = SamAutomaticMaskGenerator(sharpened[1], **settings).generate(image)
+    fraction = 0.86
+    large = [r for r in everything if r["area"] >= fraction * image.shape[0] * image.shape[1]]
+    assert 0 < len(large) < len(everything)  # the test separates something
+    got = SamAutomaticMaskGenerator(sharpened[1], max_mask_area_fraction=fraction, **settings).generate(image)
+    assert_records_identical([r for r in everything if not any(r is big for big in large)], got)
+
+
+def test_a_dropped_large_mask_suppresses_nothing(sharpened):
+    """With NMS on, a mask dropped for its size is dropped before NMS: a mask it would have
+    suppressed is kept."""
+    image = photo("chelsea", (233, 177))
+    pixels = image.shape[0] * image.shape[1]
+    settings = dict(points_per_side=6, pred_iou_thresh=0.8, stability_score_thresh=0.8)  # box NMS 0.7
+    everything = SamAutomaticMaskGenerator(sharpened[1], **settings).generate(image)
+    assert len(everything) == 1 and everything[0]["area"] > 0.5 * pixels  # it suppressed the rest
+    got = SamAutomaticMaskGenerator(sharpened[1], max_mask_area_fraction=0.5, **settings).generate(image)
+    assert got and all(r["area"] < 0.5 * pixels for r in got)
 
 
 @pytest.mark.parametrize(
@@ -141,6 +168,8 @@ def test_sa1b_preset(sharpened):
         (dict(points_per_batch=0), "points_per_batch"),
         (dict(points_per_side=None, point_grids=[np.zeros((4, 2))], crop_n_layers=1), "one per layer"),
         (dict(points_per_side=None, point_grids=[np.full((4, 2), 2.0)]), "in \\[0, 1\\]"),
+        (dict(max_mask_area_fraction=0.0), "max_mask_area_fraction"),
+        (dict(max_mask_area_fraction=1.5), "max_mask_area_fraction"),
     ],
 )
 def test_bad_settings(as_is, kwargs, match):

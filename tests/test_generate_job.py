@@ -114,3 +114,17 @@ def test_single_machine_runner_on_samples_and_bad_files(tmp_path):
     assert other["image"]["file_name"] == "more/coffee.jpg" and other["image"]["width"] == 451  # chelsea's pixels
     printed = str(result)
     assert "images ok: 3, errors: 3" in printed and "broken.jpg: corrupt" in printed
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], None),  # the official generator's default: no such filter
+    (["--preset", "sa1b"], 0.95),  # the SA-1B release
+    (["--preset", "sa1b", "--max-mask-area-fraction", "none"], None),
+    (["--max-mask-area-fraction", "0.9"], 0.9),
+])
+def test_max_mask_area_fraction_flag(argv, expected):
+    from jobs.generate import config_from_args, parse_args
+
+    cfg = config_from_args(parse_args(["--output", "o", *argv]))
+    assert cfg.resolved_generator_settings()["max_mask_area_fraction"] == expected
+    assert ("max_mask_area_fraction" in cfg.mask_settings()) == bool(argv)  # part of the output's identity

@@ -53,7 +53,8 @@ OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 MODES = ("exact", "fast")
 
 # The settings of the SA-1B release (see shared REFERENCE): 32x32 points, two crop layers
-# (1 + 4 + 16 crops) with points halved per layer, official thresholds, holes/islands < 100 px removed.
+# (1 + 4 + 16 crops) with points halved per layer, official thresholds, masks covering 95% of the
+# image or more dropped, holes/islands < 100 px removed.
 SA1B_PRESET: Dict[str, Any] = dict(
     points_per_side=32,
     pred_iou_thresh=0.88,
@@ -65,6 +66,7 @@ SA1B_PRESET: Dict[str, Any] = dict(
     crop_overlap_ratio=512 / 1500,
     crop_n_points_downscale_factor=2,
     min_mask_region_area=100,
+    max_mask_area_fraction=0.95,
 )
 PRESETS: Dict[str, Dict[str, Any]] = {"sa1b": SA1B_PRESET}
 
@@ -81,7 +83,8 @@ def check_generator_settings(*, points_per_side: Optional[int] = 32, point_grids
                              output_mode: str = "binary_mask", mode: str = "exact", points_per_batch: int = 64,
                              encoder_batch_size: int = 4, fast_points_per_batch: int = 256,
                              max_chunk_pixels: int = 64 * 1024 * 1024, crop_n_layers: int = 0,
-                             crop_n_points_downscale_factor: int = 1, **_: Any) -> None:
+                             crop_n_points_downscale_factor: int = 1,
+                             max_mask_area_fraction: Optional[float] = None, **_: Any) -> None:
     """Raise ``ValueError`` for :class:`SamAutomaticMaskGenerator` settings it cannot run with,
     without a model (drivers check a run's settings before starting workers). Settings not
     named here are free values (thresholds, NMS IoUs) and pass."""
@@ -99,6 +102,8 @@ def check_generator_settings(*, points_per_side: Optional[int] = 32, point_grids
             raise ValueError(f"{name} must be >= 1, got {value}.")
     if crop_n_layers < 0:
         raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}.")
+    if max_mask_area_fraction is not None and not 0 < max_mask_area_fraction <= 1:
+        raise ValueError(f"max_mask_area_fraction must be in (0, 1] or None, got {max_mask_area_fraction}.")
     if points_per_side is not None:
         if points_per_side < 1:
             raise ValueError(f"points_per_side must be >= 1, got {points_per_side}.")
@@ -137,6 +142,7 @@ class SamAutomaticMaskGenerator:
         fast_points_per_batch: int = 256,
         max_chunk_pixels: int = 64 * 1024 * 1024,
         compile: bool = False,
+        max_mask_area_fraction: Optional[float] = None,
     ) -> None:
         """Arguments as the official generator's; beyond them (keyword-only):
 
@@ -152,12 +158,17 @@ class SamAutomaticMaskGenerator:
             CPU for the reductions, a minute or more for the decoder on CPU and for a vit_h
             encoder on a GPU): for long runs, not one image. Needs a system compiler for
             inductor (C++ on CPU, C on CUDA): without one, ``RuntimeError`` here.
+        max_mask_area_fraction: drop candidates covering this fraction of the image or more
+            (the SA-1B release dropped masks covering >= 95%: mostly the whole scene or its
+            background); checked with the stability filter, before NMS, so a dropped mask
+            suppresses nothing. None (the default, as the official generator): no such filter.
         """
         check_generator_settings(points_per_side=points_per_side, point_grids=point_grids, output_mode=output_mode,
                                  mode=mode, points_per_batch=points_per_batch, encoder_batch_size=encoder_batch_size,
                                  fast_points_per_batch=fast_points_per_batch, max_chunk_pixels=max_chunk_pixels,
                                  crop_n_layers=crop_n_layers,
-                                 crop_n_points_downscale_factor=crop_n_points_downscale_factor)
+                                 crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+                                 max_mask_area_fraction=max_mask_area_fraction)
         if points_per_side is not None:
             self.point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
@@ -194,6 +205,7 @@ class SamAutomaticMaskGenerator:
         self.crop_overlap_ratio = crop_overlap_ratio
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
+        self.max_mask_area_fraction = max_mask_area_fraction
         self.output_mode = output_mode
         self.mode = mode
         self.encoder_batch_size = encoder_batch_size
@@ -375,12 +387,16 @@ class SamAutomaticMaskGenerator:
         """Upsample candidates to the crop, score stability, box the binary masks, drop crop-edge masks."""
         threshold = self.predictor.model.mask_threshold
         masks = self._upsample(low_res, embedding)
-        stability, boxes = mask_statistics(masks, threshold, self.stability_score_offset, compiled=self.compile)
+        with_area = self.max_mask_area_fraction is not None
+        stability, boxes, *area = mask_statistics(masks, threshold, self.stability_score_offset,
+                                                  compiled=self.compile, with_area=with_area)
         keep = torch.ones_like(stability, dtype=torch.bool)
         if self.stability_score_thresh > 0.0:
             keep = stability >= self.stability_score_thresh
         orig_h, orig_w = orig_size
         keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        if with_area:  # the crop's mask has the pixels of the image's
+            keep &= area[0] < self.max_mask_area_fraction * orig_h * orig_w
         data = MaskData(iou_preds=iou_preds, points=points, stability_score=stability, boxes=boxes, low_res=low_res)
         data.filter(keep)  # one nonzero for the five columns
         return data

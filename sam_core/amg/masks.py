@@ -90,25 +90,28 @@ def _boxes_from_projections(in_height: torch.Tensor, in_width: torch.Tensor) -> 
     return torch.stack([left, top, right, bottom], dim=-1) * (~empty).unsqueeze(-1)
 
 
-def _threshold_reductions(masks: torch.Tensor, low: Any, threshold: Any, high: Any) -> Tuple[torch.Tensor, ...]:
+def _threshold_reductions(masks: torch.Tensor, low: Any, threshold: Any, high: Any,
+                          with_area: bool = False) -> Tuple[torch.Tensor, ...]:
     """(M, H, W) logits and three thresholds (floats, or 0-dim tensors of the logits' dtype) ->
     pixels above ``high`` (M,) int32, above ``low`` (M,) int32, and whether each row (M, H) /
-    column (M, W) has one above ``threshold``. Integer counts and comparisons only, so a compiled
-    (fused) version gives the same values."""
+    column (M, W) has one above ``threshold``; with ``with_area`` then pixels above ``threshold``
+    (M,) int64. Integer counts and comparisons only, so a compiled (fused) version gives the same values."""
     above_high = (masks > high).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
     above_low = (masks > low).sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
     binary = masks > threshold
-    return above_high, above_low, binary.amax(dim=-1), binary.amax(dim=-2)
+    out = (above_high, above_low, binary.amax(dim=-1), binary.amax(dim=-2))
+    return out + (binary.sum(dim=(-2, -1), dtype=torch.int64),) if with_area else out
 
 
 _compiled_reductions: Optional[Any] = None
 
 
 def mask_statistics(masks: torch.Tensor, mask_threshold: float, offset: float,
-                    compiled: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                    compiled: bool = False, with_area: bool = False) -> Tuple[torch.Tensor, ...]:
     """Stability scores (M,) and XYXY boxes (M, 4) int64 of (M, H, W) logits: the values of
     ``calculate_stability_score(masks, mask_threshold, offset)`` and
-    ``batched_mask_to_box(masks > mask_threshold)``.
+    ``batched_mask_to_box(masks > mask_threshold)``; with ``with_area`` also the masks' areas
+    (M,) int64, pixels above ``mask_threshold``.
 
     ``compiled``: run the reductions as one ``torch.compile``d function (with ``dynamic=True``, so
     the chunk and crop sizes share a compilation). Eager PyTorch makes five passes over the
@@ -122,11 +125,12 @@ def mask_statistics(masks: torch.Tensor, mask_threshold: float, offset: float,
     if compiled and masks.numel() > 0:
         if _compiled_reductions is None:
             _compiled_reductions = torch.compile(_threshold_reductions, dynamic=True)
-        reduced = _compiled_reductions(masks, *_threshold_tensors(thresholds, masks.dtype, masks.device))
+        reduced = _compiled_reductions(masks, *_threshold_tensors(thresholds, masks.dtype, masks.device),
+                                       with_area=with_area)
     else:
-        reduced = _threshold_reductions(masks, *thresholds)  # Python floats, as the official code
-    above_high, above_low, in_height, in_width = reduced
-    return above_high / above_low, _boxes_from_projections(in_height, in_width)
+        reduced = _threshold_reductions(masks, *thresholds, with_area=with_area)  # Python floats, as the official code
+    above_high, above_low, in_height, in_width, *area = reduced
+    return (above_high / above_low, _boxes_from_projections(in_height, in_width), *area)
 
 
 @functools.lru_cache(maxsize=16)
