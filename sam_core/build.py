@@ -27,8 +27,11 @@ def build_sam(
 
     The model is returned in eval mode on ``device`` (default CPU). Checkpoints (a local path or
     an fsspec URI, ``storage_options`` for its filesystem) are read with ``weights_only=True``
-    and loaded strictly; see :mod:`sam_core.checkpoint` for the errors.
+    and loaded strictly; see :mod:`sam_core.checkpoint` for the errors. As the official
+    ``build_sam(checkpoint)``, a checkpoint path as the only argument builds vit_h.
     """
+    if checkpoint is None and _is_checkpoint_path(config):
+        config, checkpoint = "vit_h", config
     config, preset = _config_and_preset(config)
     if checkpoint is None:
         sam = _assemble(config)
@@ -59,6 +62,16 @@ def check_checkpoint(config: Union[SamConfig, str], checkpoint: "os.PathLike[str
     with torch.device("meta"):
         sam = _assemble(config)
     check_state_dict(sam, read_checkpoint(checkpoint, storage_options, shapes_only=True), expected=preset)
+
+
+def _is_checkpoint_path(config: Any) -> bool:
+    """Whether ``build_sam``'s first argument is a checkpoint (the official signature) rather
+    than a model type: a path object, or a string that names no model type and looks like a file."""
+    if isinstance(config, os.PathLike):
+        return True
+    if not isinstance(config, str) or config in PRESETS or config in PRESET_ALIASES:
+        return False
+    return config.endswith((".pth", ".pt")) or "/" in config or os.sep in config or os.path.exists(config)
 
 
 def _config_and_preset(config: Union[SamConfig, str]) -> Tuple[SamConfig, Optional[str]]:

@@ -130,3 +130,83 @@ def test_bf16_autocast_runs_and_stays_close(tiny_ours):
     _, iou_fast, _ = fast.predict(np.array([[50, 60]]), np.array([1]))
     assert iou_fast.dtype == np.float32
     np.testing.assert_allclose(iou_fast, iou_exact, atol=0.05)
+
+
+def official_public_names():
+    """(module, name) for every class and function the official package defines, in the module
+    that defines it, and every one a package (``__init__``) re-exports."""
+    import importlib
+    import pkgutil
+
+    modules = [("segment_anything", True)] + [
+        (info.name, info.ispkg) for info in pkgutil.walk_packages(segment_anything.__path__, "segment_anything.")]
+    for module_name, is_package in modules:
+        for name, value in vars(importlib.import_module(module_name)).items():
+            if (not name.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value))
+                    and (value.__module__ == module_name
+                         or is_package and value.__module__.startswith("segment_anything"))):
+                yield module_name, name
+
+
+def test_every_official_module_and_name_is_importable_from_ours():
+    """``from segment_anything.x.y import Z`` works as ``from sam_core.x.y import Z``."""
+    import importlib
+
+    names = list(official_public_names())
+    assert len(names) > 40 and ("segment_anything.utils.onnx", "SamOnnxModel") in names
+    missing = [f"{m}.{n}" for m, n in names
+               if not hasattr(importlib.import_module(m.replace("segment_anything", "sam_core", 1)), n)]
+    assert missing == []
+    assert sam_core.build_sam is sam_core.build_sam_vit_h.func  # the function, as the official package's
+
+
+def test_build_sam_with_a_checkpoint_path_builds_vit_h(tiny_checkpoint):
+    """The official ``build_sam(checkpoint)`` builds vit_h: a path as the first argument is a checkpoint."""
+    from sam_core.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="vit_h"):  # a tiny checkpoint into vit_h, refused naming both
+        sam_core.build_sam(str(tiny_checkpoint))
+    with pytest.raises(CheckpointError, match="vit_h"):
+        sam_core.build_sam(tiny_checkpoint if not isinstance(tiny_checkpoint, str) else __import__("pathlib").Path(tiny_checkpoint))
+    assert sam_core.build_sam("tiny", str(tiny_checkpoint)).image_encoder.img_size > 0
+
+
+def test_add_decomposed_rel_pos_equals_official():
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos as official
+
+    from sam_core.modeling.image_encoder import add_decomposed_rel_pos
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4 * 6, 8, generator=g)
+    attn = torch.randn(2, 4 * 6, 5 * 3, generator=g)
+    rel_h, rel_w = torch.randn(2 * 5 - 1, 8, generator=g), torch.randn(2 * 6 - 1, 8, generator=g)
+    expected = official(attn, q, rel_h, rel_w, (4, 6), (5, 3))
+    assert torch.equal(add_decomposed_rel_pos(attn, q, rel_h, rel_w, (4, 6), (5, 3)), expected)
+
+
+@pytest.mark.parametrize("single, stability, extra", [(True, False, False), (False, False, False),
+                                                      (True, True, True), (False, True, True)])
+@pytest.mark.parametrize("labels, has_mask", [([1.0, 0.0, -1.0], 0.0), ([1.0, 0.0, 2.0, 3.0], 1.0), ([1.0, -1.0], 1.0)])
+def test_onnx_model_equals_official(tiny_official, single, stability, extra, labels, has_mask):
+    from segment_anything.utils.onnx import SamOnnxModel as Official
+
+    from sam_core.utils.onnx import SamOnnxModel
+
+    from .conftest import ours_from
+
+    tiny_ours = ours_from(tiny_official, "tiny", attention_backend="reference")  # the official arithmetic
+
+    g = torch.Generator().manual_seed(len(labels))
+    encoder = tiny_official.prompt_encoder
+    inputs = (torch.randn(1, encoder.embed_dim, *encoder.image_embedding_size, generator=g),
+              torch.rand(1, len(labels), 2, generator=g) * tiny_official.image_encoder.img_size,
+              torch.tensor([labels]),
+              torch.randn(1, 1, *encoder.mask_input_size, generator=g),
+              torch.tensor([has_mask]),
+              torch.tensor([233.0, 177.0]))
+    expected = Official(tiny_official, single, use_stability_score=stability, return_extra_metrics=extra)(*inputs)
+    got = SamOnnxModel(tiny_ours, single, use_stability_score=stability, return_extra_metrics=extra)(*inputs)
+    assert len(got) == len(expected) == (5 if extra else 3)
+    assert got[0].shape == (1, 1 if single else 4, 233, 177)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and torch.equal(a, b)

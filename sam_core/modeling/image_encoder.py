@@ -128,8 +128,7 @@ class Attention(nn.Module):
             # Reference path: the official arithmetic, op for op, on (B*heads, N, hd).
             q, k, v = (t.reshape(B * heads, H * W, -1) for t in (q, k, v))
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*heads, N, N)
-            attn = (attn.view(B * heads, H, W, H, W) + rel_h[..., :, None] + rel_w[..., None, :])
-            x = attn.view(B * heads, H * W, H * W).softmax(dim=-1) @ v
+            x = add_rel_pos(attn, rel_h, rel_w).softmax(dim=-1) @ v
         # (B, heads, H, W, hd) -> (B, H, W, heads, hd) -> (B, H, W, C)
         x = x.reshape(B, heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         return self.proj(x)
@@ -230,6 +229,28 @@ def decomposed_rel_pos(
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
     return rel_h, rel_w
+
+
+def add_rel_pos(attn: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """attn (B, q_h*q_w, k_h*k_w) plus the bias of :func:`decomposed_rel_pos`'s rel_h
+    (B, q_h, q_w, k_h) and rel_w (B, q_h, q_w, k_w), added as the official code adds them."""
+    B, q_h, q_w, k_h = rel_h.shape
+    k_w = rel_w.shape[-1]
+    attn = attn.view(B, q_h, q_w, k_h, k_w) + rel_h[..., :, None] + rel_w[..., None, :]
+    return attn.view(B, q_h * q_w, k_h * k_w)
+
+
+def add_decomposed_rel_pos(
+    attn: torch.Tensor,
+    q: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    q_size: Tuple[int, int],
+    k_size: Tuple[int, int],
+) -> torch.Tensor:
+    """The official helper of that name: attn (B, q_h*q_w, k_h*k_w) plus the decomposed
+    relative position bias of q (B, q_h*q_w, C), same shape out."""
+    return add_rel_pos(attn, *decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size))
 
 
 class PatchEmbed(nn.Module):
