@@ -210,3 +210,36 @@ def test_onnx_model_equals_official(tiny_official, single, stability, extra, lab
     assert got[0].shape == (1, 1 if single else 4, 233, 177)
     for a, b in zip(got, expected):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_onnx_model_exports_and_runs_in_onnxruntime(tiny_ours, tmp_path):
+    """The export the official script makes (TorchScript exporter, points dynamic) runs in ONNX
+    Runtime with the torch module's outputs, for other numbers of points than it was traced with."""
+    import onnxruntime
+
+    from sam_core.utils.onnx import SamOnnxModel
+
+    model = SamOnnxModel(tiny_ours, return_single_mask=True)
+    encoder = tiny_ours.prompt_encoder
+    g = torch.Generator().manual_seed(0)
+    inputs = {"image_embeddings": torch.randn(1, encoder.embed_dim, *encoder.image_embedding_size, generator=g),
+              "point_coords": torch.rand(1, 5, 2, generator=g) * tiny_ours.image_encoder.img_size,
+              "point_labels": torch.tensor([[1.0, 0.0, 2.0, 3.0, -1.0]]),
+              "mask_input": torch.randn(1, 1, *encoder.mask_input_size, generator=g),
+              "has_mask_input": torch.tensor([1.0]),
+              "orig_im_size": torch.tensor([300.0, 450.0])}
+    path = tmp_path / "sam_decoder.onnx"
+    torch.onnx.export(model, tuple(inputs.values()), str(path), input_names=list(inputs),
+                      output_names=["masks", "iou_predictions", "low_res_masks"],
+                      dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
+                      opset_version=17, do_constant_folding=True, dynamo=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for points in (5, 3, 2):  # 3 or more: the single-mask output; 2: the best multimask one
+        feed = dict(inputs, point_coords=inputs["point_coords"][:, :points],
+                    point_labels=inputs["point_labels"][:, :points])
+        got = session.run(None, {k: v.numpy() for k, v in feed.items()})
+        expected = model(*feed.values())
+        assert [o.shape for o in got] == [tuple(e.shape) for e in expected]
+        assert got[0].shape == (1, 1, 300, 450)
+        for o, e in zip(got, expected):  # ONNX Runtime's kernels against torch's: float rounding
+            np.testing.assert_allclose(o, e.numpy(), rtol=0, atol=1e-4)
