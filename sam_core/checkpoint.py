@@ -86,7 +86,7 @@ def read_checkpoint(path: "os.PathLike[str] | str", storage_options: Optional[Ma
     if not shapes_only and not isinstance(fs, LocalFileSystem):
         fs, fs_path = fsspec.filesystem("file"), cached_copy(fs, fs_path)
     with fs.open(fs_path, "rb") as f:
-        head = f.read(4)
+        head = f.read(16)
         if not head:
             raise CheckpointError(f"Checkpoint {path!r} is an empty file.")
         f.seek(0)
@@ -146,6 +146,13 @@ def _unreadable(path: str, head: bytes) -> str:
         return (
             f"Checkpoint {path!r} is truncated or corrupt (a damaged zip archive); "
             "download or copy it again."
+        )
+    if len(head) > 8 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
+        return (
+            f"{path!r} is a safetensors file, not an official SAM checkpoint (.pth, a torch.save of the "
+            "state dict). Hugging Face's facebook/sam-vit-* files hold the same weights under "
+            "transformers' names, which this package does not map; use the official files "
+            "(sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth)."
         )
     return f"{path!r} is not a PyTorch checkpoint (torch.load could not read it)."
 

@@ -99,6 +99,18 @@ def test_not_a_checkpoint(tmp_path):
         build_sam("tiny", checkpoint=path)
 
 
+def test_safetensors_file_is_named(tmp_path):
+    """Hugging Face's SAM files are safetensors under transformers' names: said so, not "unreadable"."""
+    import json
+    import struct
+
+    header = json.dumps({"vision_encoder.neck.conv1.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
+    with pytest.raises(CheckpointError, match="is a safetensors file.*official files"):
+        build_sam("tiny", checkpoint=path)
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.pth"
     path.write_bytes(b"")
