@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import pickle
 import posixpath
+import re
 from typing import Any, Dict, Mapping, Optional
 
 import fsspec
@@ -33,6 +36,68 @@ class CheckpointError(ValueError):
 _WRAPPER_KEYS = ("model", "state_dict")
 
 
+# Hugging Face transformers' SamModel names (facebook/sam-vit-* on the Hub) -> the official
+# ones, as (regex, replacement) applied in order; MLP layers are renumbered in _from_transformers.
+_TRANSFORMERS_RENAMES = [
+    (r"^vision_encoder\.", "image_encoder."),
+    (r"^image_encoder\.patch_embed\.projection\.", "image_encoder.patch_embed.proj."),
+    (r"^image_encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"image_encoder.blocks.\1.norm\2."),
+    (r"^image_encoder\.layers\.", "image_encoder.blocks."),
+    (r"^image_encoder\.neck\.conv1\.", "image_encoder.neck.0."),
+    (r"^image_encoder\.neck\.layer_norm1\.", "image_encoder.neck.1."),
+    (r"^image_encoder\.neck\.conv2\.", "image_encoder.neck.2."),
+    (r"^image_encoder\.neck\.layer_norm2\.", "image_encoder.neck.3."),
+    (r"^prompt_encoder\.shared_embedding\.positional_embedding$", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    (r"^shared_image_embedding\.positional_embedding$", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    (r"^prompt_encoder\.point_embed\.", "prompt_encoder.point_embeddings."),
+    (r"^prompt_encoder\.mask_embed\.conv1\.", "prompt_encoder.mask_downscaling.0."),
+    (r"^prompt_encoder\.mask_embed\.layer_norm1\.", "prompt_encoder.mask_downscaling.1."),
+    (r"^prompt_encoder\.mask_embed\.conv2\.", "prompt_encoder.mask_downscaling.3."),
+    (r"^prompt_encoder\.mask_embed\.layer_norm2\.", "prompt_encoder.mask_downscaling.4."),
+    (r"^prompt_encoder\.mask_embed\.conv3\.", "prompt_encoder.mask_downscaling.6."),
+    (r"^mask_decoder\.transformer\.layers\.(\d+)\.layer_norm(\d)\.", r"mask_decoder.transformer.layers.\1.norm\2."),
+    (r"^mask_decoder\.transformer\.layer_norm_final_attn\.", "mask_decoder.transformer.norm_final_attn."),
+    (r"^mask_decoder\.upscale_conv1\.", "mask_decoder.output_upscaling.0."),
+    (r"^mask_decoder\.upscale_layer_norm\.", "mask_decoder.output_upscaling.1."),
+    (r"^mask_decoder\.upscale_conv2\.", "mask_decoder.output_upscaling.3."),
+]
+_TRANSFORMERS_MLP = re.compile(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|layers\.(\d+)|proj_out)\.(weight|bias)$")
+
+
+def is_transformers_state_dict(sd: Mapping[str, Any]) -> bool:
+    """Whether ``sd`` has transformers' ``SamModel`` names (``vision_encoder.``...)."""
+    return any(k.startswith("vision_encoder.") for k in sd)
+
+
+def _from_transformers(sd: Mapping[str, Any]) -> Dict[str, Any]:
+    """A transformers ``SamModel`` state dict under the official names (same tensors). The
+    positional-encoding matrix, stored twice there (tied), must agree; every other name maps to
+    one official name, and a name that maps to none is kept as it is (strict loading reports it)."""
+    mlp_depth: Dict[str, int] = {}  # MLP -> its hidden layers in transformers' numbering
+    for key in sd:
+        m = _TRANSFORMERS_MLP.match(key)
+        if m and m.group(3) is not None:
+            mlp_depth[m.group(1)] = max(mlp_depth.get(m.group(1), 0), int(m.group(3)) + 1)
+    out: Dict[str, Any] = {}
+    for key, value in sd.items():
+        m = _TRANSFORMERS_MLP.match(key)
+        if m:  # proj_in, layers.i, proj_out -> layers.0, layers.(i+1), layers.(depth+1)
+            prefix, part, index, kind = m.groups()
+            n = 0 if part == "proj_in" else int(index) + 1 if index is not None else mlp_depth.get(prefix, 0) + 1
+            new = f"{prefix}.layers.{n}.{kind}"
+        else:
+            new = key
+            for pattern, replacement in _TRANSFORMERS_RENAMES:
+                new = re.sub(pattern, replacement, new)
+        if new in out:
+            if not (isinstance(value, torch.Tensor) and value.shape == out[new].shape
+                    and (value.is_meta or torch.equal(value, out[new]))):
+                raise CheckpointError(f"The checkpoint's {key!r} differs from the tensor it should equal ({new!r}).")
+            continue
+        out[new] = value
+    return out
+
+
 def _clean_key(key: str) -> str:
     """Drop the ``module.`` prefix of DataParallel/DDP and ``_orig_mod.`` of torch.compile, which
     can stand before any submodule (``image_encoder._orig_mod.blocks.0...``)."""
@@ -43,7 +108,8 @@ def _clean_key(key: str) -> str:
 
 def filter_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """Pure ``state_dict -> state_dict``: unwrap ``model``/``state_dict``, strip ``module.`` and
-    ``_orig_mod.``. Raises :class:`CheckpointError` if no tensors are found."""
+    ``_orig_mod.``, rename transformers' ``SamModel`` names to the official ones. Raises
+    :class:`CheckpointError` if no tensors are found."""
     sd: Any = checkpoint
     while isinstance(sd, Mapping) and not _looks_like_state_dict(sd):
         inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
@@ -60,7 +126,7 @@ def filter_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         if not isinstance(value, torch.Tensor):
             continue  # metadata such as epoch counters riding along in the dict
         out[_clean_key(key)] = value
-    return out
+    return _from_transformers(out) if is_transformers_state_dict(out) else out
 
 
 def _looks_like_state_dict(d: Mapping[str, Any]) -> bool:
@@ -90,6 +156,8 @@ def read_checkpoint(path: "os.PathLike[str] | str", storage_options: Optional[Ma
         if not head:
             raise CheckpointError(f"Checkpoint {path!r} is an empty file.")
         f.seek(0)
+        if _is_safetensors(head):
+            return filter_state_dict(_read_safetensors(f, path, shapes_only))
         try:
             source = fs_path if isinstance(fs, LocalFileSystem) else f  # torch reads a local file itself
             obj = torch.load(source, map_location="meta" if shapes_only else "cpu", weights_only=True)
@@ -141,18 +209,46 @@ def cached_copy(fs: Any, fs_path: str) -> str:
     return local
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """A safetensors file: a little-endian u64 header length, then the JSON header."""
+    return len(head) > 8 and head[8:9] == b"{"
+
+
+def _read_safetensors(f: Any, path: str, shapes_only: bool) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file open at its start (no pickle, no extra package); with
+    ``shapes_only`` only its header is read and the tensors are on the meta device."""
+    try:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        if shapes_only:
+            return {k: torch.empty(v["shape"], dtype=_SAFETENSORS_DTYPES[v["dtype"]], device="meta")
+                    for k, v in entries.items()}
+        data = bytearray(f.read())
+        out = {}
+        for key, v in entries.items():
+            dtype = _SAFETENSORS_DTYPES[v["dtype"]]
+            start, end = v["data_offsets"]
+            if end > len(data) or end - start != math.prod(v["shape"]) * dtype.itemsize:
+                raise ValueError(f"{key}: bytes {start}-{end} of {len(data)} for shape {v['shape']}")
+            out[key] = torch.frombuffer(data, dtype=dtype, offset=start, count=(end - start) // dtype.itemsize).view(v["shape"]) \
+                if end > start else torch.empty(v["shape"], dtype=dtype)
+        return out
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"Checkpoint {path!r} is a damaged safetensors file ({type(e).__name__}: {e}); "
+                              "download or copy it again.") from None
+
+
 def _unreadable(path: str, head: bytes) -> str:
     if head.startswith(b"PK"):
         return (
             f"Checkpoint {path!r} is truncated or corrupt (a damaged zip archive); "
             "download or copy it again."
-        )
-    if len(head) > 8 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
-        return (
-            f"{path!r} is a safetensors file, not an official SAM checkpoint (.pth, a torch.save of the "
-            "state dict). Hugging Face's facebook/sam-vit-* files hold the same weights under "
-            "transformers' names, which this package does not map; use the official files "
-            "(sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth)."
         )
     return f"{path!r} is not a PyTorch checkpoint (torch.load could not read it)."
 

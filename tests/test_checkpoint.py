@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
 import pickle
@@ -13,7 +14,8 @@ from segment_anything import SamPredictor as OfficialPredictor
 
 from sam_core import CheckpointError, SamPredictor, build_sam, sam_model_registry
 from sam_core.build import check_checkpoint
-from sam_core.checkpoint import filter_state_dict, read_checkpoint
+from sam_core.checkpoint import filter_state_dict, guess_preset, read_checkpoint
+from sam_core.config import get_config
 
 from .conftest import official_sam, photo
 
@@ -99,16 +101,77 @@ def test_not_a_checkpoint(tmp_path):
         build_sam("tiny", checkpoint=path)
 
 
-def test_safetensors_file_is_named(tmp_path):
-    """Hugging Face's SAM files are safetensors under transformers' names: said so, not "unreadable"."""
-    import json
-    import struct
+@pytest.fixture(scope="module")
+def transformers_sam(tmp_path_factory):
+    """A tiny transformers ``SamModel`` with random weights, saved as the Hub's files are
+    (``save_pretrained``: model.safetensors + config.json)."""
+    from transformers import SamConfig as TransformersConfig
+    from transformers import SamModel
+    from transformers.models.sam.configuration_sam import SamVisionConfig
 
-    header = json.dumps({"vision_encoder.neck.conv1.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    tiny = get_config("tiny")
+    vision = SamVisionConfig(hidden_size=tiny.encoder_embed_dim, num_hidden_layers=tiny.encoder_depth,
+                             num_attention_heads=tiny.encoder_num_heads,
+                             global_attn_indexes=list(tiny.encoder_global_attn_indexes))
+    torch.manual_seed(0)
+    model = SamModel(TransformersConfig(vision_config=vision.to_dict())).eval()
+    with torch.no_grad():  # its own initialisation is near zero (initializer_range 1e-10)
+        for param in model.parameters():
+            param.normal_(0, 0.05 if param.dim() > 1 else 0.1)
+    folder = tmp_path_factory.mktemp("hf") / "sam-tiny"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_transformers_checkpoint_loads_as_the_official_model(transformers_sam, tmp_path):
+    """Hugging Face's SAM files (safetensors or a torch.save of the state dict, transformers'
+    names) load strictly and compute what transformers' model computes. In float64, so that any
+    wrongly mapped tensor shows; transformers' decoder LayerNorms use eps 1e-6 where the official
+    model (and so ours) uses 1e-5, so the comparison sets theirs to 1e-5."""
+    hf, folder = transformers_sam
+    ours = build_sam("tiny", folder / "model.safetensors")
+    assert guess_preset(read_checkpoint(folder / "model.safetensors", shapes_only=True)) == "tiny"
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # both copies of the tied matrix
+    again = build_sam("tiny", tmp_path / "pytorch_model.bin")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+
+    points, labels = torch.tensor([[[100.0, 200.0], [500.0, 600.0]]]), torch.tensor([[1, 0]])
+    with torch.no_grad():
+        sparse, _ = ours.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+        theirs, _ = hf.prompt_encoder(input_points=points[None], input_labels=labels[None], input_boxes=None,
+                                      input_masks=None)
+        assert torch.equal(sparse, theirs[0])  # float32: the official code casts point encodings to float
+        assert torch.equal(ours.prompt_encoder.get_dense_pe(), hf.get_image_wide_positional_embeddings())
+        hf64, ours64 = copy.deepcopy(hf).double(), copy.deepcopy(ours).double()
+        for module in hf64.mask_decoder.transformer.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.eps = 1e-5
+        g = torch.Generator().manual_seed(0)
+        image = torch.randn(1, 3, 1024, 1024, generator=g, dtype=torch.float64)
+        embedding = ours64.image_encoder(image)
+        torch.testing.assert_close(embedding, hf64.get_image_embeddings(image), rtol=0, atol=1e-12)
+        mask = torch.randn(1, 1, 256, 256, generator=g, dtype=torch.float64)
+        _, dense = ours64.prompt_encoder(points=None, boxes=None, masks=mask)
+        torch.testing.assert_close(dense, hf64.prompt_encoder(None, None, None, mask)[1], rtol=0, atol=1e-12)
+        pe = ours.prompt_encoder.get_dense_pe().double()  # float32 in the official code, as the points
+        expected = hf64.mask_decoder(embedding, pe, sparse[None].double(), dense, multimask_output=True)
+        got = ours64.mask_decoder(image_embeddings=embedding, image_pe=pe, sparse_prompt_embeddings=sparse.double(),
+                                  dense_prompt_embeddings=dense, multimask_output=True)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b[0], rtol=0, atol=1e-12)
+
+
+def test_transformers_checkpoint_of_another_size_is_refused(transformers_sam):
+    with pytest.raises(CheckpointError, match="vit_b"):
+        build_sam("vit_b", transformers_sam[1] / "model.safetensors")
+
+
+def test_damaged_safetensors_file(transformers_sam, tmp_path):
+    data = (transformers_sam[1] / "model.safetensors").read_bytes()
     path = tmp_path / "model.safetensors"
-    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
-    with pytest.raises(CheckpointError, match="is a safetensors file.*official files"):
-        build_sam("tiny", checkpoint=path)
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged safetensors file"):
+        build_sam("tiny", path)
 
 
 def test_empty_file(tmp_path):

@@ -128,3 +128,12 @@ def test_max_mask_area_fraction_flag(argv, expected):
     cfg = config_from_args(parse_args(["--output", "o", *argv]))
     assert cfg.resolved_generator_settings()["max_mask_area_fraction"] == expected
     assert ("max_mask_area_fraction" in cfg.mask_settings()) == bool(argv)  # part of the output's identity
+
+
+def test_model_id_names_the_folder_of_a_hugging_face_file():
+    from pipeline.config import model_id
+
+    assert model_id("vit_h", "s3://b/models/sam_vit_h_4b8939.pth", 0) == "vit_h:sam_vit_h_4b8939.pth"
+    assert model_id("vit_h", "/hub/sam-vit-huge/model.safetensors", 0) == "vit_h:sam-vit-huge/model.safetensors"
+    assert model_id("vit_b", "pytorch_model.bin", 0) == "vit_b:pytorch_model.bin"
+    assert model_id("tiny", None, 3) == "tiny:random-seed3"
