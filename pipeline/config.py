@@ -27,17 +27,17 @@ THROUGHPUT_SETTINGS = frozenset({"points_per_batch", "encoder_batch_size", "fast
                                  "compile"})
 
 
-# Hugging Face's file names, the same for every model: the folder names the model.
-GENERIC_CHECKPOINT_NAMES = ("model.safetensors", "pytorch_model.bin")
 
 
 def model_id(model_type: str, checkpoint: Optional[str], seed: int) -> str:
-    """``<type>:<checkpoint file name>`` (``<folder>/<file name>`` for Hugging Face's generic
-    names), or ``<type>:random-seed<N>`` without a checkpoint."""
+    """``<type>:<checkpoint file name>`` (``<folder>/<file name>`` for Hugging Face's file names,
+    the same for every model), or ``<type>:random-seed<N>`` without a checkpoint."""
+    from sam_core.checkpoint import HF_WEIGHTS_FILES
+
     if not checkpoint:
         return f"{model_type}:random-seed{seed}"
     parts = checkpoint.replace(os.sep, "/").rstrip("/").split("/")
-    name = "/".join(parts[-2:]) if parts[-1] in GENERIC_CHECKPOINT_NAMES else parts[-1]
+    name = "/".join(parts[-2:]) if parts[-1] in HF_WEIGHTS_FILES else parts[-1]
     return f"{model_type}:{name}"
 
 

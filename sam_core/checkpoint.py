@@ -147,6 +147,8 @@ def read_checkpoint(path: "os.PathLike[str] | str", storage_options: Optional[Ma
         fs, fs_path = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
     except ImportError as e:  # a scheme whose package is missing: "Please install gcsfs ..."
         raise CheckpointError(f"Cannot open checkpoint {path!r}: {e}.") from None
+    if fs.isdir(fs_path):  # a Hugging Face model folder
+        fs_path = _file_in_folder(fs, fs_path, path)
     if not fs.isfile(fs_path):
         raise FileNotFoundError(f"Checkpoint {path!r} does not exist or is not a file.")
     if not shapes_only and not isinstance(fs, LocalFileSystem):
@@ -207,6 +209,19 @@ def cached_copy(fs: Any, fs_path: str) -> str:
         if os.path.exists(partial):
             os.remove(partial)
     return local
+
+
+# The weights files of a Hugging Face model folder, in the order they are used.
+HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _file_in_folder(fs: Any, folder: str, path: str) -> str:
+    """The weights file of a Hugging Face model folder (``facebook/sam-vit-huge`` downloaded)."""
+    for name in HF_WEIGHTS_FILES:
+        if fs.isfile(posixpath.join(folder, name)):
+            return posixpath.join(folder, name)
+    raise FileNotFoundError(f"Checkpoint {path!r} is a folder without {' or '.join(HF_WEIGHTS_FILES)}; "
+                            "give the checkpoint file.")
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -161,6 +161,15 @@ def test_transformers_checkpoint_loads_as_the_official_model(transformers_sam, t
             torch.testing.assert_close(a, b[0], rtol=0, atol=1e-12)
 
 
+def test_hugging_face_model_folder_is_a_checkpoint(transformers_sam, tmp_path):
+    """The folder the Hub gives (config.json + model.safetensors) names its weights file."""
+    folder = transformers_sam[1]
+    from_folder, from_file = build_sam("tiny", folder), build_sam("tiny", folder / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(from_folder.state_dict().values(), from_file.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="folder without model.safetensors or pytorch_model.bin"):
+        build_sam("tiny", tmp_path)
+
+
 def test_transformers_checkpoint_of_another_size_is_refused(transformers_sam):
     with pytest.raises(CheckpointError, match="vit_b"):
         build_sam("vit_b", transformers_sam[1] / "model.safetensors")
