@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="drop masks covering this fraction of the image or more, before NMS (sa1b preset: 0.95; "
                          "default: none, as the official generator)")
     ap.add_argument("--encoder-batch-size", type=int, help="crops per encoder forward (default 4)")
+    ap.add_argument("--resize-short-side", type=int,
+                    help="downsample images whose shorter side is longer to this (SA-1B: 1500); masks, sizes "
+                         "and exports are then of the downsampled images (default: images as they are)")
     ap.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the candidate reductions (same masks) and, with --mode fast, the "
                          "encoder and decoder; each model actor compiles on its first images (minutes for vit_h)")
@@ -87,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         amg={k: None if getattr(args, k) == "none" else getattr(args, k)
              for k in AMG_FLAGS if getattr(args, k) is not None},
         postprocess_workers=args.postprocess_workers, num_cpus_per_postprocessor=args.num_cpus_per_postprocessor,
-        redo_changed=args.redo_changed, **run_args,
+        resize_short_side=args.resize_short_side, redo_changed=args.redo_changed, **run_args,
     )
 
 

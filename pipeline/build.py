@@ -52,6 +52,7 @@ class BuildSpec:
     preset: Optional[str] = None  # "sa1b"
     mode: str = "exact"
     amg: Mapping[str, Any] = field(default_factory=dict)  # SamAutomaticMaskGenerator settings
+    resize_short_side: Optional[int] = None  # as jobs.generate --resize-short-side
     images_per_shard: int = 64
     images_per_batch: int = 4
     workers: int = 1
@@ -72,7 +73,8 @@ class BuildSpec:
             input_uri=input_uri, output_uri=posixpath.join(self.output, "data", input_key(input_uri)),
             model_type=self.model_type, checkpoint=bundled_checkpoint(self.model_type, self.checkpoint),
             seed=self.seed, preset=self.preset,
-            mode=self.mode, amg=dict(self.amg), images_per_shard=self.images_per_shard,
+            mode=self.mode, amg=dict(self.amg), resize_short_side=self.resize_short_side,
+            images_per_shard=self.images_per_shard,
             images_per_batch=self.images_per_batch, workers=self.workers,
             num_gpus_per_worker=self.num_gpus_per_worker, num_cpus_per_worker=self.num_cpus_per_worker,
             postprocess_workers=self.postprocess_workers, num_cpus_per_postprocessor=self.num_cpus_per_postprocessor,

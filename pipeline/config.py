@@ -54,6 +54,7 @@ class PipelineConfig:
     images_per_shard: int = 64  # loose images per shard (tars and manifests: see pipeline.shards)
     images_per_batch: int = 4  # decoded images per generator call (their crops share encoder batches)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images larger than this are recorded as errors
+    resize_short_side: Optional[int] = None  # downsample images to this shorter side (SA-1B: 1500); None: as they are
     overwrite: bool = False  # delete previous results under output_uri instead of resuming
     retry_failed: bool = False  # also redo completed shards with images of RETRIED_REASONS
     redo_changed: bool = False  # also redo completed shards with files replaced since (see pipeline.resuming)
@@ -70,6 +71,8 @@ class PipelineConfig:
         for name in ("images_per_shard", "images_per_batch", "workers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.resize_short_side is not None and self.resize_short_side < 1:
+            raise ValueError(f"resize_short_side must be >= 1, got {self.resize_short_side}.")
         if self.postprocess_workers is not None and self.postprocess_workers < 1:
             raise ValueError(f"postprocess_workers must be >= 1, got {self.postprocess_workers}.")
         for name in ("num_gpus_per_worker", "num_cpus_per_worker", "num_cpus_per_postprocessor", "num_cpus_per_decoder"):
@@ -130,8 +133,12 @@ class PipelineConfig:
         check_checkpoint(self.model_type, self.checkpoint, self.storage_options)
 
     def mask_settings(self) -> Dict[str, Any]:
-        """The generator settings that decide the masks (batch sizes, memory caps, compile left out)."""
-        return {k: v for k, v in self.generator_settings().items() if k not in THROUGHPUT_SETTINGS}
+        """The settings that decide the masks: the generator's (batch sizes, memory caps, compile
+        left out) and ``resize_short_side`` when set (the masks are of the downsampled images)."""
+        settings = {k: v for k, v in self.generator_settings().items() if k not in THROUGHPUT_SETTINGS}
+        if self.resize_short_side is not None:
+            settings["resize_short_side"] = self.resize_short_side
+        return settings
 
     def settings_hash(self) -> str:
         """Short stable hash of the model and :meth:`mask_settings` (recorded on every mask)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,8 +22,30 @@ class ImageDecodeError(ValueError):
         self.detail = detail
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode ``data`` with EXIF orientation applied and any mode converted to RGB.
+def resized_size(width: int, height: int, short_side: Optional[int]) -> Tuple[int, int]:
+    """(width, height) of an image downsampled so its shorter side is ``short_side`` (the
+    aspect ratio kept, the longer side rounded); the size as it is when already that small or
+    when ``short_side`` is None."""
+    short = min(width, height)
+    if short_side is None or short <= short_side:
+        return width, height
+    scale = short_side / short
+    return ((short_side, max(1, round(height * scale))) if width <= height
+            else (max(1, round(width * scale)), short_side))
+
+
+def downsample(image: np.ndarray, short_side: Optional[int]) -> np.ndarray:
+    """HxWx3 uint8 -> the image with its shorter side at most ``short_side``
+    (Lanczos); the same array when it is already that small."""
+    size = resized_size(image.shape[1], image.shape[0], short_side)
+    if size == (image.shape[1], image.shape[0]):
+        return image
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, short_side: Optional[int] = None) -> np.ndarray:
+    """Decode ``data`` with EXIF orientation applied and any mode converted to RGB, then, with
+    ``short_side``, downsampled so its shorter side is at most that (:func:`downsample`).
 
     L/LA/P/RGBA/CMYK/YCbCr are converted by PIL (alpha dropped); 16- and 32-bit integer images
     are scaled to 8 bits. Raises ImageDecodeError with reason ``empty``, ``not_an_image``,
@@ -48,11 +71,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        rgb = _to_rgb(img)
     except ImageDecodeError:
         raise
     except Exception as e:
         raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from e
+    return downsample(rgb, short_side)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

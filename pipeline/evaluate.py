@@ -152,7 +152,8 @@ def evaluate(ground_truth: str, predictions: str, storage_options: Optional[Mapp
         p = preds.get(uri) if uri else None
         if p is not None and p["status"] == "ok" and (p["height"], p["width"]) != (img["height"], img["width"]):
             raise EvaluationError(f"{img['file_name']}: ground truth is {img['width']}x{img['height']}, "
-                                  f"the prediction {p['width']}x{p['height']}.")
+                                  f"the prediction {p['width']}x{p['height']} (a run with --resize-short-side "
+                                  "makes masks of the downsampled image; evaluate one made without it).")
         if p is None or p["status"] != "ok":
             missing.append({"file_name": img["file_name"],
                             "reason": "no prediction" if p is None else f"error: {p['reason']}"})

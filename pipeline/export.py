@@ -39,9 +39,9 @@ from PIL import Image
 
 from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 
-from .decode import decode_image
+from .decode import decode_image, resized_size
 from .lease import RunLease, check_holder
-from .output import READ_WORKERS, OutputDir
+from .output import READ_WORKERS, OutputDir, resized_short_side
 from .shards import _full_uri, _iter_tar, _read_with_retries, filesystem, tar_of_member
 
 log = logging.getLogger(__name__)
@@ -256,13 +256,15 @@ def iter_sources(uris: Sequence[str], storage_options: Optional[Mapping[str, Any
                           "changed since the run")
 
 
-def _upright_jpeg(data: bytes) -> Tuple[bytes, Tuple[int, int]]:
+def _upright_jpeg(data: bytes, short_side: Optional[int] = None) -> Tuple[bytes, Tuple[int, int]]:
     """(an upright JPEG of the image, its width and height): the bytes as they are for a JPEG
-    that EXIF does not rotate, else the decoded pixels (what the masks were made on) at quality 95."""
+    that EXIF does not rotate and the run did not downsample (``short_side``), else the decoded
+    pixels (what the masks were made on) at quality 95."""
     with Image.open(io.BytesIO(data)) as im:
-        if im.format == "JPEG" and im.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        if (im.format == "JPEG" and im.getexif().get(EXIF_ORIENTATION, 1) == 1
+                and resized_size(*im.size, short_side) == im.size):
             return data, im.size
-    pixels = decode_image(data)
+    pixels = decode_image(data, short_side=short_side)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
     return buf.getvalue(), (pixels.shape[1], pixels.shape[0])
@@ -321,6 +323,7 @@ def _export_tar_shard(tables: OutputDir, plan: ShardExport, dest: ExportDest,
     unless EXIF rotates them; other formats (and rotated JPEGs) are written as the decoded,
     upright pixels at quality 95, so the masks always match the pixels. Returns the tar's name."""
     images = ok_images(tables, plan.shard_id)
+    short_side = resized_short_side(tables.marker(plan.shard_id))
     name = f"{plan.shard_id}.tar"
     dest.fs.makedirs(dest.path, exist_ok=True)
     try:
@@ -329,7 +332,7 @@ def _export_tar_shard(tables: OutputDir, plan: ShardExport, dest: ExportDest,
             for (image, stem, doc), data in zip(_documents(tables, plan, images), sources):
                 doc["image"]["file_name"] = f"{stem}.jpg"
                 validate_sa1b(doc)
-                jpeg, size = _upright_jpeg(data)
+                jpeg, size = _upright_jpeg(data, short_side)
                 if size != (image["width"], image["height"]):
                     raise ValueError(
                         f"source image {image['uri']} is {size[0]}x{size[1]} now, {image['width']}x{image['height']} "

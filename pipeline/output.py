@@ -64,6 +64,13 @@ IMAGES_SCHEMA = pa.schema([
 ])
 
 
+def resized_short_side(marker: Optional[Mapping[str, Any]]) -> Optional[int]:
+    """The shorter side a completed shard's images were downsampled to (its run's
+    ``resize_short_side``), None if they were used as they are: readers of the sources decode
+    them as the run did (``decode_image(data, short_side=...)``)."""
+    return ((marker or {}).get("settings") or {}).get("resize_short_side")
+
+
 def masks_to_ipc(rows: Sequence[Dict[str, Any]]) -> bytes:
     """Mask rows as an Arrow IPC stream of ``MASKS_SCHEMA`` (how the stages pass an image's masks)."""
     sink = pa.BufferOutputStream()

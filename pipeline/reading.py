@@ -40,6 +40,7 @@ def to_table(rows: Sequence[Row]) -> pa.Table:
 
 def decoded_images(
     shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int, guard: DeathGuard = NO_GUARD,
+    short_side: Optional[int] = None,
 ) -> Iterator[Tuple[Row, Optional[np.ndarray]]]:
     """Per file of the shard, in order: its ``images`` row and the decoded HxWx3 image.
 
@@ -49,6 +50,8 @@ def decoded_images(
     one twice) is an error (``duplicate_name``, image_id ``<shard>/<name>#<position>``): its masks
     could not be told from the first one's. ``guard``: each decode is noted in the run's ledger,
     and a file a process died on twice is ``worker_died`` (see :mod:`pipeline.worker_deaths`).
+    ``short_side``: images downsampled so their shorter side is at most that (the row's size is
+    the downsampled one).
     """
     first: Dict[str, int] = {}  # name -> position of the first image with it
     for index, (name, uri, data, read_error) in enumerate(iter_shard_files(shard, storage_options)):
@@ -66,7 +69,7 @@ def decoded_images(
         t0 = time.perf_counter()
         try:
             with guard.attempt([row["image_id"]]):
-                image = decode_image(data, max_pixels)
+                image = decode_image(data, max_pixels, short_side)
         except ImageDecodeError as e:
             row.update(error_reason=e.reason, error_detail=e.detail, decode_s=time.perf_counter() - t0)
             log.warning("%s: %s", uri, e)
@@ -78,12 +81,13 @@ def decoded_images(
 
 # ---------------------------------------------------------------------- stage 1: decode (CPU tasks)
 def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_pixels: int,
-                prompts: Optional[Sequence[Any]] = None, guard: DeathGuard = NO_GUARD) -> Iterator[Row]:
+                prompts: Optional[Sequence[Any]] = None, guard: DeathGuard = NO_GUARD,
+                short_side: Optional[int] = None) -> Iterator[Row]:
     """One row per file of ``shard`` (pixels set if it decoded), then the shard's end row.
     ``prompts``: per file of a "files" shard, what the model stage is to prompt it with (JSON-able;
-    passed on as the rows' ``prompts``). ``guard``: as for :func:`decoded_images`."""
+    passed on as the rows' ``prompts``). ``guard``, ``short_side``: as for :func:`decoded_images`."""
     count = 0
-    for index, (row, image) in enumerate(decoded_images(shard, storage_options, max_pixels, guard)):
+    for index, (row, image) in enumerate(decoded_images(shard, storage_options, max_pixels, guard, short_side)):
         count += 1
         out: Row = dict(shard_id=shard.shard_id, image_index=index, shard_images=END, image=json.dumps(row))
         if prompts is not None:
@@ -95,7 +99,8 @@ def decode_rows(shard: Shard, storage_options: Optional[Mapping[str, Any]], max_
 
 
 def decode_shards(batch: Dict[str, Any], storage_options: Mapping[str, Any], max_pixels: int,
-                  rows_per_output: int = 4, ledger: Optional[Any] = None) -> Iterator[pa.Table]:
+                  rows_per_output: int = 4, ledger: Optional[Any] = None,
+                  short_side: Optional[int] = None) -> Iterator[pa.Table]:
     """Ray stage (a task per shard): shards (``shard_id``, ``kind``, ``uris``, ``root``, and
     ``prompts`` as JSON if the model stage prompts) -> image rows, yielded a few at a time so that
     a large tar never sits decoded in memory at once.
@@ -113,7 +118,7 @@ def decode_shards(batch: Dict[str, Any], storage_options: Mapping[str, Any], max
         rows: List[Row] = []
         with guard.attempt(whole):
             for row in decode_rows(shard, storage_options, max_pixels, None if prompts is None else json.loads(prompts),
-                                   per_file):
+                                   per_file, short_side):
                 rows.append(row)
                 if len(rows) >= rows_per_output:
                     yield to_table(rows)

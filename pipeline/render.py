@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 
 from .decode import decode_image
 from .export import images_with_masks
-from .output import OutputDir
+from .output import OutputDir, resized_short_side
 from .shards import filesystem, read_source
 from .stats import format_stats, table_stats
 
@@ -71,12 +71,14 @@ def render_gallery(tables_uri: str, dest: str, image_ids: Optional[Sequence[str]
     wanted = set(chosen)
     available = {image["image_id"]: (image, masks) for image, masks in images_with_masks(
         tables, sorted({i.split("/", 1)[0] for i in chosen})) if image["image_id"] in wanted}
+    markers = tables.markers(sorted({i.split("/", 1)[0] for i in chosen}))
     fs, root = filesystem(dest, storage_options)
     fs.makedirs(posixpath.join(root, "img"), exist_ok=True)
     figures = []
     for image_id in chosen:
         image, masks = available[image_id]
-        pixels = decode_image(read_source(image["uri"], storage_options))
+        short_side = resized_short_side(markers.get(image_id.split("/", 1)[0]))
+        pixels = decode_image(read_source(image["uri"], storage_options), short_side=short_side)
         buf = io.BytesIO()
         Image.fromarray(overlay(pixels, masks, seed)).save(buf, format="PNG")
         name = _file_name(image_id)

@@ -85,7 +85,8 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
         ledger = start_ledger()  # images a worker process died on, across task retries and actor restarts
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(decode_shards, fn_kwargs={"storage_options": dict(config.storage_options),
-                                                      "max_pixels": config.max_pixels, "ledger": ledger},
+                                                      "max_pixels": config.max_pixels, "ledger": ledger,
+                                                      "short_side": config.resize_short_side},
                             **args["decode"])
         for stage, resources in stages:
             ds = ds.map_batches(stage, fn_constructor_kwargs={"config": config, "ledger": ledger}, **args[resources])

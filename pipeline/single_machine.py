@@ -80,11 +80,13 @@ def run_single_machine(
     output_uri: str,
     generator: SamAutomaticMaskGenerator,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    short_side: Optional[int] = None,
 ) -> RunSummary:
     """Generate masks for every input file; write ``<stem>.json`` (SA-1B) per image, named by its
     path under the input folder as exports are (:func:`pipeline.export.export_stems`), and
     ``summary.json`` under ``output_uri``. Bad inputs (unreadable after retries, or not a usable
-    image) are recorded, never skipped silently."""
+    image) are recorded, never skipped silently. ``short_side``: images downsampled so their
+    shorter side is at most that (as ``jobs.generate --resize-short-side``)."""
     if generator.output_mode != "coco_rle":
         raise ValueError("run_single_machine needs a generator with output_mode='coco_rle'.")
     summary = RunSummary()
@@ -94,7 +96,7 @@ def run_single_machine(
     uris = list_files(input_uri, output_uri=output_uri)
     files = Shard("files", "files", tuple(uris), naming_root(input_uri, uris))  # names: paths under the input
     stems = export_stems([files.name_of(u) for u in uris])  # cam1/0001.jpg -> cam1/0001.json
-    for image_id, (row, image) in enumerate(decoded_images(files, None, max_pixels)):
+    for image_id, (row, image) in enumerate(decoded_images(files, None, max_pixels, short_side=short_side)):
         if image is None:
             summary.images_error += 1
             summary.errors.append({"uri": row["uri"], "reason": row["error_reason"], "detail": row["error_detail"]})

@@ -325,7 +325,8 @@ class ShardWorker:
         writer = RowsWriter()
         collector = ShardCollector([shard], lambda s: writer)
         batch: List[Row] = []
-        for row in decode_rows(shard, self.config.storage_options, self.config.max_pixels):
+        for row in decode_rows(shard, self.config.storage_options, self.config.max_pixels,
+                               short_side=self.config.resize_short_side):
             batch.append(row)
             if len(batch) >= self.config.images_per_batch or row["image_index"] == END:
                 collector.add(self.postprocess.process(self.model.process(batch)))

@@ -11,21 +11,22 @@ from sam_core.training import Sample
 
 from .decode import decode_image
 from .export import ok_images
-from .output import OutputDir
+from .output import OutputDir, resized_short_side
 from .shards import read_source
 
 SHUFFLE_SHARDS = 8  # shards whose images are drawn from at once (memory: their masks' RLE strings)
 
-Entry = Tuple[str, List[str], Tuple[int, int]]  # (source uri, masks' COCO counts, (height, width))
+Entry = Tuple[str, List[str], Tuple[int, int], Optional[int]]  # (source uri, masks' COCO counts, (height, width),
+# the shorter side the run downsampled the image to, or None)
 
 
-def _shard_entries(tables: OutputDir, shard_id: str) -> List[Entry]:
+def _shard_entries(tables: OutputDir, shard_id: str, short_side: Optional[int]) -> List[Entry]:
     """The ok images with at least one mask of a shard, with their masks' counts."""
     rows: Dict[str, List[Tuple[int, str]]] = {}
     for row in tables.read_shard("masks", shard_id, ["image_id", "mask_id", "counts"]).to_pylist():
         rows.setdefault(row["image_id"], []).append((row["mask_id"], row["counts"]))
-    return [(image["uri"], [c for _, c in sorted(rows[image["image_id"]])], (image["height"], image["width"]))
-            for image in ok_images(tables, shard_id) if rows.get(image["image_id"])]
+    return [(image["uri"], [c for _, c in sorted(rows[image["image_id"]])], (image["height"], image["width"]),
+             short_side) for image in ok_images(tables, shard_id) if rows.get(image["image_id"])]
 
 
 def table_samples(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Iterator[Sample]:
@@ -43,7 +44,8 @@ def table_samples(tables_uri: str, storage_options: Optional[Mapping[str, Any]] 
         yielded = 0
         order = [shards[i] for i in rng.permutation(len(shards))]
         for group in (order[i : i + SHUFFLE_SHARDS] for i in range(0, len(order), SHUFFLE_SHARDS)):
-            entries = [e for _, shard_entries in tables.each_shard(lambda s: _shard_entries(tables, s), group)
+            entries = [e for _, shard_entries in tables.each_shard(lambda s: _shard_entries(tables, s, resized_short_side(markers[s])),
+                                                                      group)
                        for e in shard_entries]
             for i in rng.permutation(len(entries)):
                 yield _sample(entries[i], storage_options)
@@ -53,8 +55,8 @@ def table_samples(tables_uri: str, storage_options: Optional[Mapping[str, Any]] 
 
 
 def _sample(entry: Entry, storage_options: Optional[Mapping[str, Any]]) -> Sample:
-    uri, counts, (h, w) = entry
-    image = decode_image(read_source(uri, storage_options))
+    uri, counts, (h, w), short_side = entry
+    image = decode_image(read_source(uri, storage_options), short_side=short_side)
     if image.shape[:2] != (h, w):
         raise ValueError(f"{uri} decodes to {image.shape[1]}x{image.shape[0]}, the tables say {w}x{h}.")
     masks = [mask_utils.decode({"size": [h, w], "counts": c.encode()}).astype(bool) for c in counts]

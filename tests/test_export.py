@@ -194,6 +194,61 @@ def test_sa1b_tar_export_round_trips_and_reads_back_as_input(tables, tmp_path, c
         assert len(got) == len(expected[image_id]) and all(np.array_equal(a, b) for a, b in zip(got, expected[image_id]))
 
 
+def test_downsampled_run_is_read_back_at_its_size(tmp_path, capsys):
+    """--resize-short-side: the tables hold the downsampled sizes and masks, and everything that
+    reads the sources again (tar export, gallery, training samples) downsamples them the same way;
+    resuming without the setting is refused, naming it."""
+    from PIL import Image
+
+    from jobs.render import main as render_main
+    from pipeline.decode import decode_image
+    from pipeline.run import pending_shards
+    from pipeline.training_data import table_samples
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (inputs / name).write_bytes(open(f"{SAMPLE_IMAGES}/{name}", "rb").read())
+    ckpt = tmp_path / "sharp.pth"
+    torch.save(sharpen(official_sam("tiny", perturb=0.0)).state_dict(), ckpt)
+    cfg = PipelineConfig(input_uri=str(inputs), output_uri=str(tmp_path / "out"), checkpoint=str(ckpt),
+                         amg=AMG, images_per_shard=1, resize_short_side=120)
+    worker = ShardWorker(cfg)
+    for shard in discover_shards(cfg.input_uri, cfg.images_per_shard):
+        worker.output.write_shard(shard, *worker.process(shard))
+    images = {r["image_id"]: r for r in OutputDir(cfg.output_uri).read_table("images").to_pylist()}
+    assert len(images) == 2 and all(r["status"] == "ok" and min(r["width"], r["height"]) == 120
+                                    for r in images.values())
+    masks = table_masks(tmp_path / "out")
+    assert sum(len(m) for m in masks.values()) > 0
+    for image_id, image_masks in masks.items():
+        assert all(m.shape == (images[image_id]["height"], images[image_id]["width"]) for m in image_masks)
+    with pytest.raises(ValueError, match=r"resize_short_side 120 -> \(unset\)"):
+        pending_shards(PipelineConfig(**{**cfg.__dict__, "resize_short_side": None}))
+
+    dest = tmp_path / "tars"
+    assert export_main(["--tables", cfg.output_uri, "--format", "sa1b-tar", "--dest", str(dest)]) == 0
+    for path in sorted(dest.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for name in (n for n in tar.getnames() if n.endswith(".json")):
+                doc = json.loads(tar.extractfile(name).read())
+                pixels = decode_image(tar.extractfile(doc["image"]["file_name"]).read())
+                assert pixels.shape[:2] == (doc["image"]["height"], doc["image"]["width"])
+                assert min(pixels.shape[:2]) == 120
+                image_id = f"{path.stem}/{doc['image']['file_name']}"
+                assert all(np.array_equal(a, b) for a, b in zip(decode_masks(doc), masks[image_id]))
+
+    assert render_main(["--tables", cfg.output_uri, "--dest", str(tmp_path / "gallery")]) == 0
+    pngs = sorted((tmp_path / "gallery" / "img").glob("*.png"))
+    assert len(pngs) == 2
+    for png in pngs:
+        image_id = png.stem.replace("_", "/", 1)
+        assert np.asarray(Image.open(png)).shape[:2] == (images[image_id]["height"], images[image_id]["width"])
+
+    sample = next(table_samples(cfg.output_uri))
+    assert min(sample.image.shape[:2]) == 120 and sample.masks[0].shape == sample.image.shape[:2]
+
+
 def test_tar_images_are_upright_jpegs():
     from PIL import Image
 

@@ -50,6 +50,26 @@ def test_exif_orientation_is_applied():
     assert out.shape == (20, 12, 3)
 
 
+@pytest.mark.parametrize("size, short_side, expected", [
+    ((4000, 3000), 1500, (2000, 1500)), ((3000, 4000), 1500, (1500, 2000)), ((2250, 1500), 1500, (2250, 1500)),
+    ((1000, 800), 1500, (1000, 800)), ((1001, 333), 100, (301, 100)), ((640, 480), None, (640, 480)),
+])
+def test_resized_size(size, short_side, expected):
+    from pipeline.decode import resized_size
+
+    assert resized_size(*size, short_side) == expected
+
+
+def test_downsampling_follows_exif_orientation():
+    """The shorter side is the upright image's: EXIF rotation first, then the downsampling."""
+    img = Image.fromarray(np.zeros((40, 100, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode_image(encoded(img, "JPEG", exif=exif), short_side=20)
+    assert out.shape == (50, 20, 3)
+    assert decode_image(encoded(img, "PNG"), short_side=50).shape == (40, 100, 3)  # never enlarged
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [
