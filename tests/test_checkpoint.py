@@ -6,6 +6,7 @@ import copy
 import gc
 import io
 import pickle
+import threading
 
 import pytest
 import torch
@@ -108,6 +109,7 @@ def transformers_sam(tmp_path_factory):
     from transformers import SamConfig as TransformersConfig
     from transformers import SamModel
     from transformers.models.sam.configuration_sam import SamVisionConfig
+    from transformers.utils import logging as transformers_logging
 
     tiny = get_config("tiny")
     vision = SamVisionConfig(hidden_size=tiny.encoder_embed_dim, num_hidden_layers=tiny.encoder_depth,
@@ -119,7 +121,13 @@ def transformers_sam(tmp_path_factory):
         for param in model.parameters():
             param.normal_(0, 0.05 if param.dim() > 1 else 0.1)
     folder = tmp_path_factory.mktemp("hf") / "sam-tiny"
+    # Its progress bar would start tqdm's monitor, a daemon thread that lives to the end of the
+    # test process; one waking during interpreter shutdown crashed a CI run (segfault after the
+    # last test had passed).
+    transformers_logging.disable_progress_bar()
+    threads = {t.name for t in threading.enumerate()}
     model.save_pretrained(folder)
+    assert {t.name for t in threading.enumerate()} <= threads  # no thread left behind
     return model, folder
 
 
