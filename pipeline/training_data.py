@@ -44,9 +44,8 @@ def table_samples(tables_uri: str, storage_options: Optional[Mapping[str, Any]] 
         yielded = 0
         order = [shards[i] for i in rng.permutation(len(shards))]
         for group in (order[i : i + SHUFFLE_SHARDS] for i in range(0, len(order), SHUFFLE_SHARDS)):
-            entries = [e for _, shard_entries in tables.each_shard(lambda s: _shard_entries(tables, s, resized_short_side(markers[s])),
-                                                                      group)
-                       for e in shard_entries]
+            read = lambda s: _shard_entries(tables, s, resized_short_side(markers[s]))  # noqa: E731
+            entries = [e for _, shard_entries in tables.each_shard(read, group) for e in shard_entries]
             for i in rng.permutation(len(entries)):
                 yield _sample(entries[i], storage_options)
                 yielded += 1
