@@ -15,8 +15,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model-type",
                     help="demo, tiny, vit_b, vit_l or vit_h (default: read from --checkpoint; without "
                          "one, demo: the bundled small model trained on procedural scenes)")
-    ap.add_argument("--checkpoint", help="official SAM checkpoint (.pth), or Hugging Face's (model.safetensors, pytorch_model.bin "
-                                         "or their folder): a path or an fsspec URI "
+    ap.add_argument("--checkpoint", help="official SAM checkpoint (.pth), or Hugging Face's (model.safetensors, "
+                                         "pytorch_model.bin or their folder): a path or an fsspec URI "
                                          "(s3://...: each node copies it once into ~/.cache/sam_datagen or "
                                          "$SAM_DATAGEN_CACHE; default for demo: the bundled weights)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights without a checkpoint")
