@@ -23,7 +23,7 @@ import json
 import posixpath
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import pyarrow as pa
@@ -101,13 +101,56 @@ def _identity_change(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     return ", ".join(changes) or f"settings hash {before.get('settings_hash')} -> {now.get('settings_hash')}"
 
 
+# Arrow and Python file objects: pyarrow reads a Python file (an fsspec file) from its own IO
+# threads (Parquet pre-buffering, CSV read-ahead), and such a thread may hold the last reference
+# to it. Releasing it takes the GIL; once the interpreter is finalizing, Python ends the thread with
+# pthread_exit, whose unwinding through Arrow's C++ frames is std::terminate: "terminate called
+# without an active exception", exit 134 after a run that did all its work (apache/arrow#34314,
+# #45017). So Arrow is given bytes in its own memory, or reads the file on the calling thread only.
+
+
+def arrow_reader(data: bytes) -> pa.BufferReader:
+    """``data`` copied into Arrow's memory (no Python object for Arrow's threads to release)."""
+    buffer = pa.allocate_buffer(len(data))
+    memoryview(buffer).cast("B")[:] = memoryview(data).cast("B")
+    return pa.BufferReader(buffer)
+
+
+BYTES = (bytes, bytearray, memoryview)
+
+
+def _parquet_file(source: Any) -> Tuple[pq.ParquetFile, bool]:
+    """(the Parquet file of ``source``, whether Arrow's threads may read it): bytes are copied into
+    Arrow's memory; a file object is read on the calling thread only (no pre-buffering)."""
+    if isinstance(source, BYTES):
+        return pq.ParquetFile(arrow_reader(source)), True
+    return pq.ParquetFile(source, pre_buffer=False), False
+
+
 def read_parquet(source: Any, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    """A Parquet file (path or file object) as a table (all columns, or ``columns`` in that
-    order). Through ``ParquetFile``, not ``pq.read_table``: the latter's dataset scanner leaves
-    threads behind that abort the interpreter at exit now and then ("terminate called without an
-    active exception", exit code 134 after a successful run; apache/arrow#50482, pyarrow 26)."""
-    table = pq.ParquetFile(source).read(columns=None if columns is None else list(columns))
-    return table if columns is None else table.select(list(columns))
+    """A Parquet file (a file object or its bytes) as a table: all of it (a file object is read
+    in one piece, then decoded in Arrow's threads), or only ``columns``, in that order (of a file
+    object, only their column chunks are read)."""
+    if columns is None:
+        file, threads = _parquet_file(source if isinstance(source, BYTES) else source.read())
+        return file.read(use_threads=threads)
+    file, threads = _parquet_file(source)
+    return file.read(columns=list(columns), use_threads=threads).select(list(columns))
+
+
+def iter_parquet(source: Any, batch_rows: int, columns: Optional[Sequence[str]] = None) -> Iterator[pa.RecordBatch]:
+    """A Parquet file's record batches (``columns`` or all), ``batch_rows`` at a time, from its
+    bytes or streamed from a file object (one too big to hold)."""
+    file, threads = _parquet_file(source)
+    return file.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns),
+                             use_threads=threads)
+
+
+def read_csv(source: Any) -> pa.Table:
+    """A CSV file (a file object or its bytes) as a table, read in one piece."""
+    import pyarrow.csv as pacsv
+
+    return pacsv.read_csv(arrow_reader(source if isinstance(source, BYTES) else source.read()))
 
 
 class OutputDir:
@@ -255,7 +298,7 @@ class OutputDir:
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns])
         with self.fs.open(self._p(name, f"{shard_id}.parquet"), "rb") as fh:
-            return read_parquet(fh, schema.names).cast(schema)
+            return read_parquet(fh, columns).select(schema.names).cast(schema)
 
     def masks_file(self, shard_id: str, max_bytes: int = READ_AHEAD_BYTES) -> Optional[bytes]:
         """A completed shard's masks Parquet file, as stored, to read ahead (:meth:`iter_masks`);
@@ -268,8 +311,9 @@ class OutputDir:
         """A completed shard's mask rows, in file order, decoded ``batch_rows`` at a time (an SA-1B
         tar's ~1M masks are never held as Python rows at once); from ``data`` (its
         :meth:`masks_file`) if given, else read from the output."""
-        with (io.BytesIO(data) if data is not None else self.fs.open(self._p("masks", f"{shard_id}.parquet"), "rb")) as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=MASKS_SCHEMA.names):
+        path = self._p("masks", f"{shard_id}.parquet")
+        with (nullcontext(data) if data is not None else self.fs.open(path, "rb")) as source:
+            for batch in iter_parquet(source, batch_rows, MASKS_SCHEMA.names):
                 yield from batch.to_pylist()
 
     def each_shard(self, read: Callable[[str], T], shard_ids: Optional[Sequence[str]] = None,

@@ -30,7 +30,7 @@ from sam_core.training.data import check_coco
 
 from .config import PipelineConfig, model_id
 from .decode import DEFAULT_MAX_PIXELS
-from .output import OutputDir, masks_to_ipc, read_parquet
+from .output import OutputDir, masks_to_ipc, read_csv, read_parquet
 from .reading import Row, decoded_images, to_table
 from .resuming import select_pending
 from .run import run_stages, summarize_tables
@@ -89,11 +89,9 @@ def load_prompt_table(path: str, storage_options: Optional[Mapping[str, Any]] = 
     """A Parquet/CSV prompts table, checked (a ``uri`` in every row, ``bbox`` or ``x``, ``y``,
     ``w``, ``h`` columns). An image's boxes are its rows in table order: the k-th is prompted as
     the image's mask ``k``."""
-    import pyarrow.csv as pacsv
-
     try:
         with open_uri(path, "rb", dict(storage_options or {})) as f:
-            table = read_parquet(f) if path.endswith(".parquet") else pacsv.read_csv(f)
+            table = read_parquet(f) if path.endswith(".parquet") else read_csv(f)
     except pa.ArrowInvalid as e:  # not a table of that format: name the file
         raise ValueError(f"{path}: {e}") from None
     cols = set(table.column_names)

@@ -177,13 +177,12 @@ def discover_shards(
 
 def _manifest_shards(uri: str, images_per_shard: int, storage_options) -> List[Shard]:
     import pyarrow as pa
-    import pyarrow.csv as pacsv
 
-    from .output import read_parquet
+    from .output import read_csv, read_parquet
 
     try:
         with open_uri(uri, "rb", storage_options) as f:
-            table = read_parquet(f) if uri.endswith(".parquet") else pacsv.read_csv(f)
+            table = read_parquet(f) if uri.endswith(".parquet") else read_csv(f)
     except pa.ArrowInvalid as e:  # not a table of that format: name the file
         raise ValueError(f"Manifest {uri!r}: {e}") from None
     if "uri" not in table.column_names:

@@ -11,10 +11,12 @@ import re
 import subprocess
 import sys
 import tarfile
+import threading
 from collections import Counter
 from dataclasses import replace
 
 import pyarrow as pa
+import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -900,10 +902,11 @@ def test_shard_writer_streams_row_groups_and_readers_skip_unfinished_shards(tmp_
     assert out.read_table("masks").to_pylist() == rows
 
 def test_reading_tables_lets_the_interpreter_exit_cleanly(tmp_path):
-    """``pq.read_table`` leaves scanner threads that abort the interpreter at exit now and then
-    (exit code 134 after the work is done; apache/arrow#50482): every job that reads the tables
-    (stats, export, the generate summary) would fail at random. Eight fresh interpreters each
-    read both tables and must exit with 0 (``pq.read_table`` here aborted ~45% of runs)."""
+    """Arrow's threads could abort the interpreter at exit (exit code 134 after the work is done;
+    why: the next test): every job that reads the tables (stats, export, the generate summary)
+    would fail at random. Eight fresh interpreters each read both tables and must exit with 0
+    (``pq.read_table`` of an fsspec file aborted ~95% of runs; ``ParquetFile`` of one, ~1 in 100
+    in CI)."""
     out = OutputDir(str(tmp_path / "out"))
     out.write_shard(Shard("s", "files", ("x.jpg",)), [mask_row("s/x.jpg", i) for i in range(100)],
                     [dict(image_id="s/x.jpg", uri="x.jpg", shard="s", status="ok")])
@@ -911,6 +914,54 @@ def test_reading_tables_lets_the_interpreter_exit_cleanly(tmp_path):
             "assert o.read_table('masks').num_rows == 100 and o.read_table('images').num_rows == 1")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True) for _ in range(8)]
     assert [(r.returncode, r.stderr[-200:]) for r in runs] == [(0, "")] * 8
+
+
+def test_readers_never_call_a_python_file_from_arrow_threads(tmp_path, monkeypatch):
+    """Why the interpreter aborted at exit: pyarrow reads a Python file object (an fsspec file)
+    from its IO threads (Parquet pre-buffering, CSV read-ahead), and such a thread, holding the
+    last reference to the file, takes the GIL to release it. After the main thread has begun
+    finalizing, Python ends that thread with ``pthread_exit``, whose unwinding through Arrow's
+    C++ frames is ``std::terminate`` (seen in gdb: ``PyGILState_Ensure`` <-
+    ``~PyReadableFile``). The race is rare, so this checks its precondition: every call of every
+    reader into a file object comes from the calling thread."""
+    from fsspec.implementations.local import LocalFileOpener
+
+    from pipeline.prompted import load_prompt_table
+    from pipeline.shards import discover_shards
+
+    callers = []
+    for name in ("read", "seek", "tell"):
+        def recording(self, *args, _original=getattr(LocalFileOpener, name), **kwargs):
+            callers.append(threading.get_ident())
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(LocalFileOpener, name, recording)
+
+    def threads(read):
+        callers.clear()
+        read()
+        return set(callers)
+
+    out = OutputDir(str(tmp_path / "out"))
+    rows = [mask_row("s/x.jpg", i) for i in range(3000)]
+    out.write_shard(Shard("s", "files", ("x.jpg",)), rows, [dict(image_id="s/x.jpg", uri="x.jpg", shard="s", status="ok")])
+    table = pa.table({"uri": [f"im{i}.jpg" for i in range(5000)], "bbox": [[0.0, 0.0, 1.0, 1.0]] * 5000})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=1000)
+    pa.csv.write_csv(table.select(["uri"]), tmp_path / "m.csv")
+    readers = {
+        "read_table": lambda: out.read_table("masks"),
+        "read_shard columns": lambda: out.read_shard("masks", "s", ["image_id", "mask_id"]),
+        "iter_masks streamed": lambda: list(out.iter_masks("s", batch_rows=500)),
+        "Parquet manifest": lambda: discover_shards(str(tmp_path / "m.parquet"), 64),
+        "CSV manifest": lambda: discover_shards(str(tmp_path / "m.csv"), 64),
+        "prompts table": lambda: load_prompt_table(str(tmp_path / "m.parquet")),
+    }
+    assert {name: threads(read) for name, read in readers.items()} == {name: {threading.get_ident()} for name in readers}
+    # and what they read is all there
+    assert out.read_table("masks").to_pylist() == rows == list(out.iter_masks("s", out.masks_file("s")))
+    assert out.read_shard("masks", "s", ["mask_id"]).column("mask_id").to_pylist() == list(range(3000))
+    assert [u.rsplit("/", 1)[-1] for s in discover_shards(str(tmp_path / "m.csv"), 64) for u in s.uris] == \
+        table.column("uri").to_pylist()
+    assert load_prompt_table(str(tmp_path / "m.parquet")).num_rows == 5000
 
 
 def test_stages_on_ray_equal_the_engine_with_crops_and_small_regions(ray_local, tmp_path, checkpoint):
