@@ -45,12 +45,20 @@ def downsample(image: np.ndarray, short_side: Optional[int]) -> np.ndarray:
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, short_side: Optional[int] = None) -> np.ndarray:
     """Decode ``data`` with EXIF orientation applied and any mode converted to RGB, then, with
-    ``short_side``, downsampled so its shorter side is at most that (:func:`downsample`).
+    ``short_side``, downsampled so its shorter side is at most that (:func:`downsample`). Of a
+    file with several frames or pages (animated GIF/WebP/PNG, multi-page TIFF), the first.
 
     L/LA/P/RGBA/CMYK/YCbCr are converted by PIL (alpha dropped); 16- and 32-bit integer images
     are scaled to 8 bits. Raises ImageDecodeError with reason ``empty``, ``not_an_image``,
     ``too_large``, ``corrupt`` or ``unsupported_mode``.
     """
+    return decode_first_frame(data, max_pixels, short_side)[0]
+
+
+def decode_first_frame(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       short_side: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    """(:func:`decode_image`, the number of frames or pages in the file: 1 for a still image; of
+    a file damaged after its first frame, those before the damage)."""
     if not data:
         raise ImageDecodeError("empty", "the file has no bytes")
     try:
@@ -70,13 +78,25 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, short_side: 
         raise ImageDecodeError("empty", f"image size {w}x{h}")
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        rgb = _to_rgb(img)
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
     except ImageDecodeError:
         raise
     except Exception as e:
         raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from e
-    return downsample(rgb, short_side)
+    return downsample(rgb, short_side), _frame_count(img)
+
+
+def _frame_count(img: Image.Image) -> int:
+    try:
+        return int(getattr(img, "n_frames", 1))
+    except Exception:  # counting walks the frames: a damaged one ends the count
+        count = 1
+        try:
+            while True:
+                img.seek(count)
+                count += 1
+        except Exception:
+            return count
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

@@ -54,6 +54,8 @@ IMAGES_SCHEMA = pa.schema([
     ("shard", pa.string()),
     ("width", pa.int32()),  # null for errors
     ("height", pa.int32()),
+    ("frames", pa.int32()),  # frames or pages in the file (only the first is masked); null for
+    # errors and in tables written before this column
     ("mask_count", pa.int32()),
     ("status", pa.string()),  # "ok" or "error"
     ("error_reason", pa.string()),  # short code (see pipeline.decode), null when ok
@@ -62,6 +64,13 @@ IMAGES_SCHEMA = pa.schema([
     ("generate_s", pa.float64()),  # model stage (encoder, decoder, filters, NMS, RLE)
     ("postprocess_s", pa.float64()),  # small-region removal, COCO strings, records
 ])
+LATER_COLUMNS = ("frames",)  # images columns that tables of earlier versions lack: read as nulls
+
+
+def first_frame_only(frames: Optional[int]) -> bool:
+    """Whether an image's file has frames or pages beyond the one masked (``frames``; None:
+    not known)."""
+    return frames is not None and frames > 1
 
 
 def resized_short_side(marker: Optional[Mapping[str, Any]]) -> Optional[int]:
@@ -127,15 +136,22 @@ def _parquet_file(source: Any) -> Tuple[pq.ParquetFile, bool]:
     return pq.ParquetFile(source, pre_buffer=False), False
 
 
-def read_parquet(source: Any, columns: Optional[Sequence[str]] = None) -> pa.Table:
+def read_parquet(source: Any, columns: Optional[Sequence[str]] = None, optional: Sequence[str] = ()) -> pa.Table:
     """A Parquet file (a file object or its bytes) as a table: all of it (a file object is read
     in one piece, then decoded in Arrow's threads), or only ``columns``, in that order (of a file
-    object, only their column chunks are read)."""
+    object, only their column chunks are read). ``optional``: columns that a file may lack (added
+    in a later version), then read as nulls."""
     if columns is None:
         file, threads = _parquet_file(source if isinstance(source, BYTES) else source.read())
-        return file.read(use_threads=threads)
-    file, threads = _parquet_file(source)
-    return file.read(columns=list(columns), use_threads=threads).select(list(columns))
+        table = file.read(use_threads=threads)
+    else:
+        file, threads = _parquet_file(source)
+        present = set(file.schema_arrow.names)
+        table = file.read(columns=[c for c in columns if c in present or c not in optional], use_threads=threads)
+    for name in optional:
+        if name not in table.column_names and (columns is None or name in columns):
+            table = table.append_column(name, pa.nulls(table.num_rows))
+    return table if columns is None else table.select(list(columns))
 
 
 def iter_parquet(source: Any, batch_rows: int, columns: Optional[Sequence[str]] = None) -> Iterator[pa.RecordBatch]:
@@ -297,8 +313,9 @@ class OutputDir:
         schema = MASKS_SCHEMA if name == "masks" else IMAGES_SCHEMA
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns])
+        optional = LATER_COLUMNS if name == "images" else ()
         with self.fs.open(self._p(name, f"{shard_id}.parquet"), "rb") as fh:
-            return read_parquet(fh, columns).select(schema.names).cast(schema)
+            return read_parquet(fh, columns, optional).select(schema.names).cast(schema)
 
     def masks_file(self, shard_id: str, max_bytes: int = READ_AHEAD_BYTES) -> Optional[bytes]:
         """A completed shard's masks Parquet file, as stored, to read ahead (:meth:`iter_masks`);
@@ -403,6 +420,7 @@ class ShardWriter:
         errors = Counter(r.get("error_reason") for r in images if r.get("status") != "ok")
         marker = {"members": list(self.shard.uris), "root": self.shard.root, "images": len(images), "masks": self.masks,
                   "errors": {str(reason): n for reason, n in sorted(errors.items(), key=str)},
+                  "first_frame_only": sum(r.get("status") == "ok" and first_frame_only(r.get("frames")) for r in images),
                   **({"digests": dict(zip(self.shard.uris, self.shard.digests))} if self.shard.digests else {}),
                   **(self.output.identity or {})}
         self.output._put(self.output._p("_done", f"{self.shard.shard_id}.json"),

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from .decode import ImageDecodeError, decode_image
+from .decode import ImageDecodeError, decode_first_frame
 from .shards import Shard, iter_shard_files
 from .worker_deaths import NO_GUARD, DeathGuard
 
@@ -51,7 +51,8 @@ def decoded_images(
     could not be told from the first one's. ``guard``: each decode is noted in the run's ledger,
     and a file a process died on twice is ``worker_died`` (see :mod:`pipeline.worker_deaths`).
     ``short_side``: images downsampled so their shorter side is at most that (the row's size is
-    the downsampled one).
+    the downsampled one). Of a file with several frames or pages, the first is the image; the
+    row's ``frames`` says how many the file has.
     """
     first: Dict[str, int] = {}  # name -> position of the first image with it
     for index, (name, uri, data, read_error) in enumerate(iter_shard_files(shard, storage_options)):
@@ -69,13 +70,15 @@ def decoded_images(
         t0 = time.perf_counter()
         try:
             with guard.attempt([row["image_id"]]):
-                image = decode_image(data, max_pixels, short_side)
+                image, frames = decode_first_frame(data, max_pixels, short_side)
         except ImageDecodeError as e:
             row.update(error_reason=e.reason, error_detail=e.detail, decode_s=time.perf_counter() - t0)
             log.warning("%s: %s", uri, e)
             yield row, None
             continue
-        row.update(width=image.shape[1], height=image.shape[0], decode_s=time.perf_counter() - t0)
+        row.update(width=image.shape[1], height=image.shape[0], frames=frames, decode_s=time.perf_counter() - t0)
+        if frames > 1:
+            log.warning("%s: %d frames or pages; only the first is masked", uri, frames)
         yield row, image
 
 

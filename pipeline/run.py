@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import pyarrow.compute as pc
 
 from .config import PipelineConfig
-from .output import OutputDir
+from .output import OutputDir, first_frame_only
 from .shards import Shard, discover_shards
 from .single_machine import MAX_ERROR_LINES, RunSummary
 from .reading import decode_shards
@@ -110,9 +110,10 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
 
 
 def summarize_tables(output: OutputDir) -> RunSummary:
-    """Counts of an output folder (images ok/error, masks, errors by reason) from its shards'
-    markers, and the first ``MAX_ERROR_LINES`` errors (uri, reason, detail) from the images tables
-    of the first shards holding any: one listing and one concurrent read of the markers, not a
+    """Counts of an output folder (images ok/error, masks, errors by reason, images of several
+    frames) from its shards' markers, and the first ``MAX_ERROR_LINES`` errors (uri, reason,
+    detail) and images of several frames from the images tables of the first shards holding
+    any: one listing and one concurrent read of the markers, not a
     read of every table (on an object store, ~40 ms each: an hour for 100k shards, at the end of
     every run). A marker of an earlier version without counts is counted from its table."""
     summary = RunSummary()
@@ -125,9 +126,12 @@ def summarize_tables(output: OutputDir) -> RunSummary:
             summary.images_error += failed
             summary.masks += done["masks"]
             reasons.update(done["errors"])
-            if failed == 0 or len(summary.errors) >= MAX_ERROR_LINES:
+            summary.images_first_frame_only += done.get("first_frame_only", 0)
+            if not ((failed and len(summary.errors) < MAX_ERROR_LINES) or
+                    (done.get("first_frame_only") and len(summary.first_frame_only) < MAX_ERROR_LINES)):
                 continue
-        images = output.read_shard("images", shard_id, ["uri", "status", "mask_count", "error_reason", "error_detail"])
+        images = output.read_shard("images", shard_id, ["uri", "status", "frames", "mask_count", "error_reason",
+                                                        "error_detail"])
         ok = pc.equal(images.column("status"), "ok")
         errors = images.filter(pc.invert(ok))
         if not counted:
@@ -135,9 +139,12 @@ def summarize_tables(output: OutputDir) -> RunSummary:
             summary.images_error += errors.num_rows
             summary.masks += int(pc.sum(images.column("mask_count")).as_py() or 0)
             reasons.update(str(r) for r in errors.column("error_reason").to_pylist())
+        several = ([r for r in images.filter(ok).select(["uri", "frames"]).to_pylist() if first_frame_only(r["frames"])]
+                   if "first_frame_only" in done else [])  # (earlier versions did not count frames)
         room = max(MAX_ERROR_LINES - len(summary.errors), 0)
         summary.errors += [{"uri": u, "reason": r, "detail": d} for u, r, d in zip(
             errors.column("uri").to_pylist()[:room], errors.column("error_reason").to_pylist()[:room],
             errors.column("error_detail").to_pylist()[:room])]
+        summary.first_frame_only += several[:max(MAX_ERROR_LINES - len(summary.first_frame_only), 0)]
     summary.error_reasons = dict(reasons)
     return summary

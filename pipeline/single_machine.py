@@ -21,6 +21,7 @@ from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
 
 from .decode import DEFAULT_MAX_PIXELS
 from .export import export_stems
+from .output import first_frame_only
 from .reading import decoded_images
 from .shards import Shard, filesystem, list_files, naming_root
 
@@ -42,6 +43,9 @@ class RunSummary:
     stage_seconds: Dict[str, float] = field(default_factory=dict)  # summed worker time per stage
     shards_processed: int = 0  # shards done by this run (the rest were already complete)
     images_processed: Optional[int] = None  # images done by this run, if not all of them
+    images_first_frame_only: int = 0  # images whose files have more frames or pages than the one masked
+    first_frame_only: List[Dict[str, Any]] = field(default_factory=list)  # the first MAX_ERROR_LINES
+    # of them: {"uri", "frames"}
 
     @property
     def images_per_second(self) -> float:
@@ -72,6 +76,11 @@ class RunSummary:
         if more > 0:
             lines.append(f"  ... and {more} more: every error is a row of the images table (status 'error', "
                          "with its uri, error_reason and error_detail)")
+        if self.images_first_frame_only:
+            lines.append(f"{self.images_first_frame_only} images have several frames or pages: only the first of "
+                         "each was masked (the images table's frames column counts them)")
+            lines += [f"  first frame only: {f['uri']} ({f['frames']} frames)"
+                      for f in self.first_frame_only[:MAX_ERROR_LINES]]
         return "\n".join(lines)
 
 
@@ -108,6 +117,9 @@ def run_single_machine(
         write_sa1b_json(posixpath.join(output_uri, stems[name] + ".json"), doc)
         summary.images_ok += 1
         summary.masks += len(records)
+        if first_frame_only(row["frames"]):
+            summary.images_first_frame_only += 1
+            summary.first_frame_only.append({"uri": uri, "frames": row["frames"]})
         log.info("%s: %d masks", uri, len(records))
     summary.seconds = time.perf_counter() - start
     with fsspec.open(posixpath.join(output_uri, "summary.json"), "w") as f:

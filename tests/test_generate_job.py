@@ -117,6 +117,8 @@ def test_single_machine_runner_on_samples_and_bad_files(tmp_path):
     (inputs / "notes.txt").write_text("not an image")
     (inputs / "more").mkdir()  # the same file name in a subfolder: its own file, not an overwrite
     (inputs / "more" / "coffee.jpg").write_bytes(open(f"{SAMPLE_IMAGES}/chelsea.jpg", "rb").read())
+    frames = [Image.new("RGB", (40, 30), c) for c in ("red", "blue")]
+    frames[0].save(inputs / "anim.gif", save_all=True, append_images=frames[1:])  # masked on its first frame
     out = tmp_path / "out"
     torch.manual_seed(0)
     generator = SamAutomaticMaskGenerator(build_sam("tiny"), points_per_side=4, pred_iou_thresh=0,
@@ -125,15 +127,18 @@ def test_single_machine_runner_on_samples_and_bad_files(tmp_path):
     result = run_single_machine(str(inputs), str(out), generator)
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.as_dict()))
-    assert summary["images_ok"] == 3 and summary["images_error"] == 3
+    assert summary["images_ok"] == 4 and summary["images_error"] == 3
     assert sorted(e["reason"] for e in summary["errors"]) == ["corrupt", "empty", "not_an_image"]
     doc = read_sa1b_json(str(out / "coffee.json"))
     assert doc["image"]["file_name"] == "coffee.jpg" and doc["image"]["width"] == 512
-    assert len(doc["annotations"]) == summary["masks"] // 3 > 0  # no filters: every candidate stays
+    assert len(doc["annotations"]) == summary["masks"] // 4 > 0  # no filters: every candidate stays
     other = read_sa1b_json(str(out / "more" / "coffee.json"))
     assert other["image"]["file_name"] == "more/coffee.jpg" and other["image"]["width"] == 451  # chelsea's pixels
+    assert summary["images_first_frame_only"] == 1
+    assert summary["first_frame_only"] == [{"uri": str(inputs / "anim.gif"), "frames": 2}]
     printed = str(result)
-    assert "images ok: 3, errors: 3" in printed and "broken.jpg: corrupt" in printed
+    assert "images ok: 4, errors: 3" in printed and "broken.jpg: corrupt" in printed
+    assert "first frame only: " + str(inputs / "anim.gif") + " (2 frames)" in printed
 
 
 @pytest.mark.parametrize("argv, expected", [

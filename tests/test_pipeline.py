@@ -15,6 +15,7 @@ import threading
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.compute as pc
@@ -1201,6 +1202,51 @@ def test_the_summary_of_an_output_comes_from_its_markers(tmp_path, monkeypatch):
                               for r in errors][:MAX_ERROR_LINES]
     assert read == [f"files-{i:05d}" for i in range(29) if i % 3][:14] + ["files-00029"]  # 20 lines, then legacy
     assert f"... and {30 - MAX_ERROR_LINES} more" in str(summary)
+
+
+def test_a_file_of_several_frames_is_masked_on_its_first_and_said_so(tmp_path, checkpoint):
+    """A multi-page TIFF or an animated GIF is masked on its first frame (a pyramid TIFF's later
+    pages are smaller copies), and that is recorded, not silent: the images table's ``frames``,
+    the shard's marker and the run's summary name the files. Tables of earlier versions, without
+    the column, still read (frames null) and count no such file."""
+    from pipeline.run import summarize_tables
+
+    d = tmp_path / "in"
+    d.mkdir()
+    chelsea, coffee = (Image.open(io.BytesIO(sample_bytes(n))).convert("RGB") for n in ("chelsea.jpg", "coffee.jpg"))
+    chelsea.save(d / "pages.tiff", save_all=True, append_images=[coffee])
+    small = [chelsea.resize((90, 60)), coffee.resize((90, 60)), chelsea.resize((90, 60)).rotate(90)]
+    small[0].save(d / "anim.gif", save_all=True, append_images=small[1:])
+    (d / "still.jpg").write_bytes(sample_bytes("astronaut.jpg"))
+    cfg = PipelineConfig(input_uri=str(d), output_uri=str(tmp_path / "out"), checkpoint=checkpoint, amg=AMG,
+                         images_per_shard=8)
+    worker = ShardWorker(cfg)
+    (shard,) = discover_shards(str(d), 8)
+    masks, images = worker.process(shard)
+    assert {r["uri"].rsplit("/", 1)[-1]: (r["status"], r["frames"]) for r in images} == {
+        "pages.tiff": ("ok", 2), "anim.gif": ("ok", 3), "still.jpg": ("ok", 1)}
+    expected = worker.generator.generate(np.asarray(chelsea))  # the first page, as it is
+    assert [m["counts"] for m in masks if m["image_id"].endswith("pages.tiff")] == \
+        [e["segmentation"]["counts"] for e in expected] != []
+    out = OutputDir(str(tmp_path / "out"))
+    out.write_shard(shard, masks, images)
+    assert out.marker(shard.shard_id)["first_frame_only"] == 2
+    summary = summarize_tables(out)
+    assert summary.images_first_frame_only == 2
+    assert sorted((f["uri"].rsplit("/", 1)[-1], f["frames"]) for f in summary.first_frame_only) == \
+        [("anim.gif", 3), ("pages.tiff", 2)]
+    assert "2 images have several frames or pages: only the first of each was masked" in str(summary)
+    assert "first frame only: " + str(d / "pages.tiff") + " (2 frames)" in str(summary)
+    # an earlier version's shard: no frames column, no count in its marker
+    old = Shard("old", "files", ("x.jpg",))
+    out.write_shard(old, [], [dict(image_id="old/x.jpg", uri="x.jpg", shard="old", status="ok", mask_count=0)])
+    path = tmp_path / "out" / "images" / "old.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["frames"]), path)
+    marker = tmp_path / "out" / "_done" / "old.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "first_frame_only"}))
+    assert out.read_table("images").column("frames").to_pylist()[-1] is None
+    assert out.read_shard("images", "old", ["uri", "frames"]).to_pylist() == [{"uri": "x.jpg", "frames": None}]
+    assert summarize_tables(out).images_first_frame_only == 2
 
 
 def test_generate_job_says_when_retry_failed_may_help(tmp_path, monkeypatch, capsys):
