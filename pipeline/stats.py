@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .output import OutputDir
+from .output import OutputDir, first_frame_only
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 SAMPLE_ROWS = 2_000_000  # rows a sampler keeps: quantiles of more come from a uniform sample of them
@@ -81,7 +81,8 @@ class Sampler:
 def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Statistics of a run's output folder:
 
-    images: ok/error counts, error reasons, width/height and masks-per-image distributions;
+    images: ok/error counts, error reasons, files of several frames (masked on their first),
+    width/height and masks-per-image distributions;
     masks: count, and distributions of area, area as a fraction of the image, predicted IoU and
     stability score; the model and settings identifiers found (a mixed folder shows several).
     Read shard by shard (a few read ahead in threads), only the columns used (not the masks' RLE
@@ -95,11 +96,11 @@ def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = 
     models: Counter = Counter()
     hashes: Counter = Counter()
     images_sample, masks_sample, fraction_sample = Sampler(3), Sampler(3, seed=1), Sampler(1, seed=2)
-    total = 0
+    total = several = 0
 
     def read(shard_id: str):  # both tables of a shard, without the masks' counts strings
         return (out.read_shard("images", shard_id, ["image_id", "status", "error_reason", "width", "height",
-                                                    "mask_count"]).to_pydict(),
+                                                    "frames", "mask_count"]).to_pydict(),
                 out.read_shard("masks", shard_id, ["image_id", "area", "predicted_iou", "stability_score", "model",
                                                    "settings_hash"]).to_pydict())
 
@@ -107,6 +108,7 @@ def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = 
         ok = [status == "ok" for status in images["status"]]
         total += len(ok)
         reasons.update(r for r, good in zip(images["error_reason"], ok) if not good)
+        several += sum(good and first_frame_only(f) for f, good in zip(images["frames"], ok))
         images_sample.add(np.array([(w, h, n) for w, h, n, good in zip(
             images["width"], images["height"], images["mask_count"], ok) if good], dtype=np.float64).reshape(-1, 3).T)
         image_area = {i: (w or 0) * (h or 0) for i, w, h in zip(images["image_id"], images["width"], images["height"])}
@@ -123,6 +125,7 @@ def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = 
             "ok": int(images_sample.count),
             "error": int(total - images_sample.count),
             "error_reasons": dict(reasons),
+            "first_frame_only": several,
             "width": images_sample.distribution(0),
             "height": images_sample.distribution(1),
             "masks_per_image": images_sample.distribution(2),
@@ -146,6 +149,8 @@ def format_stats(stats: Dict[str, Any]) -> str:
              f"images: {im['total']} ({im['ok']} ok, {im['error']} error)"]
     if im["error_reasons"]:
         lines.append("  error reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(im["error_reasons"].items())))
+    if im.get("first_frame_only"):
+        lines.append(f"  {im['first_frame_only']} files of several frames or pages, masked on their first")
     lines.append(f"masks: {m['total']}  models: {m['models'] or '-'}  settings: {m['settings_hashes'] or '-'}")
     header = f"  {'':<18}{'mean':>10}" + "".join(f"{n:>10}" for n in ("min", "p5", "p25", "median", "p75", "p95", "max"))
     lines.append(header)

@@ -1210,6 +1210,7 @@ def test_a_file_of_several_frames_is_masked_on_its_first_and_said_so(tmp_path, c
     the shard's marker and the run's summary name the files. Tables of earlier versions, without
     the column, still read (frames null) and count no such file."""
     from pipeline.run import summarize_tables
+    from pipeline.stats import format_stats, table_stats
 
     d = tmp_path / "in"
     d.mkdir()
@@ -1237,6 +1238,9 @@ def test_a_file_of_several_frames_is_masked_on_its_first_and_said_so(tmp_path, c
         [("anim.gif", 3), ("pages.tiff", 2)]
     assert "2 images have several frames or pages: only the first of each was masked" in str(summary)
     assert "first frame only: " + str(d / "pages.tiff") + " (2 frames)" in str(summary)
+    stats = table_stats(str(tmp_path / "out"))
+    assert stats["images"]["first_frame_only"] == 2
+    assert "2 files of several frames or pages, masked on their first" in format_stats(stats)
     # an earlier version's shard: no frames column, no count in its marker
     old = Shard("old", "files", ("x.jpg",))
     out.write_shard(old, [], [dict(image_id="old/x.jpg", uri="x.jpg", shard="old", status="ok", mask_count=0)])
@@ -1246,7 +1250,8 @@ def test_a_file_of_several_frames_is_masked_on_its_first_and_said_so(tmp_path, c
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "first_frame_only"}))
     assert out.read_table("images").column("frames").to_pylist()[-1] is None
     assert out.read_shard("images", "old", ["uri", "frames"]).to_pylist() == [{"uri": "x.jpg", "frames": None}]
-    assert summarize_tables(out).images_first_frame_only == 2
+    assert summarize_tables(out).images_first_frame_only == 2 == table_stats(str(tmp_path / "out"))["images"][
+        "first_frame_only"]
 
 
 def test_generate_job_says_when_retry_failed_may_help(tmp_path, monkeypatch, capsys):
