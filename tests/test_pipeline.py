@@ -891,7 +891,8 @@ def test_shard_writer_streams_row_groups_and_readers_skip_unfinished_shards(tmp_
     some = out.read_shard("masks", "s", ["area", "image_id"])  # only these columns, in this order
     assert some.schema == pa.schema([MASKS_SCHEMA.field("area"), MASKS_SCHEMA.field("image_id")])
     assert some.to_pylist() == [{"area": r["area"], "image_id": r["image_id"]} for r in rows]
-    assert out.marker("s") == {"members": ["x.jpg", "y.jpg"], "root": None, "images": 2, "masks": 10, "errors": {}}
+    assert out.marker("s") == {"members": ["x.jpg", "y.jpg"], "root": None, "images": 2, "masks": 10, "errors": {},
+                               "first_frame_only": 0}
     with pytest.raises(ValueError, match="masks schema"):
         ShardWriter(out, shard).add_masks(pa.table({"image_id": ["s/x.jpg"]}))
 
