@@ -41,6 +41,21 @@ def model_id(model_type: str, checkpoint: Optional[str], seed: int) -> str:
     return f"{model_type}:{name}"
 
 
+def weights_of(checkpoint: Optional[str], storage_options: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """:func:`sam_core.checkpoint.weights_digest` of a run's checkpoint: part of its output's
+    identity, so that a checkpoint replaced under the same name is not resumed into. None
+    without a checkpoint, for one without checksums, or where this machine does not see it (a
+    cluster's workers may mount it where the driver does not)."""
+    from sam_core.checkpoint import weights_digest
+
+    if not checkpoint:
+        return None
+    try:
+        return weights_digest(checkpoint, storage_options)
+    except FileNotFoundError:
+        return None
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     input_uri: str  # folder, glob, tar shard(s) or manifest of images (local path or fsspec URI)
@@ -147,8 +162,11 @@ class PipelineConfig:
 
     def identity(self) -> Dict[str, Any]:
         """What decides this run's masks, as written into every shard's completion marker: a
-        later run into the same output must have the same ``model`` and ``settings_hash``."""
-        return {"model": self.model_id(), "settings_hash": self.settings_hash(), "settings": self.mask_settings()}
+        later run into the same output must have the same ``model``, ``settings_hash`` and, where
+        both record them, ``weights`` (:func:`weights_of`)."""
+        weights = weights_of(self.checkpoint, self.storage_options)
+        return {"model": self.model_id(), **({"weights": weights} if weights else {}),
+                "settings_hash": self.settings_hash(), "settings": self.mask_settings()}
 
     def output(self) -> "OutputDir":
         """The output folder as this run writes it: markers carry :meth:`identity`, which resuming checks."""

@@ -98,11 +98,20 @@ READ_WORKERS = 8  # shards read at once by the readers (object-store latency, no
 READ_AHEAD_BYTES = 64 * 1024 * 1024  # a masks file larger than this is streamed, not read ahead whole
 
 IDENTITY_KEYS = ("model", "settings_hash")  # a marker's and a resuming run's must be equal
+# ... and these where both have them (markers of earlier versions, checkpoints without checksums)
+OPTIONAL_IDENTITY_KEYS = ("weights",)
+
+
+def _identity_differs(before: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
+    return (any(before[k] != now.get(k) for k in IDENTITY_KEYS) or
+            any(k in before and k in now and before[k] != now[k] for k in OPTIONAL_IDENTITY_KEYS))
 
 
 def _identity_change(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     """What differs between two identities, e.g. "model vit_h:a.pth -> vit_b:b.pth, points_per_side 32 -> 16"."""
     changes = [f"model {before.get('model')} -> {now.get('model')}"] if before.get("model") != now.get("model") else []
+    if before.get("weights") and now.get("weights") and before["weights"] != now["weights"]:
+        changes.append(f"weights of the checkpoint {before['weights']} -> {now['weights']} (same name, other tensors)")
     old, new = before.get("settings"), now.get("settings")
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         changes += [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
@@ -255,7 +264,7 @@ class OutputDir:
         or settings than this output's ``identity`` (markers written before identities were
         recorded are not checked)."""
         if self.identity is not None and all(k in done for k in IDENTITY_KEYS):
-            if any(done[k] != self.identity.get(k) for k in IDENTITY_KEYS):
+            if _identity_differs(done, self.identity):
                 raise ValueError(
                     f"Shard {shard_id} under {self.uri!r} was made with another model or settings than "
                     f"this run ({_identity_change(done, self.identity)}); resuming would mix the two in one "

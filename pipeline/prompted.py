@@ -28,7 +28,7 @@ from sam_core.predictor import ImageEmbedding
 from sam_core.amg.masks import batched_mask_to_box, calculate_stability_score, coco_encode_rle, mask_to_rle
 from sam_core.training.data import check_coco
 
-from .config import PipelineConfig, model_id
+from .config import PipelineConfig, model_id, weights_of
 from .decode import DEFAULT_MAX_PIXELS
 from .output import OutputDir, masks_to_ipc, read_csv, read_parquet
 from .reading import Row, decoded_images, to_table
@@ -181,6 +181,7 @@ class BoxPrompter:
         self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device, storage_options=storage_options),
                                       amp_dtype=torch.bfloat16 if mode == "fast" else None)
         self.model_id = model_id(model_type, checkpoint, seed)
+        self.weights = weights_of(checkpoint, storage_options)
         self.mode = mode
         self.settings_hash = prompt_identity(self.model_id, mode)["settings_hash"]
         self.max_pixels = max_pixels
@@ -260,11 +261,13 @@ class BoxPrompter:
         return masks, images
 
 
-def prompt_identity(model: str, mode: str = "exact") -> Dict[str, Any]:
-    """What decides prompted masks (an output's identity, see ``OutputDir``): the model and the
-    mode (exact outputs keep the hash they had before fast mode existed)."""
+def prompt_identity(model: str, mode: str = "exact", weights: Optional[str] = None) -> Dict[str, Any]:
+    """What decides prompted masks (an output's identity, see ``OutputDir``): the model (and its
+    ``weights``, see ``weights_of``) and the mode (exact outputs keep the hash they had before
+    fast mode existed)."""
     settings_hash = PROMPTED_SETTINGS_HASH if mode == "exact" else f"{PROMPTED_SETTINGS_HASH}-{mode}"
-    return {"model": model, "settings_hash": settings_hash, "settings": {"mode": mode}}
+    return {"model": model, **({"weights": weights} if weights else {}), "settings_hash": settings_hash,
+            "settings": {"mode": mode}}
 
 
 def boxes_digest(boxes: Sequence[Sequence[float]]) -> str:
@@ -287,7 +290,7 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
     """Process every shard of prompted images not yet complete under ``output_uri``, in this
     process (:func:`run_prompted_on_ray` spreads the same work over a Ray cluster)."""
     start = time.perf_counter()
-    out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id, prompter.mode))
+    out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id, prompter.mode, prompter.weights))
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
     shards_processed = images_processed = 0
     with out.hold_lease():
@@ -348,7 +351,8 @@ def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig,
     stage's class (:class:`BoxStage` or a subclass)."""
     start = time.perf_counter()
     config.check_model()
-    output = OutputDir(config.output_uri, config.storage_options, prompt_identity(config.model_id(), config.mode))
+    identity = prompt_identity(config.model_id(), config.mode, weights_of(config.checkpoint, config.storage_options))
+    output = OutputDir(config.output_uri, config.storage_options, identity)
     boxes = {p.uri: [list(b) for b in p.boxes] for p in prompts}
     with output.hold_lease():  # one run at a time writes here
         todo = select_pending(prompt_shards(prompts, config.images_per_shard), output, config.images_per_shard,

@@ -9,7 +9,8 @@ import os
 import pickle
 import posixpath
 import re
-from typing import Any, Dict, Mapping, Optional
+import zipfile
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import fsspec
 import torch
@@ -143,14 +144,7 @@ def read_checkpoint(path: "os.PathLike[str] | str", storage_options: Optional[Ma
     device): a few kB of a multi-GB file, also remotely, for checking it before a run.
     """
     path = os.fspath(path)
-    try:
-        fs, fs_path = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
-    except ImportError as e:  # a scheme whose package is missing: "Please install gcsfs ..."
-        raise CheckpointError(f"Cannot open checkpoint {path!r}: {e}.") from None
-    if fs.isdir(fs_path):  # a Hugging Face model folder
-        fs_path = _file_in_folder(fs, fs_path, path)
-    if not fs.isfile(fs_path):
-        raise FileNotFoundError(f"Checkpoint {path!r} does not exist or is not a file.")
+    fs, fs_path = _checkpoint_file(path, storage_options)
     if not shapes_only and not isinstance(fs, LocalFileSystem):
         fs, fs_path = fsspec.filesystem("file"), cached_copy(fs, fs_path)
     with fs.open(fs_path, "rb") as f:
@@ -213,6 +207,38 @@ def cached_copy(fs: Any, fs_path: str) -> str:
 
 # The weights files of a Hugging Face model folder, in the order they are used.
 HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _checkpoint_file(path: str, storage_options: Optional[Mapping[str, Any]]) -> Tuple[Any, str]:
+    """(filesystem, path in it) of the checkpoint file at ``path`` (a file or a Hugging Face
+    model folder, local or an fsspec URI)."""
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    except ImportError as e:  # a scheme whose package is missing: "Please install gcsfs ..."
+        raise CheckpointError(f"Cannot open checkpoint {path!r}: {e}.") from None
+    if fs.isdir(fs_path):  # a Hugging Face model folder
+        fs_path = _file_in_folder(fs, fs_path, path)
+    if not fs.isfile(fs_path):
+        raise FileNotFoundError(f"Checkpoint {path!r} does not exist or is not a file.")
+    return fs, fs_path
+
+
+def weights_digest(path: "os.PathLike[str] | str", storage_options: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """A digest of a checkpoint's contents from the CRC-32 that a zip ``.pth`` (``torch.save``'s
+    format, the official checkpoints') keeps for each tensor: only the zip directory is read (kB
+    at the file's end, also remotely). It tells apart two checkpoints of one file name (a
+    fine-tuned copy) and is the same for the same tensors saved again or renamed. None for a
+    file without such sums (safetensors, torch's legacy format)."""
+    fs, fs_path = _checkpoint_file(os.fspath(path), storage_options)
+    with fs.open(fs_path, "rb") as f:
+        if not zipfile.is_zipfile(f):
+            return None
+        members = zipfile.ZipFile(f).infolist()
+    # member names without the archive folder (named after the file when saved); torch.save
+    # writes a fresh random serialization_id each time
+    entries = sorted(f"{m.filename.split('/', 1)[-1]}:{m.CRC:08x}:{m.file_size}" for m in members
+                     if not m.filename.endswith(".data/serialization_id"))
+    return "zip-crc32:" + hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
 def _file_in_folder(fs: Any, folder: str, path: str) -> str:

@@ -349,6 +349,35 @@ def test_checkpoint_from_object_storage_is_cached_per_version(tiny_official, tin
         check_checkpoint("tiny", "memory://models/nope.pth")
 
 
+def test_weights_digest_tells_other_tensors_apart_from_the_zip_directory(tiny_official, tmp_path, transformers_sam):
+    """A run's output records its checkpoint's digest, so that a checkpoint replaced under the same
+    name (a fine-tuned copy) is not resumed into. It comes from the CRC-32s of a zip .pth, read
+    from the zip directory alone (also remotely), and is the same for the same tensors saved
+    again (torch.save writes a random serialization id) or moved."""
+    import fsspec
+
+    from sam_core.checkpoint import weights_digest
+
+    state = tiny_official.state_dict()
+    torch.save(state, tmp_path / "a.pth")
+    torch.save(state, tmp_path / "b.pth")  # saved again, another name
+    tuned = dict(state)
+    key = "mask_decoder.iou_prediction_head.layers.2.bias"
+    tuned[key] = tuned[key] + 1e-3
+    torch.save(tuned, tmp_path / "tuned.pth")
+    digest = weights_digest(tmp_path / "a.pth")
+    assert digest.startswith("zip-crc32:") and weights_digest(tmp_path / "b.pth") == digest
+    assert weights_digest(tmp_path / "tuned.pth") != digest
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/models/a.pth", (tmp_path / "a.pth").read_bytes())
+    assert weights_digest("memory://models/a.pth") == digest
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert weights_digest(tmp_path / "legacy.pth") is None  # no checksums in the file
+    assert weights_digest(transformers_sam[1]) is None  # a Hugging Face folder: safetensors, no checksums
+    with pytest.raises(FileNotFoundError):
+        weights_digest(tmp_path / "nope.pth")
+
+
 def test_checkpoint_scheme_without_its_package(scheme_without_package):
     with pytest.raises(CheckpointError, match=f"Cannot open checkpoint '{scheme_without_package}://b/sam.pth': "
                                               "Please install no_such_package_xyz"):

@@ -357,6 +357,20 @@ def test_generate_job_cli(ray_local, tmp_path, checkpoint, capsys):
     assert "shards processed this run: 0" in capsys.readouterr().out
     assert main(args[:-2] + ["--box-nms-thresh", "0.5"]) == 2  # other masks: refused, not mixed
     assert "box_nms_thresh 1.0 -> 0.5" in capsys.readouterr().err
+    # The checkpoint's name is its model's identity, and its tensors' digest too: the same weights
+    # saved again elsewhere resume; other weights under the same name are refused.
+    moved = tmp_path / "elsewhere" / os.path.basename(checkpoint)
+    moved.parent.mkdir()
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save(state, moved)
+    at = args.index("--checkpoint") + 1
+    args[at] = str(moved)
+    assert main(args) == 0 and "shards processed this run: 0" in capsys.readouterr().out
+    state["mask_decoder.iou_prediction_head.layers.2.bias"] += 1e-3  # a fine-tuned copy
+    torch.save(state, moved)
+    assert main(args) == 2
+    assert re.search(r"weights of the checkpoint zip-crc32:\w+ -> zip-crc32:\w+ \(same name, other tensors\)",
+                     capsys.readouterr().err)
 
 
 def test_generate_job_cli_says_what_is_wrong(tmp_path, capsys):
