@@ -77,8 +77,9 @@ class RunSummary:
             lines.append(f"  ... and {more} more: every error is a row of the images table (status 'error', "
                          "with its uri, error_reason and error_detail)")
         if self.images_first_frame_only:
-            lines.append(f"{self.images_first_frame_only} images have several frames or pages: only the first of "
-                         "each was masked (the images table's frames column counts them)")
+            n = self.images_first_frame_only
+            lines.append(f"{n} {'image has' if n == 1 else 'images have'} several frames or pages: only the first "
+                         "of each was masked (the images table's frames column counts them)")
             lines += [f"  first frame only: {f['uri']} ({f['frames']} frames)"
                       for f in self.first_frame_only[:MAX_ERROR_LINES]]
         return "\n".join(lines)

@@ -150,7 +150,8 @@ def format_stats(stats: Dict[str, Any]) -> str:
     if im["error_reasons"]:
         lines.append("  error reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(im["error_reasons"].items())))
     if im.get("first_frame_only"):
-        lines.append(f"  {im['first_frame_only']} files of several frames or pages, masked on their first")
+        n = im["first_frame_only"]
+        lines.append(f"  {n} {'file' if n == 1 else 'files'} of several frames or pages, masked on the first")
     lines.append(f"masks: {m['total']}  models: {m['models'] or '-'}  settings: {m['settings_hashes'] or '-'}")
     header = f"  {'':<18}{'mean':>10}" + "".join(f"{n:>10}" for n in ("min", "p5", "p25", "median", "p75", "p95", "max"))
     lines.append(header)

@@ -138,6 +138,7 @@ def test_single_machine_runner_on_samples_and_bad_files(tmp_path):
     assert summary["first_frame_only"] == [{"uri": str(inputs / "anim.gif"), "frames": 2}]
     printed = str(result)
     assert "images ok: 4, errors: 3" in printed and "broken.jpg: corrupt" in printed
+    assert "1 image has several frames or pages: only the first of each was masked" in printed
     assert "first frame only: " + str(inputs / "anim.gif") + " (2 frames)" in printed
 
 

@@ -1255,7 +1255,7 @@ def test_a_file_of_several_frames_is_masked_on_its_first_and_said_so(tmp_path, c
     assert "first frame only: " + str(d / "pages.tiff") + " (2 frames)" in str(summary)
     stats = table_stats(str(tmp_path / "out"))
     assert stats["images"]["first_frame_only"] == 2
-    assert "2 files of several frames or pages, masked on their first" in format_stats(stats)
+    assert "2 files of several frames or pages, masked on the first" in format_stats(stats)
     # an earlier version's shard: no frames column, no count in its marker
     old = Shard("old", "files", ("x.jpg",))
     out.write_shard(old, [], [dict(image_id="old/x.jpg", uri="x.jpg", shard="old", status="ok", mask_count=0)])
