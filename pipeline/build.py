@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import posixpath
 import re
 import sys
@@ -27,7 +28,7 @@ from sam_core.checkpoint import bundled_checkpoint
 
 from .config import PipelineConfig
 from .export import FORMATS, ExportSummary, export_coco, export_shards
-from .output import READ_WORKERS, OutputDir
+from .output import READ_WORKERS, OutputDir, settings_changes
 from .run import pending_shards, run_pipeline
 from .shards import filesystem
 
@@ -35,6 +36,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
+
+log = logging.getLogger(__name__)
 
 
 class SpecError(ValueError):
@@ -192,7 +195,8 @@ def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeli
     holding files replaced since: see ``PipelineConfig``), then write the next manifest version.
 
     Refuses (``SpecError``) when the model or settings differ from the latest manifest's: the
-    output would otherwise mix masks of two configurations.
+    output would otherwise mix masks of two configurations. Settings spelled otherwise for the
+    same masks (a default written out in the spec) go on as the manifest spells them.
     """
     manifests = Manifests(spec.output, spec.storage_options())
     versions = manifests.versions()
@@ -203,11 +207,20 @@ def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeli
     if versions:
         previous = manifests.read(versions[-1])
         before = {"model": previous["model"], "settings_hash": previous["settings_hash"]}
-        if before != identity:
+        spelled = first.spelled_as(previous.get("settings") or {}, previous["settings_hash"])
+        if before != identity and spelled is None:
+            changes = settings_changes(previous.get("settings") or {}, first.generator_settings())
             raise SpecError(
                 f"The spec's model/settings {identity} differ from manifest v{versions[-1]:04d} {before} "
-                f"under {spec.output!r}: build into a new output root to change them."
+                f"under {spec.output!r}{' (' + ', '.join(changes) + ')' if changes else ''}: build into a new "
+                "output root to change them."
             )
+        if before != identity:  # the same masks: go on as the manifest spells the settings
+            log.info("The spec gives the settings of manifest v%04d spelled otherwise (%s); going on with its spelling.",
+                     versions[-1], ", ".join(settings_changes(previous["settings"], first.generator_settings())))
+            configs = {uri: replace(cfg, preset=None, amg=spelled.amg) for uri, cfg in configs.items()}
+            first = next(iter(configs.values()))
+            identity = {"model": first.model_id(), "settings_hash": first.settings_hash()}
     pending = {uri: [s.shard_id for s in pending_shards(cfg, reopen=False)] for uri, cfg in configs.items()}
     if not any(pending.values()):
         return BuildResult(None, versions[-1] if versions else None, {}, exports=export_build(spec, configs, pending))

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
 from .decode import DEFAULT_MAX_PIXELS
@@ -154,6 +154,31 @@ class PipelineConfig:
         if self.resize_short_side is not None:
             settings["resize_short_side"] = self.resize_short_side
         return settings
+
+    def effective_mask_settings(self) -> Dict[str, Any]:
+        """:meth:`mask_settings` with the generator's defaults filled in: equal for two runs
+        that make the same masks however their settings are spelled (a default given or left
+        out, a preset's values written out)."""
+        settings = {k: v for k, v in self.resolved_generator_settings().items() if k not in THROUGHPUT_SETTINGS}
+        return {**settings, "resize_short_side": self.resize_short_side}
+
+    def spelled_as(self, settings: Mapping[str, Any], settings_hash: str) -> Optional["PipelineConfig"]:
+        """This run with its mask settings spelled as ``settings`` (those an output recorded:
+        a marker's ``settings`` or a build manifest's), if that spelling gives the recorded
+        ``settings_hash`` (model and mode included) and the same masks as this run's
+        (:meth:`effective_mask_settings`); None if not. Throughput settings stay this run's.
+        A run that resumes this way writes the output's hash on its masks, so an output
+        keeps one settings hash."""
+        recorded = {k: v for k, v in settings.items()
+                    if k not in THROUGHPUT_SETTINGS and k not in ("output_mode", "mode", "resize_short_side")}
+        throughput = {k: v for k, v in self.generator_settings().items() if k in THROUGHPUT_SETTINGS}
+        spelled = replace(self, preset=None, amg={**recorded, **throughput})
+        try:
+            same = (spelled.settings_hash() == settings_hash
+                    and spelled.effective_mask_settings() == self.effective_mask_settings())
+        except ValueError:  # a recorded setting this version's generator does not know
+            return None
+        return spelled if same else None
 
     def settings_hash(self) -> str:
         """Short stable hash of the model and :meth:`mask_settings` (recorded on every mask)."""

@@ -114,9 +114,14 @@ def _identity_change(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
         changes.append(f"weights of the checkpoint {before['weights']} -> {now['weights']} (same name, other tensors)")
     old, new = before.get("settings"), now.get("settings")
     if isinstance(old, Mapping) and isinstance(new, Mapping):
-        changes += [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
-                    for k in sorted(set(old) | set(new)) if str(old.get(k)) != str(new.get(k))]
+        changes += settings_changes(old, new)
     return ", ".join(changes) or f"settings hash {before.get('settings_hash')} -> {now.get('settings_hash')}"
+
+
+def settings_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
+    """Settings that differ, e.g. ["points_per_side 32 -> 16", "box_nms_thresh (unset) -> 0.7"]."""
+    return [f"{k} {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
+            for k in sorted(set(before) | set(now)) if str(before.get(k)) != str(now.get(k))]
 
 
 # Arrow and Python file objects: pyarrow reads a Python file (an fsspec file) from its own IO

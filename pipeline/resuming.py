@@ -21,8 +21,8 @@ import itertools
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from .config import RETRIED_REASONS
-from .output import OutputDir
+from .config import RETRIED_REASONS, PipelineConfig
+from .output import OutputDir, settings_changes
 from .shards import TAR_EXTENSIONS, Shard
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,27 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
     pending += _redone_files(files, markers, output, retry_failed, digest, reopen, changes)
     changes.report()
     return pending + _new_files(files, markers, images_per_shard, digest)
+
+
+def spelled_as_output(config: PipelineConfig) -> PipelineConfig:
+    """``config``, or, when its output's completed shards were made with the same masks' settings
+    spelled otherwise (``--box-nms-thresh 0.7``, the default, given now and left out before; a
+    preset's values written out), ``config`` spelled as they were (:meth:`PipelineConfig.spelled_as`),
+    so that resuming goes on in the output rather than being refused, and the output keeps one
+    settings hash. Settings that change the masks are still refused, by the identity check."""
+    if config.overwrite:
+        return config
+    output = OutputDir(config.output_uri, config.storage_options)
+    shard_ids = output.shard_ids()
+    done = output.marker(shard_ids[0]) if shard_ids else None
+    if not done or "settings" not in done or done.get("settings_hash") in (None, config.settings_hash()):
+        return config
+    spelled = config.spelled_as(done["settings"], done["settings_hash"])
+    if spelled is not None:
+        log.info("The output's masks were made with the same settings spelled otherwise (%s); going on with "
+                 "its spelling.", ", ".join(settings_changes(done["settings"], config.mask_settings())))
+        return spelled
+    return config
 
 
 class Changes:

@@ -15,7 +15,7 @@ from .output import OutputDir, first_frame_only
 from .shards import Shard, discover_shards
 from .single_machine import MAX_ERROR_LINES, RunSummary
 from .reading import decode_shards
-from .resuming import select_pending
+from .resuming import select_pending, spelled_as_output
 from .stages import ModelStage, PostprocessStage, ShardCollector
 from .worker_deaths import start_ledger
 
@@ -35,6 +35,7 @@ class StageStartError(RuntimeError):
 def pending_shards(config: PipelineConfig, reopen: bool = True) -> List[Shard]:
     """Shards of the input not yet completed in the output (see :func:`pipeline.resuming.select_pending`;
     ``reopen=False``: what a run would do, changing nothing)."""
+    config = spelled_as_output(config)
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
     return select_pending(shards, config.output(), config.images_per_shard, config.overwrite, config.retry_failed,
                           reopen=reopen, redo_changed=config.redo_changed)
@@ -52,6 +53,7 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     the output."""
     start = time.perf_counter()
     config.check_model()  # a bad checkpoint or setting fails here, not in every actor
+    config = spelled_as_output(config)  # a default given now, left out before: the same masks
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
     output = config.output()
     with output.hold_lease():  # one run at a time writes here

@@ -118,6 +118,31 @@ def test_build_refuses_changed_settings(tmp_path):
         run_build(changed, run=local_run)
 
 
+def test_build_goes_on_with_the_same_settings_spelled_otherwise(tmp_path):
+    """A spec that now writes out defaults (the same masks) builds on: the new shard's masks and
+    the next manifest keep the output's settings hash. One whose settings change the masks is
+    refused, naming the setting."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "sa_000001.tar", ["scene_00000.png"])
+    path = spec_file(tmp_path, [shards])
+    run_build(load_spec(path), run=local_run)
+    v1 = json.loads((tmp_path / "built/manifests/v0001.json").read_text())
+    with open(path, "a") as f:
+        f.write(f"box_nms_thresh = 0.7\ncrop_overlap_ratio = {512 / 1500!r}\nstability_score_offset = 1.0\n")
+    write_tar(shards / "sa_000002.tar", ["scene_00001.png"])
+    second = run_build(load_spec(path), run=local_run)
+    assert second.version == 2 and second.new_shards == {str(shards): ["sa_000002"]}
+    v2 = json.loads((tmp_path / "built/manifests/v0002.json").read_text())
+    assert v2["settings_hash"] == v1["settings_hash"] and "box_nms_thresh" not in v2["settings"]
+    masks = OutputDir(v2["inputs"][0]["tables"]).read_shard("masks", "sa_000002")
+    assert masks.num_rows > 0 and set(masks.column("settings_hash").to_pylist()) == {v1["settings_hash"]}
+    with open(path, "a") as f:
+        f.write("crop_nms_thresh = 0.5\n")
+    with pytest.raises(SpecError, match=r"differ from manifest v0002 .*crop_nms_thresh \(unset\) -> 0.5"):
+        run_build(load_spec(path), run=local_run)
+
+
 def test_spec_errors_say_what_to_fix(tmp_path, capsys):
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(str(tmp_path / "missing.toml"))
@@ -161,6 +186,40 @@ def test_batch_sizes_do_not_change_the_settings_hash():
                                               "points_per_batch": 256, "compile": True})
     other = PipelineConfig("in", "out", amg={"points_per_side": 16})
     assert base.settings_hash() == faster.settings_hash() != other.settings_hash()
+
+
+def test_settings_spelled_otherwise_are_the_same_masks():
+    """``PipelineConfig.spelled_as``: a run whose settings differ from an output's only in how
+    they are spelled (defaults written out, a preset's values given one by one) takes the
+    output's spelling and hash, keeping its own throughput settings; any setting that changes
+    the masks (a value, the mode, the downsampling, the model) does not."""
+    from pipeline.config import PipelineConfig
+    from sam_core.amg import PRESETS
+
+    def recorded(config):
+        return config.mask_settings(), config.settings_hash()
+
+    base = PipelineConfig("in", "out", amg={"points_per_side": 8})
+    spelled = PipelineConfig("in", "out", amg={"points_per_side": 8, "box_nms_thresh": 0.7, "crop_n_layers": 0,
+                                               "crop_overlap_ratio": 512 / 1500, "points_per_batch": 7})
+    assert spelled.settings_hash() != base.settings_hash()
+    adopted = spelled.spelled_as(*recorded(base))
+    assert adopted.settings_hash() == base.settings_hash()
+    assert adopted.generator_settings()["points_per_batch"] == 7  # the run's own throughput setting
+    assert adopted.effective_mask_settings() == spelled.effective_mask_settings()
+    assert base.spelled_as(*recorded(spelled)).settings_hash() == spelled.settings_hash()  # and back
+
+    preset = PipelineConfig("in", "out", preset="sa1b")
+    written_out = PipelineConfig("in", "out", amg=dict(PRESETS["sa1b"]))
+    assert written_out.spelled_as(*recorded(preset)).settings_hash() == preset.settings_hash()
+
+    for other in (PipelineConfig("in", "out", amg={"points_per_side": 8, "box_nms_thresh": 0.5}),
+                  PipelineConfig("in", "out", amg={"points_per_side": 8}, mode="fast"),
+                  PipelineConfig("in", "out", amg={"points_per_side": 8}, resize_short_side=1500),
+                  PipelineConfig("in", "out", amg={"points_per_side": 8}, seed=1),
+                  PipelineConfig("in", "out", amg={"points_per_side": 8, "no_such_setting": 1})):
+        assert other.spelled_as(*recorded(base)) is None
+    assert base.spelled_as({"points_per_side": 8, "no_such_setting": 1}, base.settings_hash()) is None
 
 
 def test_build_exports_each_input_incrementally(tmp_path, capsys):
