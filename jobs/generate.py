@@ -29,8 +29,8 @@ from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core.amg import PRESETS
 
 AMG_FLAGS = ("points_per_side", "points_per_batch", "encoder_batch_size", "pred_iou_thresh", "stability_score_thresh",
-             "box_nms_thresh", "crop_n_layers", "crop_n_points_downscale_factor", "min_mask_region_area",
-             "max_mask_area_fraction", "compile")
+             "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
+             "crop_n_points_downscale_factor", "min_mask_region_area", "max_mask_area_fraction", "compile")
 
 
 def fraction_or_none(text: str):
@@ -53,8 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--points-per-batch", type=int, help="prompts per decoder batch (default 64)")
     ap.add_argument("--pred-iou-thresh", type=float, help="predicted-IoU filter (default 0.88)")
     ap.add_argument("--stability-score-thresh", type=float, help="stability filter (default 0.95)")
+    ap.add_argument("--stability-score-offset", type=float,
+                    help="logit offset of the stability score's two thresholds (default 1.0)")
     ap.add_argument("--box-nms-thresh", type=float, help="box NMS IoU within a crop (default 0.7)")
     ap.add_argument("--crop-n-layers", type=int, help="crop layers (default 0)")
+    ap.add_argument("--crop-nms-thresh", type=float, help="box NMS IoU across crops (default 0.7)")
+    ap.add_argument("--crop-overlap-ratio", type=float,
+                    help="overlap of neighbouring crops, as a fraction of the image's shorter side (default 512/1500)")
     ap.add_argument("--crop-n-points-downscale-factor", type=int, help="points reduction per layer (default 1)")
     ap.add_argument("--min-mask-region-area", type=int, help="remove holes/islands below this area (default 0)")
     ap.add_argument("--max-mask-area-fraction", type=fraction_or_none,

@@ -355,6 +355,9 @@ def test_generate_job_cli(ray_local, tmp_path, checkpoint, capsys):
     assert set(masks.column("model").to_pylist()) == {"tiny:sam_tiny_sharp.pth"}
     assert main(args + ["--points-per-batch", "7"]) == 0  # a throughput setting: resumed as is
     assert "shards processed this run: 0" in capsys.readouterr().out
+    # Defaults written out make the same masks: resumed (PipelineConfig.spelled_as).
+    assert main(args + ["--crop-nms-thresh", "0.7", "--stability-score-offset", "1", "--crop-n-layers", "0"]) == 0
+    assert "shards processed this run: 0" in capsys.readouterr().out
     assert main(args[:-2] + ["--box-nms-thresh", "0.5"]) == 2  # other masks: refused, not mixed
     assert "box_nms_thresh 1.0 -> 0.5" in capsys.readouterr().err
     # The checkpoint's name is its model's identity, and its tensors' digest too: the same weights
