@@ -24,7 +24,7 @@ from jobs.run_args import add_run_args, print_run_end, run_config_args
 from pipeline.config import PipelineConfig
 from pipeline.render import render_gallery
 from pipeline.lease import OutputBusyError
-from pipeline.run import StageStartError, run_pipeline
+from pipeline.run import StageStartError, plan_run, run_pipeline
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core.amg import PRESETS
 
@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also redo completed shards holding files replaced under their names since (their size "
                          "and ETag or modification time differ from the listing the shard was made from; without "
                          "it such files are only counted in a warning)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="say what a run would do (the shards it would write, new and redone) after the checks it "
+                         "makes first, and stop: Ray is not started and nothing is written")
     ap.add_argument("--gallery", help="also render mask overlays of (up to 12) images and an HTML page "
                                       "into this folder (as jobs.render does)")
     return ap.parse_args(argv)
@@ -104,6 +107,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        if args.dry_run:
+            print(plan_run(config))
+            return 0
         summary = run_pipeline(config)
     except (ValueError, FileNotFoundError) as e:  # bad input, flags, checkpoint or resources: say which
         print(f"error: {e}", file=sys.stderr)

@@ -66,13 +66,29 @@ class RunLease:
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
+    def holder(self) -> Optional[str]:
+        """The run that holds the lease now, as :func:`describe` says it; None if no run does (none
+        wrote one, or its run ended or stopped renewing it: a new run would take it over)."""
+        held = self._read()
+        if held is None or self._lapse(held):
+            return None
+        return f"{describe(held)}, lease renewed {time.time() - held['renewed']:.0f} s ago"
+
+    def _lapse(self, held: Dict[str, Any]) -> Optional[str]:
+        """Why lease ``held`` no longer holds ("ended without removing it": its run on this host
+        has ended; "stopped renewing it 130 s ago"), or None while its run holds it."""
+        if held.get("host") == socket.gethostname() and not process_alive(held.get("pid"), held.get("pid_start")):
+            return "ended without removing it"
+        age = time.time() - held["renewed"]
+        return f"stopped renewing it {age:.0f} s ago" if age >= self.expiry_s else None
+
     def acquire(self) -> None:
         """Take the lease, or raise :class:`OutputBusyError` naming the run that holds it."""
         held = self._read()
         if held is not None:
             age = time.time() - held["renewed"]
-            ended = held.get("host") == socket.gethostname() and not process_alive(held.get("pid"), held.get("pid_start"))
-            if age < self.expiry_s and not ended:
+            lapse = self._lapse(held)
+            if lapse is None:
                 here = held.get("host") == socket.gethostname()
                 raise OutputBusyError(
                     f"Another run is writing into this output ({describe(held)}, lease renewed {age:.0f} s ago; "
@@ -80,8 +96,7 @@ class RunLease:
                     "finish" + (f" or stop it (process {held.get('pid')} on this host)." if here else
                                 f"; if it was killed, its lease lapses {self.expiry_s - age:.0f} s from now and a "
                                 "new run takes over."))
-            log.warning("Taking over the lease of a run that %s (%s).", "ended without removing it" if ended else
-                        f"stopped renewing it {age:.0f} s ago", describe(held))
+            log.warning("Taking over the lease of a run that %s (%s).", lapse, describe(held))
         self._write()
         time.sleep(self.settle_s)  # a run that started with us has written its lease by now
         held = self._read()

@@ -6,11 +6,13 @@ import logging
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow.compute as pc
 
 from .config import PipelineConfig
+from .lease import RunLease
 from .output import OutputDir, first_frame_only
 from .shards import Shard, discover_shards
 from .single_machine import MAX_ERROR_LINES, RunSummary
@@ -39,6 +41,59 @@ def pending_shards(config: PipelineConfig, reopen: bool = True) -> List[Shard]:
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
     return select_pending(shards, config.output(), config.images_per_shard, config.overwrite, config.retry_failed,
                           reopen=reopen, redo_changed=config.redo_changed)
+
+
+@dataclass
+class RunPlan:
+    """What :func:`run_pipeline` would do with a config, found without doing it (:func:`plan_run`)."""
+
+    output: str
+    completed: Sequence[str]  # ids of the shards completed in the output now
+    todo: Sequence[Shard]  # the shards a run would write, in its order
+    overwrite: bool = False  # a run would delete the completed shards first
+    busy: Optional[str] = None  # the run writing into the output now (a run would stop), if any
+
+    def __str__(self) -> str:
+        done = set(self.completed)
+        redone = [s for s in self.todo if s.shard_id in done]
+        new = [s for s in self.todo if s.shard_id not in done]
+        kept = "all deleted by --overwrite" if self.overwrite else f"{len(done) - len(redone)} kept"
+        lines = ["dry run: nothing was started or written",
+                 f"output {self.output}: " + (f"{_count(done, 'completed shard')}, {kept}" if done else
+                                              "no completed shards"),
+                 f"to do: {_count(self.todo, 'shard')}: {len(new)} new ({_inputs(new)}), {len(redone)} redone "
+                 f"({_inputs(redone)})" if self.todo else "to do: nothing (the output holds every input file)"]
+        lines += [f"  {s.shard_id}: {_inputs([s])}{' (redone)' * (s.shard_id in done)}"
+                  for s in self.todo[:MAX_ERROR_LINES]]
+        if len(self.todo) > MAX_ERROR_LINES:
+            lines.append(f"  ... and {len(self.todo) - MAX_ERROR_LINES} more")
+        if self.busy:
+            lines.append(f"another run is writing into this output now ({self.busy}): a run would stop")
+        return "\n".join(lines)
+
+
+def _inputs(shards: Sequence[Shard]) -> str:
+    """"130 files", "2 tars", "130 files, 2 tars" or "none": what ``shards`` are made from."""
+    files = sum(len(s.uris) for s in shards if s.kind != "tar")
+    tars = sum(s.kind == "tar" for s in shards)
+    return ", ".join(f"{n} {word}{'s' * (n != 1)}" for n, word in ((files, "file"), (tars, "tar")) if n) or "none"
+
+
+def _count(items: Sequence[Any], word: str) -> str:
+    return f"{len(items)} {word}{'s' * (len(items) != 1)}"
+
+
+def plan_run(config: PipelineConfig) -> RunPlan:
+    """What :func:`run_pipeline` would do (``jobs.generate --dry-run``): the checks it makes before
+    starting Ray (model, checkpoint, settings; an output made with others is refused, raising as
+    the run would), the shards it would write, and whether another run holds the output. Starts
+    nothing and writes nothing: no lease is taken, no marker removed, ``overwrite`` deletes nothing."""
+    config.check_model()
+    config = spelled_as_output(config)
+    output = config.output()
+    completed = output.shard_ids()
+    todo = pending_shards(config, reopen=False)
+    return RunPlan(config.output_uri, completed, todo, config.overwrite, RunLease(output.fs, output.path).holder())
 
 
 def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunSummary:

@@ -259,6 +259,57 @@ def test_resume_refuses_another_model_or_settings(tmp_path):
     assert pending_shards(cfg) == [todo[1]]
 
 
+def test_a_dry_run_says_what_a_run_would_do_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    """``jobs.generate --dry-run`` (``plan_run``): the checks a run makes before Ray starts (an
+    output made with other settings is refused), then the shards a run would write, new and
+    redone, and the run that holds the output if one does. Ray is not started and nothing under
+    the output changes: no lease is taken, no marker removed, ``--overwrite`` deletes nothing."""
+    import ray
+
+    from jobs.generate import main
+    from pipeline.lease import RunLease
+    from pipeline.run import plan_run
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (photos / name).write_bytes(b"x")
+    cfg = PipelineConfig(input_uri=str(photos), output_uri=str(out), amg=dict(AMG), images_per_shard=2)
+    plan = plan_run(cfg)
+    assert [s.shard_id for s in plan.todo] == ["files-00000", "files-00001"] and not plan.completed
+    assert plan.busy is None and not out.exists()
+    assert str(plan).splitlines()[1:3] == [f"output {out}: no completed shards",
+                                           "to do: 2 shards: 2 new (3 files), 0 redone (none)"]
+    for shard in plan.todo:  # a run: files-00000 holds an image that ran out of memory
+        cfg.output().write_shard(shard, [], [dict(image_id=f"{shard.shard_id}/a.jpg", uri=str(photos / "a.jpg"),
+                                                  shard=shard.shard_id, status="error", error_reason="generate_failed")
+                                             for u in shard.uris if u.endswith("a.jpg")])
+    (photos / "d.jpg").write_bytes(b"x")
+
+    def snapshot():
+        return sorted((str(p), p.stat().st_mtime_ns) for p in out.rglob("*"))
+
+    before = snapshot()
+    args = ["--input", str(photos), "--output", str(out), "--model-type", "tiny", "--images-per-shard", "2",
+            "--points-per-side", "4", "--box-nms-thresh", "1.0", "--pred-iou-thresh", "0.8",
+            "--stability-score-thresh", "0.8", "--dry-run"]
+    assert main(args + ["--retry-failed"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines() == [
+        "dry run: nothing was started or written", f"output {out}: 2 completed shards, 1 kept",
+        "to do: 2 shards: 1 new (1 file), 1 redone (2 files)", "  files-00000: 2 files (redone)",
+        "  files-00002: 1 file"]
+    assert main(args + ["--overwrite"]) == 0
+    assert "2 completed shards, all deleted by --overwrite" in capsys.readouterr().out
+    assert main(args[:-2] + ["0.9", "--dry-run"]) == 2  # refused as the run would be
+    assert "stability_score_thresh 0.8 -> 0.9" in capsys.readouterr().err
+    with RunLease(cfg.output().fs, str(out)):  # another run writes into the output
+        assert main(args) == 0
+        assert "another run is writing into this output now (run " in capsys.readouterr().out
+    assert snapshot() == before and cfg.output().shard_ids() == ["files-00000", "files-00001"]
+
+
 def test_an_output_inside_the_input_is_not_read_as_input(tmp_path):
     """--output photos/masks with --input photos/: the run's own tables and markers are not new
     inputs when it resumes (they were, and the shard's members changed: resuming was refused)."""
