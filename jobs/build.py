@@ -19,7 +19,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.build import load_spec, run_build
+from pipeline.build import load_spec, plan_build, run_build
 from pipeline.lease import OutputBusyError
 from pipeline.run import StageStartError
 
@@ -34,10 +34,16 @@ def main(argv=None) -> int:
     ap.add_argument("--redo-changed", action="store_true",
                     help="also redo shards holding input files replaced under their names since (as jobs.generate "
                          "--redo-changed)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="say what a build would do (each input's shards to write, new and redone) after its checks, "
+                         "and stop: nothing is started or written")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         spec = load_spec(args.spec)
+        if args.dry_run:
+            print(plan_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed))
+            return 0
         result = run_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed)
     except (ValueError, FileNotFoundError) as e:  # the spec (SpecError), a checkpoint, an input: say which
         print(f"error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ from sam_core.checkpoint import bundled_checkpoint
 from .config import PipelineConfig
 from .export import FORMATS, ExportSummary, export_coco, export_shards
 from .output import READ_WORKERS, OutputDir, settings_changes
-from .run import pending_shards, run_pipeline
+from .run import RunPlan, pending_shards, plan_run, run_pipeline
 from .shards import filesystem
 
 if sys.version_info >= (3, 11):
@@ -200,27 +200,9 @@ def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeli
     """
     manifests = Manifests(spec.output, spec.storage_options())
     versions = manifests.versions()
-    configs = {uri: replace(spec.pipeline_config(uri), retry_failed=retry_failed, redo_changed=redo_changed)
-               for uri in spec.inputs}
+    configs = input_configs(spec, manifests, versions, retry_failed, redo_changed)
     first = next(iter(configs.values()))
     identity = {"model": first.model_id(), "settings_hash": first.settings_hash()}
-    if versions:
-        previous = manifests.read(versions[-1])
-        before = {"model": previous["model"], "settings_hash": previous["settings_hash"]}
-        spelled = first.spelled_as(previous.get("settings") or {}, previous["settings_hash"])
-        if before != identity and spelled is None:
-            changes = settings_changes(previous.get("settings") or {}, first.generator_settings())
-            raise SpecError(
-                f"The spec's model/settings {identity} differ from manifest v{versions[-1]:04d} {before} "
-                f"under {spec.output!r}{' (' + ', '.join(changes) + ')' if changes else ''}: build into a new "
-                "output root to change them."
-            )
-        if before != identity:  # the same masks: go on as the manifest spells the settings
-            log.info("The spec gives the settings of manifest v%04d spelled otherwise (%s); going on with its spelling.",
-                     versions[-1], ", ".join(settings_changes(previous["settings"], first.generator_settings())))
-            configs = {uri: replace(cfg, preset=None, amg=spelled.amg) for uri, cfg in configs.items()}
-            first = next(iter(configs.values()))
-            identity = {"model": first.model_id(), "settings_hash": first.settings_hash()}
     pending = {uri: [s.shard_id for s in pending_shards(cfg, reopen=False)] for uri, cfg in configs.items()}
     if not any(pending.values()):
         return BuildResult(None, versions[-1] if versions else None, {}, exports=export_build(spec, configs, pending))
@@ -248,6 +230,63 @@ def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeli
     uri = manifests.write(version, manifest)
     return BuildResult(version, version, {u: s for u, s in pending.items() if s}, uri,
                        exports=export_build(spec, configs, pending))
+
+
+def input_configs(spec: BuildSpec, manifests: "Manifests", versions: List[int], retry_failed: bool,
+                  redo_changed: bool) -> Dict[str, PipelineConfig]:
+    """The pipeline run of each input, by URI, checked against the latest manifest (``SpecError``
+    if its model or settings make other masks) and spelled as it spells the settings."""
+    configs = {uri: replace(spec.pipeline_config(uri), retry_failed=retry_failed, redo_changed=redo_changed)
+               for uri in spec.inputs}
+    if not versions:
+        return configs
+    first = next(iter(configs.values()))
+    identity = {"model": first.model_id(), "settings_hash": first.settings_hash()}
+    previous = manifests.read(versions[-1])
+    before = {"model": previous["model"], "settings_hash": previous["settings_hash"]}
+    if before == identity:
+        return configs
+    spelled = first.spelled_as(previous.get("settings") or {}, previous["settings_hash"])
+    changes = settings_changes(previous.get("settings") or {}, first.generator_settings())
+    if spelled is None:
+        raise SpecError(
+            f"The spec's model/settings {identity} differ from manifest v{versions[-1]:04d} {before} "
+            f"under {spec.output!r}{' (' + ', '.join(changes) + ')' if changes else ''}: build into a new "
+            "output root to change them."
+        )
+    log.info("The spec gives the settings of manifest v%04d spelled otherwise (%s); going on with its spelling.",
+             versions[-1], ", ".join(changes))
+    return {uri: replace(cfg, preset=None, amg=spelled.amg) for uri, cfg in configs.items()}
+
+
+@dataclass
+class BuildPlan:
+    """What :func:`run_build` would do (:func:`plan_build`)."""
+
+    spec: BuildSpec
+    latest: Optional[int]  # the latest manifest version, None before the first
+    inputs: Dict[str, RunPlan]  # by input URI
+
+    def __str__(self) -> str:
+        todo = sum(len(p.todo) for p in self.inputs.values())
+        latest = f"v{self.latest:04d}" if self.latest else "none"
+        then = (f"; a run would process {todo} shard{'s' * (todo != 1)} and write manifest v{(self.latest or 0) + 1:04d}" if todo else
+                "; up to date: a run would process nothing")
+        lines = [f"{self.spec.name}: dry run, nothing was started or written (latest manifest {latest}{then})"]
+        for uri, plan in self.inputs.items():
+            lines += [f"input {uri}:"] + [f"  {line}" for line in plan.lines()]
+        if self.spec.export:
+            lines.append(f"then each input's tables are exported as {self.spec.export['format']} ([build.export])")
+        return "\n".join(lines)
+
+
+def plan_build(spec: BuildSpec, retry_failed: bool = False, redo_changed: bool = False) -> BuildPlan:
+    """What :func:`run_build` would do (``jobs.build --dry-run``), starting and writing nothing:
+    its check of the spec against the latest manifest, then each input's :func:`plan_run`."""
+    manifests = Manifests(spec.output, spec.storage_options())
+    versions = manifests.versions()
+    configs = input_configs(spec, manifests, versions, retry_failed, redo_changed)
+    return BuildPlan(spec, versions[-1] if versions else None, {uri: plan_run(cfg) for uri, cfg in configs.items()})
 
 
 def export_build(spec: BuildSpec, configs: Mapping[str, PipelineConfig],

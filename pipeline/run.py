@@ -54,12 +54,14 @@ class RunPlan:
     busy: Optional[str] = None  # the run writing into the output now (a run would stop), if any
 
     def __str__(self) -> str:
+        return "\n".join(["dry run: nothing was started or written"] + self.lines())
+
+    def lines(self) -> List[str]:
         done = set(self.completed)
         redone = [s for s in self.todo if s.shard_id in done]
         new = [s for s in self.todo if s.shard_id not in done]
         kept = "all deleted by --overwrite" if self.overwrite else f"{len(done) - len(redone)} kept"
-        lines = ["dry run: nothing was started or written",
-                 f"output {self.output}: " + (f"{_count(done, 'completed shard')}, {kept}" if done else
+        lines = [f"output {self.output}: " + (f"{_count(done, 'completed shard')}, {kept}" if done else
                                               "no completed shards"),
                  f"to do: {_count(self.todo, 'shard')}: {len(new)} new ({_inputs(new)}), {len(redone)} redone "
                  f"({_inputs(redone)})" if self.todo else "to do: nothing (the output holds every input file)"]
@@ -69,7 +71,7 @@ class RunPlan:
             lines.append(f"  ... and {len(self.todo) - MAX_ERROR_LINES} more")
         if self.busy:
             lines.append(f"another run is writing into this output now ({self.busy}): a run would stop")
-        return "\n".join(lines)
+        return lines
 
 
 def _inputs(shards: Sequence[Shard]) -> str:

@@ -143,6 +143,33 @@ def test_build_goes_on_with_the_same_settings_spelled_otherwise(tmp_path):
         run_build(load_spec(path), run=local_run)
 
 
+def test_a_dry_run_of_a_build_says_what_it_would_do_and_changes_nothing(tmp_path, capsys):
+    """``jobs.build --dry-run``: the spec's check against the latest manifest, then each input's
+    shards to write (as ``jobs.generate --dry-run``); no manifest, marker or table is written."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "sa_000001.tar", ["chelsea.jpg"])
+    path = spec_file(tmp_path, [shards])
+    assert build_main(["--spec", path, "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "t: dry run, nothing was started or written (latest manifest none; a run would process 1 shard and "
+        "write manifest v0001)", f"input {shards}:", f"  output {tmp_path / 'built/data' / input_key(str(shards))}: "
+        "no completed shards", "  to do: 1 shard: 1 new (1 tar), 0 redone (none)", "    sa_000001: 1 tar"]
+    assert not (tmp_path / "built").exists()
+    run_build(load_spec(path), run=local_run)
+    write_tar(shards / "sa_000002.tar", ["coffee.jpg"])
+    before = sorted(str(p) for p in (tmp_path / "built").rglob("*"))
+    assert build_main(["--spec", path, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "(latest manifest v0001; a run would process 1 shard and write manifest v0002)" in printed
+    assert "  to do: 1 shard: 1 new (1 tar), 0 redone (none)\n    sa_000002: 1 tar" in printed
+    assert sorted(str(p) for p in (tmp_path / "built").rglob("*")) == before
+    with open(path, "a") as f:
+        f.write("pred_iou_thresh = 0.5\n")
+    assert build_main(["--spec", path, "--dry-run"]) == 2
+    assert "pred_iou_thresh (unset) -> 0.5" in capsys.readouterr().err
+
+
 def test_spec_errors_say_what_to_fix(tmp_path, capsys):
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(str(tmp_path / "missing.toml"))
