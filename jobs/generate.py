@@ -20,11 +20,10 @@ import logging
 import sys
 
 from jobs.model_args import add_model_args, resolve_model
-from jobs.run_args import add_run_args, print_run_end, run_config_args
+from jobs.run_args import add_run_args, run_config_args, run_job
 from pipeline.config import PipelineConfig
 from pipeline.render import render_gallery
-from pipeline.lease import OutputBusyError
-from pipeline.run import StageStartError, plan_run, run_pipeline
+from pipeline.run import plan_run, run_pipeline
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core.amg import PRESETS
 
@@ -81,9 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also redo completed shards holding files replaced under their names since (their size "
                          "and ETag or modification time differ from the listing the shard was made from; without "
                          "it such files are only counted in a warning)")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="say what a run would do (the shards it would write, new and redone) after the checks it "
-                         "makes first, and stop: Ray is not started and nothing is written")
     ap.add_argument("--gallery", help="also render mask overlays of (up to 12) images and an HTML page "
                                       "into this folder (as jobs.render does)")
     return ap.parse_args(argv)
@@ -105,23 +101,15 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    def start():
         config = config_from_args(args)
-        if args.dry_run:
-            print(plan_run(config))
-            return 0
-        summary = run_pipeline(config)
-    except (ValueError, FileNotFoundError) as e:  # bad input, flags, checkpoint or resources: say which
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (StageStartError, OutputBusyError) as e:  # a worker without its GPU; another run on the output
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print_run_end(summary, args.output)
-    if args.gallery:
-        render_gallery(args.output, args.gallery, storage_options=config.storage_options)
+        return plan_run(config) if args.dry_run else run_pipeline(config)
+
+    rc = run_job(start, args.output)
+    if rc == 0 and args.gallery and not args.dry_run:
+        render_gallery(args.output, args.gallery, storage_options=run_config_args(args)["storage_options"])
         print(f"overlays: {args.gallery.rstrip('/')}/index.html")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

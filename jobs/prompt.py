@@ -18,11 +18,9 @@ import logging
 import sys
 
 from jobs.model_args import add_model_args, resolve_model
-from jobs.run_args import add_run_args, print_run_end, run_config_args
+from jobs.run_args import add_run_args, run_config_args, run_job
 from pipeline.config import PipelineConfig
-from pipeline.prompted import read_prompts, run_prompted_on_ray
-from pipeline.lease import OutputBusyError
-from pipeline.run import StageStartError
+from pipeline.prompted import plan_prompted, read_prompts, run_prompted_on_ray
 
 
 def main(argv=None) -> int:
@@ -38,7 +36,7 @@ def main(argv=None) -> int:
     add_run_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:  # bad prompts, flags, checkpoint, resources or an output made with another model: say which
+    def start():  # bad prompts, flags, checkpoint, resources or an output made with another model: say which
         run_args = run_config_args(args)
         resolve_model(args, run_args["storage_options"])
         # No post-processing actors here: their CPUs are not asked for.
@@ -46,15 +44,9 @@ def main(argv=None) -> int:
                                 checkpoint=args.checkpoint, seed=args.seed, mode=args.mode, num_cpus_per_postprocessor=0.0,
                                 **run_args)
         prompts = read_prompts(args.prompts, args.images, config.storage_options)
-        summary = run_prompted_on_ray(prompts, config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (StageStartError, OutputBusyError) as e:  # a worker without its GPU; another run on the output
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print_run_end(summary, args.output)
-    return 0
+        return plan_prompted(prompts, config) if args.dry_run else run_prompted_on_ray(prompts, config)
+
+    return run_job(start, args.output)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@ their resources, storage, and how a run treats an output it finds."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Union
 
 from pipeline.config import RETRIED_REASONS
 from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.lease import OutputBusyError
+from pipeline.run import RunPlan, StageStartError
 from pipeline.single_machine import RunSummary
 
 
@@ -32,6 +35,9 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
                     help="also redo completed shards with images that failed in the model or post-processing "
                          "stage or could not be read (out of memory, a GPU in a bad state, a storage outage); "
                          "shards are rewritten whole")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="say what a run would do (the shards it would write, new and redone) after the checks it "
+                         "makes first, and stop: Ray is not started and nothing is written")
 
 
 def run_config_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -42,6 +48,25 @@ def run_config_args(args: argparse.Namespace) -> Dict[str, Any]:
                 num_cpus_per_worker=args.num_cpus_per_worker, num_cpus_per_decoder=args.num_cpus_per_decoder,
                 device=args.device, max_pixels=args.max_pixels, storage_options=storage,
                 overwrite=args.overwrite, retry_failed=args.retry_failed)
+
+
+def run_job(start: Callable[[], Union[RunSummary, RunPlan]], output: str) -> int:
+    """Run a job's ``start()`` (the run, or its plan with ``--dry-run``) and print what it
+    returns; the exit code: 0, 2 for bad input, flags, checkpoint or resources (the error says
+    which), 1 when a stage's actors could not start or another run is writing into the output."""
+    try:
+        result = start()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (StageStartError, OutputBusyError) as e:  # a worker without its GPU; another run on the output
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if isinstance(result, RunPlan):
+        print(result)
+    else:
+        print_run_end(result, output)
+    return 0
 
 
 def print_run_end(summary: RunSummary, output: str) -> None:

@@ -33,7 +33,7 @@ from .decode import DEFAULT_MAX_PIXELS
 from .output import OutputDir, masks_to_ipc, read_csv, read_parquet
 from .reading import Row, decoded_images, to_table
 from .resuming import select_pending
-from .run import run_stages, summarize_tables
+from .run import RunPlan, run_stages, summarize_tables
 from .shards import Shard, common_root, open_uri
 from .single_machine import RunSummary
 from .stages import batch_then_each
@@ -342,6 +342,30 @@ class BoxStage:
             r.update(image=json.dumps(image_row), masks=masks_to_ipc(masks) if masks else None)
 
 
+def plan_prompted(prompts: Sequence[ImagePrompts], config: PipelineConfig) -> RunPlan:
+    """What :func:`run_prompted_on_ray` would do (``jobs.prompt --dry-run``): its checks, then the
+    shards it would write. Starts nothing and writes nothing (see :func:`pipeline.run.plan_run`)."""
+    config.check_model()
+    output, boxes = _prompted_output(prompts, config)
+    return RunPlan.of(output, _pending(prompts, config, output, boxes, reopen=False), config.overwrite)
+
+
+def _prompted_output(prompts: Sequence[ImagePrompts], config: PipelineConfig) -> Tuple[OutputDir, Dict[str, List]]:
+    """The output of a prompted run (with its identity) and each image's boxes, by URI."""
+    identity = prompt_identity(config.model_id(), config.mode, weights_of(config.checkpoint, config.storage_options))
+    return (OutputDir(config.output_uri, config.storage_options, identity),
+            {p.uri: [list(b) for b in p.boxes] for p in prompts})
+
+
+def _pending(prompts: Sequence[ImagePrompts], config: PipelineConfig, output: OutputDir, boxes: Mapping[str, List],
+             reopen: bool = True) -> List[Shard]:
+    """The shards of prompted images to write (:func:`pipeline.resuming.select_pending`; images
+    whose boxes changed since their shard was written count as changed files)."""
+    return select_pending(prompt_shards(prompts, config.images_per_shard), output, config.images_per_shard,
+                          config.overwrite, config.retry_failed, digest=lambda uri: boxes_digest(boxes[uri]),
+                          reopen=reopen)
+
+
 def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig, stage: type = BoxStage) -> RunSummary:
     """:func:`run_prompted` on the Ray cluster (a local one if none is running): read-and-decode
     tasks, ``config.workers`` model actors (:class:`BoxStage`; ``num_gpus_per_worker`` each), the
@@ -351,12 +375,9 @@ def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig,
     stage's class (:class:`BoxStage` or a subclass)."""
     start = time.perf_counter()
     config.check_model()
-    identity = prompt_identity(config.model_id(), config.mode, weights_of(config.checkpoint, config.storage_options))
-    output = OutputDir(config.output_uri, config.storage_options, identity)
-    boxes = {p.uri: [list(b) for b in p.boxes] for p in prompts}
+    output, boxes = _prompted_output(prompts, config)
     with output.hold_lease():  # one run at a time writes here
-        todo = select_pending(prompt_shards(prompts, config.images_per_shard), output, config.images_per_shard,
-                              config.overwrite, config.retry_failed, digest=lambda uri: boxes_digest(boxes[uri]))
+        todo = _pending(prompts, config, output, boxes)
         summary = run_stages(config, todo, output, [(stage, "model")],
                              item_fields=lambda shard: {"prompts": json.dumps([boxes[u] for u in shard.uris])})
     summary.seconds = time.perf_counter() - start

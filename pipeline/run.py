@@ -53,6 +53,12 @@ class RunPlan:
     overwrite: bool = False  # a run would delete the completed shards first
     busy: Optional[str] = None  # the run writing into the output now (a run would stop), if any
 
+    @classmethod
+    def of(cls, output: OutputDir, todo: Sequence[Shard], overwrite: bool) -> "RunPlan":
+        """The plan of a run into ``output`` that would write ``todo``: with the shards
+        ``output`` holds now and the run holding its lease, if any."""
+        return cls(output.uri, output.shard_ids(), todo, overwrite, RunLease(output.fs, output.path).holder())
+
     def __str__(self) -> str:
         return "\n".join(["dry run: nothing was started or written"] + self.lines())
 
@@ -92,10 +98,7 @@ def plan_run(config: PipelineConfig) -> RunPlan:
     nothing and writes nothing: no lease is taken, no marker removed, ``overwrite`` deletes nothing."""
     config.check_model()
     config = spelled_as_output(config)
-    output = config.output()
-    completed = output.shard_ids()
-    todo = pending_shards(config, reopen=False)
-    return RunPlan(config.output_uri, completed, todo, config.overwrite, RunLease(output.fs, output.path).holder())
+    return RunPlan.of(config.output(), pending_shards(config, reopen=False), config.overwrite)
 
 
 def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunSummary:

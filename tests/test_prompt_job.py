@@ -19,7 +19,8 @@ from jobs.prompt import main as prompt_main
 from pipeline.decode import decode_image
 from pipeline.config import PipelineConfig
 from pipeline.output import OutputDir, masks_from_ipc
-from pipeline.prompted import BoxPrompter, BoxStage, ImagePrompts, read_prompts, run_prompted, run_prompted_on_ray
+from pipeline.prompted import (BoxPrompter, BoxStage, ImagePrompts, plan_prompted, read_prompts, run_prompted,
+                               run_prompted_on_ray)
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core import SamPredictor, build_sam
 
@@ -222,9 +223,11 @@ def test_changed_boxes_redo_their_shard_and_new_images_get_new_shards(photos, tm
     prompter = BoxPrompter("tiny", str(tiny_checkpoint))
     photos = shutil.copytree(photos, tmp_path / "photos")
 
+    def prompts_of(boxes):
+        return [ImagePrompts(str(photos / name), tuple(tuple(b) for b in bs)) for name, bs in boxes.items()]
+
     def run(boxes, output):
-        prompts = [ImagePrompts(str(photos / name), tuple(tuple(b) for b in bs)) for name, bs in boxes.items()]
-        return run_prompted(prompts, str(output), prompter, images_per_shard=2)
+        return run_prompted(prompts_of(boxes), str(output), prompter, images_per_shard=2)
 
     def masks_of(output):
         by, _ = rows_by_image(output)
@@ -235,6 +238,15 @@ def test_changed_boxes_redo_their_shard_and_new_images_get_new_shards(photos, tm
     before = {p.name: p.read_bytes() for p in (out / "masks").iterdir()}
     assert run(BOXES, out).shards_processed == 0
     edited = dict(BOXES, **{"coffee.jpg": [[10.0, 20.0, 120.0, 90.0]]})
+    # jobs.prompt --dry-run says so first, and changes nothing.
+    cfg = PipelineConfig(input_uri="-", output_uri=str(out), model_type="tiny", checkpoint=str(tiny_checkpoint),
+                         images_per_shard=2)
+    plan = plan_prompted(prompts_of(edited), cfg)
+    assert [s.shard_id for s in plan.todo] == ["prompts-00000"] and plan.completed == ["prompts-00000", "prompts-00001"]
+    assert "to do: 1 shard: 0 new (none), 1 redone (2 files)" in str(plan)
+    assert OutputDir(str(out)).shard_ids() == ["prompts-00000", "prompts-00001"]
+    with pytest.raises(ValueError, match="mode exact -> fast"):  # refused as the run would be
+        plan_prompted(prompts_of(edited), replace(cfg, mode="fast"))
     caplog.clear()
     assert run(edited, out).shards_processed == 1
     assert "1 images with other boxes in the prompts since their shards were written" in caplog.text
