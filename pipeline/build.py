@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from sam_core.checkpoint import bundled_checkpoint
 
 from .config import PipelineConfig
+from .lease import RunLease
 from .export import FORMATS, ExportSummary, export_coco, export_shards
 from .output import READ_WORKERS, OutputDir, settings_changes
 from .run import RunPlan, pending_shards, plan_run, run_pipeline
@@ -196,9 +197,17 @@ def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeli
 
     Refuses (``SpecError``) when the model or settings differ from the latest manifest's: the
     output would otherwise mix masks of two configurations. Settings spelled otherwise for the
-    same masks (a default written out in the spec) go on as the manifest spells them.
+    same masks (a default written out in the spec) go on as the manifest spells them. One build
+    at a time: it holds the lease ``<output>/_lease.json`` (:mod:`pipeline.lease`;
+    :class:`~pipeline.lease.OutputBusyError` while another build holds it).
     """
     manifests = Manifests(spec.output, spec.storage_options())
+    with RunLease(manifests.fs, manifests.root):  # one build at a time (its manifest versions)
+        return _build(spec, manifests, run, retry_failed, redo_changed)
+
+
+def _build(spec: BuildSpec, manifests: "Manifests", run: Callable[[PipelineConfig], Any], retry_failed: bool,
+           redo_changed: bool) -> BuildResult:
     versions = manifests.versions()
     configs = input_configs(spec, manifests, versions, retry_failed, redo_changed)
     first = next(iter(configs.values()))
@@ -266,6 +275,7 @@ class BuildPlan:
     spec: BuildSpec
     latest: Optional[int]  # the latest manifest version, None before the first
     inputs: Dict[str, RunPlan]  # by input URI
+    busy: Optional[str] = None  # the build running on the output now (a build would stop), if any
 
     def __str__(self) -> str:
         todo = sum(len(p.todo) for p in self.inputs.values())
@@ -277,6 +287,8 @@ class BuildPlan:
             lines += [f"input {uri}:"] + [f"  {line}" for line in plan.lines()]
         if self.spec.export:
             lines.append(f"then each input's tables are exported as {self.spec.export['format']} ([build.export])")
+        if self.busy:
+            lines.append(f"another build is running on this output now ({self.busy}): a build would stop")
         return "\n".join(lines)
 
 
@@ -286,7 +298,8 @@ def plan_build(spec: BuildSpec, retry_failed: bool = False, redo_changed: bool =
     manifests = Manifests(spec.output, spec.storage_options())
     versions = manifests.versions()
     configs = input_configs(spec, manifests, versions, retry_failed, redo_changed)
-    return BuildPlan(spec, versions[-1] if versions else None, {uri: plan_run(cfg) for uri, cfg in configs.items()})
+    return BuildPlan(spec, versions[-1] if versions else None, {uri: plan_run(cfg) for uri, cfg in configs.items()},
+                     RunLease(manifests.fs, manifests.root).holder())
 
 
 def export_build(spec: BuildSpec, configs: Mapping[str, PipelineConfig],

@@ -7,9 +7,11 @@ import shutil
 import tarfile
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from jobs.build import main as build_main
 from pipeline.build import SpecError, input_key, load_spec, run_build
+from pipeline.lease import RunLease
 from pipeline.output import OutputDir
 from pipeline.run import pending_shards
 from pipeline.shards import Shard, discover_shards
@@ -164,6 +166,13 @@ def test_a_dry_run_of_a_build_says_what_it_would_do_and_changes_nothing(tmp_path
     assert "(latest manifest v0001; a run would process 1 shard and write manifest v0002)" in printed
     assert "  to do: 1 shard: 1 new (1 tar), 0 redone (none)\n    sa_000002: 1 tar" in printed
     assert sorted(str(p) for p in (tmp_path / "built").rglob("*")) == before
+    # One build at a time: a second one (run by hand while the nightly one runs) stops, naming it.
+    with RunLease(LocalFileSystem(), str(tmp_path / "built")):
+        assert build_main(["--spec", path, "--dry-run"]) == 0
+        assert "another build is running on this output now (run " in capsys.readouterr().out
+        assert build_main(["--spec", path]) == 1
+        assert "Another run is writing into this output" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "built/manifests").iterdir()) == ["v0001.json"]
     with open(path, "a") as f:
         f.write("pred_iou_thresh = 0.5\n")
     assert build_main(["--spec", path, "--dry-run"]) == 2
