@@ -247,7 +247,7 @@ def print_profile(gen: SamAutomaticMaskGenerator, images, device: str) -> None:
 
     for name in ("_process_crop", "_process_batch", "_filter", "_encode", "records"):
         label(gen, name)
-    for name in ("set_images", "encode"):
+    for name in ("resize_images", "set_resized_images", "encode"):
         label(gen.predictor, name)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
@@ -260,7 +260,7 @@ def print_profile(gen: SamAutomaticMaskGenerator, images, device: str) -> None:
         print(f"  {e.key:<24} calls {e.count:5d}  wall {e.cpu_time_total / 1e3:9.1f} ms")
     for name in ("_process_crop", "_process_batch", "_filter", "_encode", "records"):
         delattr(gen, name)
-    for name in ("set_images", "encode"):
+    for name in ("resize_images", "set_resized_images", "encode"):
         delattr(gen.predictor, name)
 
 

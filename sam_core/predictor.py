@@ -63,19 +63,31 @@ class SamPredictor:
         Returns one :class:`ImageEmbedding` per image; the first becomes the current image, and
         :meth:`set_embedding` switches to any other without encoding again.
         """
+        return self.set_resized_images(self.resize_images(images, image_format), [im.shape[:2] for im in images])
+
+    def resize_images(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> List[np.ndarray]:
+        """The host-side half of :meth:`set_images`: each HxWx3 uint8 image checked, put in the
+        model's channel order and resized so its long side is the encoder's input size (PIL, as
+        the official package). Numpy and PIL only (PIL lets other threads run while it resizes), so
+        a caller may resize the next images on another thread while the device encodes these."""
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}.")
         if len(images) == 0:
             raise ValueError("set_images needs at least one image.")
-        tensors, sizes = [], []
+        resized = []
         for i, image in enumerate(images):
             check_image(image, i if len(images) > 1 else None)
             if image_format != self.model.image_format:
                 image = image[..., ::-1]
-            resized = self.transform.apply_image(np.ascontiguousarray(image))
-            tensors.append(torch.as_tensor(resized, device=self.device).permute(2, 0, 1))
-            sizes.append(tuple(image.shape[:2]))
-        embeddings = self.encode(tensors, sizes)
+            resized.append(self.transform.apply_image(np.ascontiguousarray(image)))
+        return resized
+
+    def set_resized_images(self, resized: Sequence[np.ndarray], original_sizes: Sequence[Tuple[int, ...]]
+                           ) -> List[ImageEmbedding]:
+        """The device half of :meth:`set_images`: images from :meth:`resize_images` (of the
+        ``original_sizes``, H, W) encoded in one batch; the first becomes the current image."""
+        tensors = [torch.as_tensor(r, device=self.device).permute(2, 0, 1) for r in resized]
+        embeddings = self.encode(tensors, [tuple(s) for s in original_sizes])
         self.set_embedding(embeddings[0])
         return embeddings
 

@@ -193,3 +193,41 @@ def test_generate_batch_equals_one_by_one(sharpened):
     assert sum(len(r) for r in batched) > 0
     for image, got in zip(images, batched):
         assert_records_identical(single.generate(image), got)
+
+
+def test_the_next_batch_of_crops_is_resized_while_this_one_is_encoded(sharpened, monkeypatch):
+    """The host's crop resizing (PIL) overlaps the model's work: while the first batch of crops is
+    encoded, the second is being resized on the worker thread. ``encode`` of the first batch waits
+    for that resize to begin; done one after the other, it would wait in vain. The records are
+    the official ones (the same resizes)."""
+    import threading
+
+    official, ours = sharpened
+    settings = dict(points_per_side=4, crop_n_layers=1, encoder_batch_size=2, **RELAXED)  # 5 crops: 3 batches
+    gen = SamAutomaticMaskGenerator(ours, **settings)
+    resizes, threads, second_batch = [], set(), threading.Event()
+    apply_image, encode = gen.predictor.transform.apply_image, gen.predictor.encode
+
+    def resize(image):
+        threads.add(threading.current_thread().name)
+        resizes.append(image.shape)
+        if len(resizes) == 3:  # the first crop of the second batch
+            second_batch.set()
+        return apply_image(image)
+
+    overlapped = []
+
+    def encode_waiting(images, sizes):
+        if not overlapped:
+            overlapped.append(second_batch.wait(timeout=30))
+        return encode(images, sizes)
+
+    monkeypatch.setattr(gen.predictor.transform, "apply_image", resize)
+    monkeypatch.setattr(gen.predictor, "encode", encode_waiting)
+    image = photo("astronaut", (301, 451))
+    got = gen.generate(image)
+    assert overlapped == [True] and len(resizes) == 5
+    assert threads and all(name.startswith("amg-resize") for name in threads)
+    assert_records_identical(OfficialGenerator(official, **{k: v for k, v in settings.items()
+                                                           if k != "encoder_batch_size"}).generate(image), got)
+    assert len(got) > 0
