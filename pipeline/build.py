@@ -27,8 +27,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from sam_core.checkpoint import bundled_checkpoint
 
 from .config import PipelineConfig
-from .lease import RunLease
 from .export import FORMATS, ExportSummary, export_coco, export_shards
+from .lease import RunLease
 from .output import READ_WORKERS, OutputDir, settings_changes
 from .run import RunPlan, pending_shards, plan_run, run_pipeline
 from .shards import filesystem

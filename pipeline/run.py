@@ -97,7 +97,6 @@ def plan_run(config: PipelineConfig) -> RunPlan:
     the run would), the shards it would write, and whether another run holds the output. Starts
     nothing and writes nothing: no lease is taken, no marker removed, ``overwrite`` deletes nothing."""
     config.check_model()
-    config = spelled_as_output(config)
     return RunPlan.of(config.output(), pending_shards(config, reopen=False), config.overwrite)
 
 
