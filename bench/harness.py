@@ -18,7 +18,10 @@ Reports, each next to the official package measured in the same process:
   identical to the official RLEs;
 - the host-side post-processing of the SA-1B preset (holes and islands under 100 px removed,
   then NMS) on 100 synthetic masks at 1500x2250: CPU work the pipeline's post-processing actors
-  do per image, checked identical to the official output.
+  do per image, checked identical to the official output;
+- the host's resizing of the SA-1B preset's crops for the encoder, official and ours (checked
+  identical), and how much of it is left on the device's path in a generation (ours resizes the
+  next encoder batch while the current one runs).
 Everything also goes to ``--json``, rewritten after every section, so a run stopped by a time
 limit keeps the sections it finished.
 """
@@ -412,11 +415,58 @@ def bench_rle(size: Tuple[int, int], per_crop: int, repeats: int, device: str) -
     return out
 
 
+# ------------------------------------------------------------------ crop resizing (host)
+def bench_resize(ours, device: str, size: Tuple[int, int], points_per_side: int, repeats: int) -> Dict[str, Any]:
+    """The host's resizing of the SA-1B preset's 21 crops of one ``size`` photo for the encoder
+    (PIL, long side to 1024). The official generator resizes each crop in line before encoding
+    it; ours does the same resizes (checked identical) and, in the generator, resizes the next
+    encoder batch on a worker thread while the current one runs through the model. Reports the
+    resize work per image, official and ours, and, in one fast-mode ``generate`` of the preset
+    (``points_per_side``) on ``device``, how long the generator's thread waited for resizes:
+    what is left of them on the device's path."""
+    import numpy as np
+    from segment_anything.utils.transforms import ResizeLongestSide as OfficialResize
+
+    from sam_core.amg.masks import generate_crop_boxes
+
+    image = photo(*size)
+    boxes, _ = generate_crop_boxes(size, SA1B_PRESET["crop_n_layers"], SA1B_PRESET["crop_overlap_ratio"])
+    crops = [np.ascontiguousarray(image[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes]
+    settings = {k: v for k, v in SA1B_PRESET.items() if k != "max_mask_area_fraction"}
+    gen = SamAutomaticMaskGenerator(ours, mode="fast", **dict(settings, points_per_side=points_per_side))
+    print(f"resizing the SA-1B preset's {len(crops)} crops of a {size[0]}x{size[1]} image for the encoder")
+    official = OfficialResize(ours.image_encoder.img_size)
+    official_s, expected = median_time(lambda: [official.apply_image(c) for c in crops], "cpu", repeats)
+    ours_s, got = median_time(lambda: gen.predictor.resize_images(crops), "cpu", repeats)
+    waits: List[float] = []
+    resized_ahead = gen._resized_ahead
+
+    def timed(images, batches):  # the generator's thread: time spent waiting for each batch's resizes
+        batches_resized = resized_ahead(images, batches)
+        while True:
+            t0 = time.perf_counter()
+            item = next(batches_resized, None)
+            waits.append(time.perf_counter() - t0)
+            if item is None:
+                return
+            yield item
+
+    gen._resized_ahead = timed
+    generate_s, _ = median_time(lambda: gen.generate(image), device, 1)
+    del gen._resized_ahead
+    wait_s = sum(waits) / 2  # the warm-up call and the timed one
+    out = {"image": list(size), "crops": len(crops), "official_s_img": official_s, "ours_s_img": ours_s,
+           "identical": all(np.array_equal(a, b) for a, b in zip(expected, got)),
+           "generate_s_img": generate_s, "resize_wait_s_img": wait_s, "hidden": 1 - wait_s / ours_s}
+    print("  " + json.dumps(out))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sections", default="encoder,light,heavy,sa1b,filter,rle,postprocess",
-                    help="comma-separated: encoder, light, heavy, sa1b, filter, rle, postprocess")
+    ap.add_argument("--sections", default="encoder,light,heavy,sa1b,filter,rle,postprocess,resize",
+                    help="comma-separated: encoder, light, heavy, sa1b, filter, rle, postprocess, resize")
     ap.add_argument("--json", help="write every figure to this JSON file")
     ap.add_argument("--compile", action="store_true",
                     help="also time a torch.compile'd bf16 encoder (batch 8 on GPU) and fast-mode AMG with "
@@ -461,7 +511,7 @@ def main(argv=None) -> None:
             report["encoder"].append(bench_encoder(m, args.device, profile["batches"], repeats, args.compile))
             save()
     light_models = None
-    if "light" in sections or "sa1b" in sections:
+    if "light" in sections or "sa1b" in sections or "resize" in sections:
         light_models = models(profile["light_model"], args.device)
     if "light" in sections:
         amg.append(bench_amg(f"light {profile['light_model']}", *light_models, args.device, image, grid,
@@ -478,6 +528,10 @@ def main(argv=None) -> None:
                              image, settings, max(1, repeats // 2), official_repeats=1,
                              batch_images=profile["batch_images"], profile=args.profile,
                              compile=args.compile))
+        save()
+    if "resize" in sections:
+        report["resize"] = bench_resize(light_models[1], args.device, profile["postprocess_image"],
+                                        profile["points_per_side"], max(3, repeats))
         save()
     del light_models
     if "heavy" in sections:
@@ -575,6 +629,12 @@ def summary(report: Dict[str, Any]) -> None:
         print(f"post-processing (CPU), {p['masks']} masks {p['image'][0]}x{p['image'][1]}, small regions "
               f"< 100 px + NMS: official {p['official_s_img']:.3f} s/img, ours {p['ours_s_img']:.3f} s/img "
               f"({p['speedup']:.1f}x, identical: {p['identical']})")
+    if "resize" in report:
+        r = report["resize"]
+        print(f"resizing {r['crops']} crops at {r['image'][0]}x{r['image'][1]} (host): official "
+              f"{r['official_s_img']:.3f} s/img in line, ours {r['ours_s_img']:.3f} s/img (identical: "
+              f"{r['identical']}), of which the generator waited {r['resize_wait_s_img']:.3f} s/img "
+              f"({r['hidden']:.0%} hidden behind the model)")
     for k, t in report.get("targets", {}).items():
         print(f"target {k}: {t['target']} reached {t['reached']} met={t['met']}")
 

@@ -12,7 +12,8 @@ from bench import harness
 
 def test_harness_writes_every_section(tmp_path, capsys):
     out = tmp_path / "h.json"
-    harness.main(["--device", "cpu", "--sections", "encoder,light,sa1b,filter,rle,postprocess", "--size", "120x180",
+    harness.main(["--device", "cpu", "--sections", "encoder,light,sa1b,filter,rle,postprocess,resize",
+                  "--size", "120x180",
                   "--points-per-side", "4", "--repeats", "1", "--json", str(out)])
     report = json.loads(out.read_text())
     enc = report["encoder"][0]
@@ -35,6 +36,10 @@ def test_harness_writes_every_section(tmp_path, capsys):
     post = report["postprocess"]
     assert post["image"] == [120, 180] and post["identical"] and post["changed"] > 0
     assert post["official_s_img"] > 0 and post["ours_s_img"] > 0
+    resize = report["resize"]
+    assert resize["image"] == [120, 180] and resize["crops"] == 21 and resize["identical"]
+    assert resize["official_s_img"] > 0 and resize["ours_s_img"] > 0 and resize["generate_s_img"] > 0
+    assert 0 < resize["resize_wait_s_img"] < resize["generate_s_img"]  # the first batch is waited for
     assert "== summary (cpu" in capsys.readouterr().out
 
 
