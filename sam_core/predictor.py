@@ -10,6 +10,7 @@ Bad input raises ``ValueError`` with what was expected, where the official packa
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -68,19 +69,26 @@ class SamPredictor:
     def resize_images(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> List[np.ndarray]:
         """The host-side half of :meth:`set_images`: each HxWx3 uint8 image checked, put in the
         model's channel order and resized so its long side is the encoder's input size (PIL, as
-        the official package). Numpy and PIL only (PIL lets other threads run while it resizes), so
-        a caller may resize the next images on another thread while the device encodes these."""
+        the official package). Several images are resized on as many threads as torch may use
+        (``torch.get_num_threads()``: a Ray actor's CPUs); PIL lets other threads run while it
+        resizes, so a caller may also resize the next images on another thread while the device
+        encodes these."""
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}.")
         if len(images) == 0:
             raise ValueError("set_images needs at least one image.")
-        resized = []
         for i, image in enumerate(images):
             check_image(image, i if len(images) > 1 else None)
-            if image_format != self.model.image_format:
-                image = image[..., ::-1]
-            resized.append(self.transform.apply_image(np.ascontiguousarray(image)))
-        return resized
+        flip = image_format != self.model.image_format
+
+        def resize(image: np.ndarray) -> np.ndarray:
+            return self.transform.apply_image(np.ascontiguousarray(image[..., ::-1] if flip else image))
+
+        workers = min(len(images), torch.get_num_threads())
+        if workers <= 1:
+            return [resize(image) for image in images]
+        with ThreadPoolExecutor(workers, thread_name_prefix="sam-resize") as pool:
+            return list(pool.map(resize, images))
 
     def set_resized_images(self, resized: Sequence[np.ndarray], original_sizes: Sequence[Tuple[int, ...]]
                            ) -> List[ImageEmbedding]:

@@ -73,6 +73,36 @@ def test_bad_image_format(tiny_ours):
         SamPredictor(tiny_ours).set_image(np.zeros((8, 8, 3), np.uint8), "HSV")
 
 
+def test_several_images_are_resized_on_torchs_threads(tiny_ours, monkeypatch):
+    """``resize_images`` (the host half of ``set_images``) resizes several images at once, on as
+    many threads as torch may use: two resizes must be under way together here (done one after
+    the other, the barrier would time out). Same pixels as one by one, BGR flipped as before."""
+    import threading
+
+    from sam_core.transforms import ResizeLongestSide
+
+    p = SamPredictor(tiny_ours)
+    images = [photo(name, (90 + 10 * i, 120)) for i, name in enumerate(("chelsea", "coffee", "astronaut", "chelsea"))]
+    expected = [ResizeLongestSide(1024).apply_image(image) for image in images]
+    together = threading.Barrier(2, timeout=30)
+    apply_image = p.transform.apply_image
+
+    def resize(image):
+        together.wait()
+        return apply_image(image)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(p.transform, "apply_image", resize)
+        got = p.resize_images(images)
+        bgr = p.resize_images([image[..., ::-1] for image in images], "BGR")
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    assert all(np.array_equal(a, b) for a, b in zip(expected, bgr))
+
+
 def test_bad_torch_image(tiny_ours):
     with pytest.raises(ValueError, match="long side 1024"):
         SamPredictor(tiny_ours).set_torch_image(torch.zeros(1, 3, 100, 200), (100, 200))
