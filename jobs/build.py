@@ -1,5 +1,6 @@
 """Incremental dataset build from a spec file: only shards not yet done; a new manifest version
-when something was processed, nothing when all is up to date. Run it on a schedule.
+when something was processed, nothing when all is up to date; then what each input's tables hold
+(images ok and failed, errors by reason, masks). Run it on a schedule.
 
     python -m jobs.build --spec infra/build-spec.example.toml
     ray job submit --working-dir . -- python -m jobs.build --spec specs/sa1b.toml
@@ -19,6 +20,7 @@ import argparse
 import logging
 import sys
 
+from jobs.run_args import retry_hint
 from pipeline.build import load_spec, plan_build, run_build
 from pipeline.lease import OutputBusyError
 from pipeline.run import StageStartError
@@ -57,6 +59,9 @@ def main(argv=None) -> int:
     else:
         shards = sum(len(s) for s in result.new_shards.values())
         print(f"{spec.name}: processed {shards} shards; wrote manifest {result.manifest_uri}")
+    for uri, summary in result.tables.items():
+        lines = [f"input {uri}: {summary.counts()}"] + summary.detail_lines() + [retry_hint(summary) or ""]
+        print("\n  ".join(line for line in lines if line))
     for uri, summary in result.exports.items():
         print(f"export of {uri}: {summary}")
     return 1 if any(summary.failed for summary in result.exports.values()) else 0

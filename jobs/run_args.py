@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 from pipeline.config import RETRIED_REASONS
 from pipeline.decode import DEFAULT_MAX_PIXELS
@@ -72,8 +72,16 @@ def run_job(start: Callable[[], Union[RunSummary, RunPlan]], output: str) -> int
 def print_run_end(summary: RunSummary, output: str) -> None:
     """The run's summary, whether ``--retry-failed`` may recover some of its errors, and where the tables are."""
     print(summary)
-    retriable = Counter({r: n for r, n in summary.reason_counts().items() if r in RETRIED_REASONS})
-    if retriable:
-        print(f"{sum(retriable.values())} image(s) failed for reasons another try may not meet "
-              f"({', '.join(f'{r} {n}' for r, n in sorted(retriable.items()))}): --retry-failed redoes their shards")
+    hint = retry_hint(summary)
+    if hint:
+        print(hint)
     print(f"tables: {output.rstrip('/')}/masks/*.parquet and images/*.parquet")
+
+
+def retry_hint(summary: RunSummary) -> Optional[str]:
+    """Whether ``--retry-failed`` may recover some of the output's errors (those of ``RETRIED_REASONS``)."""
+    retriable = Counter({r: n for r, n in summary.reason_counts().items() if r in RETRIED_REASONS})
+    if not retriable:
+        return None
+    return (f"{sum(retriable.values())} image(s) failed for reasons another try may not meet "
+            f"({', '.join(f'{r} {n}' for r, n in sorted(retriable.items()))}): --retry-failed redoes their shards")

@@ -5,7 +5,8 @@ only the shards not yet completed, then writes the next manifest version; a run 
 writes nothing. Layout under the output root::
 
     data/<input-key>/masks|images/<shard>.parquet   the tables of one input (see pipeline.output)
-    manifests/v0001.json, v0002.json, ...           what each build version processed
+    manifests/v0001.json, v0002.json, ...           what each build version processed, and what
+                                                    each input's tables then hold (images, errors by reason, masks)
 
 With a ``[build.export]`` table (``format``: sa1b-tar, sa1b-json or coco; ``dest``, default
 ``<output>/export``; ``workers``; ``ray``), every run then exports each input's tables to
@@ -30,8 +31,9 @@ from .config import PipelineConfig
 from .export import FORMATS, ExportSummary, export_coco, export_shards
 from .lease import RunLease
 from .output import READ_WORKERS, OutputDir, settings_changes
-from .run import RunPlan, pending_shards, plan_run, run_pipeline
+from .run import RunPlan, pending_shards, plan_run, run_pipeline, summarize_tables
 from .shards import filesystem
+from .single_machine import RunSummary
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -162,6 +164,8 @@ class BuildResult:
     new_shards: Dict[str, List[str]]  # input URI -> shard ids processed by this run
     manifest_uri: Optional[str] = None
     exports: Dict[str, ExportSummary] = field(default_factory=dict)  # input URI -> its export ([build.export])
+    tables: Dict[str, RunSummary] = field(default_factory=dict)  # input URI -> what its tables hold after the
+    # run (images ok and failed, errors by reason, masks; see pipeline.run.summarize_tables)
 
 
 class Manifests:
@@ -214,10 +218,12 @@ def _build(spec: BuildSpec, manifests: "Manifests", run: Callable[[PipelineConfi
     identity = {"model": first.model_id(), "settings_hash": first.settings_hash()}
     pending = {uri: [s.shard_id for s in pending_shards(cfg, reopen=False)] for uri, cfg in configs.items()}
     if not any(pending.values()):
-        return BuildResult(None, versions[-1] if versions else None, {}, exports=export_build(spec, configs, pending))
+        return BuildResult(None, versions[-1] if versions else None, {}, exports=export_build(spec, configs, pending),
+                           tables=_tables(configs))
     for uri, shard_ids in pending.items():
         if shard_ids:
             run(configs[uri])
+    tables = _tables(configs)
     version = (versions[-1] if versions else 0) + 1
     manifest = {
         "name": spec.name,
@@ -232,13 +238,22 @@ def _build(spec: BuildSpec, manifests: "Manifests", run: Callable[[PipelineConfi
                 "tables": cfg.output_uri,
                 "shards": OutputDir(cfg.output_uri, cfg.storage_options).shard_ids(),
                 "new_shards": pending[uri],
+                "images_ok": tables[uri].images_ok,
+                "images_error": tables[uri].images_error,
+                "error_reasons": dict(sorted(tables[uri].reason_counts().items())),
+                "masks": tables[uri].masks,
             }
             for uri, cfg in configs.items()
         ],
     }
     uri = manifests.write(version, manifest)
     return BuildResult(version, version, {u: s for u, s in pending.items() if s}, uri,
-                       exports=export_build(spec, configs, pending))
+                       exports=export_build(spec, configs, pending), tables=tables)
+
+
+def _tables(configs: Mapping[str, PipelineConfig]) -> Dict[str, RunSummary]:
+    """What each input's tables hold, from their shards' markers."""
+    return {uri: summarize_tables(cfg.output()) for uri, cfg in configs.items()}
 
 
 def input_configs(spec: BuildSpec, manifests: "Manifests", versions: List[int], retry_failed: bool,

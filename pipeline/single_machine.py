@@ -59,14 +59,21 @@ class RunSummary:
     def as_dict(self) -> Dict[str, Any]:
         return dict(asdict(self), images_per_second=self.images_per_second)
 
+    def counts(self) -> str:
+        """"images ok: 5, errors: 1, masks: 53": what the output holds."""
+        return f"images ok: {self.images_ok}, errors: {self.images_error}, masks: {self.masks}"
+
     def __str__(self) -> str:
-        lines = [
-            f"images ok: {self.images_ok}, errors: {self.images_error}, masks: {self.masks}, "
-            f"{self.seconds:.1f} s ({self.images_per_second:.3f} images/s)"
-        ]
+        lines = [f"{self.counts()}, {self.seconds:.1f} s ({self.images_per_second:.3f} images/s)"]
         if self.stage_seconds:
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
             lines.append(f"shards processed this run: {self.shards_processed}; worker time: {stages}")
+        return "\n".join(lines + self.detail_lines())
+
+    def detail_lines(self) -> List[str]:
+        """The errors by reason, the first ``MAX_ERROR_LINES`` of them one by one, and the images
+        masked on their first frame only."""
+        lines = []
         reasons = self.reason_counts()
         if reasons:
             lines.append("errors by reason: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=str)))
@@ -82,7 +89,7 @@ class RunSummary:
                          "of each was masked (the images table's frames column counts them)")
             lines += [f"  first frame only: {f['uri']} ({f['frames']} frames)"
                       for f in self.first_frame_only[:MAX_ERROR_LINES]]
-        return "\n".join(lines)
+        return lines
 
 
 def run_single_machine(

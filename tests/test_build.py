@@ -25,11 +25,11 @@ def write_tar(path, names):
             tar.add(f"{SAMPLE_IMAGES}/{name}", arcname=f"sa_{i}.jpg")
 
 
-def spec_file(tmp_path, inputs, extra=""):
+def spec_file(tmp_path, inputs, extra="", amg="points_per_side = 4"):
     path = tmp_path / "spec.toml"
     path.write_text(f'[build]\nname = "t"\noutput = "{tmp_path / "built"}"\n'
                     f"inputs = {json.dumps([str(i) for i in inputs])}\n{extra}\n"
-                    "[build.amg]\npoints_per_side = 4\n")
+                    f"[build.amg]\n{amg}\n")
     return str(path)
 
 
@@ -143,6 +143,45 @@ def test_build_goes_on_with_the_same_settings_spelled_otherwise(tmp_path):
         f.write("crop_nms_thresh = 0.5\n")
     with pytest.raises(SpecError, match=r"differ from manifest v0002 .*crop_nms_thresh \(unset\) -> 0.5"):
         run_build(load_spec(path), run=local_run)
+
+
+def test_a_build_says_what_each_input_holds_and_what_failed(tmp_path, capsys):
+    """Each build, also one with nothing new, prints what each input's tables hold: images ok and
+    failed, the errors by reason and one by one, and whether --retry-failed may recover some; the
+    manifest records the counts (a nightly build's log and its manifests show failures, which
+    were in the tables only)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        shutil.copy(f"{SAMPLE_IMAGES}/{name}", photos / name)
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    path = spec_file(tmp_path, [photos], extra="images_per_shard = 2",
+                     amg="points_per_side = 8\npred_iou_thresh = 0.3\nstability_score_thresh = 0.7")
+    first = run_build(load_spec(path), run=local_run)
+    tables = OutputDir(json.loads((tmp_path / "built/manifests/v0001.json").read_text())["inputs"][0]["tables"])
+    masks = tables.read_table("masks").num_rows
+    assert masks > 0
+    held = first.tables[str(photos)]
+    assert (held.images_ok, held.images_error, held.masks, dict(held.reason_counts())) == (2, 1, masks, {"not_an_image": 1})
+    v1 = json.loads((tmp_path / "built/manifests/v0001.json").read_text())["inputs"][0]
+    assert {k: v1[k] for k in ("images_ok", "images_error", "error_reasons", "masks")} == {
+        "images_ok": 2, "images_error": 1, "error_reasons": {"not_an_image": 1}, "masks": masks}
+
+    # coffee.jpg failed in the model stage (out of memory, say): a build with nothing new says so.
+    images = tables.read_shard("images", "files-00001").to_pylist()
+    assert [i["uri"] for i in images] == [str(photos / "coffee.jpg")]
+    images[0].update(status="error", error_reason="generate_failed", error_detail="CUDA out of memory", mask_count=None)
+    marker = tables.marker("files-00001")
+    tables.write_shard(Shard("files-00001", "files", tuple(marker["members"]), marker["root"]), [], images)
+    assert build_main(["--spec", path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "t: up to date (latest manifest v0001); nothing processed"
+    assert lines[1:] == [
+        f"input {photos}: images ok: 1, errors: 2, masks: {tables.read_table('masks').num_rows}",
+        "  errors by reason: generate_failed 1, not_an_image 1",
+        f"    error {photos / 'broken.jpg'}: not_an_image (no image format recognised)",
+        f"    error {photos / 'coffee.jpg'}: generate_failed (CUDA out of memory)",
+        "  1 image(s) failed for reasons another try may not meet (generate_failed 1): --retry-failed redoes their shards"]
 
 
 def test_a_dry_run_of_a_build_says_what_it_would_do_and_changes_nothing(tmp_path, capsys):
