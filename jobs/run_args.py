@@ -33,8 +33,8 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--overwrite", action="store_true", help="discard previous results under --output")
     ap.add_argument("--retry-failed", action="store_true",
                     help="also redo completed shards with images that failed in the model or post-processing "
-                         "stage or could not be read (out of memory, a GPU in a bad state, a storage outage); "
-                         "shards are rewritten whole")
+                         "stage or could not be read (out of memory, a GPU in a bad state, a storage outage, "
+                         "HEIC before its plugin was installed); shards are rewritten whole")
     ap.add_argument("--dry-run", action="store_true",
                     help="say what a run would do (the shards it would write, new and redone) after the checks it "
                          "makes first, and stop: Ray is not started and nothing is written")

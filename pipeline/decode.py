@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from typing import Optional, Tuple
@@ -10,7 +11,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb guard; SA-1B images are ~3.4 MP
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# ISO base media brands of HEVC-coded HEIF (.heic/.heif: phone photos), which PIL reads only with
+# the pillow-heif plugin. AVIF (AV1-coded) PIL reads itself.
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"})
 
 
 class ImageDecodeError(ValueError):
@@ -49,8 +52,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, short_side: 
     file with several frames or pages (animated GIF/WebP/PNG, multi-page TIFF), the first.
 
     L/LA/P/RGBA/CMYK/YCbCr are converted by PIL (alpha dropped); 16- and 32-bit integer images
-    are scaled to 8 bits. Raises ImageDecodeError with reason ``empty``, ``not_an_image``,
-    ``too_large``, ``corrupt`` or ``unsupported_mode``.
+    are scaled to 8 bits. HEIF/HEIC (phone photos) needs the optional pillow-heif plugin
+    (``sam-datagen[heif]``). Raises ImageDecodeError with reason ``empty``, ``not_an_image``,
+    ``unsupported_format`` (a HEIF file without the plugin), ``too_large``, ``corrupt`` or
+    ``unsupported_mode``.
     """
     return decode_first_frame(data, max_pixels, short_side)[0]
 
@@ -61,6 +66,10 @@ def decode_first_frame(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     a file damaged after its first frame, those before the damage)."""
     if not data:
         raise ImageDecodeError("empty", "the file has no bytes")
+    heif = heif_brand(data)
+    if heif and not heif_plugin():
+        raise ImageDecodeError("unsupported_format", f"a HEIF/HEIC image (brand {heif!r}): reading it needs the "
+                               "pillow-heif plugin on the workers: pip install 'sam-datagen[heif]'")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -84,6 +93,27 @@ def decode_first_frame(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     except Exception as e:
         raise ImageDecodeError("corrupt", f"{type(e).__name__}: {e}") from e
     return downsample(rgb, short_side), _frame_count(img)
+
+
+def heif_brand(data: bytes) -> Optional[str]:
+    """The HEVC brand (``"heic"``...) of a HEIF file's ``ftyp`` box, major or compatible; None
+    for anything else."""
+    if data[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(data[:4], "big")
+    brands = [data[8:12]] + [data[i : i + 4] for i in range(16, min(size, len(data), 256) - 3, 4)]
+    return next((b.decode("latin-1") for b in brands if b in HEIF_BRANDS), None)
+
+
+@functools.lru_cache(maxsize=None)
+def heif_plugin() -> bool:
+    """Whether PIL reads HEIF: registers pillow-heif's opener once, if it is installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def _frame_count(img: Image.Image) -> int:

@@ -8,9 +8,12 @@ import tarfile
 
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
 
 from jobs.build import main as build_main
+from pipeline import decode
 from pipeline.build import SpecError, input_key, load_spec, run_build
+from pipeline.decode import heif_plugin
 from pipeline.lease import RunLease
 from pipeline.output import OutputDir
 from pipeline.run import pending_shards
@@ -182,6 +185,31 @@ def test_a_build_says_what_each_input_holds_and_what_failed(tmp_path, capsys):
         f"    error {photos / 'broken.jpg'}: not_an_image (no image format recognised)",
         f"    error {photos / 'coffee.jpg'}: generate_failed (CUDA out of memory)",
         "  1 image(s) failed for reasons another try may not meet (generate_failed 1): --retry-failed redoes their shards"]
+
+
+def test_heic_read_without_its_plugin_is_redone_once_it_is_installed(tmp_path, monkeypatch, capsys):
+    """A HEIC photo on workers without pillow-heif is an error row naming the plugin; after it is
+    installed, --retry-failed redoes its shard (a plain build does not)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(f"{SAMPLE_IMAGES}/coffee.jpg", photos / "coffee.jpg")
+    assert heif_plugin()  # a test dependency; lets PIL write HEIC
+    Image.open(f"{SAMPLE_IMAGES}/chelsea.jpg").save(photos / "phone.heic", format="HEIF")
+    path = spec_file(tmp_path, [photos])
+    spec = load_spec(path)
+    monkeypatch.setattr(decode, "heif_plugin", lambda: False)  # a worker without the plugin
+    first = run_build(spec, run=local_run)
+    assert dict(first.tables[str(photos)].reason_counts()) == {"unsupported_format": 1}
+    monkeypatch.undo()  # installed
+    assert build_main(["--spec", path]) == 0  # up to date: nothing is redone without --retry-failed
+    out = capsys.readouterr().out
+    assert f"error {photos / 'phone.heic'}: unsupported_format (a HEIF/HEIC image (brand 'heic'): reading it " in out
+    assert "1 image(s) failed for reasons another try may not meet (unsupported_format 1)" in out
+    again = run_build(spec, run=local_run, retry_failed=True)
+    assert again.version == 2 and again.tables[str(photos)].images_error == 0
+    tables = OutputDir(json.loads((tmp_path / "built/manifests/v0002.json").read_text())["inputs"][0]["tables"])
+    assert sorted(zip(*tables.read_table("images").select(["uri", "status"]).to_pydict().values())) == [
+        (str(photos / "coffee.jpg"), "ok"), (str(photos / "phone.heic"), "ok")]
 
 
 def test_a_dry_run_of_a_build_says_what_it_would_do_and_changes_nothing(tmp_path, capsys):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.decode import ImageDecodeError, decode_image
+from pipeline import decode
+from pipeline.decode import ImageDecodeError, decode_image, heif_brand, heif_plugin
 from pipeline.shards import list_files
 from pipeline.single_machine import SAMPLE_IMAGES, run_single_machine
 from sam_core import SamAutomaticMaskGenerator, build_sam
@@ -83,6 +84,42 @@ def test_bad_inputs_have_reasons(data, reason):
     with pytest.raises(ImageDecodeError) as err:
         decode_image(data)
     assert err.value.reason == reason
+
+
+def heic(img: Image.Image, **kw) -> bytes:
+    """``img`` as a HEIC file (pillow-heif's encoder; registering its opener lets PIL write it)."""
+    assert heif_plugin(), "pillow-heif is a test dependency"
+    return encoded(img, "HEIF", **kw)
+
+
+def test_heic_photos_are_read_upright():
+    """HEIF/HEIC (phone photos) through the pillow-heif plugin, EXIF orientation applied as for a JPEG."""
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, :20] = 255  # a white band on the left; orientation 6: upright, it is the top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = heic(Image.fromarray(arr), exif=exif.tobytes(), quality=95)
+    assert heif_brand(data) == "heic"
+    upright = decode_image(data)
+    assert upright.shape == (80, 40, 3)
+    assert upright[:15].min() > 200 and upright[25:].max() < 55
+    assert decode_image(data, short_side=20).shape == (40, 20, 3)
+
+
+def test_heic_without_its_plugin_says_what_to_install(monkeypatch):
+    """A worker without pillow-heif records a HEIC as ``unsupported_format``, naming the fix (not
+    "no image format recognised"); other ISO media files (AVIF, which PIL reads) are not HEIF."""
+    data = heic(Image.fromarray(RGB))
+    monkeypatch.setattr(decode, "heif_plugin", lambda: False)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data)
+    assert err.value.reason == "unsupported_format"
+    assert "brand 'heic'" in err.value.detail and "pip install 'sam-datagen[heif]'" in err.value.detail
+    # A compatible brand counts as well as the major one (an 'mif1' file of HEVC images).
+    assert heif_brand(b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1heic") == "heic"
+    assert heif_brand(b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1miaf") is None
+    avif = encoded(Image.fromarray(RGB), "AVIF")
+    assert heif_brand(avif) is None and decode_image(avif).shape == (12, 20, 3)
 
 
 def test_pixel_limit():
