@@ -74,6 +74,11 @@ class RunLease:
             return None
         return f"{describe(held)}, lease renewed {time.time() - held['renewed']:.0f} s ago"
 
+    def holder_id(self) -> Optional[str]:
+        """The id of the run that holds the lease now, None if no run does (as :meth:`holder`)."""
+        held = self._read()
+        return None if held is None or self._lapse(held) else held["run_id"]
+
     def _lapse(self, held: Dict[str, Any]) -> Optional[str]:
         """Why lease ``held`` no longer holds ("ended without removing it": its run on this host
         has ended; "stopped renewing it 130 s ago"), or None while its run holds it."""

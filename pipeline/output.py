@@ -436,6 +436,7 @@ class ShardWriter:
                   "errors": {str(reason): n for reason, n in sorted(errors.items(), key=str)},
                   "first_frame_only": sum(r.get("status") == "ok" and first_frame_only(r.get("frames")) for r in images),
                   **({"digests": dict(zip(self.shard.uris, self.shard.digests))} if self.shard.digests else {}),
+                  **({"run_id": self.output.lease.run_id} if self.output.lease is not None else {}),
                   **(self.output.identity or {})}
         self.output._put(self.output._p("_done", f"{self.shard.shard_id}.json"),
                          json.dumps(marker, default=str).encode())

@@ -34,6 +34,7 @@ from .output import OutputDir, masks_to_ipc, read_csv, read_parquet
 from .reading import Row, decoded_images, to_table
 from .resuming import select_pending
 from .run import RunPlan, run_stages, summarize_tables
+from .run_records import recorded, written_shard
 from .shards import Shard, common_root, open_uri
 from .single_machine import RunSummary
 from .stages import batch_then_each
@@ -292,16 +293,20 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
     start = time.perf_counter()
     out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id, prompter.mode, prompter.weights))
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
-    shards_processed = images_processed = 0
+    written: List[Dict[str, Any]] = []
     with out.hold_lease():
-        for shard in select_pending(prompt_shards(prompts, images_per_shard), out, images_per_shard, overwrite,
-                                    digest=lambda uri: boxes_digest(boxes_by_uri[uri])):
-            masks, images = prompter.process(shard, boxes_by_uri, storage_options)
-            out.write_shard(shard, masks, images)
-            shards_processed += 1
-            images_processed += len(images)
+        todo = select_pending(prompt_shards(prompts, images_per_shard), out, images_per_shard, overwrite,
+                              digest=lambda uri: boxes_digest(boxes_by_uri[uri]))
+        settings = {"model": prompter.model_id, "mode": prompter.mode, "images_per_shard": images_per_shard,
+                    "overwrite": overwrite}
+        with recorded(out, "prompt", settings, todo, written):
+            for shard in todo:
+                masks, images = prompter.process(shard, boxes_by_uri, storage_options)
+                out.write_shard(shard, masks, images)
+                written.append(written_shard(shard.shard_id, images, len(masks)))
     summary = summarize_tables(out)
-    summary.shards_processed, summary.images_processed = shards_processed, images_processed
+    summary.shards_processed = len(written)
+    summary.images_processed = sum(w["images_ok"] + w["images_error"] for w in written)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -378,7 +383,7 @@ def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig,
     output, boxes = _prompted_output(prompts, config)
     with output.hold_lease():  # one run at a time writes here
         todo = _pending(prompts, config, output, boxes)
-        summary = run_stages(config, todo, output, [(stage, "model")],
+        summary = run_stages(config, todo, output, [(stage, "model")], job="prompt",
                              item_fields=lambda shard: {"prompts": json.dumps([boxes[u] for u in shard.uris])})
     summary.seconds = time.perf_counter() - start
     return summary

@@ -18,6 +18,7 @@ from .shards import Shard, discover_shards
 from .single_machine import MAX_ERROR_LINES, RunSummary
 from .reading import decode_shards
 from .resuming import select_pending, spelled_as_output
+from .run_records import recorded, run_config
 from .stages import ModelStage, PostprocessStage, ShardCollector
 from .worker_deaths import start_ledger
 
@@ -118,49 +119,26 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     with output.hold_lease():  # one run at a time writes here
         todo = select_pending(shards, output, config.images_per_shard, config.overwrite, config.retry_failed,
                               redo_changed=config.redo_changed)
-        summary = run_stages(config, todo, output, [(model_stage, "model"), (PostprocessStage, "postprocess")])
+        summary = run_stages(config, todo, output, [(model_stage, "model"), (PostprocessStage, "postprocess")],
+                             job="generate")
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir, stages: Sequence[Tuple[type, str]],
-               item_fields: Optional[Callable[[Shard], Dict[str, Any]]] = None) -> RunSummary:
+               item_fields: Optional[Callable[[Shard], Dict[str, Any]]] = None, job: str = "generate") -> RunSummary:
     """Stream the shards ``todo`` through the decode stage and then ``stages`` (a class, built
     with ``config``, and the key of its resources in ``config.ray_stage_args()``) on Ray, each
     shard written into ``output`` once all its rows are in; the summary of the whole output.
     ``item_fields(shard)`` adds fields to a shard's item that the decode stage passes on (a
-    shard's ``prompts``)."""
-    import ray
-
+    shard's ``prompts``). A run with shards to do is recorded under ``output``
+    (:mod:`pipeline.run_records`; ``job`` names it), by the id of the output's lease it holds."""
     start = time.perf_counter()
     log.info("%d shards to process", len(todo))
     collector = ShardCollector(todo, output.open_shard)
-    if todo:
-        if not ray.is_initialized():
-            ray.init(ignore_reinit_error=True, log_to_driver=False)
-            if not os.environ.get("RAY_ADDRESS"):  # this machine's own Ray, which will not grow:
-                config.check_fits(ray.cluster_resources())  # fail now rather than wait forever
-        args = config.ray_stage_args()
-        items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris), "root": s.root,
-                  **(item_fields(s) if item_fields else {})} for s in todo]
-        ledger = start_ledger()  # images a worker process died on, across task retries and actor restarts
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(decode_shards, fn_kwargs={"storage_options": dict(config.storage_options),
-                                                      "max_pixels": config.max_pixels, "ledger": ledger,
-                                                      "short_side": config.resize_short_side},
-                            **args["decode"])
-        for stage, resources in stages:
-            ds = ds.map_batches(stage, fn_constructor_kwargs={"config": config, "ledger": ledger}, **args[resources])
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                collector.add(batch.to_pylist())
-        except BaseException as e:
-            collector.abort()  # no partial masks file is left behind (and none has a marker)
-            if isinstance(e, ray.exceptions.RayActorError) and e.actor_init_failed:
-                raise StageStartError(e) from None
-            raise
-        if collector.unfinished():
-            raise RuntimeError(f"The run ended with shards not written (re-run to redo them): {collector.unfinished()}")
+    with recorded(output, job, run_config(config), todo, collector.written):
+        if todo:
+            _stream(config, todo, collector, stages, item_fields)
     summary = summarize_tables(output)
     summary.seconds = time.perf_counter() - start
     summary.stage_seconds = {stage: float(sum(s[f"{stage}_s"] for s in collector.written))
@@ -168,6 +146,38 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
     summary.shards_processed = len(collector.written)
     summary.images_processed = int(sum(s["images_ok"] + s["images_error"] for s in collector.written))
     return summary
+
+
+def _stream(config: PipelineConfig, todo: Sequence[Shard], collector: ShardCollector,
+            stages: Sequence[Tuple[type, str]], item_fields: Optional[Callable[[Shard], Dict[str, Any]]]) -> None:
+    """The Ray Data pipeline of :func:`run_stages`, its rows handed to ``collector``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        if not os.environ.get("RAY_ADDRESS"):  # this machine's own Ray, which will not grow:
+            config.check_fits(ray.cluster_resources())  # fail now rather than wait forever
+    args = config.ray_stage_args()
+    items = [{"shard_id": s.shard_id, "kind": s.kind, "uris": list(s.uris), "root": s.root,
+              **(item_fields(s) if item_fields else {})} for s in todo]
+    ledger = start_ledger()  # images a worker process died on, across task retries and actor restarts
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(decode_shards, fn_kwargs={"storage_options": dict(config.storage_options),
+                                                  "max_pixels": config.max_pixels, "ledger": ledger,
+                                                  "short_side": config.resize_short_side},
+                        **args["decode"])
+    for stage, resources in stages:
+        ds = ds.map_batches(stage, fn_constructor_kwargs={"config": config, "ledger": ledger}, **args[resources])
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            collector.add(batch.to_pylist())
+    except BaseException as e:
+        collector.abort()  # no partial masks file is left behind (and none has a marker)
+        if isinstance(e, ray.exceptions.RayActorError) and e.actor_init_failed:
+            raise StageStartError(e) from None
+        raise
+    if collector.unfinished():
+        raise RuntimeError(f"The run ended with shards not written (re-run to redo them): {collector.unfinished()}")
 
 
 def summarize_tables(output: OutputDir) -> RunSummary:

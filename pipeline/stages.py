@@ -41,6 +41,7 @@ from sam_core.amg.mask_data import MaskData
 from .config import PipelineConfig
 from .output import ShardWriter, masks_from_ipc, masks_to_ipc
 from .reading import END, Row, decode_rows, to_table
+from .run_records import written_shard
 from .shards import Shard
 from .worker_deaths import NO_GUARD, DeathGuard
 
@@ -248,11 +249,7 @@ class ShardCollector:
         for state in (self.expected, self.waiting, self.next_index):
             state.pop(shard_id, None)
         self.done.add(shard_id)
-        ok = sum(r["status"] == "ok" for r in images)
-        self.written.append(dict(
-            shard_id=shard_id, images_ok=ok, images_error=len(images) - ok, masks=writer.masks,
-            **{f"{stage}_s": sum(r.get(f"{stage}_s") or 0.0 for r in images)
-               for stage in ("decode", "generate", "postprocess")}))
+        self.written.append(written_shard(shard_id, images, writer.masks))
         self.images_written += len(images)
         log.info("%s", self.progress())
 

@@ -30,6 +30,7 @@ from pipeline.decode import decode_image
 from pipeline.export import export_sa1b_json
 from pipeline.output import MASKS_SCHEMA, OutputDir, ShardWriter, masks_from_ipc, masks_to_ipc
 from pipeline.run import StageStartError, pending_shards, run_pipeline, run_stages
+from pipeline.run_records import read_runs
 from pipeline.worker_deaths import MAX_WORKER_DEATHS, start_ledger
 from pipeline.reading import decode_rows, decode_shards
 from pipeline.shards import Shard, discover_shards, iter_shard_files, list_files
@@ -368,6 +369,20 @@ def test_run_resume_after_crash_and_overwrite(ray_local, inputs, tmp_path, check
     chelsea = masks.filter(pc.ends_with(masks.column("image_id"), "/chelsea.jpg"))
     assert new_masks.filter(added).drop_columns(["image_id"]).equals(chelsea.drop_columns(["image_id"]))
     assert new_images.num_rows == 8
+
+    # Every run that wrote something is recorded with what it wrote (the run with nothing to do
+    # is not); each shard's marker names the run that wrote it.
+    runs = read_runs(OutputDir(str(out)))
+    assert [(r["job"], r["status"], r["shards_written"], r["images"], r["images_error"]) for r in runs] == [
+        ("generate", "finished", ["files-00000", "files-00001", "files-00002"], 7, 4),
+        ("generate", "finished", ["files-00001", "files-00002"], 4, 4),
+        ("generate", "finished", ["files-00000", "files-00001", "files-00002"], 7, 4),
+        ("generate", "finished", ["files-00003"], 1, 0)]
+    assert runs[0]["error_reasons"] == {"corrupt": 1, "empty": 1, "not_an_image": 1, "too_large": 1}
+    assert runs[0]["masks"] == first.masks and runs[2]["config"]["overwrite"] is True
+    assert "storage_options" not in runs[0]["config"] and runs[0]["versions"]["torch"] == torch.__version__
+    markers = OutputDir(str(out)).markers()
+    assert [markers[s]["run_id"] for s in sorted(markers)] == [runs[2]["run_id"]] * 3 + [runs[3]["run_id"]]
 
 
 def test_run_on_tar_shards(ray_local, tmp_path, checkpoint):
@@ -1168,6 +1183,9 @@ def test_actors_that_cannot_start_end_the_run_with_the_cause(ray_local, inputs, 
             "(simulated) (its traceback is in the Ray worker logs).")):
         run_pipeline(config(inputs, tmp_path / "out", checkpoint), model_stage=CannotStart)
     assert OutputDir(str(tmp_path / "out")).shard_ids() == []
+    (run,) = read_runs(OutputDir(str(tmp_path / "out")))  # the failed run is recorded, with why
+    assert (run["status"], run["shards_todo"], run["shards_written"]) == ("failed", 3, [])
+    assert run["error"].startswith("StageStartError: A pipeline actor could not start: RuntimeError: CUDA error")
 
 
 def test_an_image_the_model_fails_on_is_recorded_and_its_batch_mates_still_done(inputs, tmp_path, checkpoint):

@@ -16,9 +16,11 @@ import torch
 from pycocotools import mask as mask_utils
 
 from jobs.prompt import main as prompt_main
+from jobs.stats import main as stats_main
 from pipeline.decode import decode_image
 from pipeline.config import PipelineConfig
 from pipeline.output import OutputDir, masks_from_ipc
+from pipeline.run_records import read_runs
 from pipeline.prompted import (BoxPrompter, BoxStage, ImagePrompts, plan_prompted, read_prompts, run_prompted,
                                run_prompted_on_ray)
 from pipeline.single_machine import SAMPLE_IMAGES
@@ -261,6 +263,50 @@ def test_changed_boxes_redo_their_shard_and_new_images_get_new_shards(photos, tm
     assert masks_of(out) == masks_of(tmp_path / "clean")
     run(BOXES, tmp_path / "old")
     assert masks_of(out)["coffee_copy.jpg"] == masks_of(tmp_path / "old")["coffee.jpg"]
+    # Each run that wrote something is recorded (runs with nothing to do are not), and each
+    # shard's marker names the run that wrote it last.
+    runs = read_runs(OutputDir(str(out)))
+    assert [(r["job"], r["status"], r["shards_written"]) for r in runs] == [
+        ("prompt", "finished", ["prompts-00000", "prompts-00001"]), ("prompt", "finished", ["prompts-00000"]),
+        ("prompt", "finished", ["prompts-00001", "prompts-00002"])]
+    markers = OutputDir(str(out)).markers()
+    assert [markers[s]["run_id"] for s in sorted(markers)] == [runs[1]["run_id"]] + [runs[2]["run_id"]] * 2
+
+
+def test_stats_lists_the_runs_that_wrote_an_output(photos, tmp_path, tiny_checkpoint, capsys):
+    """``jobs.stats --runs``: each recorded run, how it ended and what the output still holds of
+    it; a run killed mid-way (its record still "running", the lease not held) and shards of
+    earlier versions (markers without a run) are named as such."""
+    out = tmp_path / "out"
+    prompts = [ImagePrompts(str(photos / n), tuple(tuple(b) for b in bs)) for n, bs in BOXES.items()]
+    prompter = BoxPrompter("tiny", str(tiny_checkpoint))
+    run_prompted(prompts, str(out), prompter, images_per_shard=2)
+    run_prompted(prompts[:1], str(out / "x"), prompter)  # another output: not listed
+    output = OutputDir(str(out))
+    (first,) = read_runs(output)
+    killed = dict(first, run_id="dead0000" + "0" * 24, started="2026-11-24T23:00:00+00:00", status="running")
+    for key in ("shards_written", "images", "images_error", "error_reasons", "masks", "seconds"):
+        killed.pop(key)
+    (out / "_runs" / "2026-11-24T230000-dead0000.json").write_text(json.dumps(killed))
+    marker = json.loads((out / "_done" / "prompts-00001.json").read_text())
+    marker.pop("run_id")  # as a marker of an earlier version
+    (out / "_done" / "prompts-00001.json").write_text(json.dumps(marker))
+    assert stats_main(["--tables", str(out), "--runs", "--json", str(tmp_path / "stats.json")]) == 0
+    printed = capsys.readouterr().out
+    runs = printed[printed.index("runs:\n"):].splitlines()[1:]
+    assert len(runs) == 4 and runs[3] == f"wrote {tmp_path / 'stats.json'}"
+    masks = first["masks"]
+    assert runs[0].startswith(f"  {first['started']} prompt run {first['run_id'][:8]} on {first['host']}, finished: "
+                              f"2 of 2 shards written, 3 images (0 errors), {masks} masks, ")
+    assert runs[0].endswith(f"; the output holds 1 shard as it wrote them; sam-datagen "
+                            f"{first['versions']['sam-datagen']}, torch {torch.__version__}, ray "
+                            f"{first['versions']['ray']}")
+    assert runs[1] == ("  2026-11-24T23:00:00+00:00 prompt run dead0000 on " + first["host"] + ", stopped without "
+                       "ending (killed, or its node lost); the output holds 0 shards as it wrote them; sam-datagen "
+                       f"{first['versions']['sam-datagen']}, torch {torch.__version__}, ray {first['versions']['ray']}")
+    assert runs[2] == "  1 completed shard written before runs were recorded"
+    assert [r["run_id"] for r in json.loads((tmp_path / "stats.json").read_text())["runs"]] == [
+        first["run_id"], killed["run_id"]]
 
 
 def test_bad_boxes_say_what_is_wrong_with_each():
