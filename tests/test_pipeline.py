@@ -751,8 +751,11 @@ def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
     summary = run_pipeline(cfg)
     assert (summary.images_ok, summary.images_error) == (2, 1)
     assert summary.errors[0]["uri"] == "s3://inbucket/photos/broken.jpg"
-    assert sorted(fs.ls("outbucket/run1")) == ["outbucket/run1/_done", "outbucket/run1/images",
+    assert sorted(fs.ls("outbucket/run1")) == ["outbucket/run1/_done", "outbucket/run1/_runs", "outbucket/run1/images",
                                                "outbucket/run1/masks"]
+    (run,) = read_runs(OutputDir("s3://outbucket/run1", opts))
+    assert run["status"] == "finished" and run["images"] == 3 and run["error_reasons"] == {"empty": 1}
+    assert "storage_options" not in run["config"] and "testing" not in json.dumps(run)  # no credentials
     masks = OutputDir("s3://outbucket/run1", opts).read_table("masks")
     assert masks.num_rows == summary.masks > 0
     local = run_pipeline(PipelineConfig(input_uri="s3://inbucket/photos/", output_uri=str(tmp_path / "local"),
@@ -939,7 +942,7 @@ def test_collector_passes_masks_on_in_file_order_and_finishes_each_shard_once():
     assert re.fullmatch(r"shard a written \(3 of 3\): 3 images, 3 masks; run: [0-9.]+ images/s", collector.progress())
     collector.add([row("a", 0), row("a", -1, total=3)])  # repeats after the shard is done: ignored
     assert len(log) == 3
-    assert collector.written[2] == dict(shard_id="a", images_ok=3, images_error=0, masks=3,
+    assert collector.written[2] == dict(shard_id="a", images_ok=3, images_error=0, errors={}, masks=3,
                                         decode_s=3.0, generate_s=6.0, postprocess_s=1.5)
     with pytest.raises(ValueError, match="unknown shard"):
         collector.add([row("zzz", 0)])
