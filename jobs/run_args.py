@@ -35,6 +35,9 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
                     help="also redo completed shards with images that failed in the model or post-processing "
                          "stage or could not be read (out of memory, a GPU in a bad state, a storage outage, "
                          "HEIC before its plugin was installed); shards are rewritten whole")
+    ap.add_argument("--redo-run", action="append", default=[], metavar="RUN",
+                    help="also redo the completed shards this recorded run wrote (its id or the first characters, as "
+                         "jobs.stats --runs lists them: e.g. runs of a version later found faulty); repeatable")
     ap.add_argument("--dry-run", action="store_true",
                     help="say what a run would do (the shards it would write, new and redone) after the checks it "
                          "makes first, and stop: Ray is not started and nothing is written")
@@ -47,7 +50,7 @@ def run_config_args(args: argparse.Namespace) -> Dict[str, Any]:
                 workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
                 num_cpus_per_worker=args.num_cpus_per_worker, num_cpus_per_decoder=args.num_cpus_per_decoder,
                 device=args.device, max_pixels=args.max_pixels, storage_options=storage,
-                overwrite=args.overwrite, retry_failed=args.retry_failed)
+                overwrite=args.overwrite, retry_failed=args.retry_failed, redo_runs=tuple(args.redo_run))
 
 
 def run_job(start: Callable[[], Union[RunSummary, RunPlan]], output: str) -> int:

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 from .decode import DEFAULT_MAX_PIXELS
 
@@ -74,6 +74,7 @@ class PipelineConfig:
     overwrite: bool = False  # delete previous results under output_uri instead of resuming
     retry_failed: bool = False  # also redo completed shards with images of RETRIED_REASONS
     redo_changed: bool = False  # also redo completed shards with files replaced since (see pipeline.resuming)
+    redo_runs: Tuple[str, ...] = ()  # also redo completed shards written by these recorded runs (id prefixes)
     storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint...)
     device: Optional[str] = None  # torch device in the workers; None: cuda if the worker has a GPU
     num_gpus_per_worker: float = 0.0  # GPUs reserved by each model actor

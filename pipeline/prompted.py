@@ -287,16 +287,17 @@ def prompt_shards(prompts: Sequence[ImagePrompts], images_per_shard: int) -> Lis
 
 def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: BoxPrompter,
                  images_per_shard: int = 64, overwrite: bool = False,
-                 storage_options: Optional[Mapping[str, Any]] = None) -> RunSummary:
+                 storage_options: Optional[Mapping[str, Any]] = None, redo_runs: Sequence[str] = ()) -> RunSummary:
     """Process every shard of prompted images not yet complete under ``output_uri``, in this
-    process (:func:`run_prompted_on_ray` spreads the same work over a Ray cluster)."""
+    process (:func:`run_prompted_on_ray` spreads the same work over a Ray cluster); with
+    ``redo_runs``, also the shards those recorded runs wrote (run id prefixes)."""
     start = time.perf_counter()
     out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id, prompter.mode, prompter.weights))
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
     written: List[Dict[str, Any]] = []
     with out.hold_lease():
         todo = select_pending(prompt_shards(prompts, images_per_shard), out, images_per_shard, overwrite,
-                              digest=lambda uri: boxes_digest(boxes_by_uri[uri]))
+                              digest=lambda uri: boxes_digest(boxes_by_uri[uri]), redo_runs=redo_runs)
         settings = {"model": prompter.model_id, "mode": prompter.mode, "images_per_shard": images_per_shard,
                     "overwrite": overwrite}
         with recorded(out, "prompt", settings, todo, written):
@@ -368,7 +369,7 @@ def _pending(prompts: Sequence[ImagePrompts], config: PipelineConfig, output: Ou
     whose boxes changed since their shard was written count as changed files)."""
     return select_pending(prompt_shards(prompts, config.images_per_shard), output, config.images_per_shard,
                           config.overwrite, config.retry_failed, digest=lambda uri: boxes_digest(boxes[uri]),
-                          reopen=reopen)
+                          reopen=reopen, redo_runs=config.redo_runs)
 
 
 def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig, stage: type = BoxStage) -> RunSummary:

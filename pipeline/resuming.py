@@ -8,7 +8,8 @@ input gives the shards it would have written. A completed shard is redone (from 
 still in the input) when a file's digest changed (``jobs.prompt``: its boxes; ``jobs.generate``
 with ``redo_changed``: the file's listing fingerprint, i.e. it was replaced under its name; without
 it, such files are counted in a warning) or, with ``retry_failed``, when it holds images that
-failed for a reason a retry may fix. A tar is a shard
+failed for a reason a retry may fix, or, with ``redo_runs``, when one of those runs wrote it
+(:mod:`pipeline.run_records`). A tar is a shard
 of its own, named after it; a completed one of that name made from another tar is refused.
 Completed shards of another model or settings are refused too (an output never mixes two
 configurations), and ``overwrite`` starts afresh.
@@ -32,16 +33,18 @@ Digest = Callable[[str], str]  # uri -> what besides the file decides its masks 
 
 def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard: int, overwrite: bool = False,
                    retry_failed: bool = False, digest: Optional[Digest] = None, reopen: bool = True,
-                   redo_changed: bool = True) -> List[Shard]:
+                   redo_changed: bool = True, redo_runs: Sequence[str] = ()) -> List[Shard]:
     """The shards of the planned ``shards`` (an input's, see :func:`pipeline.shards.discover_shards`)
     that ``output`` does not hold yet: all of them after clearing it with ``overwrite``; else the
     tars without a marker and the loose files no completed shard holds, grouped
     ``images_per_shard`` to a new shard; and the completed shards to redo (their markers
     removed): those holding a file whose ``digest`` changed since (``digest`` None: the planned
     shards' own digests, their files' fingerprints; with ``redo_changed`` False such shards are
-    only counted in a warning) and, with ``retry_failed``, those holding images that failed for a
-    reason in ``RETRIED_REASONS``. ``reopen=False`` only says what a run would do: no marker is
-    removed (and ``overwrite`` clears nothing)."""
+    only counted in a warning), with ``retry_failed``, those holding images that failed for a
+    reason in ``RETRIED_REASONS``, and those written by the recorded runs whose ids start with one
+    of ``redo_runs`` (``ValueError`` for a prefix that names no recorded run, or several).
+    ``reopen=False`` only says what a run would do: no marker is removed (and ``overwrite`` clears
+    nothing)."""
     if digest is None:
         planned = {u: d for s in shards if s.digests for u, d in zip(s.uris, s.digests)}
         digest = planned.get if planned else None
@@ -49,6 +52,7 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
     else:
         kind = "images with other boxes in the prompts"
     changes = Changes(kind, redo_changed)
+    asked = Asked(output, retry_failed, redo_runs)
     if overwrite:
         if reopen:
             output.clear()
@@ -62,12 +66,12 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
         if done is not None:
             output.check_members(shard, done)
         stale = done is not None and changes.note(shard.shard_id, _stale(shard.uris, done, digest))
-        if done is None or stale or (retry_failed and _retried(output, shard.shard_id, done)):
+        if done is None or stale or asked(shard.shard_id, done):
             if done is not None and reopen:
                 output.reopen(shard)
             pending.append(shard)
     files = [s for s in shards if s.kind != "tar"]
-    pending += _redone_files(files, markers, output, retry_failed, digest, reopen, changes)
+    pending += _redone_files(files, markers, output, asked, digest, reopen, changes)
     changes.report()
     return pending + _new_files(files, markers, images_per_shard, digest)
 
@@ -142,8 +146,36 @@ def _digested(shard: Shard, digest: Optional[Digest]) -> Shard:
     return shard if digest is None else dataclasses.replace(shard, digests=tuple(digest(u) for u in shard.uris))
 
 
-def _retried(output: OutputDir, shard_id: str, done: Mapping[str, Any]) -> bool:
-    return output.count_reasons(shard_id, RETRIED_REASONS, done) > 0
+class Asked:
+    """Whether a run was asked to redo a completed shard: with ``retry_failed``, it holds images
+    that failed for a reason in ``RETRIED_REASONS``; it was written by a run of ``redo_runs``
+    (prefixes of recorded run ids, each naming exactly one)."""
+
+    def __init__(self, output: OutputDir, retry_failed: bool, redo_runs: Sequence[str]) -> None:
+        self.output, self.retry_failed = output, retry_failed
+        self.runs = _recorded_runs(output, redo_runs) if redo_runs else set()
+
+    def __call__(self, shard_id: str, done: Mapping[str, Any]) -> bool:
+        if done.get("run_id") in self.runs:
+            return True
+        return self.retry_failed and self.output.count_reasons(shard_id, RETRIED_REASONS, done) > 0
+
+
+def _recorded_runs(output: OutputDir, prefixes: Sequence[str]) -> Set[str]:
+    """The ids of the recorded runs of ``output`` that ``prefixes`` name, one each."""
+    from .run_records import read_runs
+
+    runs = read_runs(output)
+    ids = set()
+    for prefix in prefixes:
+        named = [r["run_id"] for r in runs if r["run_id"].startswith(prefix.strip().lower())] if prefix.strip() else []
+        if len(named) != 1:
+            known = ", ".join(f"{r['run_id'][:8]} ({r['started']})" for r in runs) or "none"
+            raise ValueError(f"--redo-run {prefix!r} names {'no' if not named else len(named)} recorded run"
+                             f"{'s' * (len(named) > 1)} of {output.uri!r} (its runs: {known}; "
+                             "python -m jobs.stats --tables <output> --runs lists them).")
+        ids.add(named[0])
+    return ids
 
 
 def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]], images_per_shard: int,
@@ -177,10 +209,10 @@ def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]
 
 
 def _redone_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]], output: OutputDir,
-                  retry_failed: bool, digest: Optional[Digest], reopen: bool, changes: Changes) -> List[Shard]:
+                  asked: "Asked", digest: Optional[Digest], reopen: bool, changes: Changes) -> List[Shard]:
     """Completed loose-files shards holding files of ``planned`` to redo (a file's digest changed,
-    as ``changes`` decides, or with ``retry_failed`` images of a retried reason), rebuilt from their
-    markers (the members still in the input, the naming root) and, with ``reopen``, reopened."""
+    as ``changes`` decides, or as ``asked``), rebuilt from their markers (the members still in
+    the input, the naming root) and, with ``reopen``, reopened."""
     roots = {u: s.root for s in planned for u in s.uris}
     shards, dropped = [], []
     for shard_id, done in sorted(markers.items()):
@@ -189,7 +221,7 @@ def _redone_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, A
         if _is_tar(done) or not present:
             continue
         stale = changes.note(shard_id, _stale(present, done, digest))
-        if not stale and not (retry_failed and _retried(output, shard_id, done)):
+        if not stale and not asked(shard_id, done):
             continue
         dropped += [u for u in members if u not in roots]
         shard = Shard(shard_id, "files", tuple(present), done["root"] if "root" in done else roots[present[0]])

@@ -41,7 +41,7 @@ def pending_shards(config: PipelineConfig, reopen: bool = True) -> List[Shard]:
     config = spelled_as_output(config)
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
     return select_pending(shards, config.output(), config.images_per_shard, config.overwrite, config.retry_failed,
-                          reopen=reopen, redo_changed=config.redo_changed)
+                          reopen=reopen, redo_changed=config.redo_changed, redo_runs=config.redo_runs)
 
 
 @dataclass
@@ -118,7 +118,7 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     output = config.output()
     with output.hold_lease():  # one run at a time writes here
         todo = select_pending(shards, output, config.images_per_shard, config.overwrite, config.retry_failed,
-                              redo_changed=config.redo_changed)
+                              redo_changed=config.redo_changed, redo_runs=config.redo_runs)
         summary = run_stages(config, todo, output, [(model_stage, "model"), (PostprocessStage, "postprocess")],
                              job="generate")
     summary.seconds = time.perf_counter() - start

@@ -305,6 +305,8 @@ def test_a_dry_run_says_what_a_run_would_do_and_changes_nothing(tmp_path, capsys
     assert "2 completed shards, all deleted by --overwrite" in capsys.readouterr().out
     assert main(args[:-2] + ["0.9", "--dry-run"]) == 2  # refused as the run would be
     assert "stability_score_thresh 0.8 -> 0.9" in capsys.readouterr().err
+    assert main(args + ["--redo-run", "3f2a9c01"]) == 2  # no such recorded run (these shards' run was not)
+    assert "error: --redo-run '3f2a9c01' names no recorded run of " in capsys.readouterr().err
     with RunLease(cfg.output().fs, str(out)):  # another run writes into the output
         assert main(args) == 0
         assert "another run is writing into this output now (run " in capsys.readouterr().out

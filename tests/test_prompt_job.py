@@ -273,6 +273,37 @@ def test_changed_boxes_redo_their_shard_and_new_images_get_new_shards(photos, tm
     assert [markers[s]["run_id"] for s in sorted(markers)] == [runs[1]["run_id"]] + [runs[2]["run_id"]] * 2
 
 
+def test_redo_run_redoes_the_shards_a_recorded_run_wrote(photos, tmp_path, tiny_checkpoint):
+    """``--redo-run`` (``redo_runs``): the completed shards a recorded run wrote (e.g. with a
+    version later found faulty) are redone, those of other runs kept; a prefix that names no
+    recorded run is refused, naming the runs; a dry run lists them as redone."""
+    out = tmp_path / "out"
+    prompter = BoxPrompter("tiny", str(tiny_checkpoint))
+    prompts = [ImagePrompts(str(photos / n), tuple(tuple(b) for b in bs)) for n, bs in BOXES.items()]
+    run_prompted(prompts[:2], str(out), prompter, images_per_shard=2)  # prompts-00000: chelsea, coffee
+    run_prompted(prompts, str(out), prompter, images_per_shard=2)  # prompts-00001: astronaut
+    first, second = read_runs(OutputDir(str(out)))
+    kept = (out / "masks" / "prompts-00001.parquet").read_bytes()
+    for bad, says in [("zzzz", "names no recorded run"), ("", "names no recorded run")]:
+        with pytest.raises(ValueError, match=says) as err:
+            run_prompted(prompts, str(out), prompter, images_per_shard=2, redo_runs=[bad])
+        assert f"{first['run_id'][:8]} ({first['started']})" in str(err.value)
+    cfg = PipelineConfig(input_uri="-", output_uri=str(out), model_type="tiny", checkpoint=str(tiny_checkpoint),
+                         images_per_shard=2, redo_runs=(first["run_id"][:6].upper(),))
+    plan = plan_prompted(prompts, cfg)
+    assert [s.shard_id for s in plan.todo] == ["prompts-00000"] and "1 redone (2 files)" in str(plan)
+    redone = run_prompted(prompts, str(out), prompter, images_per_shard=2, redo_runs=[first["run_id"][:6]])
+    assert redone.shards_processed == 1 and redone.images_processed == 2
+    assert (out / "masks" / "prompts-00001.parquet").read_bytes() == kept
+    third = read_runs(OutputDir(str(out)))[2]
+    markers = OutputDir(str(out)).markers()
+    assert (markers["prompts-00000"]["run_id"], markers["prompts-00001"]["run_id"]) == (third["run_id"],
+                                                                                        second["run_id"])
+    # The first run's record stays; it has no shards left, so naming it again redoes nothing.
+    assert run_prompted(prompts, str(out), prompter, images_per_shard=2,
+                        redo_runs=[first["run_id"][:8]]).shards_processed == 0
+
+
 def test_stats_lists_the_runs_that_wrote_an_output(photos, tmp_path, tiny_checkpoint, capsys):
     """``jobs.stats --runs``: each recorded run, how it ended and what the output still holds of
     it; a run killed mid-way (its record still "running", the lease not held) and shards of
