@@ -1242,6 +1242,30 @@ def test_a_shard_redone_has_no_marker_until_it_is_rewritten(tmp_path):
     out.reopen(shard)  # no marker: nothing to do
 
 
+def test_redo_runs_name_one_recorded_run_each(tmp_path):
+    """``redo_runs`` prefixes: each must name exactly one recorded run (an ambiguous one is
+    refused, listing the runs); the shards a named run wrote are redone, a tar's as well."""
+    from pipeline.resuming import select_pending
+
+    out = OutputDir(str(tmp_path / "out"))
+    files, tar = Shard("files-00000", "files", ("a.jpg",)), Shard("t", "tar", ("t.tar",))
+    for shard, run in ((files, "ab12" + "0" * 28), (tar, "ab34" + "0" * 28)):
+        out.write_shard(shard, [], [dict(image_id=f"{shard.shard_id}/x", uri=shard.uris[0], shard=shard.shard_id,
+                                         status="ok")])
+        marker = tmp_path / "out" / "_done" / f"{shard.shard_id}.json"
+        marker.write_text(json.dumps(dict(json.loads(marker.read_text()), run_id=run)))  # as run `run` writes it
+        (tmp_path / "out" / "_runs").mkdir(exist_ok=True)
+        (tmp_path / "out" / "_runs" / f"{run[:4]}.json").write_text(json.dumps({"run_id": run, "started": run[:4]}))
+    assert [m["run_id"][:4] for m in out.markers().values()] == ["ab12", "ab34"]
+    with pytest.raises(ValueError, match=r"--redo-run 'ab' names 2 recorded runs of .*its runs: ab120000 \(ab12\), "
+                                         r"ab340000 \(ab34\)"):
+        select_pending([files, tar], out, 1, redo_runs=["ab"], reopen=False)
+    assert select_pending([files, tar], out, 1, reopen=False) == []
+    assert [s.shard_id for s in select_pending([files, tar], out, 1, redo_runs=["AB34"], reopen=False)] == ["t"]
+    assert [s.shard_id for s in select_pending([files, tar], out, 1, redo_runs=["ab12", "ab3"], reopen=False)] == [
+        "t", "files-00000"]
+
+
 def test_a_summary_lists_the_first_errors_and_counts_them_all():
     """A run's printed summary counts every error by reason and lists the first MAX_ERROR_LINES:
     an output of a million images with 5% bad files is not 50,000 lines of job log each run."""
