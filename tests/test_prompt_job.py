@@ -315,10 +315,11 @@ def test_stats_lists_the_runs_that_wrote_an_output(photos, tmp_path, tiny_checkp
     run_prompted(prompts[:1], str(out / "x"), prompter)  # another output: not listed
     output = OutputDir(str(out))
     (first,) = read_runs(output)
-    killed = dict(first, run_id="dead0000" + "0" * 24, started="2026-11-24T23:00:00+00:00", status="running")
+    # A later run, killed (its record named after its start, so listed after the first run's).
+    killed = dict(first, run_id="dead0000" + "0" * 24, started="2999-01-01T00:00:00+00:00", status="running")
     for key in ("shards_written", "images", "images_error", "error_reasons", "masks", "seconds"):
         killed.pop(key)
-    (out / "_runs" / "2026-11-24T230000-dead0000.json").write_text(json.dumps(killed))
+    (out / "_runs" / "2999-01-01T000000-dead0000.json").write_text(json.dumps(killed))
     marker = json.loads((out / "_done" / "prompts-00001.json").read_text())
     marker.pop("run_id")  # as a marker of an earlier version
     (out / "_done" / "prompts-00001.json").write_text(json.dumps(marker))
@@ -332,7 +333,7 @@ def test_stats_lists_the_runs_that_wrote_an_output(photos, tmp_path, tiny_checkp
     assert runs[0].endswith(f"; the output holds 1 shard as it wrote them; sam-datagen "
                             f"{first['versions']['sam-datagen']}, torch {torch.__version__}, ray "
                             f"{first['versions']['ray']}")
-    assert runs[1] == ("  2026-11-24T23:00:00+00:00 prompt run dead0000 on " + first["host"] + ", stopped without "
+    assert runs[1] == ("  2999-01-01T00:00:00+00:00 prompt run dead0000 on " + first["host"] + ", stopped without "
                        "ending (killed, or its node lost); the output holds 0 shards as it wrote them; sam-datagen "
                        f"{first['versions']['sam-datagen']}, torch {torch.__version__}, ray {first['versions']['ray']}")
     assert runs[2] == "  1 completed shard written before runs were recorded"
