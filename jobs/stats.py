@@ -34,9 +34,9 @@ def main(argv=None) -> int:
         return 2
     print(format_stats(stats))
     if args.runs:
-        runs = runs_report(OutputDir(args.tables, storage))
-        print("runs:\n" + "\n".join(f"  {line}" for line in runs))
-        stats["runs"] = read_runs(OutputDir(args.tables, storage))
+        output = OutputDir(args.tables, storage)
+        stats["runs"] = read_runs(output)
+        print("runs:\n" + "\n".join(f"  {line}" for line in runs_report(output, stats["runs"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(stats, f, indent=2)

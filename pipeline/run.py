@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow.compute as pc
@@ -18,7 +18,7 @@ from .shards import Shard, discover_shards
 from .single_machine import MAX_ERROR_LINES, RunSummary
 from .reading import decode_shards
 from .resuming import select_pending, spelled_as_output
-from .run_records import recorded, run_config
+from .run_records import recorded
 from .stages import ModelStage, PostprocessStage, ShardCollector
 from .worker_deaths import start_ledger
 
@@ -136,7 +136,7 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
     start = time.perf_counter()
     log.info("%d shards to process", len(todo))
     collector = ShardCollector(todo, output.open_shard)
-    with recorded(output, job, run_config(config), todo, collector.written):
+    with recorded(output, job, asdict(config), todo, collector.written):
         if todo:
             _stream(config, todo, collector, stages, item_fields)
     summary = summarize_tables(output)

@@ -29,11 +29,9 @@ import socket
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 if TYPE_CHECKING:
-    from .config import PipelineConfig
     from .output import OutputDir
     from .shards import Shard
 
@@ -60,11 +58,6 @@ def versions() -> Dict[str, str]:
     return found
 
 
-def run_config(config: "PipelineConfig") -> Dict[str, Any]:
-    """A pipeline run's settings and resources as recorded: without its storage options."""
-    return {k: v for k, v in asdict(config).items() if k != "storage_options"}
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -75,7 +68,8 @@ class RunRecord:
 
     def __init__(self, output: "OutputDir", run_id: str, job: str, config: Mapping[str, Any],
                  todo: Sequence["Shard"]) -> None:
-        """``config``: the run's settings and resources (:func:`run_config`)."""
+        """``config``: the run's settings and resources (``asdict`` of a ``PipelineConfig``);
+        its ``storage_options`` are left out."""
         self.output = output
         self.started = time.perf_counter()
         started = _now()
@@ -162,18 +156,18 @@ def shards_by_run(markers: Mapping[str, Mapping[str, Any]]) -> Dict[Optional[str
     return by_run
 
 
-def runs_report(output: "OutputDir") -> List[str]:
+def runs_report(output: "OutputDir", runs: Sequence[Mapping[str, Any]]) -> List[str]:
     """A line per recorded run, oldest first (``jobs.stats --runs``): when, which job, how it
     ended, what it wrote and how much of that the output still holds as it wrote it (a later
     ``--retry-failed`` or ``--overwrite`` run rewrites shards), and the versions it ran with.
     A record still "running" whose run no longer holds the lease was stopped without ending
-    (killed, or its node lost)."""
+    (killed, or its node lost). ``runs``: the output's records (:func:`read_runs`)."""
     from .lease import RunLease
 
     by_run = shards_by_run(output.markers())
     holder = RunLease(output.fs, output.path).holder_id()
     lines = []
-    for r in read_runs(output):
+    for r in runs:
         status = r["status"]
         if status == "running" and r["run_id"] != holder:
             status = "stopped without ending (killed, or its node lost)"
