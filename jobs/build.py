@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 
-from jobs.run_args import retry_hint
+from jobs.run_args import add_fail_on_arg, failed_images_exit, retry_hint
 from pipeline.build import load_spec, plan_build, run_build
 from pipeline.lease import OutputBusyError
 from pipeline.run import StageStartError
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true",
                     help="say what a build would do (each input's shards to write, new and redone) after its checks, "
                          "and stop: nothing is started or written")
+    add_fail_on_arg(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -64,7 +65,9 @@ def main(argv=None) -> int:
         print("\n  ".join(line for line in lines if line))
     for uri, summary in result.exports.items():
         print(f"export of {uri}: {summary}")
-    return 1 if any(summary.failed for summary in result.exports.values()) else 0
+    if any(summary.failed for summary in result.exports.values()):
+        return 1
+    return failed_images_exit(result.tables.values(), args.fail_on)
 
 
 if __name__ == "__main__":

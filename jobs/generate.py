@@ -20,7 +20,7 @@ import logging
 import sys
 
 from jobs.model_args import add_model_args, resolve_model
-from jobs.run_args import add_run_args, run_config_args, run_job
+from jobs.run_args import EXIT_FAILED_IMAGES, add_run_args, run_config_args, run_job
 from pipeline.config import PipelineConfig
 from pipeline.render import render_gallery
 from pipeline.run import plan_run, run_pipeline
@@ -101,12 +101,13 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
     def start():
         config = config_from_args(args)
         return plan_run(config) if args.dry_run else run_pipeline(config)
 
-    rc = run_job(start, args.output)
-    if rc == 0 and args.gallery and not args.dry_run:
+    rc = run_job(start, args.output, args.fail_on)
+    if rc in (0, EXIT_FAILED_IMAGES) and args.gallery and not args.dry_run:  # the run ended
         render_gallery(args.output, args.gallery, storage_options=run_config_args(args)["storage_options"])
         print(f"overlays: {args.gallery.rstrip('/')}/index.html")
     return rc

@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     add_run_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
     def start():  # bad prompts, flags, checkpoint, resources or an output made with another model: say which
         run_args = run_config_args(args)
         resolve_model(args, run_args["storage_options"])
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
         prompts = read_prompts(args.prompts, args.images, config.storage_options)
         return plan_prompted(prompts, config) if args.dry_run else run_prompted_on_ray(prompts, config)
 
-    return run_job(start, args.output)
+    return run_job(start, args.output, args.fail_on)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,25 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 from pipeline.config import RETRIED_REASONS
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.lease import OutputBusyError
 from pipeline.run import RunPlan, StageStartError
 from pipeline.single_machine import RunSummary
+
+
+FAIL_ON = ("retriable", "any", "none")
+EXIT_FAILED_IMAGES = 3  # the run finished, and the output holds images that failed (as --fail-on says)
+
+
+def add_fail_on_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--fail-on", choices=FAIL_ON, default="retriable",
+                    help=f"exit status {EXIT_FAILED_IMAGES} once the run has ended when the output holds images that "
+                         "failed: retriable (default): for reasons another try may not meet, those --retry-failed "
+                         "redoes (a storage outage, out of memory, a lost node); any: also files that are no usable "
+                         "image (corrupt, empty, too large...); none: never")
 
 
 def add_run_args(ap: argparse.ArgumentParser) -> None:
@@ -41,6 +53,7 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dry-run", action="store_true",
                     help="say what a run would do (the shards it would write, new and redone) after the checks it "
                          "makes first, and stop: Ray is not started and nothing is written")
+    add_fail_on_arg(ap)
 
 
 def run_config_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -53,10 +66,12 @@ def run_config_args(args: argparse.Namespace) -> Dict[str, Any]:
                 overwrite=args.overwrite, retry_failed=args.retry_failed, redo_runs=tuple(args.redo_run))
 
 
-def run_job(start: Callable[[], Union[RunSummary, RunPlan]], output: str) -> int:
+def run_job(start: Callable[[], Union[RunSummary, RunPlan]], output: str, fail_on: str = "retriable") -> int:
     """Run a job's ``start()`` (the run, or its plan with ``--dry-run``) and print what it
     returns; the exit code: 0, 2 for bad input, flags, checkpoint or resources (the error says
-    which), 1 when a stage's actors could not start or another run is writing into the output."""
+    which), 1 when a stage's actors could not start or another run is writing into the output,
+    ``EXIT_FAILED_IMAGES`` when the run ended with images failed as ``fail_on`` says (see
+    :func:`failed_images_exit`)."""
     try:
         result = start()
     except (ValueError, FileNotFoundError) as e:
@@ -67,9 +82,9 @@ def run_job(start: Callable[[], Union[RunSummary, RunPlan]], output: str) -> int
         return 1
     if isinstance(result, RunPlan):
         print(result)
-    else:
-        print_run_end(result, output)
-    return 0
+        return 0
+    print_run_end(result, output)
+    return failed_images_exit([result], fail_on)
 
 
 def print_run_end(summary: RunSummary, output: str) -> None:
@@ -81,9 +96,29 @@ def print_run_end(summary: RunSummary, output: str) -> None:
     print(f"tables: {output.rstrip('/')}/masks/*.parquet and images/*.parquet")
 
 
+def failed_by_reason(summary: RunSummary, fail_on: str) -> Counter:
+    """The summary's errors by reason that ``fail_on`` counts: "retriable", those of
+    ``RETRIED_REASONS``; "any", all; "none", none."""
+    return Counter({r: n for r, n in summary.reason_counts().items()
+                    if fail_on == "any" or (fail_on == "retriable" and r in RETRIED_REASONS)})
+
+
+def failed_images_exit(summaries: Iterable[RunSummary], fail_on: str) -> int:
+    """``EXIT_FAILED_IMAGES`` when the outputs of ``summaries`` hold images failed as ``fail_on``
+    says (and why, on stderr), else 0: an orchestrator sees a run that left holes a retry may
+    fill (or, with "any", any failed image) without reading its log."""
+    failed = sum((failed_by_reason(s, fail_on) for s in summaries), Counter())
+    if not failed:
+        return 0
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(failed.items()))
+    print(f"exit status {EXIT_FAILED_IMAGES} (--fail-on {fail_on}): the output holds {sum(failed.values())} failed "
+          f"image(s) ({reasons})", file=sys.stderr)
+    return EXIT_FAILED_IMAGES
+
+
 def retry_hint(summary: RunSummary) -> Optional[str]:
     """Whether ``--retry-failed`` may recover some of the output's errors (those of ``RETRIED_REASONS``)."""
-    retriable = Counter({r: n for r, n in summary.reason_counts().items() if r in RETRIED_REASONS})
+    retriable = failed_by_reason(summary, "retriable")
     if not retriable:
         return None
     return (f"{sum(retriable.values())} image(s) failed for reasons another try may not meet "

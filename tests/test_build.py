@@ -176,8 +176,10 @@ def test_a_build_says_what_each_input_holds_and_what_failed(tmp_path, capsys):
     images[0].update(status="error", error_reason="generate_failed", error_detail="CUDA out of memory", mask_count=None)
     marker = tables.marker("files-00001")
     tables.write_shard(Shard("files-00001", "files", tuple(marker["members"]), marker["root"]), [], images)
-    assert build_main(["--spec", path]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    assert build_main(["--spec", path]) == 3  # the output holds an image another try may recover
+    captured = capsys.readouterr()
+    assert captured.err == "exit status 3 (--fail-on retriable): the output holds 1 failed image(s) (generate_failed 1)\n"
+    lines = captured.out.splitlines()
     assert lines[0] == "t: up to date (latest manifest v0001); nothing processed"
     assert lines[1:] == [
         f"input {photos}: images ok: 1, errors: 2, masks: {tables.read_table('masks').num_rows}",
@@ -185,6 +187,9 @@ def test_a_build_says_what_each_input_holds_and_what_failed(tmp_path, capsys):
         f"    error {photos / 'broken.jpg'}: not_an_image (no image format recognised)",
         f"    error {photos / 'coffee.jpg'}: generate_failed (CUDA out of memory)",
         "  1 image(s) failed for reasons another try may not meet (generate_failed 1): --retry-failed redoes their shards"]
+    assert build_main(["--spec", path, "--fail-on", "none"]) == 0
+    assert build_main(["--spec", path, "--fail-on", "any"]) == 3
+    assert "the output holds 2 failed image(s) (generate_failed 1, not_an_image 1)" in capsys.readouterr().err
 
 
 def test_heic_read_without_its_plugin_is_redone_once_it_is_installed(tmp_path, monkeypatch, capsys):
@@ -201,7 +206,7 @@ def test_heic_read_without_its_plugin_is_redone_once_it_is_installed(tmp_path, m
     first = run_build(spec, run=local_run)
     assert dict(first.tables[str(photos)].reason_counts()) == {"unsupported_format": 1}
     monkeypatch.undo()  # installed
-    assert build_main(["--spec", path]) == 0  # up to date: nothing is redone without --retry-failed
+    assert build_main(["--spec", path]) == 3  # up to date: nothing is redone without --retry-failed
     out = capsys.readouterr().out
     assert f"error {photos / 'phone.heic'}: unsupported_format (a HEIF/HEIC image (brand 'heic'): reading it " in out
     assert "1 image(s) failed for reasons another try may not meet (unsupported_format 1)" in out

@@ -313,6 +313,50 @@ def test_a_dry_run_says_what_a_run_would_do_and_changes_nothing(tmp_path, capsys
     assert snapshot() == before and cfg.output().shard_ids() == ["files-00000", "files-00001"]
 
 
+def test_the_exit_status_says_whether_the_output_holds_failed_images(tmp_path, capsys, monkeypatch):
+    """A run that ends with images a retry may recover exits 3 (``--fail-on retriable``, the
+    default) and still renders its gallery; a file that is no image fails the run only with
+    ``--fail-on any``; ``--fail-on none`` always exits 0. Here every shard is complete, so the
+    run only reads the output (Ray is not started)."""
+    import ray
+
+    import jobs.generate
+    from jobs.run_args import EXIT_FAILED_IMAGES
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    galleries = []
+    monkeypatch.setattr(jobs.generate, "render_gallery", lambda tables, dest, **kw: galleries.append(dest))
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (photos / name).write_bytes(b"x")
+    cfg = PipelineConfig(input_uri=str(photos), output_uri=str(out), amg=dict(AMG), images_per_shard=1)
+    todo = pending_shards(cfg)
+    args = ["--input", str(photos), "--output", str(out), "--model-type", "tiny", "--images-per-shard", "1",
+            "--points-per-side", "4", "--box-nms-thresh", "1.0", "--pred-iou-thresh", "0.8",
+            "--stability-score-thresh", "0.8", "--gallery", str(tmp_path / "g")]
+
+    def write(shard, reason):
+        uri = shard.uris[0]
+        cfg.output().write_shard(shard, [], [dict(image_id=f"{shard.shard_id}/{os.path.basename(uri)}", uri=uri,
+                                                  shard=shard.shard_id, status="error", error_reason=reason)])
+
+    write(todo[0], "not_an_image")
+    write(todo[1], "not_an_image")
+    assert jobs.generate.main(args) == 0
+    assert capsys.readouterr().err == ""
+    assert jobs.generate.main(args + ["--fail-on", "any"]) == EXIT_FAILED_IMAGES == 3
+    assert capsys.readouterr().err == "exit status 3 (--fail-on any): the output holds 2 failed image(s) (not_an_image 2)\n"
+    write(todo[1], "unreadable")  # a storage outage on b.jpg
+    assert jobs.generate.main(args) == 3
+    captured = capsys.readouterr()
+    assert "1 image(s) failed for reasons another try may not meet (unreadable 1): --retry-failed redoes" in captured.out
+    assert captured.err == "exit status 3 (--fail-on retriable): the output holds 1 failed image(s) (unreadable 1)\n"
+    assert jobs.generate.main(args + ["--fail-on", "none"]) == 0 and capsys.readouterr().err == ""
+    assert galleries == [str(tmp_path / "g")] * 4  # every run that ended rendered its gallery
+    assert jobs.generate.main(args + ["--dry-run"]) == 0  # a plan is no run
+
+
 def test_an_output_inside_the_input_is_not_read_as_input(tmp_path):
     """--output photos/masks with --input photos/: the run's own tables and markers are not new
     inputs when it resumes (they were, and the shard's members changed: resuming was refused)."""
