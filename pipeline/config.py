@@ -45,8 +45,8 @@ def model_id(model_type: str, checkpoint: Optional[str], seed: int) -> str:
 def weights_of(checkpoint: Optional[str], storage_options: Optional[Mapping[str, Any]] = None) -> Optional[str]:
     """:func:`sam_core.checkpoint.weights_digest` of a run's checkpoint: part of its output's
     identity, so that a checkpoint replaced under the same name is not resumed into. None
-    without a checkpoint, for one without checksums, or where this machine does not see it (a
-    cluster's workers may mount it where the driver does not)."""
+    without a checkpoint, or where this machine does not see it (a cluster's workers may mount
+    it where the driver does not)."""
     from sam_core.checkpoint import weights_digest
 
     if not checkpoint:

@@ -98,7 +98,7 @@ READ_WORKERS = 8  # shards read at once by the readers (object-store latency, no
 READ_AHEAD_BYTES = 64 * 1024 * 1024  # a masks file larger than this is streamed, not read ahead whole
 
 IDENTITY_KEYS = ("model", "settings_hash")  # a marker's and a resuming run's must be equal
-# ... and these where both have them (markers of earlier versions, checkpoints without checksums)
+# ... and these where both have them (markers of earlier versions; a checkpoint the driver does not see)
 OPTIONAL_IDENTITY_KEYS = ("weights",)
 
 

@@ -17,6 +17,7 @@ import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -182,10 +183,16 @@ class BoxPrompter:
         self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device, storage_options=storage_options),
                                       amp_dtype=torch.bfloat16 if mode == "fast" else None)
         self.model_id = model_id(model_type, checkpoint, seed)
-        self.weights = weights_of(checkpoint, storage_options)
+        self._checkpoint = (checkpoint, storage_options)
         self.mode = mode
         self.settings_hash = prompt_identity(self.model_id, mode)["settings_hash"]
         self.max_pixels = max_pixels
+
+    @cached_property
+    def weights(self) -> Optional[str]:
+        """The checkpoint's digest (``weights_of``), for the output this prompter writes; not
+        asked for in a Ray run's model actors (a file without sums is read whole for it)."""
+        return weights_of(*self._checkpoint)
 
     def encode(self, images: Sequence[np.ndarray]) -> List[ImageEmbedding]:
         """Embeddings of HxWx3 images from one encoder batch (for :meth:`masks`)."""

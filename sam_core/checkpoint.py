@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -18,6 +19,8 @@ from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 from .config import PRESETS
+
+log = logging.getLogger(__name__)
 
 
 # Checkpoints shipped inside the package, by model type.
@@ -179,6 +182,12 @@ def cache_dir() -> str:
     return os.environ.get("SAM_DATAGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sam_datagen")
 
 
+def _version_key(fs: Any, fs_path: str) -> str:
+    """A key of one version of a file: its path and the store's version tag (``fs.ukey``: ETag,
+    or modification time and size)."""
+    return hashlib.sha256(f"{fs.protocol}:{fs_path}:{fs.ukey(fs_path)}".encode()).hexdigest()[:16]
+
+
 def cached_copy(fs: Any, fs_path: str) -> str:
     """Local path of a copy of remote ``fs_path``, downloaded once per node and version.
 
@@ -187,8 +196,7 @@ def cached_copy(fs: Any, fs_path: str) -> str:
     temporary name and renames it into place, so actors starting together on a node never read
     a half-written copy.
     """
-    key = hashlib.sha256(f"{fs.protocol}:{fs_path}:{fs.ukey(fs_path)}".encode()).hexdigest()[:16]
-    local = os.path.join(cache_dir(), "checkpoints", key, posixpath.basename(fs_path))
+    local = os.path.join(cache_dir(), "checkpoints", _version_key(fs, fs_path), posixpath.basename(fs_path))
     size = fs.size(fs_path)
     if os.path.isfile(local) and os.path.getsize(local) == size:
         return local
@@ -224,21 +232,56 @@ def _checkpoint_file(path: str, storage_options: Optional[Mapping[str, Any]]) ->
 
 
 def weights_digest(path: "os.PathLike[str] | str", storage_options: Optional[Mapping[str, Any]] = None) -> Optional[str]:
-    """A digest of a checkpoint's contents from the CRC-32 that a zip ``.pth`` (``torch.save``'s
-    format, the official checkpoints') keeps for each tensor: only the zip directory is read (kB
-    at the file's end, also remotely). It tells apart two checkpoints of one file name (a
-    fine-tuned copy) and is the same for the same tensors saved again or renamed. None for a
-    file without such sums (safetensors, torch's legacy format)."""
+    """A digest of a checkpoint's contents, telling apart two checkpoints of one file name (a
+    fine-tuned copy). A zip ``.pth`` (``torch.save``'s format, the official checkpoints'):
+    from the CRC-32 it keeps for each tensor, reading only the zip directory (kB at the file's
+    end, also remotely); the same for the same tensors saved again or renamed. Other files
+    (safetensors, torch's legacy format) keep no sums: the SHA-256 of their bytes, read once per
+    version of the file on each machine (:func:`content_digest`)."""
     fs, fs_path = _checkpoint_file(os.fspath(path), storage_options)
     with fs.open(fs_path, "rb") as f:
         if not zipfile.is_zipfile(f):
-            return None
+            return content_digest(fs, fs_path)
         members = zipfile.ZipFile(f).infolist()
     # member names without the archive folder (named after the file when saved); torch.save
     # writes a fresh random serialization_id each time
     entries = sorted(f"{m.filename.split('/', 1)[-1]}:{m.CRC:08x}:{m.file_size}" for m in members
                      if not m.filename.endswith(".data/serialization_id"))
     return "zip-crc32:" + hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def content_digest(fs: Any, fs_path: str) -> str:
+    """``sha256:<16 hex>`` of a file's bytes. Kept under ``<cache_dir()>/digests/`` by the file's
+    path and version tag (as :func:`cached_copy` keys its copies), so a file is read once per
+    version on each machine (vit_h's 2.5 GB safetensors: ~2 s locally), from the node's copy of
+    a remote file where :func:`cached_copy` made one; a cache that cannot be written only costs
+    the next caller another read."""
+    key = _version_key(fs, fs_path)
+    record = os.path.join(cache_dir(), "digests", key)
+    try:
+        with open(record) as f:
+            known = f.read().strip()
+        if known.startswith("sha256:"):
+            return known
+    except OSError:
+        pass
+    copy = os.path.join(cache_dir(), "checkpoints", key, posixpath.basename(fs_path))
+    if os.path.isfile(copy) and os.path.getsize(copy) == fs.size(fs_path):
+        fs, fs_path = LocalFileSystem(), copy
+    sha = hashlib.sha256()
+    with fs.open(fs_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    digest = f"sha256:{sha.hexdigest()[:16]}"
+    partial = f"{record}.{os.getpid()}.partial"
+    try:
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        with open(partial, "w") as f:
+            f.write(digest)
+        os.replace(partial, record)
+    except OSError as e:
+        log.warning("Could not keep the digest of %s in %s (%s); it is read again next time.", fs_path, record, e)
+    return digest
 
 
 def _file_in_folder(fs: Any, folder: str, path: str) -> str:

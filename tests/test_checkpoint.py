@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import os
 import pickle
 import threading
 
@@ -349,14 +350,19 @@ def test_checkpoint_from_object_storage_is_cached_per_version(tiny_official, tin
         check_checkpoint("tiny", "memory://models/nope.pth")
 
 
-def test_weights_digest_tells_other_tensors_apart_from_the_zip_directory(tiny_official, tmp_path, transformers_sam):
+def test_weights_digest_tells_other_tensors_apart_from_the_zip_directory(tiny_official, tmp_path, transformers_sam,
+                                                                         monkeypatch, caplog):
     """A run's output records its checkpoint's digest, so that a checkpoint replaced under the same
     name (a fine-tuned copy) is not resumed into. It comes from the CRC-32s of a zip .pth, read
     from the zip directory alone (also remotely), and is the same for the same tensors saved
-    again (torch.save writes a random serialization id) or moved."""
+    again (torch.save writes a random serialization id) or moved. Files without sums
+    (safetensors, torch's legacy format) get the SHA-256 of their bytes, read once per version."""
+    import hashlib
+    import shutil
+
     import fsspec
 
-    from sam_core.checkpoint import weights_digest
+    from sam_core.checkpoint import cache_dir, cached_copy, weights_digest
 
     state = tiny_official.state_dict()
     torch.save(state, tmp_path / "a.pth")
@@ -372,8 +378,38 @@ def test_weights_digest_tells_other_tensors_apart_from_the_zip_directory(tiny_of
     fs.pipe("/models/a.pth", (tmp_path / "a.pth").read_bytes())
     assert weights_digest("memory://models/a.pth") == digest
     torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    assert weights_digest(tmp_path / "legacy.pth") is None  # no checksums in the file
-    assert weights_digest(transformers_sam[1]) is None  # a Hugging Face folder: safetensors, no checksums
+    legacy = "sha256:" + hashlib.sha256((tmp_path / "legacy.pth").read_bytes()).hexdigest()[:16]
+    assert weights_digest(tmp_path / "legacy.pth") == legacy  # no sums in the file: its bytes
+
+    # A Hugging Face folder's model.safetensors: its bytes, read once per version of the file.
+    monkeypatch.setenv("SAM_DATAGEN_CACHE", str(tmp_path / "cache"))
+    hub = tmp_path / "hub"
+    shutil.copytree(transformers_sam[1], hub)
+    weights = hub / "model.safetensors"
+    first = weights_digest(hub)
+    assert first == "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    assert [p.read_text() for p in (tmp_path / "cache" / "digests").iterdir()] == [first]
+    opened = []
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "_open",
+                        lambda self, path, *a, **k: opened.append(path) or open(path, "rb"))
+    assert weights_digest(hub) == first and opened == [str(weights)]  # the format check, not a second read
+    monkeypatch.undo()
+    monkeypatch.setenv("SAM_DATAGEN_CACHE", str(tmp_path / "cache"))
+    tuned = bytearray(weights.read_bytes())
+    tuned[-1] ^= 1  # a fine-tuned copy saved under the same name: other bytes, another mtime
+    weights.write_bytes(bytes(tuned))
+    os.utime(weights, ns=(1, 1))
+    assert weights_digest(hub) not in (first, None) and len(os.listdir(cache_dir() + "/digests")) == 2
+    # A remote file this node has copied (cached_copy, as build_sam does): its copy is read.
+    fs.pipe("/hub/sam/model.safetensors", bytes(tuned))
+    cached_copy(fs, "/hub/sam/model.safetensors")
+    memory = type(fs)
+    opened.clear()
+    monkeypatch.setattr(memory, "_open", lambda self, path, *a, **k: opened.append(path) or io.BytesIO(fs.cat(path)))
+    assert weights_digest("memory://hub/sam") == weights_digest(hub) and opened == ["/hub/sam/model.safetensors"]
+    monkeypatch.setenv("SAM_DATAGEN_CACHE", str(tmp_path / "a.pth"))  # a cache that cannot be made: read each time
+    assert weights_digest(hub) == weights_digest(hub) == "sha256:" + hashlib.sha256(tuned).hexdigest()[:16]
+    assert "Could not keep the digest of " in caplog.text
     with pytest.raises(FileNotFoundError):
         weights_digest(tmp_path / "nope.pth")
 

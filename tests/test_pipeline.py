@@ -259,6 +259,23 @@ def test_resume_refuses_another_model_or_settings(tmp_path):
     OutputDir(cfg.output_uri).write_shard(todo[0], [], [])  # a marker without model and settings
     assert pending_shards(cfg) == [todo[1]]
 
+    # A checkpoint that keeps no sums (safetensors): the digest of its bytes. The same bytes
+    # elsewhere resume; other bytes under the same name (a fine-tuned copy) are refused.
+    weights = tmp_path / "hub" / "sam" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    hub = replace(cfg, checkpoint=str(weights), output_uri=str(tmp_path / "hub-out"))
+    for shard in pending_shards(hub):
+        hub.output().write_shard(shard, [], [])
+    moved = tmp_path / "moved" / "sam" / "model.safetensors"
+    moved.parent.mkdir(parents=True)
+    moved.write_bytes(b"weights")
+    assert pending_shards(replace(hub, checkpoint=str(moved))) == []
+    moved.write_bytes(b"tuned!!")
+    os.utime(moved, ns=(1, 1))  # (rewritten within the clock's tick, its mtime might not change)
+    with pytest.raises(ValueError, match=r"weights of the checkpoint sha256:\w+ -> sha256:\w+ \(same name, other"):
+        pending_shards(replace(hub, checkpoint=str(moved)))
+
 
 def test_a_dry_run_says_what_a_run_would_do_and_changes_nothing(tmp_path, capsys, monkeypatch):
     """``jobs.generate --dry-run`` (``plan_run``): the checks a run makes before Ray starts (an
