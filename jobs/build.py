@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 
-from jobs.run_args import add_fail_on_arg, failed_images_exit, retry_hint
+from jobs.run_args import add_fail_on_arg, add_max_shards_arg, failed_images_exit, retry_hint
 from pipeline.build import load_spec, plan_build, run_build
 from pipeline.lease import OutputBusyError
 from pipeline.run import StageStartError
@@ -39,15 +39,18 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true",
                     help="say what a build would do (each input's shards to write, new and redone) after its checks, "
                          "and stop: nothing is started or written")
+    add_max_shards_arg(ap, each=" of each input")
     add_fail_on_arg(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         spec = load_spec(args.spec)
         if args.dry_run:
-            print(plan_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed))
+            print(plan_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed,
+                             max_shards=args.max_shards))
             return 0
-        result = run_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed)
+        result = run_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed,
+                           max_shards=args.max_shards)
     except (ValueError, FileNotFoundError) as e:  # the spec (SpecError), a checkpoint, an input: say which
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -60,6 +63,9 @@ def main(argv=None) -> int:
     else:
         shards = sum(len(s) for s in result.new_shards.values())
         print(f"{spec.name}: processed {shards} shards; wrote manifest {result.manifest_uri}")
+    left = sum(result.left.values())
+    if left:
+        print(f"left for a later build (--max-shards): {left} pending shard{'s' * (left != 1)}")
     for uri, summary in result.tables.items():
         lines = [f"input {uri}: {summary.counts()}"] + summary.detail_lines() + [retry_hint(summary) or ""]
         print("\n  ".join(line for line in lines if line))

@@ -19,6 +19,20 @@ FAIL_ON = ("retriable", "any", "none")
 EXIT_FAILED_IMAGES = 3  # the run finished, and the output holds images that failed (as --fail-on says)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_max_shards_arg(ap: argparse.ArgumentParser, each: str = "") -> None:
+    ap.add_argument("--max-shards", type=positive_int, metavar="N",
+                    help=f"do at most N of the shards to do{each} (the first, as --dry-run lists them) and "
+                         "leave the others, as they are, to a later run: a trial on a few shards of a large input, "
+                         "or a run of bounded length")
+
+
 def add_fail_on_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fail-on", choices=FAIL_ON, default="retriable",
                     help=f"exit status {EXIT_FAILED_IMAGES} once the run has ended when the output holds images that "
@@ -53,6 +67,7 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dry-run", action="store_true",
                     help="say what a run would do (the shards it would write, new and redone) after the checks it "
                          "makes first, and stop: Ray is not started and nothing is written")
+    add_max_shards_arg(ap)
     add_fail_on_arg(ap)
 
 
@@ -63,7 +78,8 @@ def run_config_args(args: argparse.Namespace) -> Dict[str, Any]:
                 workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
                 num_cpus_per_worker=args.num_cpus_per_worker, num_cpus_per_decoder=args.num_cpus_per_decoder,
                 device=args.device, max_pixels=args.max_pixels, storage_options=storage,
-                overwrite=args.overwrite, retry_failed=args.retry_failed, redo_runs=tuple(args.redo_run))
+                overwrite=args.overwrite, retry_failed=args.retry_failed, redo_runs=tuple(args.redo_run),
+                max_shards=args.max_shards)
 
 
 def run_job(start: Callable[[], Union[RunSummary, RunPlan]], output: str, fail_on: str = "retriable") -> int:

@@ -166,6 +166,8 @@ class BuildResult:
     exports: Dict[str, ExportSummary] = field(default_factory=dict)  # input URI -> its export ([build.export])
     tables: Dict[str, RunSummary] = field(default_factory=dict)  # input URI -> what its tables hold after the
     # run (images ok and failed, errors by reason, masks; see pipeline.run.summarize_tables)
+    left: Dict[str, int] = field(default_factory=dict)  # input URI -> pending shards left for a later build
+    # (beyond max_shards)
 
 
 class Manifests:
@@ -194,10 +196,11 @@ class Manifests:
 
 
 def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeline,
-              retry_failed: bool = False, redo_changed: bool = False) -> BuildResult:
+              retry_failed: bool = False, redo_changed: bool = False, max_shards: Optional[int] = None) -> BuildResult:
     """Process the shards of every input not yet done (with ``retry_failed``, also those holding
     images that failed for a reason another try may not meet; with ``redo_changed``, those
-    holding files replaced since: see ``PipelineConfig``), then write the next manifest version.
+    holding files replaced since; with ``max_shards``, at most that many of each input's: see
+    ``PipelineConfig``), then write the next manifest version.
 
     Refuses (``SpecError``) when the model or settings differ from the latest manifest's: the
     output would otherwise mix masks of two configurations. Settings spelled otherwise for the
@@ -207,19 +210,21 @@ def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeli
     """
     manifests = Manifests(spec.output, spec.storage_options())
     with RunLease(manifests.fs, manifests.root):  # one build at a time (its manifest versions)
-        return _build(spec, manifests, run, retry_failed, redo_changed)
+        return _build(spec, manifests, run, retry_failed, redo_changed, max_shards)
 
 
 def _build(spec: BuildSpec, manifests: "Manifests", run: Callable[[PipelineConfig], Any], retry_failed: bool,
-           redo_changed: bool) -> BuildResult:
+           redo_changed: bool, max_shards: Optional[int]) -> BuildResult:
     versions = manifests.versions()
-    configs = input_configs(spec, manifests, versions, retry_failed, redo_changed)
+    configs = input_configs(spec, manifests, versions, retry_failed, redo_changed, max_shards)
     first = next(iter(configs.values()))
     identity = {"model": first.model_id(), "settings_hash": first.settings_hash()}
-    pending = {uri: [s.shard_id for s in pending_shards(cfg, reopen=False)] for uri, cfg in configs.items()}
+    todo = {uri: pending_shards(cfg, reopen=False) for uri, cfg in configs.items()}
+    pending = {uri: [s.shard_id for s in shards] for uri, shards in todo.items()}
+    left = {uri: shards.left for uri, shards in todo.items()}
     if not any(pending.values()):
         return BuildResult(None, versions[-1] if versions else None, {}, exports=export_build(spec, configs, pending),
-                           tables=_tables(configs))
+                           tables=_tables(configs), left=left)
     for uri, shard_ids in pending.items():
         if shard_ids:
             run(configs[uri])
@@ -248,7 +253,7 @@ def _build(spec: BuildSpec, manifests: "Manifests", run: Callable[[PipelineConfi
     }
     uri = manifests.write(version, manifest)
     return BuildResult(version, version, {u: s for u, s in pending.items() if s}, uri,
-                       exports=export_build(spec, configs, pending), tables=tables)
+                       exports=export_build(spec, configs, pending), tables=tables, left=left)
 
 
 def _tables(configs: Mapping[str, PipelineConfig]) -> Dict[str, RunSummary]:
@@ -257,11 +262,11 @@ def _tables(configs: Mapping[str, PipelineConfig]) -> Dict[str, RunSummary]:
 
 
 def input_configs(spec: BuildSpec, manifests: "Manifests", versions: List[int], retry_failed: bool,
-                  redo_changed: bool) -> Dict[str, PipelineConfig]:
+                  redo_changed: bool, max_shards: Optional[int] = None) -> Dict[str, PipelineConfig]:
     """The pipeline run of each input, by URI, checked against the latest manifest (``SpecError``
     if its model or settings make other masks) and spelled as it spells the settings."""
-    configs = {uri: replace(spec.pipeline_config(uri), retry_failed=retry_failed, redo_changed=redo_changed)
-               for uri in spec.inputs}
+    configs = {uri: replace(spec.pipeline_config(uri), retry_failed=retry_failed, redo_changed=redo_changed,
+                            max_shards=max_shards) for uri in spec.inputs}
     if not versions:
         return configs
     first = next(iter(configs.values()))
@@ -307,12 +312,13 @@ class BuildPlan:
         return "\n".join(lines)
 
 
-def plan_build(spec: BuildSpec, retry_failed: bool = False, redo_changed: bool = False) -> BuildPlan:
+def plan_build(spec: BuildSpec, retry_failed: bool = False, redo_changed: bool = False,
+               max_shards: Optional[int] = None) -> BuildPlan:
     """What :func:`run_build` would do (``jobs.build --dry-run``), starting and writing nothing:
     its check of the spec against the latest manifest, then each input's :func:`plan_run`."""
     manifests = Manifests(spec.output, spec.storage_options())
     versions = manifests.versions()
-    configs = input_configs(spec, manifests, versions, retry_failed, redo_changed)
+    configs = input_configs(spec, manifests, versions, retry_failed, redo_changed, max_shards)
     return BuildPlan(spec, versions[-1] if versions else None, {uri: plan_run(cfg) for uri, cfg in configs.items()},
                      RunLease(manifests.fs, manifests.root).holder())
 

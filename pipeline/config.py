@@ -75,6 +75,7 @@ class PipelineConfig:
     retry_failed: bool = False  # also redo completed shards with images of RETRIED_REASONS
     redo_changed: bool = False  # also redo completed shards with files replaced since (see pipeline.resuming)
     redo_runs: Tuple[str, ...] = ()  # also redo completed shards written by these recorded runs (id prefixes)
+    max_shards: Optional[int] = None  # do at most this many of the pending shards; a later run does the rest
     storage_options: Mapping[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint...)
     device: Optional[str] = None  # torch device in the workers; None: cuda if the worker has a GPU
     num_gpus_per_worker: float = 0.0  # GPUs reserved by each model actor
@@ -88,10 +89,9 @@ class PipelineConfig:
         for name in ("images_per_shard", "images_per_batch", "workers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.resize_short_side is not None and self.resize_short_side < 1:
-            raise ValueError(f"resize_short_side must be >= 1, got {self.resize_short_side}.")
-        if self.postprocess_workers is not None and self.postprocess_workers < 1:
-            raise ValueError(f"postprocess_workers must be >= 1, got {self.postprocess_workers}.")
+        for name in ("resize_short_side", "postprocess_workers", "max_shards"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("num_gpus_per_worker", "num_cpus_per_worker", "num_cpus_per_postprocessor", "num_cpus_per_decoder"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")

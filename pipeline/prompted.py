@@ -33,7 +33,7 @@ from .config import PipelineConfig, model_id, weights_of
 from .decode import DEFAULT_MAX_PIXELS
 from .output import OutputDir, masks_to_ipc, read_csv, read_parquet
 from .reading import Row, decoded_images, to_table
-from .resuming import select_pending
+from .resuming import Todo, select_pending
 from .run import RunPlan, run_stages, summarize_tables
 from .run_records import recorded, written_shard
 from .shards import Shard, common_root, open_uri
@@ -294,17 +294,20 @@ def prompt_shards(prompts: Sequence[ImagePrompts], images_per_shard: int) -> Lis
 
 def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: BoxPrompter,
                  images_per_shard: int = 64, overwrite: bool = False,
-                 storage_options: Optional[Mapping[str, Any]] = None, redo_runs: Sequence[str] = ()) -> RunSummary:
+                 storage_options: Optional[Mapping[str, Any]] = None, redo_runs: Sequence[str] = (),
+                 max_shards: Optional[int] = None) -> RunSummary:
     """Process every shard of prompted images not yet complete under ``output_uri``, in this
     process (:func:`run_prompted_on_ray` spreads the same work over a Ray cluster); with
-    ``redo_runs``, also the shards those recorded runs wrote (run id prefixes)."""
+    ``redo_runs``, also the shards those recorded runs wrote (run id prefixes); with
+    ``max_shards``, at most that many of them."""
     start = time.perf_counter()
     out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id, prompter.mode, prompter.weights))
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
     written: List[Dict[str, Any]] = []
     with out.hold_lease():
         todo = select_pending(prompt_shards(prompts, images_per_shard), out, images_per_shard, overwrite,
-                              digest=lambda uri: boxes_digest(boxes_by_uri[uri]), redo_runs=redo_runs)
+                              digest=lambda uri: boxes_digest(boxes_by_uri[uri]), redo_runs=redo_runs,
+                              max_shards=max_shards)
         settings = {"model": prompter.model_id, "mode": prompter.mode, "images_per_shard": images_per_shard,
                     "overwrite": overwrite}
         with recorded(out, "prompt", settings, todo, written):
@@ -313,7 +316,7 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
                 out.write_shard(shard, masks, images)
                 written.append(written_shard(shard.shard_id, images, len(masks)))
     summary = summarize_tables(out)
-    summary.shards_processed = len(written)
+    summary.shards_processed, summary.shards_left = len(written), todo.left
     summary.images_processed = sum(w["images_ok"] + w["images_error"] for w in written)
     summary.seconds = time.perf_counter() - start
     return summary
@@ -371,12 +374,12 @@ def _prompted_output(prompts: Sequence[ImagePrompts], config: PipelineConfig) ->
 
 
 def _pending(prompts: Sequence[ImagePrompts], config: PipelineConfig, output: OutputDir, boxes: Mapping[str, List],
-             reopen: bool = True) -> List[Shard]:
+             reopen: bool = True) -> Todo:
     """The shards of prompted images to write (:func:`pipeline.resuming.select_pending`; images
     whose boxes changed since their shard was written count as changed files)."""
     return select_pending(prompt_shards(prompts, config.images_per_shard), output, config.images_per_shard,
                           config.overwrite, config.retry_failed, digest=lambda uri: boxes_digest(boxes[uri]),
-                          reopen=reopen, redo_runs=config.redo_runs)
+                          reopen=reopen, redo_runs=config.redo_runs, max_shards=config.max_shards)
 
 
 def run_prompted_on_ray(prompts: Sequence[ImagePrompts], config: PipelineConfig, stage: type = BoxStage) -> RunSummary:

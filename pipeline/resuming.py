@@ -12,7 +12,9 @@ failed for a reason a retry may fix, or, with ``redo_runs``, when one of those r
 (:mod:`pipeline.run_records`). A tar is a shard
 of its own, named after it; a completed one of that name made from another tar is refused.
 Completed shards of another model or settings are refused too (an output never mixes two
-configurations), and ``overwrite`` starts afresh.
+configurations), and ``overwrite`` starts afresh. With ``max_shards`` a run does the first of
+those shards only (tars in input order; of loose files, the shards to redo before the new ones)
+and leaves the others as they are, for a later run.
 """
 
 from __future__ import annotations
@@ -31,9 +33,16 @@ log = logging.getLogger(__name__)
 Digest = Callable[[str], str]  # uri -> what besides the file decides its masks (recorded in markers)
 
 
+class Todo(List[Shard]):
+    """The shards a run does, in order; ``left``: those pending beyond its ``max_shards``."""
+
+    left: int = 0
+
+
 def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard: int, overwrite: bool = False,
                    retry_failed: bool = False, digest: Optional[Digest] = None, reopen: bool = True,
-                   redo_changed: bool = True, redo_runs: Sequence[str] = ()) -> List[Shard]:
+                   redo_changed: bool = True, redo_runs: Sequence[str] = (),
+                   max_shards: Optional[int] = None) -> Todo:
     """The shards of the planned ``shards`` (an input's, see :func:`pipeline.shards.discover_shards`)
     that ``output`` does not hold yet: all of them after clearing it with ``overwrite``; else the
     tars without a marker and the loose files no completed shard holds, grouped
@@ -42,7 +51,9 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
     shards' own digests, their files' fingerprints; with ``redo_changed`` False such shards are
     only counted in a warning), with ``retry_failed``, those holding images that failed for a
     reason in ``RETRIED_REASONS``, and those written by the recorded runs whose ids start with one
-    of ``redo_runs`` (``ValueError`` for a prefix that names no recorded run, or several).
+    of ``redo_runs`` (``ValueError`` for a prefix that names no recorded run, or several). With
+    ``max_shards``, the first ``max_shards`` of them (``Todo.left`` counts the others, which
+    stay as they are: a completed one is reopened only when this run redoes it).
     ``reopen=False`` only says what a run would do: no marker is removed (and ``overwrite`` clears
     nothing)."""
     if digest is None:
@@ -56,7 +67,7 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
     if overwrite:
         if reopen:
             output.clear()
-        return [_digested(s, digest) for s in shards]
+        return _first([_digested(s, digest) for s in shards], max_shards)
     markers = output.markers()
     for shard_id, done in markers.items():
         output.check_identity(shard_id, done)
@@ -67,13 +78,25 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
             output.check_members(shard, done)
         stale = done is not None and changes.note(shard.shard_id, _stale(shard.uris, done, digest))
         if done is None or stale or asked(shard.shard_id, done):
-            if done is not None and reopen:
-                output.reopen(shard)
             pending.append(shard)
     files = [s for s in shards if s.kind != "tar"]
-    pending += _redone_files(files, markers, output, asked, digest, reopen, changes)
+    pending += _redone_files(files, markers, asked, digest, changes)
     changes.report()
-    return pending + _new_files(files, markers, images_per_shard, digest)
+    todo = _first(pending + _new_files(files, markers, images_per_shard, digest), max_shards)
+    if reopen:
+        for shard in todo:
+            if shard.shard_id in markers:  # a completed shard redone: its marker goes first
+                output.reopen(shard)
+    return todo
+
+
+def _first(pending: List[Shard], max_shards: Optional[int]) -> Todo:
+    todo = Todo(pending[:max_shards])
+    todo.left = len(pending) - len(todo)
+    if todo.left:
+        log.info("--max-shards %d: %d of %d pending shards this run; %d left for a later run.", max_shards,
+                 len(todo), len(pending), todo.left)
+    return todo
 
 
 def spelled_as_output(config: PipelineConfig) -> PipelineConfig:
@@ -208,11 +231,11 @@ def _new_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]
     return shards
 
 
-def _redone_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]], output: OutputDir,
-                  asked: "Asked", digest: Optional[Digest], reopen: bool, changes: Changes) -> List[Shard]:
+def _redone_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]], asked: "Asked",
+                  digest: Optional[Digest], changes: Changes) -> List[Shard]:
     """Completed loose-files shards holding files of ``planned`` to redo (a file's digest changed,
     as ``changes`` decides, or as ``asked``), rebuilt from their markers (the members still in
-    the input, the naming root) and, with ``reopen``, reopened."""
+    the input, the naming root)."""
     roots = {u: s.root for s in planned for u in s.uris}
     shards, dropped = [], []
     for shard_id, done in sorted(markers.items()):
@@ -225,8 +248,6 @@ def _redone_files(planned: Sequence[Shard], markers: Mapping[str, Mapping[str, A
             continue
         dropped += [u for u in members if u not in roots]
         shard = Shard(shard_id, "files", tuple(present), done["root"] if "root" in done else roots[present[0]])
-        if reopen:
-            output.reopen(shard)
         shards.append(_digested(shard, digest))
     if dropped:
         log.warning("%d files of shards being redone are no longer in the input (e.g. %s): their rows go.",

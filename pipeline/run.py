@@ -17,7 +17,7 @@ from .output import OutputDir, first_frame_only
 from .shards import Shard, discover_shards
 from .single_machine import MAX_ERROR_LINES, RunSummary
 from .reading import decode_shards
-from .resuming import select_pending, spelled_as_output
+from .resuming import Todo, select_pending, spelled_as_output
 from .run_records import recorded
 from .stages import ModelStage, PostprocessStage, ShardCollector
 from .worker_deaths import start_ledger
@@ -35,13 +35,14 @@ class StageStartError(RuntimeError):
         super().__init__(f"A pipeline actor could not start: {cause} (its traceback is in the Ray worker logs).")
 
 
-def pending_shards(config: PipelineConfig, reopen: bool = True) -> List[Shard]:
+def pending_shards(config: PipelineConfig, reopen: bool = True) -> Todo:
     """Shards of the input not yet completed in the output (see :func:`pipeline.resuming.select_pending`;
     ``reopen=False``: what a run would do, changing nothing)."""
     config = spelled_as_output(config)
     shards = discover_shards(config.input_uri, config.images_per_shard, config.storage_options, config.output_uri)
     return select_pending(shards, config.output(), config.images_per_shard, config.overwrite, config.retry_failed,
-                          reopen=reopen, redo_changed=config.redo_changed, redo_runs=config.redo_runs)
+                          reopen=reopen, redo_changed=config.redo_changed, redo_runs=config.redo_runs,
+                          max_shards=config.max_shards)
 
 
 @dataclass
@@ -53,12 +54,14 @@ class RunPlan:
     todo: Sequence[Shard]  # the shards a run would write, in its order
     overwrite: bool = False  # a run would delete the completed shards first
     busy: Optional[str] = None  # the run writing into the output now (a run would stop), if any
+    left: int = 0  # pending shards beyond --max-shards, left for later runs
 
     @classmethod
     def of(cls, output: OutputDir, todo: Sequence[Shard], overwrite: bool) -> "RunPlan":
-        """The plan of a run into ``output`` that would write ``todo``: with the shards
-        ``output`` holds now and the run holding its lease, if any."""
-        return cls(output.uri, output.shard_ids(), todo, overwrite, RunLease(output.fs, output.path).holder())
+        """The plan of a run into ``output`` that would write ``todo`` (a ``Todo``, or all that is
+        pending): with the shards ``output`` holds now and the run holding its lease, if any."""
+        return cls(output.uri, output.shard_ids(), todo, overwrite, RunLease(output.fs, output.path).holder(),
+                   getattr(todo, "left", 0))
 
     def __str__(self) -> str:
         return "\n".join(["dry run: nothing was started or written"] + self.lines())
@@ -76,6 +79,8 @@ class RunPlan:
                   for s in self.todo[:MAX_ERROR_LINES]]
         if len(self.todo) > MAX_ERROR_LINES:
             lines.append(f"  ... and {len(self.todo) - MAX_ERROR_LINES} more")
+        if self.left:
+            lines.append(f"left for a later run (--max-shards): {_count(range(self.left), 'pending shard')}")
         if self.busy:
             lines.append(f"another run is writing into this output now ({self.busy}): a run would stop")
         return lines
@@ -118,7 +123,8 @@ def run_pipeline(config: PipelineConfig, model_stage: type = ModelStage) -> RunS
     output = config.output()
     with output.hold_lease():  # one run at a time writes here
         todo = select_pending(shards, output, config.images_per_shard, config.overwrite, config.retry_failed,
-                              redo_changed=config.redo_changed, redo_runs=config.redo_runs)
+                              redo_changed=config.redo_changed, redo_runs=config.redo_runs,
+                              max_shards=config.max_shards)
         summary = run_stages(config, todo, output, [(model_stage, "model"), (PostprocessStage, "postprocess")],
                              job="generate")
     summary.seconds = time.perf_counter() - start
@@ -143,7 +149,7 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
     summary.seconds = time.perf_counter() - start
     summary.stage_seconds = {stage: float(sum(s[f"{stage}_s"] for s in collector.written))
                              for stage in ("decode", "generate", "postprocess")}
-    summary.shards_processed = len(collector.written)
+    summary.shards_processed, summary.shards_left = len(collector.written), getattr(todo, "left", 0)
     summary.images_processed = int(sum(s["images_ok"] + s["images_error"] for s in collector.written))
     return summary
 

@@ -42,6 +42,7 @@ class RunSummary:
     # errors lists only the first MAX_ERROR_LINES (a pipeline output's summary); empty: count errors
     stage_seconds: Dict[str, float] = field(default_factory=dict)  # summed worker time per stage
     shards_processed: int = 0  # shards done by this run (the rest were already complete)
+    shards_left: int = 0  # pending shards this run left for a later one (--max-shards)
     images_processed: Optional[int] = None  # images done by this run, if not all of them
     images_first_frame_only: int = 0  # images whose files have more frames or pages than the one masked
     first_frame_only: List[Dict[str, Any]] = field(default_factory=list)  # the first MAX_ERROR_LINES
@@ -68,6 +69,8 @@ class RunSummary:
         if self.stage_seconds:
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
             lines.append(f"shards processed this run: {self.shards_processed}; worker time: {stages}")
+        if self.shards_left:
+            lines.append(f"shards left for a later run (--max-shards): {self.shards_left}")
         return "\n".join(lines + self.detail_lines())
 
     def detail_lines(self) -> List[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tarfile
@@ -190,6 +191,30 @@ def test_a_build_says_what_each_input_holds_and_what_failed(tmp_path, capsys):
     assert build_main(["--spec", path, "--fail-on", "none"]) == 0
     assert build_main(["--spec", path, "--fail-on", "any"]) == 3
     assert "the output holds 2 failed image(s) (generate_failed 1, not_an_image 1)" in capsys.readouterr().err
+
+
+def test_a_build_with_max_shards_does_that_many_of_each_input_and_the_next_goes_on(tmp_path, capsys, monkeypatch):
+    import jobs.build
+
+    monkeypatch.setattr(jobs.build, "run_build", functools.partial(run_build, run=local_run))  # no Ray
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in (1, 2, 3, 4):
+        write_tar(shards / f"sa_00000{i}.tar", ["chelsea.jpg"])
+    path = spec_file(tmp_path, [shards])
+    assert build_main(["--spec", path, "--max-shards", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"t: processed 2 shards; wrote manifest {tmp_path / 'built/manifests/v0001.json'}",
+        "left for a later build (--max-shards): 2 pending shards"]
+    manifest = json.loads((tmp_path / "built/manifests/v0001.json").read_text())
+    assert manifest["inputs"][0]["shards"] == manifest["inputs"][0]["new_shards"] == ["sa_000001", "sa_000002"]
+    assert build_main(["--spec", path, "--dry-run", "--max-shards", "1"]) == 0
+    plan = capsys.readouterr().out
+    assert "to do: 1 shard: 1 new (1 tar), 0 redone (none)\n    sa_000003: 1 tar\n" in plan
+    assert "  left for a later run (--max-shards): 1 pending shard\n" in plan
+    rest = run_build(load_spec(path), run=local_run)
+    assert rest.version == 2 and rest.new_shards == {str(shards): ["sa_000003", "sa_000004"]}
+    assert rest.left == {str(shards): 0}
 
 
 def test_heic_read_without_its_plugin_is_redone_once_it_is_installed(tmp_path, monkeypatch, capsys):

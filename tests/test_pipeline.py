@@ -374,6 +374,41 @@ def test_the_exit_status_says_whether_the_output_holds_failed_images(tmp_path, c
     assert jobs.generate.main(args + ["--dry-run"]) == 0  # a plan is no run
 
 
+def test_max_shards_does_the_first_pending_shards_and_leaves_the_others_as_they_are(tmp_path, capsys):
+    """``--max-shards N``: the first N pending shards, redone ones first, then new ones; a
+    completed shard beyond N keeps its marker (it stays in the output) until a later run redoes
+    it, and the later runs go on with the shards the input was planned as."""
+    from jobs.generate import main
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"):
+        (photos / name).write_bytes(b"x")
+    cfg = PipelineConfig(input_uri=str(photos), output_uri=str(out), amg=dict(AMG), images_per_shard=1)
+    planned = [s.uris for s in pending_shards(cfg)]
+    assert len(planned) == 5
+    first = pending_shards(replace(cfg, max_shards=2))
+    assert [s.uris for s in first] == planned[:2] and first.left == 3
+    for shard in first:  # both ran out of memory
+        cfg.output().write_shard(shard, [], [dict(image_id=f"{shard.shard_id}/x", uri=shard.uris[0],
+                                                  shard=shard.shard_id, status="error", error_reason="generate_failed")])
+    args = ["--input", str(photos), "--output", str(out), "--model-type", "tiny", "--images-per-shard", "1",
+            "--points-per-side", "4", "--box-nms-thresh", "1.0", "--pred-iou-thresh", "0.8",
+            "--stability-score-thresh", "0.8", "--dry-run", "--retry-failed", "--max-shards", "2"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[2:6] == [
+        "to do: 2 shards: 0 new (none), 2 redone (2 files)", "  files-00000: 1 file (redone)",
+        "  files-00001: 1 file (redone)", "left for a later run (--max-shards): 3 pending shards"]
+    retried = pending_shards(replace(cfg, retry_failed=True, max_shards=1))
+    assert [s.shard_id for s in retried] == ["files-00000"] and retried.left == 4
+    assert cfg.output().shard_ids() == ["files-00001"]  # the one redone was reopened, the other kept
+    rest = pending_shards(cfg)
+    assert [s.uris for s in rest] == [planned[0]] + planned[2:] and rest.left == 0
+    with pytest.raises(SystemExit):
+        main(args[:-1] + ["0"])
+    assert "--max-shards: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_an_output_inside_the_input_is_not_read_as_input(tmp_path):
     """--output photos/masks with --input photos/: the run's own tables and markers are not new
     inputs when it resumes (they were, and the shard's members changed: resuming was refused)."""
@@ -1440,7 +1475,7 @@ def test_generate_job_says_when_retry_failed_may_help(tmp_path, monkeypatch, cap
         {"uri": "b.jpg", "reason": "corrupt", "detail": "truncated"},
         {"uri": "c.jpg", "reason": "unreadable", "detail": "ConnectionError after 3 attempts"}])
     monkeypatch.setattr(job, "run_pipeline", lambda config: summary)
-    assert job.main(["--output", str(tmp_path / "out")]) == 0
+    assert job.main(["--output", str(tmp_path / "out")]) == 3  # the output holds images a retry may recover
     assert ("2 image(s) failed for reasons another try may not meet (generate_failed 1, unreadable 1): "
             "--retry-failed redoes their shards") in capsys.readouterr().out
     summary.errors = summary.errors[1:2]

@@ -282,7 +282,9 @@ def test_redo_run_redoes_the_shards_a_recorded_run_wrote(photos, tmp_path, tiny_
     out = tmp_path / "out"
     prompter = BoxPrompter("tiny", str(tiny_checkpoint))
     prompts = [ImagePrompts(str(photos / n), tuple(tuple(b) for b in bs)) for n, bs in BOXES.items()]
-    run_prompted(prompts[:2], str(out), prompter, images_per_shard=2)  # prompts-00000: chelsea, coffee
+    limited = run_prompted(prompts, str(out), prompter, images_per_shard=2, max_shards=1)
+    assert (limited.shards_processed, limited.shards_left) == (1, 1)  # prompts-00000: chelsea, coffee
+    assert "shards left for a later run (--max-shards): 1" in str(limited)
     run_prompted(prompts, str(out), prompter, images_per_shard=2)  # prompts-00001: astronaut
     first, second = read_runs(OutputDir(str(out)))
     kept = (out / "masks" / "prompts-00001.parquet").read_bytes()
