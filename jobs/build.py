@@ -20,14 +20,15 @@ import argparse
 import logging
 import sys
 
-from jobs.run_args import add_fail_on_arg, add_max_shards_arg, failed_images_exit, retry_hint
+from jobs.run_args import (EXIT_STATUS_HELP, Terminated, add_fail_on_arg, add_max_shards_arg, failed_images_exit,
+                           retry_hint, stopped_cleanly, stopped_exit)
 from pipeline.build import load_spec, plan_build, run_build
 from pipeline.lease import OutputBusyError
 from pipeline.run import StageStartError
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.build", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m jobs.build", description=__doc__, epilog=EXIT_STATUS_HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", required=True, help="build spec file (TOML, see above)")
     ap.add_argument("--retry-failed", action="store_true",
@@ -49,8 +50,11 @@ def main(argv=None) -> int:
             print(plan_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed,
                              max_shards=args.max_shards))
             return 0
-        result = run_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed,
-                           max_shards=args.max_shards)
+        with stopped_cleanly():
+            result = run_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed,
+                               max_shards=args.max_shards)
+    except (KeyboardInterrupt, Terminated) as e:
+        return stopped_exit(e)
     except (ValueError, FileNotFoundError) as e:  # the spec (SpecError), a checkpoint, an input: say which
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ import logging
 import sys
 
 from jobs.model_args import add_model_args, resolve_model
-from jobs.run_args import EXIT_FAILED_IMAGES, add_run_args, run_config_args, run_job
+from jobs.run_args import EXIT_FAILED_IMAGES, EXIT_STATUS_HELP, add_run_args, run_config_args, run_job
 from pipeline.config import PipelineConfig
 from pipeline.render import render_gallery
 from pipeline.run import plan_run, run_pipeline
@@ -38,7 +38,7 @@ def fraction_or_none(text: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__, epilog=EXIT_STATUS_HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", default=SAMPLE_IMAGES,
                     help="folder, glob, tar shard(s) or .parquet/.csv manifest with a 'uri' column "

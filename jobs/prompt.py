@@ -18,13 +18,13 @@ import logging
 import sys
 
 from jobs.model_args import add_model_args, resolve_model
-from jobs.run_args import add_run_args, run_config_args, run_job
+from jobs.run_args import EXIT_STATUS_HELP, add_run_args, run_config_args, run_job
 from pipeline.config import PipelineConfig
 from pipeline.prompted import plan_prompted, read_prompts, run_prompted_on_ray
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.prompt", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m jobs.prompt", description=__doc__, epilog=EXIT_STATUS_HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", required=True, help="COCO .json, or .parquet/.csv table of boxes")
     ap.add_argument("--images", help="folder/URI that relative file names in --prompts are under")

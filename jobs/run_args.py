@@ -4,9 +4,12 @@ their resources, storage, and how a run treats an output it finds."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
 from pipeline.config import RETRIED_REASONS
 from pipeline.decode import DEFAULT_MAX_PIXELS
@@ -17,6 +20,47 @@ from pipeline.single_machine import RunSummary
 
 FAIL_ON = ("retriable", "any", "none")
 EXIT_FAILED_IMAGES = 3  # the run finished, and the output holds images that failed (as --fail-on says)
+EXIT_STATUS_HELP = """exit status:
+  0        the run ended; every image has its masks or failed for a reason of its own (corrupt...)
+  3        the run ended; the output holds images that failed for a reason a retry may fix (--fail-on)
+  2        refused before starting: a flag, the checkpoint, the input, an output made with other settings
+  1        a stage's actors could not start, another run holds the output (or an export failed)
+  130/143  stopped by Ctrl-C / SIGTERM (ray job stop): completed shards kept; run again to go on"""
+
+
+class Terminated(BaseException):
+    """SIGTERM (``ray job stop``, Kubernetes stopping a pod, ``kill``), raised in the main thread
+    (see :func:`stopped_cleanly`). A BaseException, as KeyboardInterrupt: nothing catches it on
+    its way out."""
+
+
+@contextlib.contextmanager
+def stopped_cleanly() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the block, so a run stopped that way ends as one
+    stopped by Ctrl-C does: the shard being written is left without a marker (redone by the next
+    run), the run's record says how it ended, the output's lease is released (the next run starts
+    at once, on any host). A second SIGTERM kills at once. In the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated("stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_exit(error: BaseException) -> int:
+    """What a run stopped by Ctrl-C or SIGTERM prints, and its exit status (130, 143: 128 + the signal)."""
+    how = "by Ctrl-C" if isinstance(error, KeyboardInterrupt) else str(error).replace("stopped ", "")
+    print(f"error: the run was stopped {how}; the shards it completed are kept, and running it again goes on",
+          file=sys.stderr)
+    return 128 + (signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM)
 
 
 def positive_int(text: str) -> int:
@@ -87,9 +131,12 @@ def run_job(start: Callable[[], Union[RunSummary, RunPlan]], output: str, fail_o
     returns; the exit code: 0, 2 for bad input, flags, checkpoint or resources (the error says
     which), 1 when a stage's actors could not start or another run is writing into the output,
     ``EXIT_FAILED_IMAGES`` when the run ended with images failed as ``fail_on`` says (see
-    :func:`failed_images_exit`)."""
+    :func:`failed_images_exit`), 130 or 143 when stopped by Ctrl-C or SIGTERM (:func:`stopped_cleanly`)."""
     try:
-        result = start()
+        with stopped_cleanly():
+            result = start()
+    except (KeyboardInterrupt, Terminated) as e:
+        return stopped_exit(e)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

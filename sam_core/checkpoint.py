@@ -268,6 +268,7 @@ def content_digest(fs: Any, fs_path: str) -> str:
     copy = os.path.join(cache_dir(), "checkpoints", key, posixpath.basename(fs_path))
     if os.path.isfile(copy) and os.path.getsize(copy) == fs.size(fs_path):
         fs, fs_path = LocalFileSystem(), copy
+    log.info("Reading %s once for its digest (the file keeps no checksums; kept in %s).", fs_path, record)
     sha = hashlib.sha256()
     with fs.open(fs_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

@@ -163,3 +163,39 @@ def test_a_worker_process_checks_its_runs_lease_from_the_file(tmp_path):
             check_holder(fs, str(tmp_path), "another-run")
     with pytest.raises(OutputBusyError, match="it is gone"):
         check_holder(fs, str(tmp_path), lease.run_id)
+
+
+def test_sigterm_or_ctrl_c_ends_a_run_as_an_error_does_and_releases_the_output(tmp_path, capsys):
+    """SIGTERM (``ray job stop``, a pod being stopped) mid-run: the run stops as on an error (its
+    record says so, the lease is released, so the next run starts at once), exit status 143;
+    Ctrl-C the same, 130. The signal's handler is put back afterwards."""
+    import signal
+
+    from jobs.run_args import run_job
+    from pipeline.run_records import read_runs, recorded
+
+    out = OutputDir(str(tmp_path / "out"))
+    shard = Shard("files-00000", "files", ("a.jpg",), None)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def start(stop):
+        with out.hold_lease(), recorded(out, "generate", {}, [shard], []):
+            stop()
+            time.sleep(30)  # the signal's handler raises here
+        pytest.fail("the run was not stopped")
+
+    assert run_job(lambda: start(lambda: os.kill(os.getpid(), signal.SIGTERM)), out.uri) == 143
+    assert capsys.readouterr().err == ("error: the run was stopped by SIGTERM; the shards it completed are kept, and "
+                                       "running it again goes on\n")
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not (tmp_path / "out" / LEASE_FILE).exists()
+    [record] = read_runs(out)
+    assert (record["status"], record["error"]) == ("failed", "Terminated: stopped by SIGTERM")
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    assert run_job(lambda: start(ctrl_c), out.uri) == 130
+    assert "error: the run was stopped by Ctrl-C;" in capsys.readouterr().err
+    assert [r["status"] for r in read_runs(out)] == ["failed", "failed"]
+    assert not (tmp_path / "out" / LEASE_FILE).exists()
