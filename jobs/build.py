@@ -20,9 +20,10 @@ import argparse
 import logging
 import sys
 
-from jobs.run_args import (EXIT_STATUS_HELP, Terminated, add_fail_on_arg, add_max_shards_arg, failed_images_exit,
-                           retry_hint, stopped_cleanly, stopped_exit)
+from jobs.run_args import (EXIT_STATUS_HELP, add_fail_on_arg, add_max_shards_arg, failed_images_exit, retry_hint,
+                           stopped_exit)
 from pipeline.build import load_spec, plan_build, run_build
+from pipeline.driver import Terminated, stopped_cleanly
 from pipeline.lease import OutputBusyError
 from pipeline.run import StageStartError
 

@@ -4,15 +4,14 @@ their resources, storage, and how a run treats an output it finds."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
-import threading
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 from pipeline.config import RETRIED_REASONS
 from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.driver import Terminated, stopped_cleanly
 from pipeline.lease import OutputBusyError
 from pipeline.run import RunPlan, StageStartError
 from pipeline.single_machine import RunSummary
@@ -28,39 +27,12 @@ EXIT_STATUS_HELP = """exit status:
   130/143  stopped by Ctrl-C / SIGTERM (ray job stop): completed shards kept; run again to go on"""
 
 
-class Terminated(BaseException):
-    """SIGTERM (``ray job stop``, Kubernetes stopping a pod, ``kill``), raised in the main thread
-    (see :func:`stopped_cleanly`). A BaseException, as KeyboardInterrupt: nothing catches it on
-    its way out."""
-
-
-@contextlib.contextmanager
-def stopped_cleanly() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` in the block, so a run stopped that way ends as one
-    stopped by Ctrl-C does: the shard being written is left without a marker (redone by the next
-    run), the run's record says how it ended, the output's lease is released (the next run starts
-    at once, on any host). A second SIGTERM kills at once. In the main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated("stopped by SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def stopped_exit(error: BaseException) -> int:
     """What a run stopped by Ctrl-C or SIGTERM prints, and its exit status (130, 143: 128 + the signal)."""
-    how = "by Ctrl-C" if isinstance(error, KeyboardInterrupt) else str(error).replace("stopped ", "")
-    print(f"error: the run was stopped {how}; the shards it completed are kept, and running it again goes on",
-          file=sys.stderr)
-    return 128 + (signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM)
+    interrupted = isinstance(error, KeyboardInterrupt)
+    print(f"error: the run was stopped by {'Ctrl-C' if interrupted else 'SIGTERM'}; the shards it completed are kept, "
+          "and running it again goes on", file=sys.stderr)
+    return 128 + (signal.SIGINT if interrupted else signal.SIGTERM)
 
 
 def positive_int(text: str) -> int:

@@ -42,6 +42,7 @@ from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 from .decode import decode_image, resized_size
 from .lease import RunLease, check_holder
 from .output import READ_WORKERS, OutputDir, resized_short_side
+from .driver import init_ray
 from .shards import _full_uri, _iter_tar, _read_with_retries, filesystem, tar_of_member
 
 log = logging.getLogger(__name__)
@@ -483,8 +484,7 @@ def _on_ray(jobs: Sequence[Job], tables_uri: str, dest_uri: str, fmt: str, stora
 
     if not jobs:
         return
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    init_ray()
     task = ray.remote(num_cpus=1, max_retries=2)(_export_task)
     limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     waiting, running = list(reversed(jobs)), {}

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from .config import PipelineConfig
 from .lease import RunLease
 from .output import OutputDir, first_frame_only
+from .driver import init_ray
 from .shards import Shard, discover_shards
 from .single_machine import MAX_ERROR_LINES, RunSummary
 from .reading import decode_shards
@@ -160,7 +161,7 @@ def _stream(config: PipelineConfig, todo: Sequence[Shard], collector: ShardColle
     import ray
 
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        init_ray()
         if not os.environ.get("RAY_ADDRESS"):  # this machine's own Ray, which will not grow:
             config.check_fits(ray.cluster_resources())  # fail now rather than wait forever
     args = config.ray_stage_args()

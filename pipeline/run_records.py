@@ -2,7 +2,7 @@
 
 Written when a run has taken the output's lease and knows its shards (``status`` "running"), and
 rewritten when it ends: "finished" with what it wrote, or "failed" with the error and what it
-wrote before. Each shard's completion marker names the run that wrote it (``run_id``), so the
+wrote before ("stopped" when the error was Ctrl-C or SIGTERM). Each shard's completion marker names the run that wrote it (``run_id``), so the
 code version, host and settings behind any shard can be looked up, and the shards written by a
 version later found faulty can be found (``python -m jobs.stats --tables <output> --runs`` lists
 the runs) and redone (``--redo-run <id>``, :mod:`pipeline.resuming`)::
@@ -89,8 +89,12 @@ class RunRecord:
         self._end("finished", written)
 
     def fail(self, error: BaseException, written: Sequence[Mapping[str, Any]]) -> None:
-        """The run stopped on ``error`` after writing ``written``."""
-        self._end("failed", written, error=f"{type(error).__name__}: {error}")
+        """The run ended on ``error`` after writing ``written``: "stopped" by Ctrl-C or SIGTERM,
+        else "failed"."""
+        from .driver import Terminated
+
+        stopped = isinstance(error, (KeyboardInterrupt, Terminated))
+        self._end("stopped" if stopped else "failed", written, error=f"{type(error).__name__}: {error}")
 
     def _end(self, status: str, written: Sequence[Mapping[str, Any]], **extra: Any) -> None:
         reasons: Counter = Counter()
@@ -171,8 +175,8 @@ def runs_report(output: "OutputDir", runs: Sequence[Mapping[str, Any]]) -> List[
         status = r["status"]
         if status == "running" and r["run_id"] != holder:
             status = "stopped without ending (killed, or its node lost)"
-        elif status == "failed":
-            status = f"failed ({r.get('error')})"
+        elif status in ("failed", "stopped"):
+            status = f"{status} ({r.get('error')})"
         kept = len(by_run.get(r["run_id"], []))
         wrote = ""
         if "shards_written" in r:

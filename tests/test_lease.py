@@ -172,7 +172,7 @@ def test_sigterm_or_ctrl_c_ends_a_run_as_an_error_does_and_releases_the_output(t
     import signal
 
     from jobs.run_args import run_job
-    from pipeline.run_records import read_runs, recorded
+    from pipeline.run_records import read_runs, recorded, runs_report
 
     out = OutputDir(str(tmp_path / "out"))
     shard = Shard("files-00000", "files", ("a.jpg",), None)
@@ -190,12 +190,14 @@ def test_sigterm_or_ctrl_c_ends_a_run_as_an_error_does_and_releases_the_output(t
     assert signal.getsignal(signal.SIGTERM) == before
     assert not (tmp_path / "out" / LEASE_FILE).exists()
     [record] = read_runs(out)
-    assert (record["status"], record["error"]) == ("failed", "Terminated: stopped by SIGTERM")
+    assert (record["status"], record["error"]) == ("stopped", "Terminated: stopped by SIGTERM")
 
     def ctrl_c():
         raise KeyboardInterrupt
 
     assert run_job(lambda: start(ctrl_c), out.uri) == 130
     assert "error: the run was stopped by Ctrl-C;" in capsys.readouterr().err
-    assert [r["status"] for r in read_runs(out)] == ["failed", "failed"]
+    assert [r["status"] for r in read_runs(out)] == ["stopped", "stopped"]
+    assert sorted(line.split(", ", 1)[1].split(":", 1)[0] for line in runs_report(out, read_runs(out))) == [
+        "stopped (KeyboardInterrupt", "stopped (Terminated"]
     assert not (tmp_path / "out" / LEASE_FILE).exists()

@@ -96,5 +96,5 @@ def test_ray_job_stop_ends_the_run_cleanly(ray_head, tmp_path):
     assert sorted(p.stem for p in out.glob("masks/*.parquet")) == done
     assert not (out / "_lease.json").exists()
     [record] = [json.loads(p.read_text()) for p in out.glob("_runs/*.json")]
-    assert (record["status"], record["error"]) == ("failed", "Terminated: stopped by SIGTERM")
+    assert (record["status"], record["error"]) == ("stopped", "Terminated: stopped by SIGTERM")
     assert record["shards_written"] == done
