@@ -123,12 +123,15 @@ def run_job(start: Callable[[], Union[RunSummary, RunPlan]], output: str, fail_o
 
 
 def print_run_end(summary: RunSummary, output: str) -> None:
-    """The run's summary, whether ``--retry-failed`` may recover some of its errors, and where the tables are."""
+    """The run's summary, whether ``--retry-failed`` may recover some of its errors, where the
+    tables are, and the run's record."""
     print(summary)
     hint = retry_hint(summary)
     if hint:
         print(hint)
     print(f"tables: {output.rstrip('/')}/masks/*.parquet and images/*.parquet")
+    if summary.run_record:
+        print(f"run record: {summary.run_record}")
 
 
 def failed_by_reason(summary: RunSummary, fail_on: str) -> Counter:

@@ -310,13 +310,14 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
                               max_shards=max_shards)
         settings = {"model": prompter.model_id, "mode": prompter.mode, "images_per_shard": images_per_shard,
                     "overwrite": overwrite}
-        with recorded(out, "prompt", settings, todo, written):
+        with recorded(out, "prompt", settings, todo, written) as record:
             for shard in todo:
                 masks, images = prompter.process(shard, boxes_by_uri, storage_options)
                 out.write_shard(shard, masks, images)
                 written.append(written_shard(shard.shard_id, images, len(masks)))
     summary = summarize_tables(out)
     summary.shards_processed, summary.shards_left = len(written), todo.left
+    summary.run_record = record.uri if record else None
     summary.images_processed = sum(w["images_ok"] + w["images_error"] for w in written)
     summary.seconds = time.perf_counter() - start
     return summary

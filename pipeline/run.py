@@ -143,10 +143,11 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
     start = time.perf_counter()
     log.info("%d shards to process", len(todo))
     collector = ShardCollector(todo, output.open_shard)
-    with recorded(output, job, asdict(config), todo, collector.written):
+    with recorded(output, job, asdict(config), todo, collector.written) as record:
         if todo:
             _stream(config, todo, collector, stages, item_fields)
     summary = summarize_tables(output)
+    summary.run_record = record.uri if record else None
     summary.seconds = time.perf_counter() - start
     summary.stage_seconds = {stage: float(sum(s[f"{stage}_s"] for s in collector.written))
                              for stage in ("decode", "generate", "postprocess")}

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import posixpath
 import socket
 import time
 from collections import Counter
@@ -83,6 +84,11 @@ class RunRecord:
         }
         self._write()
 
+    @property
+    def uri(self) -> str:
+        """Where the record is, as the output's URI names it (``s3://bucket/out/_runs/...json``)."""
+        return posixpath.join(self.output.uri.rstrip("/"), RUNS, posixpath.basename(self.path))
+
     def finish(self, written: Sequence[Mapping[str, Any]]) -> None:
         """The run ended: ``written`` holds a dict per shard it wrote (``shard_id``,
         ``images_ok``, ``images_error``, ``errors`` by reason, ``masks``, ``<stage>_s``)."""
@@ -120,14 +126,15 @@ class RunRecord:
 
 @contextmanager
 def recorded(output: "OutputDir", job: str, config: Mapping[str, Any], todo: Sequence["Shard"],
-             written: Sequence[Mapping[str, Any]]) -> Iterator[None]:
+             written: Sequence[Mapping[str, Any]]) -> Iterator[Optional[RunRecord]]:
     """Record the run of the block under ``output`` if it has shards to do and holds the output's
     lease (its id is the run's): finished, or failed with the error the block raised. ``written``:
-    the list the block fills with :func:`written_shard` entries."""
+    the list the block fills with :func:`written_shard` entries. Yields the record (None when
+    not recorded)."""
     lease = output.lease
     record = RunRecord(output, lease.run_id, job, config, todo) if todo and lease is not None else None
     try:
-        yield
+        yield record
     except BaseException as e:
         if record is not None:
             record.fail(e, written)

@@ -43,6 +43,7 @@ class RunSummary:
     stage_seconds: Dict[str, float] = field(default_factory=dict)  # summed worker time per stage
     shards_processed: int = 0  # shards done by this run (the rest were already complete)
     shards_left: int = 0  # pending shards this run left for a later one (--max-shards)
+    run_record: Optional[str] = None  # the run's record (pipeline.run_records), if it wrote one
     images_processed: Optional[int] = None  # images done by this run, if not all of them
     images_first_frame_only: int = 0  # images whose files have more frames or pages than the one masked
     first_frame_only: List[Dict[str, Any]] = field(default_factory=list)  # the first MAX_ERROR_LINES

@@ -514,11 +514,14 @@ def test_generate_job_cli(ray_local, tmp_path, checkpoint, capsys):
     printed = capsys.readouterr().out
     n = len(os.listdir(SAMPLE_IMAGES))  # 3 photos and 3 procedural scenes
     assert f"images ok: {n}, errors: 0" in printed and "shards processed this run: 1" in printed
+    [record] = re.findall(r"^run record: (\S+)$", printed, re.M)
+    assert record.startswith(str(out / "_runs") + "/") and json.loads(open(record).read())["status"] == "finished"
     masks, images = read_tables(out)
     assert images.column("status").to_pylist() == ["ok"] * n and masks.num_rows > 0
     assert set(masks.column("model").to_pylist()) == {"tiny:sam_tiny_sharp.pth"}
     assert main(args + ["--points-per-batch", "7"]) == 0  # a throughput setting: resumed as is
-    assert "shards processed this run: 0" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "shards processed this run: 0" in printed and "run record:" not in printed  # nothing to do: no record
     # Defaults written out make the same masks: resumed (PipelineConfig.spelled_as).
     assert main(args + ["--crop-nms-thresh", "0.7", "--stability-score-offset", "1", "--crop-n-layers", "0"]) == 0
     assert "shards processed this run: 0" in capsys.readouterr().out

@@ -287,6 +287,7 @@ def test_redo_run_redoes_the_shards_a_recorded_run_wrote(photos, tmp_path, tiny_
     assert "shards left for a later run (--max-shards): 1" in str(limited)
     run_prompted(prompts, str(out), prompter, images_per_shard=2)  # prompts-00001: astronaut
     first, second = read_runs(OutputDir(str(out)))
+    assert json.loads(open(limited.run_record).read())["run_id"] == first["run_id"]
     kept = (out / "masks" / "prompts-00001.parquet").read_bytes()
     for bad, says in [("zzzz", "names no recorded run"), ("", "names no recorded run")]:
         with pytest.raises(ValueError, match=says) as err:
