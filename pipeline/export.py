@@ -40,9 +40,9 @@ from PIL import Image
 from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 
 from .decode import decode_image, resized_size
+from .driver import init_ray
 from .lease import RunLease, check_holder
 from .output import READ_WORKERS, OutputDir, resized_short_side
-from .driver import init_ray
 from .shards import _full_uri, _iter_tar, _read_with_retries, filesystem, tar_of_member
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import pyarrow.compute as pc
 
 from .config import PipelineConfig
+from .driver import init_ray
 from .lease import RunLease
 from .output import OutputDir, first_frame_only
-from .driver import init_ray
 from .shards import Shard, discover_shards
 from .single_machine import MAX_ERROR_LINES, RunSummary
 from .reading import decode_shards
