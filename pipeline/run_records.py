@@ -4,8 +4,9 @@ Written when a run has taken the output's lease and knows its shards (``status``
 rewritten when it ends: "finished" with what it wrote, or "failed" with the error and what it
 wrote before ("stopped" when the error was Ctrl-C or SIGTERM). Each shard's completion marker
 names the run that wrote it (``run_id``), so the code version, host and settings behind any
-shard can be looked up, and the shards written by a version later found faulty can be found (``python -m jobs.stats --tables <output> --runs`` lists
-the runs) and redone (``--redo-run <id>``, :mod:`pipeline.resuming`)::
+shard can be looked up, and the shards written by a version later found faulty can be found
+(``python -m jobs.stats --tables <output> --runs`` lists the runs) and redone (``--redo-run
+<id>``, :mod:`pipeline.resuming`)::
 
     {"run_id": "3f2a9c01...", "job": "generate", "status": "finished",
      "started": "2026-11-24T21:50:03+00:00", "ended": "...", "seconds": 812.4,
