@@ -17,6 +17,8 @@ import argparse
 import logging
 import sys
 
+from jobs.run_args import stopped_exit
+from pipeline.driver import Terminated, stopped_cleanly
 from pipeline.export import FORMATS, export_coco, export_prompted_coco, export_prompted_table, export_shards
 from pipeline.lease import OutputBusyError
 from pipeline.output import READ_WORKERS
@@ -61,20 +63,23 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     storage = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else {}
     try:  # tables that are not a run's output, or a destination that cannot be opened: say which
-        if args.prompts:
-            write_back = export_prompted_coco if args.format == "coco" else export_prompted_table
-            counts = write_back(args.tables, args.prompts, args.dest, args.images, storage,
-                                args.workers or READ_WORKERS)
-            reasons = ", ".join(f"{r} {n}" for r, n in sorted(counts["reasons"].items()))
-            where = "listed under unmasked_annotations" if args.format == "coco" else "in their mask_status"
-            print(f"wrote {args.dest}: {counts['annotations']} boxes of {args.prompts}, {counts['masked']} with "
-                  f"their mask, {counts['unmasked']} without" + (f" ({reasons}; {where})" if reasons else ""))
-            return 0
-        if args.format == "coco":
-            summary = export_coco(args.tables, args.dest, storage, args.workers or READ_WORKERS)
-        else:
-            summary = export_shards(args.tables, args.dest, args.format, storage, args.workers, args.overwrite,
-                                    on_ray=args.ray)
+        with stopped_cleanly():
+            if args.prompts:
+                write_back = export_prompted_coco if args.format == "coco" else export_prompted_table
+                counts = write_back(args.tables, args.prompts, args.dest, args.images, storage,
+                                    args.workers or READ_WORKERS)
+                reasons = ", ".join(f"{r} {n}" for r, n in sorted(counts["reasons"].items()))
+                where = "listed under unmasked_annotations" if args.format == "coco" else "in their mask_status"
+                print(f"wrote {args.dest}: {counts['annotations']} boxes of {args.prompts}, {counts['masked']} with "
+                      f"their mask, {counts['unmasked']} without" + (f" ({reasons}; {where})" if reasons else ""))
+                return 0
+            if args.format == "coco":
+                summary = export_coco(args.tables, args.dest, storage, args.workers or READ_WORKERS)
+            else:
+                summary = export_shards(args.tables, args.dest, args.format, storage, args.workers, args.overwrite,
+                                        on_ray=args.ray)
+    except (KeyboardInterrupt, Terminated) as e:
+        return stopped_exit(e, "export")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

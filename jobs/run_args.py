@@ -27,11 +27,12 @@ EXIT_STATUS_HELP = """exit status:
   130/143  stopped by Ctrl-C / SIGTERM (ray job stop): completed shards kept; run again to go on"""
 
 
-def stopped_exit(error: BaseException) -> int:
-    """What a run stopped by Ctrl-C or SIGTERM prints, and its exit status (130, 143: 128 + the signal)."""
+def stopped_exit(error: BaseException, what: str = "run") -> int:
+    """What a run (or an export) stopped by Ctrl-C or SIGTERM prints, and its exit status (130,
+    143: 128 + the signal)."""
     interrupted = isinstance(error, KeyboardInterrupt)
-    print(f"error: the run was stopped by {'Ctrl-C' if interrupted else 'SIGTERM'}; the shards it completed are kept, "
-          "and running it again goes on", file=sys.stderr)
+    print(f"error: the {what} was stopped by {'Ctrl-C' if interrupted else 'SIGTERM'}; the shards it completed are "
+          "kept, and running it again goes on", file=sys.stderr)
     return 128 + (signal.SIGINT if interrupted else signal.SIGTERM)
 
 

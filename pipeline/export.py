@@ -466,13 +466,18 @@ Job = Tuple[ShardExport, Optional[Mapping[str, Any]]]  # a shard to export and i
 
 def _in_threads(jobs: Sequence[Job], tables: OutputDir, dest: ExportDest, fmt: str, workers: int,
                 lease: RunLease) -> Iterator[Tuple[ShardExport, Optional[str]]]:
-    """(plan, error or None) per job as it finishes, ``workers`` threads at a time."""
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="export") as pool:
+    """(plan, error or None) per job as it finishes, ``workers`` threads at a time. Stopped early
+    (Ctrl-C, SIGTERM, an error of the caller), it waits for the shards being exported only: the
+    others are not started."""
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="export")
+    try:
         futures = {pool.submit(_export_one, tables, dest, fmt, plan, previous, lease.check): plan
                    for plan, previous in jobs}
         for future in as_completed(futures):
             error = future.exception()
             yield futures[future], None if error is None else f"{type(error).__name__}: {error}"
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _on_ray(jobs: Sequence[Job], tables_uri: str, dest_uri: str, fmt: str, storage_options: Optional[Mapping[str, Any]],

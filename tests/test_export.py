@@ -542,6 +542,43 @@ def test_a_second_export_into_one_destination_is_refused(tmp_path, capsys):
     assert list((tmp_path / "sa1b" / ".export" / "lease").iterdir()) == []
 
 
+def test_an_export_stopped_by_sigterm_finishes_the_shard_it_is_on_and_starts_no_other(tmp_path, capsys, monkeypatch):
+    """SIGTERM (or Ctrl-C) during an export: the shard being exported is finished, the queued
+    ones are not started, the destination's lease is released, exit status 143; the next export
+    goes on with the shards not marked."""
+    import os
+    import signal
+    import time
+
+    import pipeline.export
+
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    for i in range(3):
+        synthetic_shard(out, f"files-0000{i}", [f"{i}.jpg"])
+    exported = []
+    export_one = pipeline.export._export_one
+
+    def stopped_midway(tables, dest, fmt, plan, *rest):
+        exported.append(plan.shard_id)
+        if len(exported) == 1:  # the main thread, waiting for the queued shards, is stopped
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        return export_one(tables, dest, fmt, plan, *rest)
+
+    monkeypatch.setattr(pipeline.export, "_export_one", stopped_midway)
+    args = ["--tables", str(tmp_path / "out"), "--format", "sa1b-json", "--dest", str(tmp_path / "sa1b"),
+            "--workers", "1"]
+    assert export_main(args) == 143
+    assert "error: the export was stopped by SIGTERM; the shards it completed are kept" in capsys.readouterr().err
+    assert exported == ["files-00000"]
+    assert list((tmp_path / "sa1b" / ".export" / "lease").iterdir()) == []
+    monkeypatch.undo()
+    assert export_main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "sa1b" / ".export").iterdir()) == [
+        "files-00000.json", "files-00001.json", "files-00002.json", "lease"]
+
+
 def test_stats_of_more_masks_than_a_sample_holds(tmp_path, monkeypatch, capsys):
     """Beyond ``SAMPLE_ROWS`` rows, quantiles come from a uniform sample (said in the report)
     while counts, means, minima and maxima stay exact, so memory is bounded for any output."""
