@@ -188,6 +188,11 @@ def _version_key(fs: Any, fs_path: str) -> str:
     return hashlib.sha256(f"{fs.protocol}:{fs_path}:{fs.ukey(fs_path)}".encode()).hexdigest()[:16]
 
 
+def _copy_path(fs_path: str, key: str) -> str:
+    """Where :func:`cached_copy` keeps the copy of the version ``key`` of ``fs_path``."""
+    return os.path.join(cache_dir(), "checkpoints", key, posixpath.basename(fs_path))
+
+
 def cached_copy(fs: Any, fs_path: str) -> str:
     """Local path of a copy of remote ``fs_path``, downloaded once per node and version.
 
@@ -196,7 +201,7 @@ def cached_copy(fs: Any, fs_path: str) -> str:
     temporary name and renames it into place, so actors starting together on a node never read
     a half-written copy.
     """
-    local = os.path.join(cache_dir(), "checkpoints", _version_key(fs, fs_path), posixpath.basename(fs_path))
+    local = _copy_path(fs_path, _version_key(fs, fs_path))
     size = fs.size(fs_path)
     if os.path.isfile(local) and os.path.getsize(local) == size:
         return local
@@ -265,7 +270,7 @@ def content_digest(fs: Any, fs_path: str) -> str:
             return known
     except OSError:
         pass
-    copy = os.path.join(cache_dir(), "checkpoints", key, posixpath.basename(fs_path))
+    copy = _copy_path(fs_path, key)
     if os.path.isfile(copy) and os.path.getsize(copy) == fs.size(fs_path):
         fs, fs_path = LocalFileSystem(), copy
     log.info("Reading %s once for its digest (the file keeps no checksums; kept in %s).", fs_path, record)
