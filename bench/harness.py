@@ -12,6 +12,8 @@ Reports, each next to the official package measured in the same process:
   preset (32x32 points, two crop layers: 21 encoder passes per image);
 - peak GPU memory of each measurement, ours/official ratios and, for every AMG run, how far our
   records are from the official ones (identical, or matched-mask IoU statistics);
+- the mask decoder's transformer on one batch of point prompts (fp32 and bf16): official, ours
+  as exact mode runs it and as fast mode runs it (image tokens factored, not copied per prompt);
 - the candidate filter of the heavy load (candidates upsampled to the image, stability scores and
   boxes), ours eager and ``torch.compile``d (``compile=True``), checked identical to the official;
 - the run-length encoding of an image's kept masks with the SA-1B preset's 21 crops, checked
@@ -51,10 +53,11 @@ from .common import machine, sync
 PROFILES: Dict[str, Dict[str, Any]] = {
     "cuda": dict(encoder_models=["vit_b", "vit_h"], light_model="vit_h", heavy_model="vit_b",
                  sa1b_model="vit_h", image=(1500, 2250), points_per_side=32, batches=[1, 4, 8, 16],
-                 repeats=5, batch_images=8, postprocess_image=(1500, 2250), filter_masks=192),
+                 repeats=5, batch_images=8, postprocess_image=(1500, 2250), filter_masks=192,
+                 decoder_prompts=256),
     "cpu": dict(encoder_models=["tiny"], light_model="tiny", heavy_model="tiny", sa1b_model="tiny",
                 image=(375, 563), points_per_side=8, batches=[1, 4], repeats=3, batch_images=2,
-                postprocess_image=(1500, 2250), filter_masks=32),
+                postprocess_image=(1500, 2250), filter_masks=32, decoder_prompts=64),
 }
 # Issue targets on one H100 (vit_h unless said), checked in the summary when --device cuda.
 TARGETS = {"encoder_vit_h_img_s": 70.0, "amg_light_vit_h_img_s": 25.0, "amg_heavy_vit_b_s_img": 0.2,
@@ -383,6 +386,63 @@ def bench_filter(size: Tuple[int, int], count: int, repeats: int, device: str) -
     return out
 
 
+# ------------------------------------------------------------------ decoder
+def bench_decoder(prompts: int, repeats: int, device: str, compile: bool) -> Dict[str, Any]:
+    """The mask decoder's two-way transformer on one batch of ``prompts`` point prompts sharing a
+    64x64 image embedding (the decoder is the same in every model type), in fp32 and bf16
+    autocast: the official one (image tokens repeated per prompt, as its ``predict_masks``), ours
+    as exact mode runs it (``run_transformer``: image-side projections once) and as fast mode runs
+    it (``run_transformer_factored``: image tokens factored, made only for prompts with a survivor,
+    here none). ``deviation``: max |output tokens - the official fp32 ones|; ``image_tokens_deviation``
+    the same for the image tokens (made outside the timing)."""
+    official, ours = models("tiny", device)  # tiny keeps the official decoder
+    gen = torch.Generator().manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64, generator=gen).to(device)
+    points = (torch.rand(prompts, 1, 2, generator=gen) * 1024).to(device)
+    labels = torch.ones(prompts, 1, dtype=torch.int, device=device)
+    decoder, official_decoder = ours.mask_decoder, official.mask_decoder
+    with torch.no_grad():
+        sparse, dense = ours.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+        pe = ours.prompt_encoder.get_dense_pe()
+
+    def official_run():  # segment_anything's MaskDecoder.predict_masks, up to the transformer
+        tokens = decoder._tokens(sparse)
+        src = torch.repeat_interleave(embedding, prompts, dim=0) + dense
+        hs, keys = official_decoder.transformer(src, torch.repeat_interleave(pe, prompts, dim=0), tokens)
+        return hs, keys.transpose(1, 2).reshape(src.shape)
+
+    variants = [("official", official_run), ("ours_dense", lambda: decoder.run_transformer(embedding, pe, sparse, dense)),
+                ("ours_factored", lambda: decoder.run_transformer_factored(embedding, pe, sparse, dense))]
+    if compile:
+        dense_compiled = torch.compile(decoder.run_transformer)
+        factored_compiled = torch.compile(decoder.run_transformer_factored)
+        variants += [("ours_dense_compiled", lambda: dense_compiled(embedding, pe, sparse, dense)),
+                     ("ours_factored_compiled", lambda: factored_compiled(embedding, pe, sparse, dense))]
+    print(f"decoder transformer: {prompts} point prompts on one 64x64 embedding")
+    out: Dict[str, Any] = {"prompts": prompts}
+    reference = None
+    for dtype in ("fp32", "bf16"):
+        amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+        for name, run in variants:
+            with torch.no_grad(), amp, Peak(device) as peak:
+                seconds, (hs, image_tokens) = median_time(run, device, repeats)
+            with torch.no_grad():
+                if name.startswith("ours_factored"):
+                    image_tokens = decoder.image_tokens(image_tokens, embedding.shape[-2:])
+                hs, image_tokens = hs.float(), image_tokens.float()
+            if reference is None:
+                reference = hs, image_tokens
+            row = {"ms": seconds * 1e3, "peak_gib": peak.gib,
+                   "deviation": (hs - reference[0]).abs().max().item(),
+                   "image_tokens_deviation": (image_tokens - reference[1]).abs().max().item()}
+            if name != "official":
+                row["speedup"] = out[dtype]["official"]["ms"] / row["ms"]
+            out.setdefault(dtype, {})[name] = row
+            del hs, image_tokens
+    print("  " + json.dumps(out))
+    return out
+
+
 # ------------------------------------------------------------------ RLE of the kept masks
 def bench_rle(size: Tuple[int, int], per_crop: int, repeats: int, device: str) -> Dict[str, Any]:
     """Run-length encoding of the kept masks of one image with the SA-1B preset's 21 crops
@@ -465,8 +525,8 @@ def bench_resize(ours, device: str, size: Tuple[int, int], points_per_side: int,
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sections", default="encoder,light,heavy,sa1b,filter,rle,postprocess,resize",
-                    help="comma-separated: encoder, light, heavy, sa1b, filter, rle, postprocess, resize")
+    ap.add_argument("--sections", default="encoder,decoder,light,heavy,sa1b,filter,rle,postprocess,resize",
+                    help="comma-separated: encoder, decoder, light, heavy, sa1b, filter, rle, postprocess, resize")
     ap.add_argument("--json", help="write every figure to this JSON file")
     ap.add_argument("--compile", action="store_true",
                     help="also time a torch.compile'd bf16 encoder (batch 8 on GPU) and fast-mode AMG with "
@@ -474,6 +534,8 @@ def main(argv=None) -> None:
     ap.add_argument("--models", help="comma-separated encoder model types (default: the device profile's)")
     ap.add_argument("--size", help="AMG image size HxW (default: the device profile's)")
     ap.add_argument("--points-per-side", type=int, help="AMG grid (default: the device profile's)")
+    ap.add_argument("--decoder-prompts", type=int, help="decoder section: point prompts in the batch (default: "
+                                                        "the device profile's)")
     ap.add_argument("--repeats", type=int, help="timed calls per measurement, median kept (default: the "
                                                 "device profile's)")
     ap.add_argument("--profile", action="store_true",
@@ -490,6 +552,8 @@ def main(argv=None) -> None:
         profile = dict(profile, points_per_side=args.points_per_side)
     if args.repeats:
         profile = dict(profile, repeats=args.repeats)
+    if args.decoder_prompts:
+        profile = dict(profile, decoder_prompts=args.decoder_prompts)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, for both packages
     torch.backends.cudnn.allow_tf32 = False
     report: Dict[str, Any] = {"machine": machine(), "device": args.device, "profile": profile}
@@ -510,6 +574,9 @@ def main(argv=None) -> None:
         for m in profile["encoder_models"]:
             report["encoder"].append(bench_encoder(m, args.device, profile["batches"], repeats, args.compile))
             save()
+    if "decoder" in sections:
+        report["decoder"] = bench_decoder(profile["decoder_prompts"], repeats, args.device, args.compile)
+        save()
     light_models = None
     if "light" in sections or "sa1b" in sections or "resize" in sections:
         light_models = models(profile["light_model"], args.device)
@@ -611,6 +678,14 @@ def summary(report: Dict[str, Any]) -> None:
             parts.append(f"compiled {c['s_img']:.3f} s/img ({c['speedup']:.1f}x, {c['peak_gib']:.1f} GiB, "
                          f"first call {c['first_call_s']:.0f} s)")
         print(f"AMG {run['name']}: " + "; ".join(parts))
+    if "decoder" in report:
+        d = report["decoder"]
+        for dtype in ("fp32", "bf16"):
+            rows = d[dtype]
+            parts = [f"official {rows['official']['ms']:.1f} ms"] + [
+                f"{name[5:]} {r['ms']:.1f} ms ({r['speedup']:.2f}x, max dev {r['deviation']:.1e})"
+                for name, r in rows.items() if name != "official"]
+            print(f"decoder transformer, {d['prompts']} prompts, {dtype}: " + "; ".join(parts))
     if "filter" in report:
         f = report["filter"]
         print(f"candidate filter, {f['masks']} masks to {f['image'][0]}x{f['image'][1]}: official "

@@ -43,6 +43,7 @@ def test_fast_mode_compiled_fidelity(models):
     exact = SamAutomaticMaskGenerator(exact_model, **settings).generate(image)
     gen = SamAutomaticMaskGenerator(fast_model, mode="fast", compile=True, encoder_batch_size=2, **settings)
     assert isinstance(gen.predictor._encoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert gen.factored_decoder  # fast mode: the image tokens factored (tests/test_factored_decoder.py)
     for compiled in (gen._run_transformer, gen._masks_from_tokens):
         assert hasattr(compiled, "_torchdynamo_orig_callable")
     f = compare_records(exact, gen.generate(image))
@@ -53,6 +54,7 @@ def test_fast_mode_compiled_fidelity(models):
     exact_gen = SamAutomaticMaskGenerator(exact_model, compile=True, **settings)
     assert exact_gen.predictor._encoder is exact_model.image_encoder  # exact mode: official arithmetic
     assert exact_gen._run_transformer == exact_model.mask_decoder.run_transformer
+    assert not exact_gen.factored_decoder
     assert exact_gen._masks_from_tokens == exact_model.mask_decoder.masks_from_tokens
 
 

@@ -12,14 +12,22 @@ from bench import harness
 
 def test_harness_writes_every_section(tmp_path, capsys):
     out = tmp_path / "h.json"
-    harness.main(["--device", "cpu", "--sections", "encoder,light,sa1b,filter,rle,postprocess,resize",
-                  "--size", "120x180",
+    harness.main(["--device", "cpu", "--sections", "encoder,decoder,light,sa1b,filter,rle,postprocess,resize",
+                  "--size", "120x180", "--decoder-prompts", "4",
                   "--points-per-side", "4", "--repeats", "1", "--json", str(out)])
     report = json.loads(out.read_text())
     enc = report["encoder"][0]
     assert enc["model_type"] == "tiny" and enc["fp32_batch1_ratio"] > 0
     names = {r["name"] for r in enc["rows"]}
     assert {"official fp32 batch 1", "official bf16 autocast batch 4", "ours fp32 batch 1 (sdpa)"} <= names
+    decoder = report["decoder"]
+    assert decoder["prompts"] == 4
+    for dtype, rounding in (("fp32", 1e-4), ("bf16", 0.2)):
+        rows = decoder[dtype]
+        assert set(rows) == {"official", "ours_dense", "ours_factored"}
+        for name in ("ours_dense", "ours_factored"):
+            assert rows[name]["speedup"] > 0
+            assert rows[name]["deviation"] < rounding and rows[name]["image_tokens_deviation"] < rounding
     light, sa1b = report["amg"]
     assert light["name"] == "light tiny" and light["official"]["s_img"] > 0
     for mode in ("exact", "fast"):

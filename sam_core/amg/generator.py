@@ -15,8 +15,9 @@ is done and how much of it:
   values) and, in fast mode, the encoder and the decoder are compiled too.
 
 ``mode="fast"`` adds bf16 autocast for encoder and decoder (the encoder's relative-position
-bias then folded into flash attention) and decodes the grid in larger batches
-(``fast_points_per_batch``); its deviation from exact is measured by ``tests/test_amg_fast_mode.py``
+bias then folded into flash attention), decodes the grid in larger batches
+(``fast_points_per_batch``) and keeps the decoder's image tokens factored instead of copying them
+per prompt (``modeling/factored.py``); its deviation from exact is measured by ``tests/test_amg_fast_mode.py``
 and ``bench/harness.py``.
 """
 
@@ -187,12 +188,14 @@ class SamAutomaticMaskGenerator:
         compile_model = bool(compile) and mode == "fast"
         self.predictor = SamPredictor(model, amp_dtype=amp, compile_encoder=compile_model)
         # The decoder's two halves as _process_batch calls them; compiled with the prompt batch
-        # dynamic (the grid's last batch and the prompts with a survivor vary in number).
+        # dynamic (the grid's last batch and the prompts with a survivor vary in number). Fast
+        # mode keeps the image tokens factored, not one copy per prompt (modeling/factored.py).
         decoder = model.mask_decoder
-        self._run_transformer = decoder.run_transformer
+        self.factored_decoder = mode == "fast"
+        self._run_transformer = decoder.run_transformer_factored if self.factored_decoder else decoder.run_transformer
         self._masks_from_tokens = decoder.masks_from_tokens
         if compile_model:
-            self._run_transformer = torch.compile(decoder.run_transformer, dynamic=True)
+            self._run_transformer = torch.compile(self._run_transformer, dynamic=True)
             self._masks_from_tokens = torch.compile(decoder.masks_from_tokens, dynamic=True)
         self.points_per_batch = points_per_batch
         # Prompts per decoder forward: the grid in few large batches in fast mode.
@@ -361,7 +364,7 @@ class SamAutomaticMaskGenerator:
         with p._autocast():
             sparse, dense = model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]),
                                                  boxes=None, masks=None)
-            hs, src = self._run_transformer(p.features, model.prompt_encoder.get_dense_pe(), sparse, dense)
+            hs, image_tokens = self._run_transformer(p.features, model.prompt_encoder.get_dense_pe(), sparse, dense)
             iou_preds = decoder.iou_from_tokens(hs)[:, 1:].float()  # (B, 3) multimask outputs
         # IoU filter first: it needs no pixels, and most candidates fail it. Masks are then
         # decoded only for prompts with a survivor, and upsampled only for survivors. Rows are
@@ -377,7 +380,11 @@ class SamAutomaticMaskGenerator:
         with p._autocast():
             # Indexing (not index_select) keeps src's memory layout, and with it the convolution's
             # arithmetic, as the official code has it.
-            logits = self._masks_from_tokens(hs[prompts], src[prompts])
+            if self.factored_decoder:
+                src = decoder.image_tokens(image_tokens, p.features.shape[-2:], prompts)
+            else:
+                src = image_tokens[prompts]
+            logits = self._masks_from_tokens(hs[prompts], src)
         # Survivors in row-major (prompt, output) order, as the official flatten.
         kept = keep[prompts].flatten().nonzero().flatten()  # (M,) into (K, 3)
         outputs = keep.shape[1]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from .common import MLP, LayerNorm2d
+from .factored import FactoredRows, run_factored
+
+
+def _shares_image_tokens(image_embeddings: torch.Tensor, dense: torch.Tensor) -> bool:
+    """One image embedding, and one dense embedding broadcast over the batch (no mask prompt)."""
+    return image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0)
 
 
 class MaskDecoder(nn.Module):
@@ -83,12 +89,9 @@ class MaskDecoder(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns output tokens Bx(1+T+N)xC and the updated image embedding BxCxHxW."""
         B = sparse_prompt_embeddings.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(B, -1, -1)  # (B, 1+T, C)
-        tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)  # (B, 1+T+N, C)
-
+        tokens = self._tokens(sparse_prompt_embeddings)
         dense = dense_prompt_embeddings
-        if image_embeddings.shape[0] == 1 and dense.shape[0] > 1 and dense.stride(0) == 0:
+        if _shares_image_tokens(image_embeddings, dense):
             # No mask prompts: the dense embedding is one vector broadcast over the batch, so every
             # prompt sees the same image tokens and the transformer computes their image-side
             # projections once (same numbers as B copies, a fraction of the work).
@@ -98,6 +101,34 @@ class MaskDecoder(nn.Module):
         _, c, h, w = src.shape
         hs, keys = self.transformer(src, pos_src, tokens)  # keys: (B, HW, C)
         return hs, keys.transpose(1, 2).reshape(B, c, h, w)
+
+    def run_transformer_factored(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> Tuple[torch.Tensor, FactoredRows]:
+        """``run_transformer`` for prompts that share the image tokens (one image embedding 1xCxHxW,
+        no mask prompt), with the updated image tokens kept factored (``factored.py``): the
+        tokens Bx(1+T+N)xC and ``FactoredRows`` of HW rows; ``image_tokens`` makes BxCxHxW of them.
+        The same values up to rounding, without B copies of the image tokens."""
+        if not _shares_image_tokens(image_embeddings, dense_prompt_embeddings):
+            raise ValueError("factored image tokens need one image embedding and no mask prompt")
+        src = image_embeddings + dense_prompt_embeddings[:1]
+        return run_factored(self.transformer, src, image_pe, self._tokens(sparse_prompt_embeddings))
+
+    @staticmethod
+    def image_tokens(rows: FactoredRows, size: Tuple[int, int], prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The image tokens of every prompt, or of ``prompts`` (K,) only, as ``run_transformer``
+        returns them: (B or K)xCxHxW, HxW = ``size``."""
+        return rows.dense(prompts).transpose(1, 2).unflatten(2, size)
+
+    def _tokens(self, sparse_prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """Output tokens then prompt tokens: BxNxC -> Bx(1+T+N)xC."""
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.shape[0], -1, -1)
+        return torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
     def iou_from_tokens(self, hs: torch.Tensor) -> torch.Tensor:
         """Output tokens Bx(1+T+N)xC -> IoU predictions of every mask token: BxT."""

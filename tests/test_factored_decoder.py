@@ -1,0 +1,81 @@
+"""The decoder's transformer with factored image tokens (fast mode) computes what the dense one
+computes, without a copy of the image tokens per prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor (elements) any operator returns inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def prompts(model, batch: int, boxes: bool):
+    """Sparse and dense embeddings of ``batch`` random point (or box) prompts."""
+    gen = torch.Generator().manual_seed(batch)
+    if boxes:
+        corners = torch.rand(batch, 2, 2, generator=gen) * 1024
+        return model.prompt_encoder(points=None, boxes=corners.sort(dim=1).values.flatten(1), masks=None)
+    points = torch.rand(batch, 1, 2, generator=gen) * 1024
+    return model.prompt_encoder(points=(points, torch.ones(batch, 1, dtype=torch.int)), boxes=None, masks=None)
+
+
+@pytest.mark.parametrize("boxes", [False, True])
+def test_factored_transformer_matches_the_dense_one(tiny_ours, boxes):
+    """Tokens, image tokens and the masks made from them agree to fp32 rounding; ``tiny`` has the
+    official decoder (256 wide, 8 heads, 64x64 tokens)."""
+    decoder = tiny_ours.mask_decoder
+    embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(1))
+    pe = tiny_ours.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        sparse, dense = prompts(tiny_ours, 6, boxes)
+        hs, src = decoder.run_transformer(embedding, pe, sparse, dense)
+        factored_hs, rows = decoder.run_transformer_factored(embedding, pe, sparse, dense)
+        torch.testing.assert_close(factored_hs, hs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(decoder.image_tokens(rows, (64, 64)), src, rtol=1e-5, atol=1e-5)
+        some = torch.tensor([4, 1])
+        torch.testing.assert_close(decoder.masks_from_tokens(factored_hs[some], decoder.image_tokens(rows, (64, 64), some)),
+                                   decoder.masks_from_tokens(hs[some], src[some]), rtol=1e-4, atol=1e-4)
+
+
+def test_factored_transformer_makes_no_image_tokens_per_prompt(tiny_ours):
+    """No operator returns a tensor as large as B copies of the (N, C) image tokens; the dense
+    path does (the check sees it)."""
+    decoder = tiny_ours.mask_decoder
+    batch, tokens = 16, 64 * 64 * 256
+    embedding = torch.randn(1, 256, 64, 64)
+    pe = tiny_ours.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        sparse, dense = prompts(tiny_ours, batch, False)
+        with LargestTensor() as factored:
+            decoder.run_transformer_factored(embedding, pe, sparse, dense)
+        with LargestTensor() as dense_path:
+            decoder.run_transformer(embedding, pe, sparse, dense)
+    assert factored.numel < batch * tokens <= dense_path.numel
+
+
+def test_factored_transformer_needs_tokens_shared_by_every_prompt(tiny_ours):
+    decoder = tiny_ours.mask_decoder
+    pe = tiny_ours.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        sparse, dense = prompts(tiny_ours, 2, False)
+        with pytest.raises(ValueError, match="one image embedding and no mask prompt"):
+            decoder.run_transformer_factored(torch.randn(2, 256, 64, 64), pe, sparse, dense)
+        masks = torch.randn(2, 1, 256, 256)
+        sparse, dense = tiny_ours.prompt_encoder(points=None, boxes=None, masks=masks)
+        with pytest.raises(ValueError, match="one image embedding and no mask prompt"):
+            decoder.run_transformer_factored(torch.randn(1, 256, 64, 64), pe, sparse, dense)
