@@ -79,3 +79,28 @@ def test_factored_transformer_needs_tokens_shared_by_every_prompt(tiny_ours):
         sparse, dense = tiny_ours.prompt_encoder(points=None, boxes=None, masks=masks)
         with pytest.raises(ValueError, match="one image embedding and no mask prompt"):
             decoder.run_transformer_factored(torch.randn(1, 256, 64, 64), pe, sparse, dense)
+
+
+def test_factored_transformer_matches_on_a_trained_model():
+    """The bundled demo model (trained weights, so activations of a real scale) on a bundled
+    scene's embedding: the same agreement."""
+    from pipeline.single_machine import SAMPLE_IMAGES
+    from sam_core import SamPredictor, build_sam
+    from sam_core.checkpoint import BUNDLED_CHECKPOINTS
+    from sam_core.training.data import load_coco, read_rgb
+
+    model = build_sam("demo", BUNDLED_CHECKPOINTS["demo"])
+    path, _, _ = load_coco(SAMPLE_IMAGES + ".json")[0]
+    predictor = SamPredictor(model)
+    predictor.set_image(read_rgb(path))
+    decoder = model.mask_decoder
+    pe = model.prompt_encoder.get_dense_pe()
+    grid = torch.stack(torch.meshgrid(torch.linspace(8, 248, 6), torch.linspace(8, 248, 6), indexing="xy"), -1)
+    points = grid.reshape(-1, 1, 2)
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points=(points, torch.ones(len(points), 1, dtype=torch.int)),
+                                             boxes=None, masks=None)
+        hs, src = decoder.run_transformer(predictor.features, pe, sparse, dense)
+        factored_hs, rows = decoder.run_transformer_factored(predictor.features, pe, sparse, dense)
+    torch.testing.assert_close(factored_hs, hs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decoder.image_tokens(rows, src.shape[-2:]), src, rtol=1e-5, atol=1e-5)
