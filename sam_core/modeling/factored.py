@@ -177,13 +177,8 @@ def run_factored(transformer: TwoWayTransformer, image_embedding: Tensor, image_
     pe = image_pe[0].flatten(1).t()
     batch = point_embedding.shape[0]
     queries, keys = point_embedding, FactoredRows.of_shared(rows, batch)
-    for layer in transformer.layers:
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + point_embedding
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
+    for layer in transformer.layers:  # TwoWayAttentionBlock.forward, the image tokens factored
+        queries = layer.token_self_attention(queries, point_embedding)
         q = queries + point_embedding
         k = keys.plus(pe)
         queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, q, k, keys))

@@ -87,13 +87,7 @@ class TwoWayAttentionBlock(nn.Module):
     ) -> Tuple[Tensor, Tensor]:
         """queries, query_pe: BxNxC. keys, key_pe: Bx(HW)xC, or 1x(HW)xC when every prompt shares
         the image tokens: the image-side projections then run once, and keys come out BxHWxC."""
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
-
+        queries = self.token_self_attention(queries, query_pe)
         q = queries + query_pe
         k = keys + key_pe  # keys do not change before step 4, which reuses it
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
@@ -105,6 +99,15 @@ class TwoWayAttentionBlock(nn.Module):
         # first operand takes a slow elementwise loop (5x on CPU).
         keys = self.norm4(self.cross_attn_image_to_token(q=k, k=q, v=queries) + keys)
         return queries, keys
+
+    def token_self_attention(self, queries: Tensor, query_pe: Tensor) -> Tensor:
+        """The block's first step, on the tokens alone: BxNxC -> BxNxC."""
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        return self.norm1(queries)
 
 
 class Attention(nn.Module):
