@@ -3,8 +3,8 @@ tokens per prompt.
 
 When B prompts share one image embedding (point or box prompts, no mask prompt), prompt b's
 image tokens start as the same (N, C) rows. An image->token attention adds to each row a
-weighted sum of that prompt's few token values (weights: the softmax over heads x tokens), and a
-LayerNorm rescales each row. So after any number of layers prompt b's row n is
+weighted sum of that prompt's few token values (per head, a softmax over its tokens; the output
+projection of each head's values is per prompt too), and a LayerNorm rescales each row. So after any number of layers prompt b's row n is
 
     X[b, n] = scale[b, n] * shared[n] + coeffs[b, :, n] @ basis[b] + offset
 
