@@ -171,7 +171,8 @@ class BoxPrompter:
         are decoded in chunks under it (at least one box), so a dense image (hundreds of boxes
         on a large photo: ~50 MB of float logits per box at 4000x3000) does not run out of memory.
         ``mode``: "exact" (fp32, as ``SamPredictor``) or "fast" (bf16 autocast for encoder and
-        decoder, as the generator's fast mode; other masks, so another output identity)."""
+        decoder and the decoder's image tokens factored, as the generator's fast mode; other
+        masks, so another output identity)."""
         if max_chunk_pixels < 1:
             raise ValueError(f"max_chunk_pixels must be >= 1, got {max_chunk_pixels}.")
         if mode not in PROMPT_MODES:
@@ -181,7 +182,8 @@ class BoxPrompter:
         if checkpoint is None:
             torch.manual_seed(seed)
         self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device, storage_options=storage_options),
-                                      amp_dtype=torch.bfloat16 if mode == "fast" else None)
+                                      amp_dtype=torch.bfloat16 if mode == "fast" else None,
+                                      factored_decoder=mode == "fast")
         self.model_id = model_id(model_type, checkpoint, seed)
         self._checkpoint = (checkpoint, storage_options)
         self.mode = mode

@@ -33,7 +33,7 @@ class ImageEmbedding:
 
 class SamPredictor:
     def __init__(self, sam_model: Sam, *, amp_dtype: Optional[torch.dtype] = None,
-                 compile_encoder: bool = False) -> None:
+                 compile_encoder: bool = False, factored_decoder: bool = False) -> None:
         """``amp_dtype`` (e.g. ``torch.bfloat16`` on CUDA) runs encoder and decoder under autocast;
         outputs are always float32. ``None`` (default) computes in the model's own dtype.
 
@@ -41,7 +41,11 @@ class SamPredictor:
         GELU and residual adds; the batch size is dynamic, so batches of 2 or more share one
         compilation and a batch of 1 has its own). The first encodes pay the compilation
         (minutes for vit_h on a GPU); the values differ from eager by rounding, not bit for bit.
-        Without a system compiler for inductor it raises ``RuntimeError`` here, not at the first encode."""
+        Without a system compiler for inductor it raises ``RuntimeError`` here, not at the first encode.
+
+        ``factored_decoder``: decode prompts without mask inputs with the image tokens factored
+        (``MaskDecoder.run_transformer_factored``): the same masks up to rounding, less work
+        when many prompts are decoded at once."""
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
         self.amp_dtype = amp_dtype
@@ -49,6 +53,7 @@ class SamPredictor:
             require_compiler(next(sam_model.parameters()).device)
         self._encoder = torch.compile(sam_model.image_encoder) if compile_encoder else sam_model.image_encoder
         self.compile_encoder = bool(compile_encoder)
+        self.factored_decoder = bool(factored_decoder)
         self.reset_image()
 
     # ------------------------------------------------------------------ images
@@ -209,6 +214,7 @@ class SamPredictor:
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
+                factored=self.factored_decoder,
             )
         low_res, iou = low_res.float(), iou.float()
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)

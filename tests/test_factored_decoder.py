@@ -104,3 +104,34 @@ def test_factored_transformer_matches_on_a_trained_model():
         factored_hs, rows = decoder.run_transformer_factored(predictor.features, pe, sparse, dense)
     torch.testing.assert_close(factored_hs, hs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(decoder.image_tokens(rows, src.shape[-2:]), src, rtol=1e-5, atol=1e-5)
+
+
+def test_predictor_with_factored_decoder_gives_the_same_masks(tiny_ours, monkeypatch):
+    """``SamPredictor(factored_decoder=True)`` (what ``jobs.prompt --mode fast`` uses) on a batch
+    of boxes: the same logits and IoU up to fp32 rounding; with a mask input it takes the dense
+    path (the prompts do not share the image tokens)."""
+    from pipeline.prompted import BoxPrompter
+    from sam_core import SamPredictor
+
+    from .conftest import photo
+
+    decoder = tiny_ours.mask_decoder
+    factored_calls = []
+    run_factored = decoder.run_transformer_factored
+    monkeypatch.setattr(decoder, "run_transformer_factored",
+                        lambda *args: factored_calls.append(len(args[2])) or run_factored(*args))
+    image = photo("coffee", (200, 300))
+    dense_path, factored = SamPredictor(tiny_ours), SamPredictor(tiny_ours, factored_decoder=True)
+    boxes = torch.tensor([[10.0, 20.0, 400.0, 300.0], [500.0, 100.0, 900.0, 600.0], [0.0, 0.0, 1000.0, 680.0]])
+    results = []
+    for predictor in (dense_path, factored):
+        predictor.set_image(image)
+        with torch.no_grad():
+            results.append(predictor.predict_torch(None, None, boxes, multimask_output=True, return_logits=True))
+            results.append(predictor.predict_torch(None, None, boxes[:2], mask_input=results[0][2][:2, :1]))
+    for expected, got in zip(results[:2], results[2:]):
+        for a, b in zip(expected, got):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert factored_calls == [3]  # the boxes; not the call with two mask inputs, nor the dense predictor's
+    assert BoxPrompter("tiny", None, mode="fast").predictor.factored_decoder
+    assert not BoxPrompter("tiny", None).predictor.factored_decoder

@@ -55,14 +55,17 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        factored: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """image_embeddings: 1xCxHxW (shared) or BxCxHxW (one per prompt); image_pe: 1xCxHxW;
-        sparse: BxNxC; dense: BxCxHxW.
+        sparse: BxNxC; dense: BxCxHxW. ``factored``: run the transformer with factored image
+        tokens where the prompts share them (``run_transformer_factored``; same values up to
+        rounding, less work for many prompts).
 
         Returns mask logits Bxkx(4H)x(4W) and IoU predictions Bxk, k = 3 if multimask else 1.
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, factored
         )
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, mask_slice], iou_pred[:, mask_slice]
@@ -73,11 +76,15 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        factored: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """All mask tokens: logits Bx(1+k)x(4H)x(4W) and IoU Bx(1+k)."""
-        hs, src = self.run_transformer(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
+        args = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        if factored and _shares_image_tokens(image_embeddings, dense_prompt_embeddings):
+            hs, rows = self.run_transformer_factored(*args)
+            src = self.image_tokens(rows, image_embeddings.shape[-2:])
+        else:
+            hs, src = self.run_transformer(*args)
         return self.masks_from_tokens(hs, src), self.iou_from_tokens(hs)
 
     def run_transformer(
