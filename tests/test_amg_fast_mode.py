@@ -44,8 +44,9 @@ def test_fast_mode_compiled_fidelity(models):
     gen = SamAutomaticMaskGenerator(fast_model, mode="fast", compile=True, encoder_batch_size=2, **settings)
     assert isinstance(gen.predictor._encoder, torch._dynamo.eval_frame.OptimizedModule)
     assert gen.factored_decoder  # fast mode: the image tokens factored (tests/test_factored_decoder.py)
-    for compiled in (gen._run_transformer, gen._masks_from_tokens):
+    for compiled in (gen._run_transformer, gen._masks):
         assert hasattr(compiled, "_torchdynamo_orig_callable")
+    assert gen._masks._torchdynamo_orig_callable == fast_model.mask_decoder.masks_from_rows
     f = compare_records(exact, gen.generate(image))
     print(f"fast compiled vs exact: {f.as_dict()}")
     assert f.reference_masks > 20
@@ -55,7 +56,7 @@ def test_fast_mode_compiled_fidelity(models):
     assert exact_gen.predictor._encoder is exact_model.image_encoder  # exact mode: official arithmetic
     assert exact_gen._run_transformer == exact_model.mask_decoder.run_transformer
     assert not exact_gen.factored_decoder
-    assert exact_gen._masks_from_tokens == exact_model.mask_decoder.masks_from_tokens
+    assert exact_gen._masks == exact_model.mask_decoder.masks_from_tokens
 
 
 def test_compare_records_is_discriminating(models):

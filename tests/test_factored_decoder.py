@@ -48,8 +48,36 @@ def test_factored_transformer_matches_the_dense_one(tiny_ours, boxes):
         torch.testing.assert_close(factored_hs, hs, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(decoder.image_tokens(rows, (64, 64)), src, rtol=1e-5, atol=1e-5)
         some = torch.tensor([4, 1])
+        expected = decoder.masks_from_tokens(hs[some], src[some])
         torch.testing.assert_close(decoder.masks_from_tokens(factored_hs[some], decoder.image_tokens(rows, (64, 64), some)),
-                                   decoder.masks_from_tokens(hs[some], src[some]), rtol=1e-4, atol=1e-4)
+                                   expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(decoder.masks_from_rows(factored_hs[some], rows.select(some), (64, 64)),
+                                   expected, rtol=1e-4, atol=1e-4)
+
+
+def test_masks_from_rows_matches_the_upscaling_convolutions(tiny_ours):
+    """The mask head on the factors (per-pixel products, each token's 4x4 block of pixels in
+    rows) puts every logit where the convolutions do: a non-square embedding, so that rows and
+    columns cannot be swapped unseen. Under bf16 autocast it computes in bf16, close to fp32."""
+    decoder = tiny_ours.mask_decoder
+    gen = torch.Generator().manual_seed(2)
+    embedding, pe = torch.randn(1, 256, 12, 20, generator=gen), torch.randn(1, 256, 12, 20, generator=gen)
+    with torch.no_grad():
+        sparse, dense = prompts(tiny_ours, 5, False)
+        dense = dense[..., :12, :20]  # the no-mask embedding, one vector everywhere
+        hs, rows = decoder.run_transformer_factored(embedding, pe, sparse, dense)
+        expected = decoder.masks_from_tokens(hs, decoder.image_tokens(rows, (12, 20)))  # (5, 4, 48, 80)
+        got = decoder.masks_from_rows(hs, rows, (12, 20))
+        assert got.shape == expected.shape == (5, 4, 48, 80)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", torch.bfloat16):
+            low = decoder.masks_from_rows(hs, rows, (12, 20))
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+    with pytest.raises(ValueError, match="2x2 stride-2 transposed convolution"):
+        from sam_core.modeling.mask_decoder import _pixel_blocks
+
+        _pixel_blocks(torch.nn.ConvTranspose2d(4, 4, kernel_size=3, stride=2))
 
 
 def test_factored_transformer_makes_no_image_tokens_per_prompt(tiny_ours):

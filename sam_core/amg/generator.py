@@ -193,10 +193,10 @@ class SamAutomaticMaskGenerator:
         decoder = model.mask_decoder
         self.factored_decoder = mode == "fast"
         self._run_transformer = decoder.run_transformer_factored if self.factored_decoder else decoder.run_transformer
-        self._masks_from_tokens = decoder.masks_from_tokens
+        self._masks = decoder.masks_from_rows if self.factored_decoder else decoder.masks_from_tokens
         if compile_model:
             self._run_transformer = torch.compile(self._run_transformer, dynamic=True)
-            self._masks_from_tokens = torch.compile(decoder.masks_from_tokens, dynamic=True)
+            self._masks = torch.compile(self._masks, dynamic=True)
         self.points_per_batch = points_per_batch
         # Prompts per decoder forward: the grid in few large batches in fast mode.
         self.decoder_batch = points_per_batch if mode == "exact" else max(points_per_batch, fast_points_per_batch)
@@ -378,13 +378,12 @@ class SamAutomaticMaskGenerator:
         if prompts.numel() == 0:
             return _empty_candidates(device)
         with p._autocast():
-            # Indexing (not index_select) keeps src's memory layout, and with it the convolution's
-            # arithmetic, as the official code has it.
-            if self.factored_decoder:
-                src = decoder.image_tokens(image_tokens, p.features.shape[-2:], prompts)
+            if self.factored_decoder:  # the masks straight from the factors, in the autocast dtype
+                logits = self._masks(hs[prompts], image_tokens.select(prompts), p.features.shape[-2:], p.amp_dtype)
             else:
-                src = image_tokens[prompts]
-            logits = self._masks_from_tokens(hs[prompts], src)
+                # Indexing (not index_select) keeps src's memory layout, and with it the
+                # convolution's arithmetic, as the official code has it.
+                logits = self._masks(hs[prompts], image_tokens[prompts])
         # Survivors in row-major (prompt, output) order, as the official flatten.
         kept = keep[prompts].flatten().nonzero().flatten()  # (M,) into (K, 3)
         outputs = keep.shape[1]

@@ -51,10 +51,18 @@ class FactoredRows:
         n, c = rows.shape
         return cls(None, rows, rows.new_zeros(batch, 0, n), rows.new_zeros(batch, 0, c), rows.new_zeros(c))
 
-    def linear(self, layer: nn.Linear) -> "FactoredRows":
-        weight = layer.weight.t()
+    def select(self, prompts: Tensor) -> "FactoredRows":
+        """The rows of ``prompts`` (K,) only."""
+        scale = None if self.scale is None else self.scale[prompts]
+        return FactoredRows(scale, self.shared, self.coeffs[prompts], self.basis[prompts], self.offset)
+
+    def matmul(self, weight: Tensor, bias: Tensor) -> "FactoredRows":
+        """Every row times ``weight`` (C, C') plus ``bias`` (C',)."""
         return FactoredRows(self.scale, self.shared @ weight, self.coeffs, self.basis @ weight,
-                            self.offset @ weight + layer.bias)
+                            self.offset @ weight + bias)
+
+    def linear(self, layer: nn.Linear) -> "FactoredRows":
+        return self.matmul(layer.weight.t(), layer.bias)
 
     def plus(self, rows: Tensor) -> "FactoredRows":
         """Add (N, C) rows shared by every prompt (a positional encoding)."""
@@ -94,15 +102,25 @@ class FactoredRows:
             return FactoredRows(new_scale, shared * norm.weight.float(), coeffs * rstd[:, None, :],
                                 basis * norm.weight.float(), norm.bias.float())
 
-    def dense(self, prompts: Optional[Tensor] = None) -> Tensor:
-        """The rows of every prompt, or of ``prompts`` (K,) only: (B or K, N, C)."""
-        scale, coeffs, basis = self.scale, self.coeffs, self.basis
-        if prompts is not None:
-            coeffs, basis = coeffs[prompts], basis[prompts]
-            scale = scale[prompts] if scale is not None else None
-        rows = coeffs.transpose(1, 2) @ basis.to(coeffs.dtype) + self.offset
-        shared = self.shared if scale is None else scale[..., None] * self.shared
-        return rows + shared
+    def dense(self, prompts: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The rows of every prompt, or of ``prompts`` (K,) only: (B or K, N, C), computed in
+        ``dtype`` (default ``shared``'s) whatever the autocast. One batched product, with the
+        shared term as its input and a constant offset as one more basis row."""
+        rows = self if prompts is None else self.select(prompts)
+        dtype = dtype or self.shared.dtype
+        with torch.autocast(self.shared.device.type, enabled=False):
+            start = rows.shared.to(dtype)
+            if rows.scale is not None:
+                start = rows.scale[..., None].to(dtype) * start
+            b, r, n = rows.coeffs.shape
+            basis = rows.basis.to(dtype)
+            if rows.offset.dim() == 1:
+                basis = torch.cat([basis, rows.offset.to(dtype).expand(b, 1, -1)], dim=1)
+            else:
+                start = start + rows.offset.to(dtype)
+            coeffs = rows.coeffs.new_ones(b, n, basis.shape[1], dtype=dtype)  # (B, N, R or R+1)
+            coeffs[..., :r] = rows.coeffs.transpose(1, 2)
+            return torch.baddbmm(start, coeffs, basis)
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:

@@ -5,10 +5,20 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d
 from .factored import FactoredRows, run_factored
+
+
+def _pixel_blocks(conv: nn.ConvTranspose2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A 2x2 stride-2 transposed convolution as the linear map of each input pixel to its 2x2
+    output block: weight (C_in, 2*2*C_out) and bias (2*2*C_out,), columns ordered (i, j, C_out)."""
+    if conv.kernel_size != (2, 2) or conv.stride != (2, 2) or conv.padding != (0, 0):
+        raise ValueError(f"expected a 2x2 stride-2 transposed convolution, got {conv}")
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, 4 * conv.out_channels)
+    return weight, conv.bias.repeat(4)
 
 
 def _shares_image_tokens(image_embeddings: torch.Tensor, dense: torch.Tensor) -> bool:
@@ -82,10 +92,11 @@ class MaskDecoder(nn.Module):
         args = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
         if factored and _shares_image_tokens(image_embeddings, dense_prompt_embeddings):
             hs, rows = self.run_transformer_factored(*args)
-            src = self.image_tokens(rows, image_embeddings.shape[-2:])
+            masks = self.masks_from_rows(hs, rows, image_embeddings.shape[-2:])
         else:
             hs, src = self.run_transformer(*args)
-        return self.masks_from_tokens(hs, src), self.iou_from_tokens(hs)
+            masks = self.masks_from_tokens(hs, src)
+        return masks, self.iou_from_tokens(hs)
 
     def run_transformer(
         self,
@@ -141,13 +152,45 @@ class MaskDecoder(nn.Module):
         """Output tokens Bx(1+T+N)xC -> IoU predictions of every mask token: BxT."""
         return self.iou_prediction_head(hs[:, 0, :])
 
-    def masks_from_tokens(self, hs: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        """Output tokens Bx(1+T+N)xC and image embedding BxCxHxW -> mask logits BxTx(4H)x(4W)."""
+    def _hyper_in(self, hs: torch.Tensor) -> torch.Tensor:
+        """Output tokens Bx(1+T+N)xC -> each mask token's weights over the upscaled channels: BxTx(C/8)."""
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]  # (B, T, C)
-        upscaled = self.output_upscaling(src)  # (B, C/8, 4H, 4W)
-        hyper_in = torch.stack(
+        return torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
-        )  # (B, T, C/8)
+        )
+
+    def masks_from_tokens(self, hs: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """Output tokens Bx(1+T+N)xC and image embedding BxCxHxW -> mask logits BxTx(4H)x(4W)."""
+        upscaled = self.output_upscaling(src)  # (B, C/8, 4H, 4W)
+        hyper_in = self._hyper_in(hs)
         b, c, h, w = upscaled.shape
         return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+
+    def masks_from_rows(self, hs: torch.Tensor, rows: FactoredRows, size: Tuple[int, int],
+                        dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``masks_from_tokens(hs, image_tokens(rows, size))`` without making the image tokens:
+        output tokens Bx(1+T+N)xC and B prompts' factored rows (HW of them, ``size`` = HxW) ->
+        mask logits BxTx(4H)x(4W). The same values up to rounding, for less work: both
+        upscaling convolutions (2x2, stride 2) are per-pixel linear maps, so the first acts on the
+        factors and the second is one product over all pixels, each pixel's 4x4 block in rows.
+
+        ``dtype``: what the upscaling computes in, whatever the autocast; default: the autocast
+        dtype where it is on (for ``hs``'s device), else ``hs``'s."""
+        device = hs.device.type
+        if dtype is None:
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hs.dtype
+        conv1, norm, act1, conv2, act2 = self.output_upscaling
+        c1, c2 = conv1.out_channels, conv2.out_channels
+        hyper_in = self._hyper_in(hs)  # (B, T, C2), under the caller's autocast as in masks_from_tokens
+        b, n = rows.coeffs.shape[0], rows.shared.shape[0]
+        with torch.autocast(device, enabled=False):
+            up = rows.matmul(*_pixel_blocks(conv1)).dense(dtype=dtype)  # (B, N, 2*2*C1)
+            up = act1(F.layer_norm(up.view(b, n, 4, c1), (c1,), norm.weight.to(dtype), norm.bias.to(dtype), norm.eps))
+            weight, bias = _pixel_blocks(conv2)
+            up = act2(torch.addmm(bias.to(dtype), up.view(b * n * 4, c1), weight.to(dtype)))  # (B*N*4, 2*2*C2)
+            logits = hyper_in.to(dtype) @ up.view(b, n * 16, c2).transpose(1, 2)  # (B, T, 16N)
+        # Logit (y, x, i, j, k, l) is pixel (4y + 2i + k, 4x + 2j + l).
+        h, w = size
+        logits = logits.view(b, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        return logits.reshape(b, -1, 4 * h, 4 * w)
