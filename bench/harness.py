@@ -394,7 +394,13 @@ def bench_decoder(prompts: int, repeats: int, device: str, compile: bool) -> Dic
     as exact mode runs it (``run_transformer``: image-side projections once) and as fast mode runs
     it (``run_transformer_factored``: image tokens factored, made only for prompts with a survivor,
     here none). ``deviation``: max |output tokens - the official fp32 ones|; ``image_tokens_deviation``
-    the same for the image tokens (made outside the timing)."""
+    the same for the image tokens (made outside the timing).
+
+    ``mask_head``: the decoder's second half on every prompt of the batch, from the fp32
+    transformer's outputs: the official (upscaling convolutions over each prompt's image tokens),
+    ours as exact mode runs it (``masks_from_tokens``, the same arithmetic) and as fast mode runs
+    it (``masks_from_rows``, from the factored image tokens); ``deviation``: max |mask logits -
+    the official fp32 ones|, ``sign_flips``: the fraction of logits on the other side of 0."""
     official, ours = models("tiny", device)  # tiny keeps the official decoder
     gen = torch.Generator().manual_seed(0)
     embedding = torch.randn(1, 256, 64, 64, generator=gen).to(device)
@@ -439,7 +445,49 @@ def bench_decoder(prompts: int, repeats: int, device: str, compile: bool) -> Dic
                 row["speedup"] = out[dtype]["official"]["ms"] / row["ms"]
             out.setdefault(dtype, {})[name] = row
             del hs, image_tokens
+    out["mask_head"] = bench_mask_head(official_decoder, decoder, embedding, pe, sparse, dense, repeats, device,
+                                       compile)
     print("  " + json.dumps(out))
+    return out
+
+
+def bench_mask_head(official_decoder, decoder, embedding, pe, sparse, dense, repeats: int, device: str,
+                    compile: bool) -> Dict[str, Any]:
+    """The ``mask_head`` rows of ``bench_decoder``."""
+    with torch.no_grad():
+        hs, src = decoder.run_transformer(embedding, pe, sparse, dense)
+        factored_hs, rows = decoder.run_transformer_factored(embedding, pe, sparse, dense)
+    size = embedding.shape[-2:]
+
+    def official_run():  # segment_anything's MaskDecoder.predict_masks, after the transformer
+        tokens = hs[:, 1 : 1 + official_decoder.num_mask_tokens]
+        upscaled = official_decoder.output_upscaling(src)
+        hyper_in = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(official_decoder.output_hypernetworks_mlps)],
+                               dim=1)
+        b, c, h, w = upscaled.shape
+        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+
+    variants = [("official", official_run), ("ours_dense", lambda: decoder.masks_from_tokens(hs, src)),
+                ("ours_factored", lambda: decoder.masks_from_rows(factored_hs, rows, size))]
+    if compile:
+        factored_compiled = torch.compile(decoder.masks_from_rows)
+        variants.append(("ours_factored_compiled", lambda: factored_compiled(factored_hs, rows, size)))
+    out: Dict[str, Any] = {}
+    reference = None
+    for dtype in ("fp32", "bf16"):
+        amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+        for name, run in variants:
+            with torch.no_grad(), amp, Peak(device) as peak:
+                seconds, logits = median_time(run, device, repeats)
+            logits = logits.float()
+            if reference is None:
+                reference = logits
+            row = {"ms": seconds * 1e3, "peak_gib": peak.gib, "deviation": (logits - reference).abs().max().item(),
+                   "sign_flips": ((logits > 0) != (reference > 0)).float().mean().item()}
+            if name != "official":
+                row["speedup"] = out[dtype]["official"]["ms"] / row["ms"]
+            out.setdefault(dtype, {})[name] = row
+            del logits
     return out
 
 
@@ -686,6 +734,11 @@ def summary(report: Dict[str, Any]) -> None:
                 f"{name[5:]} {r['ms']:.1f} ms ({r['speedup']:.2f}x, max dev {r['deviation']:.1e})"
                 for name, r in rows.items() if name != "official"]
             print(f"decoder transformer, {d['prompts']} prompts, {dtype}: " + "; ".join(parts))
+        for dtype, rows in d["mask_head"].items():
+            parts = [f"official {rows['official']['ms']:.1f} ms"] + [
+                f"{name[5:]} {r['ms']:.1f} ms ({r['speedup']:.2f}x, max dev {r['deviation']:.1e}, "
+                f"sign flips {r['sign_flips']:.1e})" for name, r in rows.items() if name != "official"]
+            print(f"decoder mask head, {d['prompts']} prompts, {dtype}: " + "; ".join(parts))
     if "filter" in report:
         f = report["filter"]
         print(f"candidate filter, {f['masks']} masks to {f['image'][0]}x{f['image'][1]}: official "

@@ -28,6 +28,10 @@ def test_harness_writes_every_section(tmp_path, capsys):
         for name in ("ours_dense", "ours_factored"):
             assert rows[name]["speedup"] > 0
             assert rows[name]["deviation"] < rounding and rows[name]["image_tokens_deviation"] < rounding
+        heads = decoder["mask_head"][dtype]
+        assert set(heads) == {"official", "ours_dense", "ours_factored"}
+        assert heads["ours_dense"]["deviation"] == 0 if dtype == "fp32" else heads["ours_dense"]["speedup"] > 0
+        assert heads["ours_factored"]["speedup"] > 0 and heads["ours_factored"]["sign_flips"] < 0.05
     light, sa1b = report["amg"]
     assert light["name"] == "light tiny" and light["official"]["s_img"] > 0
     for mode in ("exact", "fast"):
