@@ -55,6 +55,28 @@ def test_factored_transformer_matches_the_dense_one(tiny_ours, boxes):
                                    expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("per_row_offset", [False, True])
+def test_factored_rows_dense_is_the_formula(scaled, per_row_offset):
+    """``dense`` makes ``scale * shared + coeffs^T @ basis + offset`` for each kind of factors,
+    for every prompt or a subset, and in the dtype asked for."""
+    from sam_core.modeling.factored import FactoredRows
+
+    g = torch.Generator().manual_seed(3)
+    b, r, n, c = 3, 4, 10, 6
+    scale = torch.rand(b, n, generator=g) + 0.5 if scaled else None
+    rows = FactoredRows(scale, torch.randn(n, c, generator=g), torch.randn(b, r, n, generator=g),
+                        torch.randn(b, r, c, generator=g), torch.randn(*((n, c) if per_row_offset else (c,)), generator=g))
+    expected = rows.coeffs.transpose(1, 2) @ rows.basis + rows.offset
+    expected = expected + (rows.shared if scale is None else scale[..., None] * rows.shared)
+    torch.testing.assert_close(rows.dense(), expected)
+    some = torch.tensor([2, 0])
+    torch.testing.assert_close(rows.dense(some), expected[some])
+    low = rows.dense(dtype=torch.bfloat16)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, rtol=0.02, atol=0.05)
+
+
 def test_masks_from_rows_matches_the_upscaling_convolutions(tiny_ours):
     """The mask head on the factors (per-pixel products, each token's 4x4 block of pixels in
     rows) puts every logit where the convolutions do: a non-square embedding, so that rows and

@@ -17,7 +17,7 @@ is done and how much of it:
 ``mode="fast"`` adds bf16 autocast for encoder and decoder (the encoder's relative-position
 bias then folded into flash attention), decodes the grid in larger batches
 (``fast_points_per_batch``) and keeps the decoder's image tokens factored instead of copying them
-per prompt (``modeling/factored.py``); its deviation from exact is measured by ``tests/test_amg_fast_mode.py``
+per prompt, the masks made from the factors (``modeling/factored.py``); its deviation from exact is measured by ``tests/test_amg_fast_mode.py``
 and ``bench/harness.py``.
 """
 

@@ -13,8 +13,9 @@ with ``shared`` (N, C) common to all prompts, ``scale`` (B, N), ``coeffs`` (B, R
 (56 for SAM's 8 heads and 7 tokens). Linear layers act on ``shared``, ``basis`` and ``offset``
 alone; an attention reads the rows through ``shared`` (once for all prompts) and ``coeffs``; a LayerNorm's
 statistics come from the Gram terms of the factors. The (B, N, C) tensors of the dense path,
-~1 GB each for 256 prompts at 64x64 tokens in fp32, are never formed: only the image tokens of
-prompts whose masks are wanted are, by ``FactoredRows.dense``.
+~1 GB each for 256 prompts at 64x64 tokens in fp32, are never formed: the mask head
+(``MaskDecoder.masks_from_rows``) applies its first, per-pixel linear, layer to the factors and
+makes that layer's output only for prompts whose masks are wanted, by ``FactoredRows.dense``.
 
 The same numbers as ``TwoWayTransformer`` in exact arithmetic; in floating point they differ
 by rounding (the sums are grouped differently). The LayerNorm statistics are computed in fp32
@@ -104,23 +105,17 @@ class FactoredRows:
 
     def dense(self, prompts: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The rows of every prompt, or of ``prompts`` (K,) only: (B or K, N, C), computed in
-        ``dtype`` (default ``shared``'s) whatever the autocast. One batched product, with the
-        shared term as its input and a constant offset as one more basis row."""
+        ``dtype`` (default ``shared``'s) whatever the autocast: the shared term and the offset
+        in one pass, then one batched product added to it."""
         rows = self if prompts is None else self.select(prompts)
         dtype = dtype or self.shared.dtype
         with torch.autocast(self.shared.device.type, enabled=False):
-            start = rows.shared.to(dtype)
-            if rows.scale is not None:
-                start = rows.scale[..., None].to(dtype) * start
-            b, r, n = rows.coeffs.shape
-            basis = rows.basis.to(dtype)
-            if rows.offset.dim() == 1:
-                basis = torch.cat([basis, rows.offset.to(dtype).expand(b, 1, -1)], dim=1)
+            shared, offset = rows.shared.to(dtype), rows.offset.to(dtype)
+            if rows.scale is None:
+                start = shared + offset  # (N, C), broadcast over the prompts
             else:
-                start = start + rows.offset.to(dtype)
-            coeffs = rows.coeffs.new_ones(b, n, basis.shape[1], dtype=dtype)  # (B, N, R or R+1)
-            coeffs[..., :r] = rows.coeffs.transpose(1, 2)
-            return torch.baddbmm(start, coeffs, basis)
+                start = torch.addcmul(offset, rows.scale[..., None].to(dtype), shared)  # (B, N, C)
+            return torch.baddbmm(start, rows.coeffs.transpose(1, 2).to(dtype), rows.basis.to(dtype))
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
