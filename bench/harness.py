@@ -676,27 +676,35 @@ def main(argv=None) -> None:
 
 
 def targets(report: Dict[str, Any]) -> Dict[str, Any]:
-    """Each issue target with what this run reached (None where the section did not run)."""
+    """Each issue target with the best this report reached (None where the section did not run;
+    a report of several runs, ``bench.session``'s, may hold a section more than once)."""
+    lower_is_better = ("amg_heavy_vit_b_s_img", "amg_peak_gib")
     reached: Dict[str, Any] = {}
+
+    def reach(key: str, value: float) -> None:
+        old = reached.get(key)
+        if old is None or (value < old if key in lower_is_better else value > old):
+            reached[key] = value
+
     for enc in report.get("encoder", []):
         if enc["model_type"] == "vit_h":
-            reached["encoder_vit_h_img_s"] = enc["best_bf16"]["ours_img_s"]
+            reach("encoder_vit_h_img_s", enc["best_bf16"]["ours_img_s"])
     peaks = []
     for run in report.get("amg", []):
         fast = max((run[k] for k in ("ours_fast", "ours_fast_batch", "ours_fast_compiled_batch") if k in run),
                    key=lambda r: r["img_s"])
         peaks.append(fast["peak_gib"])
         if run["name"].startswith("light vit_h"):
-            reached["amg_light_vit_h_img_s"] = fast["img_s"]
+            reach("amg_light_vit_h_img_s", fast["img_s"])
         if run["name"].startswith("heavy vit_b"):
-            reached["amg_heavy_vit_b_s_img"] = fast["s_img"]
+            reach("amg_heavy_vit_b_s_img", fast["s_img"])
         if run["name"].startswith("sa1b vit_h"):
-            reached["sa1b_vit_h_img_s"] = fast["img_s"]
+            reach("sa1b_vit_h_img_s", fast["img_s"])
     if peaks:
-        reached["amg_peak_gib"] = max(peaks)
+        reached["amg_peak_gib"] = max(peaks)  # the budget holds for every run, not the best one
     return {k: {"target": t, "reached": reached.get(k),
                 "met": None if reached.get(k) is None else
-                (reached[k] <= t if k in ("amg_heavy_vit_b_s_img", "amg_peak_gib") else reached[k] >= t)}
+                (reached[k] <= t if k in lower_is_better else reached[k] >= t)}
             for k, t in TARGETS.items()}
 
 
@@ -725,7 +733,8 @@ def summary(report: Dict[str, Any]) -> None:
             c = run["ours_fast_compiled_batch"]
             parts.append(f"compiled {c['s_img']:.3f} s/img ({c['speedup']:.1f}x, {c['peak_gib']:.1f} GiB, "
                          f"first call {c['first_call_s']:.0f} s)")
-        print(f"AMG {run['name']}: " + "; ".join(parts))
+        step = f" [{run['step']}]" if "step" in run else ""  # bench.session: the step it came from
+        print(f"AMG {run['name']}{step}: " + "; ".join(parts))
     if "decoder" in report:
         d = report["decoder"]
         for dtype in ("fp32", "bf16"):
