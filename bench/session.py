@@ -106,6 +106,20 @@ def merge(report: Dict[str, Any], step: Step, part: Dict[str, Any]) -> None:
             report[key] = dict(value, step=step.name) if isinstance(value, dict) else value
 
 
+def preflight(device: str) -> None:
+    """Fail in seconds, not after the budget, when the machine cannot run the harness: the
+    official package missing (its wheel not carried) or no CUDA device."""
+    try:
+        import segment_anything  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"bench.session: the official package is not importable ({e}); carry its wheel "
+                         "(see python -m bench.session --help)") from e
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"bench.session: --device {device} but torch {torch.__version__} sees no CUDA device")
+
+
 def run_session(plan: Sequence[Step], device: str, budget_s: float, json_path: Optional[Path] = None,
                 min_step_s: float = 30.0, runner: Optional[Runner] = None,
                 clock: Callable[[], float] = time.monotonic) -> Dict[str, Any]:
@@ -178,6 +192,7 @@ def main(argv=None) -> None:
         if not all(1 <= s <= len(plan) for s in picked):
             ap.error(f"--steps: numbers 1 to {len(plan)} ({', '.join(s.name for s in plan)})")
         plan = [plan[s - 1] for s in picked]
+    preflight(args.device)
     report = run_session(plan, args.device, args.budget_s, Path(args.json) if args.json else None, args.min_step_s)
     print_session(report)
     if args.json:

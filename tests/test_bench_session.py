@@ -79,3 +79,27 @@ def test_cuda_plan_fits_one_device_command():
     assert session.build_parser().parse_args([]).budget_s <= 500
     with pytest.raises(SystemExit):
         session.main(["--device", "cuda", "--steps", "0,7"])
+
+
+def test_preflight_refuses_a_machine_that_cannot_run_the_plan(monkeypatch):
+    """Without the official package, or asked for CUDA where there is none, the session stops
+    at once with what to do, before any step spends the device's minutes."""
+    import builtins
+
+    import pytest
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="sees no CUDA device"):
+        session.preflight("cuda")
+    session.preflight("cpu")
+    real_import = builtins.__import__
+
+    def no_official(name, *args, **kwargs):
+        if name == "segment_anything":
+            raise ImportError("No module named 'segment_anything'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_official)
+    with pytest.raises(SystemExit, match="carry its wheel"):
+        session.preflight("cpu")
