@@ -12,20 +12,19 @@ from bench.session import Step
 def test_session_runs_the_harness_and_keeps_what_a_killed_step_finished(tmp_path, capsys):
     """Real harness processes on CPU: the first step's figures land in the merged JSON; the
     second, capped under the time it needs to start, is killed and says so."""
-    decoder = session.PLANS["cpu"][0]
-    plan = [decoder, Step("too slow", decoder.args, cap_s=1, why="cannot finish in 1 s")]
+    rle = Step("rle", ("--sections", "rle", "--size", "60x90", "--repeats", "1"), cap_s=120, why="cheap")
+    plan = [rle, Step("too slow", rle.args, cap_s=1, why="cannot finish in 1 s")]
     out = tmp_path / "session.json"
     report = session.run_session(plan, "cpu", budget_s=600, json_path=out, min_step_s=0.5)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=str))
     ok, killed = report["session"]["steps"]
-    assert ok["status"] == "ok" and ok["returncode"] == 0 and ok["sections"] == ["decoder"]
-    assert report["decoder"]["step"] == "decoder" and report["decoder"]["prompts"] == 4
-    assert report["decoder"]["bf16"]["ours_factored"]["speedup"] > 0
+    assert ok["status"] == "ok" and ok["returncode"] == 0 and ok["sections"] == ["rle"]
+    assert report["rle"]["step"] == "rle" and report["rle"]["image"] == [60, 90] and report["rle"]["identical"]
     assert killed["status"] == "timed_out" and killed["returncode"] is None and 1 <= killed["wall_s"] < 30
     assert "sections" not in killed
     session.print_session(report)
     printed = capsys.readouterr().out
-    assert "decoder transformer, 4 prompts, fp32" in printed and "too slow" in printed and "timed_out" in printed
+    assert "RLE of the kept masks, 105 in 21 crops at 60x90" in printed and "too slow" in printed and "timed_out" in printed
 
 
 def test_budget_caps_each_step_and_skips_what_cannot_start(tmp_path):
