@@ -172,8 +172,9 @@ def bench_encoder(model_type: str, device: str, batches: List[int], repeats: int
 def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str, Any], repeats: int,
               official_repeats: int, batch_images: int, profile: bool = False,
               compile: bool = False) -> Dict[str, Any]:
-    """Official generator vs ours in exact (fp32) and fast (bf16, folded attention) mode; with
-    ``compile`` also fast mode with ``compile=True`` (several images per call)."""
+    """Official generator vs ours in exact (fp32) and fast (bf16 where native, folded attention)
+    mode, each row naming its autocast dtype; with ``compile`` also fast mode with
+    ``compile=True`` (several images per call)."""
     from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
 
     print(f"AMG {name}")
@@ -205,7 +206,7 @@ def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str,
         with Peak(device) as peak:
             seconds, got = median_time(lambda: gen.generate(image), device, repeats)
         row: Dict[str, Any] = {"s_img": seconds, "img_s": 1 / seconds, "masks": len(got),
-                               "peak_gib": peak.gib, "backend": backend}
+                               "peak_gib": peak.gib, "backend": backend, "autocast": dtype_name(gen.amp_dtype)}
         official_s = result["official"].get("s_img", result["official"].get("s_img_until_error"))
         row["speedup"] = official_s / seconds
         if expected is not None:
@@ -228,7 +229,7 @@ def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str,
                                              max(1, repeats // 2), warmup=0)
         row = {"images": batch_images, "s_img": seconds / batch_images, "img_s": batch_images / seconds,
                "peak_gib": peak.gib, "masks": [len(r) for r in got_batch], "first_call_s": first_call_s,
-               "speedup": official_s / (seconds / batch_images)}
+               "speedup": official_s / (seconds / batch_images), "autocast": dtype_name(gen.amp_dtype)}
         if expected is not None:
             row["fidelity"] = compare_records(expected, got_batch[0]).as_dict()
         result[key] = row
@@ -236,6 +237,11 @@ def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str,
     if profile:
         print_profile(gen, images, device)
     return result
+
+
+def dtype_name(amp: Optional[torch.dtype]) -> str:
+    """A generator's autocast dtype as a row names it: "bfloat16", or "none" (fp32)."""
+    return str(amp).replace("torch.", "") if amp is not None else "none"
 
 
 def print_profile(gen: SamAutomaticMaskGenerator, images, device: str) -> None:
@@ -724,7 +730,8 @@ def summary(report: Dict[str, Any]) -> None:
             fid = r.get("fidelity")
             same = "" if fid is None else (" identical" if r.get("records_identical") else
                                            f" iou~{fid['median_matched_iou']:.3f} m@.9={fid['matched_at_0_9']:.2f}")
-            parts.append(f"{mode} {r['s_img']:.3f} s/img ({r['speedup']:.1f}x, {r['peak_gib']:.1f} GiB,"
+            amp = f" {r['autocast']}" if mode == "fast" and "autocast" in r else ""
+            parts.append(f"{mode}{amp} {r['s_img']:.3f} s/img ({r['speedup']:.1f}x, {r['peak_gib']:.1f} GiB,"
                          f" {r['masks']} masks{same})")
         b = run["ours_fast_batch"]
         parts.append(f"fast, {b['images']} images per call {b['s_img']:.3f} s/img ({b['speedup']:.1f}x, "

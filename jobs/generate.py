@@ -26,10 +26,12 @@ from pipeline.render import render_gallery
 from pipeline.run import plan_run, run_pipeline
 from pipeline.single_machine import SAMPLE_IMAGES
 from sam_core.amg import PRESETS
+from sam_core.precision import FAST_DTYPES
 
 AMG_FLAGS = ("points_per_side", "points_per_batch", "encoder_batch_size", "pred_iou_thresh", "stability_score_thresh",
              "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
-             "crop_n_points_downscale_factor", "min_mask_region_area", "max_mask_area_fraction", "compile")
+             "crop_n_points_downscale_factor", "min_mask_region_area", "max_mask_area_fraction", "compile",
+             "fast_dtype")
 
 
 def fraction_or_none(text: str):
@@ -47,7 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(ap)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="named AMG settings (sa1b: the SA-1B release)")
     ap.add_argument("--mode", choices=["exact", "fast"], default="exact",
-                    help="exact: official fp32 arithmetic; fast: bf16 autocast")
+                    help="exact: official fp32 arithmetic; fast: bf16 autocast where the device has bf16 "
+                         "(see --fast-dtype), large prompt batches, factored decoder tokens")
+    ap.add_argument("--fast-dtype", choices=FAST_DTYPES,
+                    help="autocast of --mode fast (default auto: bf16 on GPUs from Ampere on and CPUs with "
+                         "avx512_bf16/AMX, fp32 elsewhere, where emulated bf16 is several times slower)")
     ap.add_argument("--points-per-side", type=int, help="grid points per side (official default 32)")
     ap.add_argument("--points-per-batch", type=int, help="prompts per decoder batch (default 64)")
     ap.add_argument("--pred-iou-thresh", type=float, help="predicted-IoU filter (default 0.88)")

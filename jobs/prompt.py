@@ -31,8 +31,10 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True, help="output folder of the masks/images tables")
     add_model_args(ap)
     ap.add_argument("--mode", choices=["exact", "fast"], default="exact",
-                    help="exact: fp32, as SamPredictor; fast: bf16 autocast for encoder and decoder (GPUs; "
-                         "masks close to exact ones, see the README; an output keeps one mode)")
+                    help="exact: fp32, as SamPredictor; fast: factored decoder tokens and, where the device "
+                         "multiplies bf16 in hardware (GPUs from Ampere on, CPUs with avx512_bf16/AMX), bf16 "
+                         "autocast for encoder and decoder (masks close to exact ones, see the README; an "
+                         "output keeps one mode)")
     add_run_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

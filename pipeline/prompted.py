@@ -25,6 +25,7 @@ import pyarrow as pa
 import torch
 
 from sam_core import SamPredictor, build_sam
+from sam_core.precision import fast_amp_dtype
 from sam_core.predictor import ImageEmbedding
 from sam_core.amg.masks import batched_mask_to_box, calculate_stability_score, coco_encode_rle, mask_to_rle
 from sam_core.training.data import check_coco
@@ -170,9 +171,10 @@ class BoxPrompter:
         """``max_chunk_pixels``: full-resolution mask pixels decoded at once; an image's boxes
         are decoded in chunks under it (at least one box), so a dense image (hundreds of boxes
         on a large photo: ~50 MB of float logits per box at 4000x3000) does not run out of memory.
-        ``mode``: "exact" (fp32, as ``SamPredictor``) or "fast" (bf16 autocast for encoder and
-        decoder and the decoder's image tokens factored, as the generator's fast mode; other
-        masks, so another output identity)."""
+        ``mode``: "exact" (fp32, as ``SamPredictor``) or "fast" (the decoder's image tokens
+        factored and, where the device multiplies bf16 in hardware, bf16 autocast for encoder
+        and decoder, as the generator's fast mode (``sam_core/precision.py``); other masks, so
+        another output identity)."""
         if max_chunk_pixels < 1:
             raise ValueError(f"max_chunk_pixels must be >= 1, got {max_chunk_pixels}.")
         if mode not in PROMPT_MODES:
@@ -182,7 +184,7 @@ class BoxPrompter:
         if checkpoint is None:
             torch.manual_seed(seed)
         self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device, storage_options=storage_options),
-                                      amp_dtype=torch.bfloat16 if mode == "fast" else None,
+                                      amp_dtype=fast_amp_dtype(device) if mode == "fast" else None,
                                       factored_decoder=mode == "fast")
         self.model_id = model_id(model_type, checkpoint, seed)
         self._checkpoint = (checkpoint, storage_options)

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from bench import harness
+from sam_core.precision import native_bf16
 
 
 def test_harness_writes_every_section(tmp_path, capsys):
@@ -36,6 +37,9 @@ def test_harness_writes_every_section(tmp_path, capsys):
     assert light["name"] == "light tiny" and light["official"]["s_img"] > 0
     for mode in ("exact", "fast"):
         assert light[f"ours_{mode}"]["speedup"] > 0 and "fidelity" in light[f"ours_{mode}"]
+    # Fast mode names the dtype it ran in: bf16 where this CPU has it, fp32 where bf16 is emulated.
+    assert light["ours_fast"]["autocast"] == light["ours_fast_batch"]["autocast"] == \
+        ("bfloat16" if native_bf16("cpu") else "none")
     # With crop layers and nothing surviving the official generator raises; the harness times it
     # to the exception and still measures ours.
     assert "error" in sa1b["official"] and sa1b["official"]["s_img_until_error"] > 0

@@ -14,8 +14,9 @@ is done and how much of it:
 - with ``compile=True`` the stability and box reductions run as one compiled function (same
   values) and, in fast mode, the encoder and the decoder are compiled too.
 
-``mode="fast"`` adds bf16 autocast for encoder and decoder (the encoder's relative-position
-bias then folded into flash attention), decodes the grid in larger batches
+``mode="fast"`` adds bf16 autocast for encoder and decoder where the device multiplies bf16 in
+hardware (``fast_dtype="auto"``, see ``sam_core/precision.py``; fp32 elsewhere; in bf16 the
+encoder's relative-position bias is folded into flash attention), decodes the grid in larger batches
 (``fast_points_per_batch``) and keeps the decoder's image tokens factored instead of copying them
 per prompt, the masks made from the factors (``modeling/factored.py``); its deviation from exact is measured by ``tests/test_amg_fast_mode.py``
 and ``bench/harness.py``.
@@ -32,6 +33,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 
 from ..compiler_check import require_compiler
 from ..modeling import Sam
+from ..precision import FAST_DTYPES, fast_amp_dtype
 from ..predictor import ImageEmbedding, SamPredictor, check_image
 from .mask_data import MaskData
 from .masks import (
@@ -86,7 +88,8 @@ def check_generator_settings(*, points_per_side: Optional[int] = 32, point_grids
                              encoder_batch_size: int = 4, fast_points_per_batch: int = 256,
                              max_chunk_pixels: int = 64 * 1024 * 1024, crop_n_layers: int = 0,
                              crop_n_points_downscale_factor: int = 1,
-                             max_mask_area_fraction: Optional[float] = None, **_: Any) -> None:
+                             max_mask_area_fraction: Optional[float] = None, fast_dtype: str = "auto",
+                             **_: Any) -> None:
     """Raise ``ValueError`` for :class:`SamAutomaticMaskGenerator` settings it cannot run with,
     without a model (drivers check a run's settings before starting workers). Settings not
     named here are free values (thresholds, NMS IoUs) and pass."""
@@ -96,6 +99,8 @@ def check_generator_settings(*, points_per_side: Optional[int] = 32, point_grids
         raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}.")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if fast_dtype not in FAST_DTYPES:
+        raise ValueError(f"fast_dtype must be one of {FAST_DTYPES}, got {fast_dtype!r}.")
     for name, value in (("points_per_batch", points_per_batch), ("encoder_batch_size", encoder_batch_size),
                         ("fast_points_per_batch", fast_points_per_batch),
                         ("crop_n_points_downscale_factor", crop_n_points_downscale_factor),
@@ -145,10 +150,12 @@ class SamAutomaticMaskGenerator:
         max_chunk_pixels: int = 64 * 1024 * 1024,
         compile: bool = False,
         max_mask_area_fraction: Optional[float] = None,
+        fast_dtype: str = "auto",
     ) -> None:
         """Arguments as the official generator's; beyond them (keyword-only):
 
-        mode: "exact" (fp32, official arithmetic) or "fast" (bf16 autocast).
+        mode: "exact" (fp32, official arithmetic) or "fast" (bf16 autocast where native, large
+            prompt batches, factored decoder tokens; close to exact, not equal).
         encoder_batch_size: crops encoded per encoder forward.
         fast_points_per_batch: prompts per decoder forward in fast mode, if larger than
             ``points_per_batch`` (exact mode keeps ``points_per_batch``, as the official batching).
@@ -164,13 +171,17 @@ class SamAutomaticMaskGenerator:
             (the SA-1B release dropped masks covering >= 95%: mostly the whole scene or its
             background); checked with the stability filter, before NMS, so a dropped mask
             suppresses nothing. None (the default, as the official generator): no such filter.
+        fast_dtype: fast mode's autocast: "auto" (bf16 on devices that multiply it in hardware:
+            CUDA from Ampere on, CPUs with avx512_bf16/AMX; fp32 elsewhere, where emulated bf16 is
+            several times slower than fp32), "bfloat16" or "float32". Exact mode ignores it.
+            The dtype chosen is ``self.amp_dtype`` (None: fp32).
         """
         check_generator_settings(points_per_side=points_per_side, point_grids=point_grids, output_mode=output_mode,
                                  mode=mode, points_per_batch=points_per_batch, encoder_batch_size=encoder_batch_size,
                                  fast_points_per_batch=fast_points_per_batch, max_chunk_pixels=max_chunk_pixels,
                                  crop_n_layers=crop_n_layers,
                                  crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-                                 max_mask_area_fraction=max_mask_area_fraction)
+                                 max_mask_area_fraction=max_mask_area_fraction, fast_dtype=fast_dtype)
         if points_per_side is not None:
             self.point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
@@ -184,7 +195,7 @@ class SamAutomaticMaskGenerator:
 
         if compile:
             require_compiler(next(model.parameters()).device)
-        amp = torch.bfloat16 if mode == "fast" else None
+        amp = fast_amp_dtype(next(model.parameters()).device, fast_dtype) if mode == "fast" else None
         compile_model = bool(compile) and mode == "fast"
         self.predictor = SamPredictor(model, amp_dtype=amp, compile_encoder=compile_model)
         # The decoder's two halves as _process_batch calls them; compiled with the prompt batch
@@ -212,6 +223,8 @@ class SamAutomaticMaskGenerator:
         self.max_mask_area_fraction = max_mask_area_fraction
         self.output_mode = output_mode
         self.mode = mode
+        self.fast_dtype = fast_dtype
+        self.amp_dtype = amp
         self.encoder_batch_size = encoder_batch_size
         self.max_chunk_pixels = max_chunk_pixels
         self.compile = bool(compile)

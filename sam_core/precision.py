@@ -1,0 +1,39 @@
+"""Which autocast dtype fast mode computes in, by device.
+
+bf16 is fast only where the hardware multiplies in it: CUDA GPUs from Ampere on, and CPUs with
+avx512_bf16 or AMX (oneDNN). Elsewhere torch emulates it, and bf16 is several times *slower* than
+fp32: on an AVX2-only CPU, fast-mode AMG took 58 s an image in bf16 against 10 s in fp32 (README,
+Performance). So fast mode's default, ``"auto"``, uses bf16 where it is native and fp32 elsewhere;
+the rest of fast mode (large prompt batches, factored decoder tokens, folded attention) stays.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+FAST_DTYPES = ("auto", "bfloat16", "float32")
+
+
+def native_bf16(device: Union[str, torch.device]) -> bool:
+    """Whether ``device`` multiplies bf16 in hardware (not emulated)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch without oneDNN's check: assume emulated
+            return False
+    return False
+
+
+def fast_amp_dtype(device: Union[str, torch.device], fast_dtype: str = "auto") -> Optional[torch.dtype]:
+    """The autocast dtype of fast mode on ``device``: ``torch.bfloat16``, or ``None`` (fp32, no
+    autocast). ``fast_dtype``: "auto" (bf16 where :func:`native_bf16`), "bfloat16" or "float32"."""
+    if fast_dtype not in FAST_DTYPES:
+        raise ValueError(f"fast_dtype must be one of {FAST_DTYPES}, got {fast_dtype!r}.")
+    if fast_dtype == "auto":
+        fast_dtype = "bfloat16" if native_bf16(device) else "float32"
+    return torch.bfloat16 if fast_dtype == "bfloat16" else None
