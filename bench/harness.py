@@ -9,7 +9,8 @@ Reports, each next to the official package measured in the same process:
   anchor; ours: the fast-mode encoder);
 - automatic mask generation s/img on the "light" load (random weights: nothing survives the
   filters) and the "heavy" load (sharpened weights: many candidates pass), and with the SA-1B
-  preset (32x32 points, two crop layers: 21 encoder passes per image);
+  preset (32x32 points, two crop layers: 21 encoder passes per image); fast-mode rows name their
+  autocast dtype (``--fast-dtype``, default auto: bf16 where the device has it in hardware);
 - peak GPU memory of each measurement, ours/official ratios and, for every AMG run, how far our
   records are from the official ones (identical, or matched-mask IoU statistics);
 - the mask decoder's transformer on one batch of point prompts (fp32 and bf16): official, ours
@@ -44,6 +45,7 @@ from sam_core import SamAutomaticMaskGenerator
 from sam_core.amg.fidelity import compare_records
 from sam_core.amg.generator import SA1B_PRESET
 from sam_core.build import set_attention_backend
+from sam_core.precision import FAST_DTYPES
 from sam_core.testing import official_sam, ours_from, sharpen
 
 from .amg import photo, records_equal
@@ -171,10 +173,10 @@ def bench_encoder(model_type: str, device: str, batches: List[int], repeats: int
 # ------------------------------------------------------------------ mask generation
 def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str, Any], repeats: int,
               official_repeats: int, batch_images: int, profile: bool = False,
-              compile: bool = False) -> Dict[str, Any]:
+              compile: bool = False, fast_dtype: str = "auto") -> Dict[str, Any]:
     """Official generator vs ours in exact (fp32) and fast (bf16 where native, folded attention)
     mode, each row naming its autocast dtype; with ``compile`` also fast mode with
-    ``compile=True`` (several images per call)."""
+    ``compile=True`` (several images per call). ``fast_dtype``: as the generator's."""
     from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
 
     print(f"AMG {name}")
@@ -202,7 +204,8 @@ def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str,
 
     for mode, backend in (("exact", "sdpa"), ("fast", "folded")):
         set_attention_backend(ours, backend)
-        gen = SamAutomaticMaskGenerator(ours, output_mode="binary_mask", mode=mode, **settings)
+        gen = SamAutomaticMaskGenerator(ours, output_mode="binary_mask", mode=mode, fast_dtype=fast_dtype,
+                                        **settings)
         with Peak(device) as peak:
             seconds, got = median_time(lambda: gen.generate(image), device, repeats)
         row: Dict[str, Any] = {"s_img": seconds, "img_s": 1 / seconds, "masks": len(got),
@@ -219,6 +222,7 @@ def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str,
     images = [image] * batch_images
     for key, compiled in [("ours_fast_batch", False), ("ours_fast_compiled_batch", True)][: 1 + compile]:
         gen = SamAutomaticMaskGenerator(ours, output_mode="binary_mask", mode="fast", compile=compiled,
+                                        fast_dtype=fast_dtype,
                                         encoder_batch_size=batch_images, **settings)
         t0 = time.perf_counter()
         gen.generate_batch(images)
@@ -592,6 +596,8 @@ def main(argv=None) -> None:
                                                         "the device profile's)")
     ap.add_argument("--repeats", type=int, help="timed calls per measurement, median kept (default: the "
                                                 "device profile's)")
+    ap.add_argument("--fast-dtype", choices=FAST_DTYPES, default="auto",
+                    help="fast-mode AMG rows' autocast (default auto: bf16 where the device has it, else fp32)")
     ap.add_argument("--profile", action="store_true",
                     help="also print the top operators of one fast-mode generate per AMG section")
     args = ap.parse_args(argv)
@@ -637,7 +643,7 @@ def main(argv=None) -> None:
     if "light" in sections:
         amg.append(bench_amg(f"light {profile['light_model']}", *light_models, args.device, image, grid,
                              repeats, official_repeats=repeats,
-                             batch_images=profile["batch_images"], profile=args.profile,
+                             batch_images=profile["batch_images"], profile=args.profile, fast_dtype=args.fast_dtype,
                              compile=args.compile))
         save()
     if "sa1b" in sections:
@@ -647,7 +653,7 @@ def main(argv=None) -> None:
         settings["points_per_side"] = profile["points_per_side"]
         amg.append(bench_amg(f"sa1b {profile['sa1b_model']} (light weights)", *light_models, args.device,
                              image, settings, max(1, repeats // 2), official_repeats=1,
-                             batch_images=profile["batch_images"], profile=args.profile,
+                             batch_images=profile["batch_images"], profile=args.profile, fast_dtype=args.fast_dtype,
                              compile=args.compile))
         save()
     if "resize" in sections:
@@ -661,7 +667,7 @@ def main(argv=None) -> None:
         ours.load_state_dict(official.state_dict())
         amg.append(bench_amg(f"heavy {profile['heavy_model']}", official, ours, args.device, image, grid,
                              repeats, official_repeats=1,
-                             batch_images=profile["batch_images"], profile=args.profile,
+                             batch_images=profile["batch_images"], profile=args.profile, fast_dtype=args.fast_dtype,
                              compile=args.compile))
         save()
     if "filter" in sections:
@@ -730,7 +736,7 @@ def summary(report: Dict[str, Any]) -> None:
             fid = r.get("fidelity")
             same = "" if fid is None else (" identical" if r.get("records_identical") else
                                            f" iou~{fid['median_matched_iou']:.3f} m@.9={fid['matched_at_0_9']:.2f}")
-            amp = f" {r['autocast']}" if mode == "fast" and "autocast" in r else ""
+            amp = f" ({'bf16' if r['autocast'] == 'bfloat16' else 'fp32'})" if mode == "fast" and "autocast" in r else ""
             parts.append(f"{mode}{amp} {r['s_img']:.3f} s/img ({r['speedup']:.1f}x, {r['peak_gib']:.1f} GiB,"
                          f" {r['masks']} masks{same})")
         b = run["ours_fast_batch"]

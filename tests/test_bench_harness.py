@@ -75,6 +75,19 @@ def test_harness_keeps_finished_sections_when_cut_short(tmp_path, monkeypatch):
     assert report["filter"]["ours_eager"]["identical"] and "postprocess" not in report
 
 
+def test_harness_fast_dtype_pins_fast_modes_autocast(tmp_path, monkeypatch):
+    """``--fast-dtype float32`` holds even where "auto" would pick bf16 (a native-bf16 device, faked)."""
+    from sam_core import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    out = tmp_path / "h.json"
+    harness.main(["--device", "cpu", "--sections", "light", "--size", "60x90", "--points-per-side", "2",
+                  "--repeats", "1", "--fast-dtype", "float32", "--json", str(out)])
+    light = json.loads(out.read_text())["amg"][0]
+    assert light["ours_fast"]["autocast"] == light["ours_fast_batch"]["autocast"] == "none"
+    assert light["ours_exact"]["autocast"] == "none"
+
+
 def test_pipeline_benchmark_runs_and_prints_its_ratio(capsys):
     """``python -m bench.pipeline`` (the README's command) on 4 images: it checks that the Ray
     pipeline wrote as many masks as the engine loop found, and prints both rates and the ratio."""
