@@ -20,7 +20,8 @@ def native_bf16(device: Union[str, torch.device]) -> bool:
     """Whether ``device`` multiplies bf16 in hardware (not emulated)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        with torch.cuda.device(device):  # that GPU, not the current one (compute capability 8.0 on; ROCm)
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

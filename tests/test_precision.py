@@ -21,6 +21,18 @@ def test_cpu_bf16_is_native_exactly_where_the_cpu_has_bf16_instructions():
     assert not native_bf16("meta")
 
 
+@pytest.mark.parametrize("ampere", [True, False])
+def test_cuda_bf16_is_native_from_ampere_on(monkeypatch, ampere):
+    """The GPU asked about is the one checked, and emulated bf16 (before Ampere) does not count."""
+    import contextlib
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext(asked.append(d)))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or ampere)
+    assert native_bf16("cuda:1") == ampere and asked == [torch.device("cuda:1")]
+    assert fast_amp_dtype("cuda:1") == (torch.bfloat16 if ampere else None)
+
+
 def test_fast_dtype_choices():
     assert fast_amp_dtype("cpu", "bfloat16") == torch.bfloat16
     assert fast_amp_dtype("cpu", "float32") is None
