@@ -63,14 +63,23 @@ IMAGES_SCHEMA = pa.schema([
     ("decode_s", pa.float64()),  # seconds per stage for this image
     ("generate_s", pa.float64()),  # model stage (encoder, decoder, filters, NMS, RLE)
     ("postprocess_s", pa.float64()),  # small-region removal, COCO strings, records
+    ("compute_dtype", pa.string()),  # what the model computed in: "float32" or "bfloat16" (fast
+    # mode's "auto" picks by each worker's device); null for errors and in earlier tables
 ])
-LATER_COLUMNS = ("frames",)  # images columns that tables of earlier versions lack: read as nulls
+LATER_COLUMNS = ("frames", "compute_dtype")  # images columns that tables of earlier versions lack: read as nulls
 
 
 def first_frame_only(frames: Optional[int]) -> bool:
     """Whether an image's file has frames or pages beyond the one masked (``frames``; None:
     not known)."""
     return frames is not None and frames > 1
+
+
+def compute_dtypes(images: Sequence[Mapping[str, Any]]) -> Dict[str, int]:
+    """The ok images of ``images`` rows by the dtype their masks were computed in
+    (``compute_dtype``; "unknown" for rows without it)."""
+    counts = Counter(r.get("compute_dtype") or "unknown" for r in images if r.get("status") == "ok")
+    return dict(sorted(counts.items()))
 
 
 def resized_short_side(marker: Optional[Mapping[str, Any]]) -> Optional[int]:
@@ -435,6 +444,7 @@ class ShardWriter:
         marker = {"members": list(self.shard.uris), "root": self.shard.root, "images": len(images), "masks": self.masks,
                   "errors": {str(reason): n for reason, n in sorted(errors.items(), key=str)},
                   "first_frame_only": sum(r.get("status") == "ok" and first_frame_only(r.get("frames")) for r in images),
+                  "compute_dtypes": compute_dtypes(images),
                   **({"digests": dict(zip(self.shard.uris, self.shard.digests))} if self.shard.digests else {}),
                   **({"run_id": self.output.lease.run_id} if self.output.lease is not None else {}),
                   **(self.output.identity or {})}

@@ -59,7 +59,8 @@ def decoded_images(
         repeat = first.setdefault(name, index) != index
         row: Row = dict(image_id=f"{shard.shard_id}/{name}" + (f"#{index}" if repeat else ""), uri=uri,
                         shard=shard.shard_id, width=None, height=None, mask_count=None, status="error",
-                        error_reason=None, error_detail=None, decode_s=None, generate_s=None, postprocess_s=None)
+                        error_reason=None, error_detail=None, decode_s=None, generate_s=None, postprocess_s=None,
+                        compute_dtype=None)
         if read_error is not None:
             row.update(error_reason="unreadable", error_detail=read_error)
         elif repeat:

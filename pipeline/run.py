@@ -190,17 +190,19 @@ def _stream(config: PipelineConfig, todo: Sequence[Shard], collector: ShardColle
 
 def summarize_tables(output: OutputDir) -> RunSummary:
     """Counts of an output folder (images ok/error, masks, errors by reason, images of several
-    frames) from its shards' markers, and the first ``MAX_ERROR_LINES`` errors (uri, reason,
+    frames, ok images by compute dtype) from its shards' markers, and the first ``MAX_ERROR_LINES`` errors (uri, reason,
     detail) and images of several frames from the images tables of the first shards holding
     any: one listing and one concurrent read of the markers, not a
     read of every table (on an object store, ~40 ms each: an hour for 100k shards, at the end of
     every run). A marker of an earlier version without counts is counted from its table."""
     summary = RunSummary()
     reasons: Counter = Counter()
+    dtypes: Counter = Counter()
     for shard_id, done in sorted(output.markers().items()):
         counted = all(k in done for k in ("images", "masks", "errors"))
         if counted:
             failed = sum(done["errors"].values())
+            dtypes.update(done["compute_dtypes"] if "compute_dtypes" in done else {"unknown": done["images"] - failed})
             summary.images_ok += done["images"] - failed
             summary.images_error += failed
             summary.masks += done["masks"]
@@ -215,6 +217,7 @@ def summarize_tables(output: OutputDir) -> RunSummary:
         errors = images.filter(pc.invert(ok))
         if not counted:
             summary.images_ok += int(pc.sum(ok).as_py() or 0)
+            dtypes["unknown"] += int(pc.sum(ok).as_py() or 0)
             summary.images_error += errors.num_rows
             summary.masks += int(pc.sum(images.column("mask_count")).as_py() or 0)
             reasons.update(str(r) for r in errors.column("error_reason").to_pylist())
@@ -226,4 +229,5 @@ def summarize_tables(output: OutputDir) -> RunSummary:
             errors.column("error_detail").to_pylist()[:room])]
         summary.first_frame_only += several[:max(MAX_ERROR_LINES - len(summary.first_frame_only), 0)]
     summary.error_reasons = dict(reasons)
+    summary.compute_dtypes = {k: n for k, n in sorted(dtypes.items()) if n}
     return summary

@@ -18,6 +18,7 @@ import fsspec
 
 from sam_core import SamAutomaticMaskGenerator
 from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
+from sam_core.precision import compute_dtype_name
 
 from .decode import DEFAULT_MAX_PIXELS
 from .export import export_stems
@@ -48,6 +49,8 @@ class RunSummary:
     images_first_frame_only: int = 0  # images whose files have more frames or pages than the one masked
     first_frame_only: List[Dict[str, Any]] = field(default_factory=list)  # the first MAX_ERROR_LINES
     # of them: {"uri", "frames"}
+    compute_dtypes: Dict[str, int] = field(default_factory=dict)  # ok images by what the model computed
+    # in ("float32", "bfloat16"; "unknown": shards written before this was recorded)
 
     @property
     def images_per_second(self) -> float:
@@ -75,8 +78,8 @@ class RunSummary:
         return "\n".join(lines + self.detail_lines())
 
     def detail_lines(self) -> List[str]:
-        """The errors by reason, the first ``MAX_ERROR_LINES`` of them one by one, and the images
-        masked on their first frame only."""
+        """The errors by reason, the first ``MAX_ERROR_LINES`` of them one by one, the images
+        masked on their first frame only, and the dtypes computed in where there are several."""
         lines = []
         reasons = self.reason_counts()
         if reasons:
@@ -93,6 +96,11 @@ class RunSummary:
                          "of each was masked (the images table's frames column counts them)")
             lines += [f"  first frame only: {f['uri']} ({f['frames']} frames)"
                       for f in self.first_frame_only[:MAX_ERROR_LINES]]
+        if len(set(self.compute_dtypes) - {"unknown"}) > 1:
+            counts = ", ".join(f"{d} {n}" for d, n in sorted(self.compute_dtypes.items()))
+            lines.append(f"images computed in more than one dtype ({counts}): fast mode's fast_dtype 'auto' follows "
+                         "each worker's device, and the masks of one dtype differ from the other's by rounding "
+                         "(the images table's compute_dtype column says which; pin --fast-dtype for one)")
         return lines
 
 
@@ -133,6 +141,8 @@ def run_single_machine(
             summary.images_first_frame_only += 1
             summary.first_frame_only.append({"uri": uri, "frames": row["frames"]})
         log.info("%s: %d masks", uri, len(records))
+    if summary.images_ok:
+        summary.compute_dtypes = {compute_dtype_name(generator.amp_dtype): summary.images_ok}
     summary.seconds = time.perf_counter() - start
     with fsspec.open(posixpath.join(output_uri, "summary.json"), "w") as f:
         json.dump(summary.as_dict(), f, indent=2)

@@ -37,6 +37,7 @@ import torch
 from sam_core import SamAutomaticMaskGenerator, build_sam
 from sam_core.amg.generator import finish_mask_data, mask_records
 from sam_core.amg.mask_data import MaskData
+from sam_core.precision import compute_dtype_name
 
 from .config import PipelineConfig
 from .output import ShardWriter, masks_from_ipc, masks_to_ipc
@@ -83,14 +84,16 @@ class ModelStage:
         return rows
 
     def _generate(self, rows: List[Row]) -> None:
-        """Sets ``candidates`` and ``generate_s`` of decoded image rows (one generator call)."""
+        """Sets ``candidates``, ``generate_s`` and ``compute_dtype`` of decoded image rows (one
+        generator call)."""
         images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in rows]
         t0 = time.perf_counter()
         candidates = self.generator.generate_candidates_batch(images)
         seconds = (time.perf_counter() - t0) / len(rows)  # the call's time, shared equally
+        dtype = compute_dtype_name(self.generator.amp_dtype)
         for r, data in zip(rows, candidates):
             r["candidates"] = pickle.dumps(dict(data.items()), protocol=pickle.HIGHEST_PROTOCOL)
-            r["image"] = json.dumps(dict(json.loads(r["image"]), generate_s=seconds))
+            r["image"] = json.dumps(dict(json.loads(r["image"]), generate_s=seconds, compute_dtype=dtype))
 
 
 def batch_then_each(rows: List[Row], guard: DeathGuard, work: Callable[[List[Row]], None], what: str) -> None:

@@ -81,7 +81,9 @@ class Sampler:
 def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Statistics of a run's output folder:
 
-    images: ok/error counts, error reasons, files of several frames (masked on their first),
+    images: ok/error counts, error reasons, files of several frames (masked on their first), ok
+    images by the dtype the model computed in (a folder of mixed devices under fast mode's "auto"
+    shows several; "unknown": written before this was recorded),
     width/height and masks-per-image distributions;
     masks: count, and distributions of area, area as a fraction of the image, predicted IoU and
     stability score; the model and settings identifiers found (a mixed folder shows several).
@@ -95,12 +97,13 @@ def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = 
     reasons: Counter = Counter()
     models: Counter = Counter()
     hashes: Counter = Counter()
+    dtypes: Counter = Counter()
     images_sample, masks_sample, fraction_sample = Sampler(3), Sampler(3, seed=1), Sampler(1, seed=2)
     total = several = 0
 
     def read(shard_id: str):  # both tables of a shard, without the masks' counts strings
         return (out.read_shard("images", shard_id, ["image_id", "status", "error_reason", "width", "height",
-                                                    "frames", "mask_count"]).to_pydict(),
+                                                    "frames", "mask_count", "compute_dtype"]).to_pydict(),
                 out.read_shard("masks", shard_id, ["image_id", "area", "predicted_iou", "stability_score", "model",
                                                    "settings_hash"]).to_pydict())
 
@@ -109,6 +112,7 @@ def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = 
         total += len(ok)
         reasons.update(r for r, good in zip(images["error_reason"], ok) if not good)
         several += sum(good and first_frame_only(f) for f, good in zip(images["frames"], ok))
+        dtypes.update(d or "unknown" for d, good in zip(images["compute_dtype"], ok) if good)
         images_sample.add(np.array([(w, h, n) for w, h, n, good in zip(
             images["width"], images["height"], images["mask_count"], ok) if good], dtype=np.float64).reshape(-1, 3).T)
         image_area = {i: (w or 0) * (h or 0) for i, w, h in zip(images["image_id"], images["width"], images["height"])}
@@ -126,6 +130,7 @@ def table_stats(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = 
             "error": int(total - images_sample.count),
             "error_reasons": dict(reasons),
             "first_frame_only": several,
+            "compute_dtypes": dict(sorted(dtypes.items())),
             "width": images_sample.distribution(0),
             "height": images_sample.distribution(1),
             "masks_per_image": images_sample.distribution(2),
@@ -152,6 +157,8 @@ def format_stats(stats: Dict[str, Any]) -> str:
     if im.get("first_frame_only"):
         n = im["first_frame_only"]
         lines.append(f"  {n} {'file' if n == 1 else 'files'} of several frames or pages, masked on the first")
+    if im.get("compute_dtypes"):
+        lines.append("  computed in: " + ", ".join(f"{k} {v}" for k, v in im["compute_dtypes"].items()))
     lines.append(f"masks: {m['total']}  models: {m['models'] or '-'}  settings: {m['settings_hashes'] or '-'}")
     header = f"  {'':<18}{'mean':>10}" + "".join(f"{n:>10}" for n in ("min", "p5", "p25", "median", "p75", "p95", "max"))
     lines.append(header)

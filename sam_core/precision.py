@@ -30,6 +30,15 @@ def native_bf16(device: Union[str, torch.device]) -> bool:
     return False
 
 
+def check_fast_dtype(mode: str, fast_dtype: str) -> None:
+    """Raise ``ValueError`` for a ``fast_dtype`` that is not one of :data:`FAST_DTYPES`, or a pin
+    with exact mode (always fp32: a pin there is a contradiction, said rather than ignored)."""
+    if fast_dtype not in FAST_DTYPES:
+        raise ValueError(f"fast_dtype must be one of {FAST_DTYPES}, got {fast_dtype!r}.")
+    if mode == "exact" and fast_dtype != "auto":
+        raise ValueError(f"fast_dtype={fast_dtype!r} applies to mode='fast' only: exact mode computes in float32.")
+
+
 def fast_amp_dtype(device: Union[str, torch.device], fast_dtype: str = "auto") -> Optional[torch.dtype]:
     """The autocast dtype of fast mode on ``device``: ``torch.bfloat16``, or ``None`` (fp32, no
     autocast). ``fast_dtype``: "auto" (bf16 where :func:`native_bf16`), "bfloat16" or "float32"."""
@@ -38,3 +47,9 @@ def fast_amp_dtype(device: Union[str, torch.device], fast_dtype: str = "auto") -
     if fast_dtype == "auto":
         fast_dtype = "bfloat16" if native_bf16(device) else "float32"
     return torch.bfloat16 if fast_dtype == "bfloat16" else None
+
+
+def compute_dtype_name(amp_dtype: Optional[torch.dtype]) -> str:
+    """What a model computed in, as recorded on each image of an output (its ``compute_dtype``):
+    the autocast dtype's name ("bfloat16"), or "float32" without autocast (``None``)."""
+    return "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")

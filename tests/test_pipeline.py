@@ -1079,7 +1079,7 @@ def test_shard_writer_streams_row_groups_and_readers_skip_unfinished_shards(tmp_
     assert some.schema == pa.schema([MASKS_SCHEMA.field("area"), MASKS_SCHEMA.field("image_id")])
     assert some.to_pylist() == [{"area": r["area"], "image_id": r["image_id"]} for r in rows]
     assert out.marker("s") == {"members": ["x.jpg", "y.jpg"], "root": None, "images": 2, "masks": 10, "errors": {},
-                               "first_frame_only": 0}
+                               "first_frame_only": 0, "compute_dtypes": {"unknown": 2}}
     with pytest.raises(ValueError, match="masks schema"):
         ShardWriter(out, shard).add_masks(pa.table({"image_id": ["s/x.jpg"]}))
 
@@ -1467,6 +1467,54 @@ def test_a_file_of_several_frames_is_masked_on_its_first_and_said_so(tmp_path, c
     assert out.read_shard("images", "old", ["uri", "frames"]).to_pylist() == [{"uri": "x.jpg", "frames": None}]
     assert summarize_tables(out).images_first_frame_only == 2 == table_stats(str(tmp_path / "out"))["images"][
         "first_frame_only"]
+
+
+def test_images_record_the_dtype_their_masks_were_computed_in(tmp_path, checkpoint, monkeypatch):
+    """Fast mode's "auto" dtype follows each worker's device, so one output of a mixed cluster
+    holds bf16 and fp32 masks under one settings hash: each images row names its
+    ``compute_dtype``, each marker counts them, and the summary and stats say when there are
+    several. Tables and markers of earlier versions read as "unknown", which alone is no mix."""
+    from pipeline.run import summarize_tables
+    from pipeline.single_machine import RunSummary
+    from pipeline.stats import format_stats, table_stats
+    from sam_core import precision
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (d / name).write_bytes(sample_bytes(name))
+    (d / "truncated.jpg").write_bytes(sample_bytes("coffee.jpg")[:2000])
+    cfg = PipelineConfig(input_uri=str(d), output_uri=str(tmp_path / "out"), checkpoint=checkpoint, amg=AMG,
+                         mode="fast", images_per_shard=1)
+    chelsea, coffee, truncated = discover_shards(str(d), 1)
+    out = OutputDir(str(tmp_path / "out"))
+    for native, shards in ((False, (chelsea, truncated)), (True, (coffee,))):  # a CPU worker, then a GPU one
+        monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+        worker = ShardWorker(cfg)
+        for shard in shards:
+            masks, images = worker.process(shard)
+            assert {m["settings_hash"] for m in masks} <= {cfg.settings_hash()}
+            out.write_shard(shard, masks, images)
+    rows = {r["uri"].rsplit("/", 1)[-1]: (r["status"], r["compute_dtype"]) for r in out.read_table("images").to_pylist()}
+    assert rows == {"chelsea.jpg": ("ok", "float32"), "coffee.jpg": ("ok", "bfloat16"), "truncated.jpg": ("error", None)}
+    assert [out.marker(s.shard_id)["compute_dtypes"] for s in (chelsea, coffee, truncated)] == [
+        {"float32": 1}, {"bfloat16": 1}, {}]
+    summary = summarize_tables(out)
+    assert summary.compute_dtypes == {"bfloat16": 1, "float32": 1}
+    assert "images computed in more than one dtype (bfloat16 1, float32 1)" in str(summary)
+    stats = table_stats(str(tmp_path / "out"))
+    assert stats["images"]["compute_dtypes"] == {"bfloat16": 1, "float32": 1}
+    assert "computed in: bfloat16 1, float32 1" in format_stats(stats)
+    # an earlier version's shard: no column in its table, no count in its marker
+    (tmp_path / "out" / "_done" / f"{coffee.shard_id}.json").unlink()
+    path = tmp_path / "out" / "images" / f"{chelsea.shard_id}.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["compute_dtype"]), path)
+    marker = tmp_path / "out" / "_done" / f"{chelsea.shard_id}.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "compute_dtypes"}))
+    assert out.read_shard("images", chelsea.shard_id, ["compute_dtype"]).to_pylist() == [{"compute_dtype": None}]
+    assert summarize_tables(out).compute_dtypes == {"unknown": 1} == table_stats(str(tmp_path / "out"))["images"][
+        "compute_dtypes"]
+    assert "more than one dtype" not in str(RunSummary(images_ok=3, compute_dtypes={"float32": 2, "unknown": 1}))
 
 
 def test_generate_job_says_when_retry_failed_may_help(tmp_path, monkeypatch, capsys):
