@@ -204,8 +204,8 @@ def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str,
 
     for mode, backend in (("exact", "sdpa"), ("fast", "folded")):
         set_attention_backend(ours, backend)
-        gen = SamAutomaticMaskGenerator(ours, output_mode="binary_mask", mode=mode, fast_dtype=fast_dtype,
-                                        **settings)
+        gen = SamAutomaticMaskGenerator(ours, output_mode="binary_mask", mode=mode,
+                                        fast_dtype=fast_dtype if mode == "fast" else "auto", **settings)
         with Peak(device) as peak:
             seconds, got = median_time(lambda: gen.generate(image), device, repeats)
         row: Dict[str, Any] = {"s_img": seconds, "img_s": 1 / seconds, "masks": len(got),

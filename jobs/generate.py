@@ -52,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="exact: official fp32 arithmetic; fast: bf16 autocast where the device has bf16 "
                          "(see --fast-dtype), large prompt batches, factored decoder tokens")
     ap.add_argument("--fast-dtype", choices=FAST_DTYPES,
-                    help="autocast of --mode fast (default auto: bf16 on GPUs from Ampere on and CPUs with "
-                         "avx512_bf16/AMX, fp32 elsewhere, where emulated bf16 is several times slower)")
+                    help="autocast of --mode fast, which it needs (default auto: bf16 on GPUs from Ampere on "
+                         "and CPUs with avx512_bf16/AMX, fp32 elsewhere, where emulated bf16 is several times "
+                         "slower; each image's compute_dtype records which)")
     ap.add_argument("--points-per-side", type=int, help="grid points per side (official default 32)")
     ap.add_argument("--points-per-batch", type=int, help="prompts per decoder batch (default 64)")
     ap.add_argument("--pred-iou-thresh", type=float, help="predicted-IoU filter (default 0.88)")

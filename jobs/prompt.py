@@ -21,6 +21,7 @@ from jobs.model_args import add_model_args, resolve_model
 from jobs.run_args import EXIT_STATUS_HELP, add_run_args, run_config_args, run_job
 from pipeline.config import PipelineConfig
 from pipeline.prompted import plan_prompted, read_prompts, run_prompted_on_ray
+from sam_core.precision import FAST_DTYPES
 
 
 def main(argv=None) -> int:
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
                          "multiplies bf16 in hardware (GPUs from Ampere on, CPUs with avx512_bf16/AMX), bf16 "
                          "autocast for encoder and decoder (masks close to exact ones, see the README; an "
                          "output keeps one mode)")
+    ap.add_argument("--fast-dtype", choices=FAST_DTYPES,
+                    help="autocast of --mode fast, which it needs (default auto: bf16 where the device "
+                         "multiplies it in hardware, fp32 elsewhere); a pin is part of the output's identity")
     add_run_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -45,7 +49,7 @@ def main(argv=None) -> int:
         # No post-processing actors here: their CPUs are not asked for.
         config = PipelineConfig(input_uri=args.prompts, output_uri=args.output, model_type=args.model_type,
                                 checkpoint=args.checkpoint, seed=args.seed, mode=args.mode, num_cpus_per_postprocessor=0.0,
-                                **run_args)
+                                amg={"fast_dtype": args.fast_dtype} if args.fast_dtype else {}, **run_args)
         prompts = read_prompts(args.prompts, args.images, config.storage_options)
         return plan_prompted(prompts, config) if args.dry_run else run_prompted_on_ray(prompts, config)
 

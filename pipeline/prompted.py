@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from sam_core import SamPredictor, build_sam
-from sam_core.precision import fast_amp_dtype
+from sam_core.precision import check_fast_dtype, compute_dtype_name, fast_amp_dtype
 from sam_core.predictor import ImageEmbedding
 from sam_core.amg.masks import batched_mask_to_box, calculate_stability_score, coco_encode_rle, mask_to_rle
 from sam_core.training.data import check_coco
@@ -167,29 +167,29 @@ class BoxPrompter:
     def __init__(self, model_type: str, checkpoint: Optional[str], device: Optional[str] = None,
                  seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  storage_options: Optional[Dict[str, Any]] = None, max_chunk_pixels: int = MAX_CHUNK_PIXELS,
-                 mode: str = "exact") -> None:
+                 mode: str = "exact", fast_dtype: str = "auto") -> None:
         """``max_chunk_pixels``: full-resolution mask pixels decoded at once; an image's boxes
         are decoded in chunks under it (at least one box), so a dense image (hundreds of boxes
         on a large photo: ~50 MB of float logits per box at 4000x3000) does not run out of memory.
         ``mode``: "exact" (fp32, as ``SamPredictor``) or "fast" (the decoder's image tokens
         factored and, where the device multiplies bf16 in hardware, bf16 autocast for encoder
         and decoder, as the generator's fast mode (``sam_core/precision.py``); other masks, so
-        another output identity)."""
+        another output identity). ``fast_dtype``: fast mode's autocast, as the generator's
+        ("auto", or a pin: "bfloat16", "float32"; a pin is part of the output's identity)."""
         if max_chunk_pixels < 1:
             raise ValueError(f"max_chunk_pixels must be >= 1, got {max_chunk_pixels}.")
-        if mode not in PROMPT_MODES:
-            raise ValueError(f"mode must be one of {PROMPT_MODES}, got {mode!r}.")
+        check_prompt_mode(mode, fast_dtype)
         self.max_chunk_pixels = max_chunk_pixels
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if checkpoint is None:
             torch.manual_seed(seed)
         self.predictor = SamPredictor(build_sam(model_type, checkpoint, device=device, storage_options=storage_options),
-                                      amp_dtype=fast_amp_dtype(device) if mode == "fast" else None,
+                                      amp_dtype=fast_amp_dtype(device, fast_dtype) if mode == "fast" else None,
                                       factored_decoder=mode == "fast")
         self.model_id = model_id(model_type, checkpoint, seed)
         self._checkpoint = (checkpoint, storage_options)
-        self.mode = mode
-        self.settings_hash = prompt_identity(self.model_id, mode)["settings_hash"]
+        self.mode, self.fast_dtype = mode, fast_dtype
+        self.settings_hash = prompt_identity(self.model_id, mode, fast_dtype=fast_dtype)["settings_hash"]
         self.max_pixels = max_pixels
 
     @cached_property
@@ -258,7 +258,8 @@ class BoxPrompter:
             return []
         t1 = time.perf_counter()
         rows = self.masks(image, boxes, embedding)
-        row.update(status="ok", mask_count=len(rows), generate_s=encode_s + time.perf_counter() - t1)
+        row.update(status="ok", mask_count=len(rows), generate_s=encode_s + time.perf_counter() - t1,
+                   compute_dtype=compute_dtype_name(self.predictor.amp_dtype))
         return [dict(r, image_id=row["image_id"]) for r in rows]
 
     def process(self, shard: Shard, boxes_by_uri: Mapping[str, Sequence[Sequence[float]]],
@@ -273,13 +274,23 @@ class BoxPrompter:
         return masks, images
 
 
-def prompt_identity(model: str, mode: str = "exact", weights: Optional[str] = None) -> Dict[str, Any]:
+def check_prompt_mode(mode: str, fast_dtype: str = "auto") -> None:
+    """Raise ``ValueError`` for a mode or fast dtype a prompted run cannot use (before it starts)."""
+    if mode not in PROMPT_MODES:
+        raise ValueError(f"mode must be one of {PROMPT_MODES}, got {mode!r}.")
+    check_fast_dtype(mode, fast_dtype)
+
+
+def prompt_identity(model: str, mode: str = "exact", weights: Optional[str] = None,
+                    fast_dtype: str = "auto") -> Dict[str, Any]:
     """What decides prompted masks (an output's identity, see ``OutputDir``): the model (and its
-    ``weights``, see ``weights_of``) and the mode (exact outputs keep the hash they had before
-    fast mode existed)."""
-    settings_hash = PROMPTED_SETTINGS_HASH if mode == "exact" else f"{PROMPTED_SETTINGS_HASH}-{mode}"
+    ``weights``, see ``weights_of``), the mode and a pinned ``fast_dtype`` (outputs keep the hash
+    they had before fast mode, and before the pin, existed: "prompted-boxes",
+    "prompted-boxes-fast", "prompted-boxes-fast-float32")."""
+    pinned = mode == "fast" and fast_dtype != "auto"
+    settings_hash = "-".join([PROMPTED_SETTINGS_HASH] + [mode] * (mode != "exact") + [fast_dtype] * pinned)
     return {"model": model, **({"weights": weights} if weights else {}), "settings_hash": settings_hash,
-            "settings": {"mode": mode}}
+            "settings": {"mode": mode, **({"fast_dtype": fast_dtype} if pinned else {})}}
 
 
 def boxes_digest(boxes: Sequence[Sequence[float]]) -> str:
@@ -305,15 +316,16 @@ def run_prompted(prompts: Sequence[ImagePrompts], output_uri: str, prompter: Box
     ``redo_runs``, also the shards those recorded runs wrote (run id prefixes); with
     ``max_shards``, at most that many of them."""
     start = time.perf_counter()
-    out = OutputDir(output_uri, storage_options, prompt_identity(prompter.model_id, prompter.mode, prompter.weights))
+    out = OutputDir(output_uri, storage_options,
+                    prompt_identity(prompter.model_id, prompter.mode, prompter.weights, prompter.fast_dtype))
     boxes_by_uri = {p.uri: p.boxes for p in prompts}
     written: List[Dict[str, Any]] = []
     with out.hold_lease():
         todo = select_pending(prompt_shards(prompts, images_per_shard), out, images_per_shard, overwrite,
                               digest=lambda uri: boxes_digest(boxes_by_uri[uri]), redo_runs=redo_runs,
                               max_shards=max_shards)
-        settings = {"model": prompter.model_id, "mode": prompter.mode, "images_per_shard": images_per_shard,
-                    "overwrite": overwrite}
+        settings = {"model": prompter.model_id, "mode": prompter.mode, "fast_dtype": prompter.fast_dtype,
+                    "images_per_shard": images_per_shard, "overwrite": overwrite}
         with recorded(out, "prompt", settings, todo, written) as record:
             for shard in todo:
                 masks, images = prompter.process(shard, boxes_by_uri, storage_options)
@@ -335,7 +347,7 @@ class BoxStage:
     def __init__(self, config: PipelineConfig, ledger: Optional[Any] = None) -> None:
         self.guard = DeathGuard(ledger)  # see pipeline.worker_deaths
         self.prompter = BoxPrompter(config.model_type, config.checkpoint, config.device, config.seed, config.max_pixels,
-                                    dict(config.storage_options), mode=config.mode)
+                                    dict(config.storage_options), mode=config.mode, fast_dtype=prompt_fast_dtype(config))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return to_table(self.process(batch.to_pylist()))
@@ -363,6 +375,14 @@ class BoxStage:
             r.update(image=json.dumps(image_row), masks=masks_to_ipc(masks) if masks else None)
 
 
+def prompt_fast_dtype(config: PipelineConfig) -> str:
+    """The fast dtype of a prompted run: ``config.amg``'s ``fast_dtype`` (``jobs.prompt
+    --fast-dtype``), "auto" if not given; refused with the mode it cannot go with."""
+    fast_dtype = config.amg.get("fast_dtype", "auto")
+    check_prompt_mode(config.mode, fast_dtype)
+    return fast_dtype
+
+
 def plan_prompted(prompts: Sequence[ImagePrompts], config: PipelineConfig) -> RunPlan:
     """What :func:`run_prompted_on_ray` would do (``jobs.prompt --dry-run``): its checks, then the
     shards it would write. Starts nothing and writes nothing (see :func:`pipeline.run.plan_run`)."""
@@ -373,7 +393,8 @@ def plan_prompted(prompts: Sequence[ImagePrompts], config: PipelineConfig) -> Ru
 
 def _prompted_output(prompts: Sequence[ImagePrompts], config: PipelineConfig) -> Tuple[OutputDir, Dict[str, List]]:
     """The output of a prompted run (with its identity) and each image's boxes, by URI."""
-    identity = prompt_identity(config.model_id(), config.mode, weights_of(config.checkpoint, config.storage_options))
+    identity = prompt_identity(config.model_id(), config.mode, weights_of(config.checkpoint, config.storage_options),
+                               prompt_fast_dtype(config))
     return (OutputDir(config.output_uri, config.storage_options, identity),
             {p.uri: [list(b) for b in p.boxes] for p in prompts})
 

@@ -50,7 +50,16 @@ def test_fast_mode_uses_bf16_only_where_native(tiny_ours, monkeypatch, native):
     assert gen.factored_decoder and gen.decoder_batch == 256
     for fast_dtype, amp in (("bfloat16", torch.bfloat16), ("float32", None)):
         assert SamAutomaticMaskGenerator(tiny_ours, mode="fast", fast_dtype=fast_dtype).amp_dtype == amp
-        assert SamAutomaticMaskGenerator(tiny_ours, fast_dtype=fast_dtype).amp_dtype is None  # exact: fp32
+    assert SamAutomaticMaskGenerator(tiny_ours).amp_dtype is None  # exact: fp32
+
+
+@pytest.mark.parametrize("fast_dtype", ["bfloat16", "float32"])
+def test_exact_mode_refuses_a_fast_dtype_pin(tiny_ours, fast_dtype):
+    """A pin with exact mode is a contradiction (exact computes in fp32): said, not ignored."""
+    with pytest.raises(ValueError, match="applies to mode='fast' only"):
+        SamAutomaticMaskGenerator(tiny_ours, fast_dtype=fast_dtype)
+    with pytest.raises(ValueError, match="applies to mode='fast' only"):
+        PipelineConfig("in", "out", amg={"fast_dtype": fast_dtype}).check_model()
 
 
 @pytest.mark.parametrize("native", [True, False])

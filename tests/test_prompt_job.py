@@ -74,6 +74,9 @@ def test_prompted_masks_equal_the_predictor(ray_local, photos, tmp_path, tiny_ch
     assert images["coffee_bad.jpg"]["error_reason"] == "bad_prompt"
     assert "box 0 [10.0, 10.0, 0.0, 5.0]" in images["coffee_bad.jpg"]["error_detail"]
     assert images["astronaut.jpg"]["status"] == "ok" and images["astronaut.jpg"]["mask_count"] == 0
+    assert {n: r["compute_dtype"] for n, r in images.items()} == {
+        "chelsea.jpg": "float32", "coffee.jpg": "float32", "astronaut.jpg": "float32", "missing.jpg": None,
+        "coffee_bad.jpg": None}
 
     predictor = SamPredictor(build_sam("tiny", tiny_checkpoint))
     for name, boxes in BOXES.items():
@@ -406,6 +409,37 @@ def test_fast_mode_masks_are_close_to_exact_and_kept_apart(tmp_path):
         run_prompted(prompts, str(tmp_path / "exact"), fast)
     with pytest.raises(ValueError, match="mode must be one of"):
         BoxPrompter("demo", None, mode="bf16")
+
+
+def test_a_pinned_fast_dtype_is_part_of_a_prompted_outputs_identity(photos, tmp_path, tiny_checkpoint, capsys):
+    """``jobs.prompt --fast-dtype``: a pin decides the masks, so it names the output (outputs
+    of "auto" keep "prompted-boxes-fast"), each image records the dtype it was computed in, and
+    a pin with exact mode is refused before the run."""
+    prompts = [ImagePrompts(str(photos / "chelsea.jpg"), tuple(map(tuple, BOXES["chelsea.jpg"])))]
+    pinned = BoxPrompter("tiny", str(tiny_checkpoint), mode="fast", fast_dtype="bfloat16")
+    assert pinned.predictor.amp_dtype == torch.bfloat16 and pinned.settings_hash == "prompted-boxes-fast-bfloat16"
+    assert run_prompted(prompts, str(tmp_path / "bf16"), pinned).masks == 2
+    masks, images = rows_by_image(tmp_path / "bf16")
+    assert {r["settings_hash"] for r in masks["chelsea.jpg"]} == {"prompted-boxes-fast-bfloat16"}
+    assert images["chelsea.jpg"]["compute_dtype"] == "bfloat16"
+    assert OutputDir(str(tmp_path / "bf16")).marker("prompts-00000")["settings"] == {"mode": "fast",
+                                                                                      "fast_dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="fast_dtype"):  # "auto" would pick by device: not resumed into
+        run_prompted(prompts, str(tmp_path / "bf16"), BoxPrompter("tiny", str(tiny_checkpoint), mode="fast"))
+    assert BoxPrompter("tiny", str(tiny_checkpoint), mode="fast", fast_dtype="auto").settings_hash == \
+        "prompted-boxes-fast"
+    with pytest.raises(ValueError, match="applies to mode='fast' only"):
+        BoxPrompter("tiny", str(tiny_checkpoint), fast_dtype="float32")
+    args = ["--prompts", str(coco_file(tmp_path / "dets.json", photos)), "--images", str(photos),
+            "--output", str(tmp_path / "o"), "--checkpoint", str(tiny_checkpoint), "--dry-run"]
+    assert prompt_main(args + ["--fast-dtype", "float32"]) == 2
+    assert "fast_dtype='float32' applies to mode='fast' only" in capsys.readouterr().err
+    assert prompt_main(args + ["--fast-dtype", "float32", "--mode", "fast"]) == 0
+    with pytest.raises(SystemExit):  # argparse: not a choice
+        prompt_main(args + ["--fast-dtype", "half", "--mode", "fast"])
+    cfg = PipelineConfig("p.json", "o", mode="fast", amg={"fast_dtype": "float32"})
+    assert BoxStage(replace(cfg, checkpoint=str(tiny_checkpoint))).prompter.settings_hash == \
+        "prompted-boxes-fast-float32"
 
 
 def test_a_model_batch_encodes_its_images_together(photos, tmp_path, tiny_checkpoint):

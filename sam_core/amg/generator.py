@@ -33,7 +33,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 
 from ..compiler_check import require_compiler
 from ..modeling import Sam
-from ..precision import FAST_DTYPES, fast_amp_dtype
+from ..precision import check_fast_dtype, fast_amp_dtype
 from ..predictor import ImageEmbedding, SamPredictor, check_image
 from .mask_data import MaskData
 from .masks import (
@@ -99,8 +99,7 @@ def check_generator_settings(*, points_per_side: Optional[int] = 32, point_grids
         raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}.")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    if fast_dtype not in FAST_DTYPES:
-        raise ValueError(f"fast_dtype must be one of {FAST_DTYPES}, got {fast_dtype!r}.")
+    check_fast_dtype(mode, fast_dtype)
     for name, value in (("points_per_batch", points_per_batch), ("encoder_batch_size", encoder_batch_size),
                         ("fast_points_per_batch", fast_points_per_batch),
                         ("crop_n_points_downscale_factor", crop_n_points_downscale_factor),
@@ -173,8 +172,8 @@ class SamAutomaticMaskGenerator:
             suppresses nothing. None (the default, as the official generator): no such filter.
         fast_dtype: fast mode's autocast: "auto" (bf16 on devices that multiply it in hardware:
             CUDA from Ampere on, CPUs with avx512_bf16/AMX; fp32 elsewhere, where emulated bf16 is
-            several times slower than fp32), "bfloat16" or "float32". Exact mode ignores it.
-            The dtype chosen is ``self.amp_dtype`` (None: fp32).
+            several times slower than fp32), "bfloat16" or "float32" (fast mode only: exact mode
+            refuses a pin). The dtype chosen is ``self.amp_dtype`` (None: fp32).
         """
         check_generator_settings(points_per_side=points_per_side, point_grids=point_grids, output_mode=output_mode,
                                  mode=mode, points_per_batch=points_per_batch, encoder_batch_size=encoder_batch_size,
