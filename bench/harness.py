@@ -590,6 +590,7 @@ def main(argv=None) -> None:
                     help="also time a torch.compile'd bf16 encoder (batch 8 on GPU) and fast-mode AMG with "
                          "compile=True (compiling takes minutes)")
     ap.add_argument("--models", help="comma-separated encoder model types (default: the device profile's)")
+    ap.add_argument("--batches", help="comma-separated encoder batch sizes (default: the device profile's)")
     ap.add_argument("--size", help="AMG image size HxW (default: the device profile's)")
     ap.add_argument("--points-per-side", type=int, help="AMG grid (default: the device profile's)")
     ap.add_argument("--decoder-prompts", type=int, help="decoder section: point prompts in the batch (default: "
@@ -605,6 +606,8 @@ def main(argv=None) -> None:
     sections = args.sections.split(",")
     if args.models:
         profile = dict(profile, encoder_models=args.models.split(","))
+    if args.batches:
+        profile = dict(profile, batches=[int(b) for b in args.batches.split(",")])
     if args.size:
         size = tuple(int(v) for v in args.size.lower().split("x"))
         profile = dict(profile, image=size, postprocess_image=size)

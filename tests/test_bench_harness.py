@@ -14,13 +14,14 @@ from sam_core.precision import native_bf16
 def test_harness_writes_every_section(tmp_path, capsys):
     out = tmp_path / "h.json"
     harness.main(["--device", "cpu", "--sections", "encoder,decoder,light,sa1b,filter,rle,postprocess,resize",
-                  "--size", "120x180", "--decoder-prompts", "4",
+                  "--size", "120x180", "--decoder-prompts", "4", "--batches", "1,2",
                   "--points-per-side", "4", "--repeats", "1", "--json", str(out)])
     report = json.loads(out.read_text())
     enc = report["encoder"][0]
     assert enc["model_type"] == "tiny" and enc["fp32_batch1_ratio"] > 0
     names = {r["name"] for r in enc["rows"]}
-    assert {"official fp32 batch 1", "official bf16 autocast batch 4", "ours fp32 batch 1 (sdpa)"} <= names
+    assert {"official fp32 batch 1", "official bf16 autocast batch 2", "ours fp32 batch 1 (sdpa)",
+            "ours bf16 batch 2 (folded)"} <= names and report["profile"]["batches"] == [1, 2]
     decoder = report["decoder"]
     assert decoder["prompts"] == 4
     for dtype, rounding in (("fp32", 1e-4), ("bf16", 0.2)):
