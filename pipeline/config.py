@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 
 # Error reasons that another try may not repeat (out of memory, a GPU in a bad state, an
-# object-store outage, a lost node, a decoder plugin missing on the workers until installed): with
-# ``retry_failed`` the shards holding such images are done again.
-RETRIED_REASONS = ("generate_failed", "postprocess_failed", "unreadable", "worker_died", "unsupported_format")
+# object-store outage, a file not yet uploaded, a lost node, a decoder plugin missing on the
+# workers until installed): with ``retry_failed`` the shards holding such images are done again.
+RETRIED_REASONS = ("generate_failed", "postprocess_failed", "unreadable", "missing", "worker_died",
+                   "unsupported_format")
 
 # Generator settings that change speed and memory, not which masks come out (in fast mode, batch
 # sizes and a compiled encoder and decoder change bf16 rounding only).

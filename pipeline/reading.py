@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from .decode import ImageDecodeError, decode_first_frame
-from .shards import Shard, iter_shard_files
+from .shards import Shard, iter_shard_files, read_error_reason
 from .worker_deaths import NO_GUARD, DeathGuard
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def decoded_images(
                         error_reason=None, error_detail=None, decode_s=None, generate_s=None, postprocess_s=None,
                         compute_dtype=None)
         if read_error is not None:
-            row.update(error_reason="unreadable", error_detail=read_error)
+            row.update(error_reason=read_error_reason(read_error), error_detail=read_error)
         elif repeat:
             row.update(error_reason="duplicate_name", error_detail=f"image {first[name]} of the shard has this name too")
         if row["error_reason"] is not None or guard.passed_over(row, "decoding this file"):

@@ -202,6 +202,16 @@ def _manifest_shards(uri: str, images_per_shard: int, storage_options) -> List[S
     ]
 
 
+MISSING = "FileNotFoundError: "  # how the read error of a file that is not there begins
+
+
+def read_error_reason(read_error: str) -> str:
+    """The ``error_reason`` of a file that could not be read: "missing" (it is not there: a
+    manifest or prompts file naming a file not yet uploaded, or deleted), else "unreadable" (a
+    storage or network error after retries, a tar cut short)."""
+    return "missing" if read_error.startswith(MISSING) else "unreadable"
+
+
 def _read_with_retries(uri: str, opts: Dict[str, Any]) -> Tuple[Optional[bytes], Optional[str]]:
     """(bytes, None), or (None, reason) after READ_ATTEMPTS failures; a missing file fails at once."""
     delay = RETRY_BASE_DELAY_S
@@ -210,7 +220,7 @@ def _read_with_retries(uri: str, opts: Dict[str, Any]) -> Tuple[Optional[bytes],
             with fsspec.open(uri, "rb", **opts) as f:
                 return f.read(), None
         except FileNotFoundError as e:
-            return None, f"FileNotFoundError: {e}"
+            return None, f"{MISSING}{e}"
         except Exception as e:  # transient object-store and network errors
             if attempt == READ_ATTEMPTS:
                 return None, f"{type(e).__name__} after {attempt} attempts: {e}"
@@ -281,7 +291,7 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[Tuple[str, str, Op
                 yield name, tar_uri, None, _tar_error(given, member_name, bad_end, "truncated or corrupt")
             return
         except FileNotFoundError as e:
-            yield name, tar_uri, None, f"FileNotFoundError: {e}"
+            yield name, tar_uri, None, f"{MISSING}{e}"
             return
         except (tarfile.TarError, EOFError, zlib.error) as e:  # the bytes are bad: reading again would not help
             yield name, tar_uri, None, _tar_error(given, member_name, e, "truncated or corrupt")

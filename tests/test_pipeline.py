@@ -644,6 +644,31 @@ def test_transient_read_errors_are_retried(tmp_path, monkeypatch):
     assert missing[2] is None and missing[3].startswith("FileNotFoundError")
 
 
+def test_a_file_not_there_is_missing_and_a_read_that_keeps_failing_is_unreadable(tmp_path, monkeypatch):
+    """A manifest naming a file not uploaded (or a tar gone) gets reason ``missing`` at once; a
+    storage error still failing after the retries gets ``unreadable``. Both are retried by
+    ``--retry-failed`` (the file may be there now, the outage over)."""
+    from pipeline import shards as shards_mod
+    from pipeline.config import RETRIED_REASONS
+
+    (tmp_path / "a.jpg").write_bytes(sample_bytes("chelsea.jpg"))
+    shard = Shard("files-00000", "files", (str(tmp_path / "a.jpg"), str(tmp_path / "gone.jpg")))
+    gone_tar = Shard("gone", "tar", (str(tmp_path / "gone.tar"),))
+    reasons = {json.loads(r["image"])["uri"].rsplit("/", 1)[-1]: json.loads(r["image"])["error_reason"]
+               for s in (shard, gone_tar) for r in decode_rows(s, {}, 10**8) if r.get("image")}
+    assert reasons == {"a.jpg": None, "gone.jpg": "missing", "gone.tar": "missing"}
+
+    def outage(uri, *args, **kwargs):
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(shards_mod.fsspec, "open", outage)
+    monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
+    (row,) = [json.loads(r["image"]) for r in decode_rows(Shard("f", "files", (str(tmp_path / "a.jpg"),)), {}, 10**8)
+              if r.get("image")]
+    assert row["error_reason"] == "unreadable" and "ConnectionError after 3 attempts" in row["error_detail"]
+    assert {"missing", "unreadable"} <= set(RETRIED_REASONS)
+
+
 def tar_bytes(names):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

@@ -65,12 +65,12 @@ def test_prompted_masks_equal_the_predictor(ray_local, photos, tmp_path, tiny_ch
     out = tmp_path / "out"
     args = ["--prompts", str(coco_file(tmp_path / "dets.json", photos)), "--images", str(photos),
             "--output", str(out), "--checkpoint", str(tiny_checkpoint)]
-    assert prompt_main(args) == 3  # missing.jpg is unreadable: another try may find it
+    assert prompt_main(args) == 3  # missing.jpg is missing: another try may find it
     captured = capsys.readouterr()
     assert "images ok: 3, errors: 2, masks: 3" in captured.out
-    assert captured.err.endswith("exit status 3 (--fail-on retriable): the output holds 1 failed image(s) (unreadable 1)\n")
+    assert captured.err.endswith("exit status 3 (--fail-on retriable): the output holds 1 failed image(s) (missing 1)\n")
     masks, images = rows_by_image(out)
-    assert images["missing.jpg"]["error_reason"] == "unreadable"
+    assert images["missing.jpg"]["error_reason"] == "missing"
     assert images["coffee_bad.jpg"]["error_reason"] == "bad_prompt"
     assert "box 0 [10.0, 10.0, 0.0, 5.0]" in images["coffee_bad.jpg"]["error_detail"]
     assert images["astronaut.jpg"]["status"] == "ok" and images["astronaut.jpg"]["mask_count"] == 0
@@ -121,7 +121,7 @@ def test_box_table_gives_the_same_masks(ray_local, photos, tmp_path, tiny_checkp
     common = ["--images", str(photos), "--checkpoint", str(tiny_checkpoint)]
     assert prompt_main(["--prompts", str(table), "--output", str(table_out)] + common) == 0
     assert prompt_main(["--prompts", str(coco_file(tmp_path / "d.json", photos)), "--output", str(coco_out)]
-                       + common) == 3  # its missing.jpg is unreadable
+                       + common) == 3  # its missing.jpg is missing
     a, _ = rows_by_image(coco_out)
     b, _ = rows_by_image(table_out)
     for name in ("chelsea.jpg", "coffee.jpg"):
@@ -215,11 +215,11 @@ def test_prompts_on_ray_equal_the_in_process_run_and_failures_are_recorded(ray_l
 
     failing_cfg = replace(cfg, output_uri=str(tmp_path / "failing"))
     first = run_prompted_on_ray(prompts, failing_cfg, stage=Failing)
-    assert sorted(e["reason"] for e in first.errors) == ["bad_prompt"] + ["generate_failed"] * 3 + ["unreadable"]
+    assert sorted(e["reason"] for e in first.errors) == ["bad_prompt"] + ["generate_failed"] * 3 + ["missing"]
     assert "RuntimeError: CUDA out of memory (simulated)" in first.errors[0]["detail"] + first.errors[1]["detail"]
     retried = run_prompted_on_ray(prompts, replace(failing_cfg, retry_failed=True))
     assert retried.shards_processed == 2 and sorted(e["reason"] for e in retried.errors) == ["bad_prompt",
-                                                                                              "unreadable"]
+                                                                                              "missing"]
     assert OutputDir(failing_cfg.output_uri).read_table("masks").equals(OutputDir(cfg.output_uri).read_table("masks"))
 
 
@@ -533,6 +533,6 @@ def test_a_box_table_comes_back_with_its_masks(photos, tmp_path, tiny_checkpoint
     expected = [masks["chelsea.jpg"][0]["counts"], masks["coffee.jpg"][0]["counts"], None,
                 masks["chelsea.jpg"][1]["counts"]]
     assert [r["mask_counts"] for r in got] == expected
-    assert [r["mask_status"] for r in got] == ["ok", "ok", "image error: unreadable", "ok"]
+    assert [r["mask_status"] for r in got] == ["ok", "ok", "image error: missing", "ok"]
     with pytest.raises(SystemExit):
         export_main(["--tables", str(tmp_path / "out"), "--format", "parquet", "--dest", str(dest)])
