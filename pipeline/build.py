@@ -247,6 +247,7 @@ def _build(spec: BuildSpec, manifests: "Manifests", run: Callable[[PipelineConfi
                 "images_error": tables[uri].images_error,
                 "error_reasons": dict(sorted(tables[uri].reason_counts().items())),
                 "masks": tables[uri].masks,
+                "compute_dtypes": tables[uri].compute_dtypes,
             }
             for uri, cfg in configs.items()
         ],

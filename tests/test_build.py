@@ -168,8 +168,9 @@ def test_a_build_says_what_each_input_holds_and_what_failed(tmp_path, capsys):
     held = first.tables[str(photos)]
     assert (held.images_ok, held.images_error, held.masks, dict(held.reason_counts())) == (2, 1, masks, {"not_an_image": 1})
     v1 = json.loads((tmp_path / "built/manifests/v0001.json").read_text())["inputs"][0]
-    assert {k: v1[k] for k in ("images_ok", "images_error", "error_reasons", "masks")} == {
-        "images_ok": 2, "images_error": 1, "error_reasons": {"not_an_image": 1}, "masks": masks}
+    assert {k: v1[k] for k in ("images_ok", "images_error", "error_reasons", "masks", "compute_dtypes")} == {
+        "images_ok": 2, "images_error": 1, "error_reasons": {"not_an_image": 1}, "masks": masks,
+        "compute_dtypes": {"float32": 2}}
 
     # coffee.jpg failed in the model stage (out of memory, say): a build with nothing new says so.
     images = tables.read_shard("images", "files-00001").to_pylist()
