@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--spec", required=True, help="build spec file (TOML, see above)")
     ap.add_argument("--retry-failed", action="store_true",
                     help="also redo shards with images that failed in the model or post-processing stage or "
-                         "could not be read, or HEIC before its plugin was installed (as jobs.generate --retry-failed)")
+                         "could not be read or were not there, or HEIC before its plugin was installed (as "
+                         "jobs.generate --retry-failed)")
     ap.add_argument("--redo-changed", action="store_true",
                     help="also redo shards holding input files replaced under their names since (as jobs.generate "
                          "--redo-changed)")

@@ -76,7 +76,8 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--overwrite", action="store_true", help="discard previous results under --output")
     ap.add_argument("--retry-failed", action="store_true",
                     help="also redo completed shards with images that failed in the model or post-processing "
-                         "stage or could not be read (out of memory, a GPU in a bad state, a storage outage, "
+                         "stage or could not be read (out of memory, a GPU in a bad state, a storage outage, a "
+                         "listed file not there yet, "
                          "HEIC before its plugin was installed); shards are rewritten whole")
     ap.add_argument("--redo-run", action="append", default=[], metavar="RUN",
                     help="also redo the completed shards this recorded run wrote (its id or the first characters, as "
