@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     ap.add_argument("--redo-changed", action="store_true",
                     help="also redo shards holding input files replaced under their names since (as jobs.generate "
                          "--redo-changed)")
+    ap.add_argument("--redo-run", action="append", default=[], metavar="RUN",
+                    help="also redo the completed shards this recorded run wrote (its id or the first characters, "
+                         "as jobs.stats --tables <an input's tables> --runs lists them; a build records one run per "
+                         "input); repeatable")
     ap.add_argument("--dry-run", action="store_true",
                     help="say what a build would do (each input's shards to write, new and redone) after its checks, "
                          "and stop: nothing is started or written")
@@ -50,11 +54,11 @@ def main(argv=None) -> int:
         spec = load_spec(args.spec)
         if args.dry_run:
             print(plan_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed,
-                             max_shards=args.max_shards))
+                             max_shards=args.max_shards, redo_runs=args.redo_run))
             return 0
         with stopped_cleanly():
             result = run_build(spec, retry_failed=args.retry_failed, redo_changed=args.redo_changed,
-                               max_shards=args.max_shards)
+                               max_shards=args.max_shards, redo_runs=args.redo_run)
     except (KeyboardInterrupt, Terminated) as e:
         return stopped_exit(e)
     except (ValueError, FileNotFoundError) as e:  # the spec (SpecError), a checkpoint, an input: say which

@@ -23,7 +23,7 @@ import posixpath
 import re
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from sam_core.checkpoint import bundled_checkpoint
 
@@ -196,10 +196,12 @@ class Manifests:
 
 
 def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeline,
-              retry_failed: bool = False, redo_changed: bool = False, max_shards: Optional[int] = None) -> BuildResult:
+              retry_failed: bool = False, redo_changed: bool = False, max_shards: Optional[int] = None,
+              redo_runs: Sequence[str] = ()) -> BuildResult:
     """Process the shards of every input not yet done (with ``retry_failed``, also those holding
     images that failed for a reason another try may not meet; with ``redo_changed``, those
-    holding files replaced since; with ``max_shards``, at most that many of each input's: see
+    holding files replaced since; with ``redo_runs``, those the named recorded runs wrote (see
+    :func:`redo_runs_by_input`); with ``max_shards``, at most that many of each input's: see
     ``PipelineConfig``), then write the next manifest version.
 
     Refuses (``SpecError``) when the model or settings differ from the latest manifest's: the
@@ -210,13 +212,13 @@ def run_build(spec: BuildSpec, run: Callable[[PipelineConfig], Any] = run_pipeli
     """
     manifests = Manifests(spec.output, spec.storage_options())
     with RunLease(manifests.fs, manifests.root):  # one build at a time (its manifest versions)
-        return _build(spec, manifests, run, retry_failed, redo_changed, max_shards)
+        return _build(spec, manifests, run, retry_failed, redo_changed, max_shards, redo_runs)
 
 
 def _build(spec: BuildSpec, manifests: "Manifests", run: Callable[[PipelineConfig], Any], retry_failed: bool,
-           redo_changed: bool, max_shards: Optional[int]) -> BuildResult:
+           redo_changed: bool, max_shards: Optional[int], redo_runs: Sequence[str]) -> BuildResult:
     versions = manifests.versions()
-    configs = input_configs(spec, manifests, versions, retry_failed, redo_changed, max_shards)
+    configs = input_configs(spec, manifests, versions, retry_failed, redo_changed, max_shards, redo_runs)
     first = next(iter(configs.values()))
     identity = {"model": first.model_id(), "settings_hash": first.settings_hash()}
     todo = {uri: pending_shards(cfg, reopen=False) for uri, cfg in configs.items()}
@@ -263,11 +265,15 @@ def _tables(configs: Mapping[str, PipelineConfig]) -> Dict[str, RunSummary]:
 
 
 def input_configs(spec: BuildSpec, manifests: "Manifests", versions: List[int], retry_failed: bool,
-                  redo_changed: bool, max_shards: Optional[int] = None) -> Dict[str, PipelineConfig]:
+                  redo_changed: bool, max_shards: Optional[int] = None,
+                  redo_runs: Sequence[str] = ()) -> Dict[str, PipelineConfig]:
     """The pipeline run of each input, by URI, checked against the latest manifest (``SpecError``
-    if its model or settings make other masks) and spelled as it spells the settings."""
+    if its model or settings make other masks) and spelled as it spells the settings; each
+    with its share of ``redo_runs`` (:func:`redo_runs_by_input`)."""
     configs = {uri: replace(spec.pipeline_config(uri), retry_failed=retry_failed, redo_changed=redo_changed,
                             max_shards=max_shards) for uri in spec.inputs}
+    shares = redo_runs_by_input(configs, redo_runs)
+    configs = {uri: replace(cfg, redo_runs=shares[uri]) for uri, cfg in configs.items()}
     if not versions:
         return configs
     first = next(iter(configs.values()))
@@ -287,6 +293,30 @@ def input_configs(spec: BuildSpec, manifests: "Manifests", versions: List[int], 
     log.info("The spec gives the settings of manifest v%04d spelled otherwise (%s); going on with its spelling.",
              versions[-1], ", ".join(changes))
     return {uri: replace(cfg, preset=None, amg=spelled.amg) for uri, cfg in configs.items()}
+
+
+def redo_runs_by_input(configs: Mapping[str, PipelineConfig], prefixes: Sequence[str]) -> Dict[str, Tuple[str, ...]]:
+    """Each input's share of ``prefixes`` (``jobs.build --redo-run``, run ids or their first
+    characters, as ``jobs.stats --runs`` lists them): a build runs once per input, each run
+    recorded under that input's tables, so a prefix must name exactly one recorded run of all the
+    inputs' tables (``ValueError`` otherwise), and the input it ran on redoes the shards it wrote."""
+    from .run_records import read_runs
+
+    shares: Dict[str, Tuple[str, ...]] = {uri: () for uri in configs}
+    if not prefixes:
+        return shares
+    runs = {uri: [r["run_id"] for r in read_runs(cfg.output())] for uri, cfg in configs.items()}
+    for prefix in prefixes:
+        wanted = prefix.strip().lower()
+        named = [(uri, run) for uri, ids in runs.items() for run in ids if wanted and run.startswith(wanted)]
+        if len(named) != 1:
+            known = "; ".join(f"{uri}: {', '.join(r[:8] for r in ids) or 'none'}" for uri, ids in runs.items())
+            raise ValueError(f"--redo-run {prefix!r} names {len(named) or 'no'} recorded run"
+                             f"{'s' * (len(named) != 1)} of this build's inputs (their runs: {known}; "
+                             "python -m jobs.stats --tables <input tables> --runs lists them).")
+        uri = named[0][0]
+        shares[uri] += (prefix,)
+    return shares
 
 
 @dataclass
@@ -314,12 +344,12 @@ class BuildPlan:
 
 
 def plan_build(spec: BuildSpec, retry_failed: bool = False, redo_changed: bool = False,
-               max_shards: Optional[int] = None) -> BuildPlan:
+               max_shards: Optional[int] = None, redo_runs: Sequence[str] = ()) -> BuildPlan:
     """What :func:`run_build` would do (``jobs.build --dry-run``), starting and writing nothing:
     its check of the spec against the latest manifest, then each input's :func:`plan_run`."""
     manifests = Manifests(spec.output, spec.storage_options())
     versions = manifests.versions()
-    configs = input_configs(spec, manifests, versions, retry_failed, redo_changed, max_shards)
+    configs = input_configs(spec, manifests, versions, retry_failed, redo_changed, max_shards, redo_runs)
     return BuildPlan(spec, versions[-1] if versions else None, {uri: plan_run(cfg) for uri, cfg in configs.items()},
                      RunLease(manifests.fs, manifests.root).holder())
 

@@ -218,6 +218,57 @@ def test_a_build_with_max_shards_does_that_many_of_each_input_and_the_next_goes_
     assert rest.left == {str(shards): 0}
 
 
+def recorded_local_run(config):
+    """:func:`local_run`, recorded as a run of the pipeline is (under the output's lease)."""
+    from pipeline.run_records import recorded, written_shard
+
+    worker = ShardWorker(config)
+    with worker.output.hold_lease():
+        todo, written = pending_shards(config), []
+        with recorded(worker.output, "generate", {}, todo, written):
+            for shard in todo:
+                masks, images = worker.process(shard)
+                worker.output.write_shard(shard, masks, images)
+                written.append(written_shard(shard.shard_id, images, len(masks)))
+
+
+def test_redo_run_redoes_the_shards_one_recorded_run_of_an_input_wrote(tmp_path, capsys, monkeypatch):
+    """``jobs.build --redo-run``: a build records one run per input (under that input's tables);
+    a prefix names one of them among all the inputs, and only that input's shards it wrote are
+    redone. A prefix naming none, or runs of two inputs, is refused before anything runs."""
+    import jobs.build
+    from pipeline.run_records import read_runs
+
+    monkeypatch.setattr(jobs.build, "run_build", functools.partial(run_build, run=recorded_local_run))  # no Ray
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, tars in ((a, (1, 2)), (b, (3,))):
+        folder.mkdir()
+        for i in tars:
+            write_tar(folder / f"sa_00000{i}.tar", ["chelsea.jpg"])
+    spec = load_spec(spec_file(tmp_path, [a, b]))
+    first = run_build(spec, run=recorded_local_run)
+    assert first.new_shards == {str(a): ["sa_000001", "sa_000002"], str(b): ["sa_000003"]}
+    manifest = json.loads((tmp_path / "built/manifests/v0001.json").read_text())
+    (run_a,), (run_b,) = (read_runs(OutputDir(i["tables"])) for i in manifest["inputs"])
+    assert run_a["run_id"] != run_b["run_id"]
+    path = spec_file(tmp_path, [a, b])
+    assert build_main(["--spec", path, "--redo-run", run_a["run_id"][:8], "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "a run would process 2 shards" in plan and "2 redone" in plan
+    redone = run_build(spec, run=recorded_local_run, redo_runs=[run_a["run_id"][:8].upper()])
+    assert redone.version == 2 and redone.new_shards == {str(a): ["sa_000001", "sa_000002"]}
+    # a run of input b whose id begins as run_a's does: that beginning names two runs
+    tables_b = manifest["inputs"][1]["tables"]
+    twin = {"run_id": run_a["run_id"][:6] + "f" * 26, "started": "2026-01-01T00:00:00"}
+    with open(f"{tables_b}/_runs/twin.json", "w") as f:
+        json.dump(twin, f)
+    for prefix, says in (("zzzz", "names no recorded runs"), (run_a["run_id"][:6], "names 2 recorded runs")):
+        assert build_main(["--spec", path, "--redo-run", prefix]) == 2
+        err = capsys.readouterr().err
+        assert f"--redo-run {prefix!r} " in err and says in err and run_b["run_id"][:8] in err
+    assert sorted(p.name for p in (tmp_path / "built/manifests").iterdir()) == ["v0001.json", "v0002.json"]
+
+
 def test_heic_read_without_its_plugin_is_redone_once_it_is_installed(tmp_path, monkeypatch, capsys):
     """A HEIC photo on workers without pillow-heif is an error row naming the plugin; after it is
     installed, --retry-failed redoes its shard (a plain build does not)."""
