@@ -45,7 +45,7 @@ from sam_core import SamAutomaticMaskGenerator
 from sam_core.amg.fidelity import compare_records
 from sam_core.amg.generator import SA1B_PRESET
 from sam_core.build import set_attention_backend
-from sam_core.precision import FAST_DTYPES
+from sam_core.precision import FAST_DTYPES, compute_dtype_name
 from sam_core.testing import official_sam, ours_from, sharpen
 
 from .amg import photo, records_equal
@@ -245,7 +245,7 @@ def bench_amg(name: str, official, ours, device: str, image, settings: Dict[str,
 
 def dtype_name(amp: Optional[torch.dtype]) -> str:
     """A generator's autocast dtype as a row names it: "bfloat16", or "none" (fp32)."""
-    return str(amp).replace("torch.", "") if amp is not None else "none"
+    return "none" if amp is None else compute_dtype_name(amp)
 
 
 def print_profile(gen: SamAutomaticMaskGenerator, images, device: str) -> None:

@@ -42,8 +42,7 @@ def check_fast_dtype(mode: str, fast_dtype: str) -> None:
 def fast_amp_dtype(device: Union[str, torch.device], fast_dtype: str = "auto") -> Optional[torch.dtype]:
     """The autocast dtype of fast mode on ``device``: ``torch.bfloat16``, or ``None`` (fp32, no
     autocast). ``fast_dtype``: "auto" (bf16 where :func:`native_bf16`), "bfloat16" or "float32"."""
-    if fast_dtype not in FAST_DTYPES:
-        raise ValueError(f"fast_dtype must be one of {FAST_DTYPES}, got {fast_dtype!r}.")
+    check_fast_dtype("fast", fast_dtype)
     if fast_dtype == "auto":
         fast_dtype = "bfloat16" if native_bf16(device) else "float32"
     return torch.bfloat16 if fast_dtype == "bfloat16" else None
