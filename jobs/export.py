@@ -9,6 +9,7 @@
 
 sa1b-json and sa1b-tar export only the shards not exported yet (or whose tables changed since):
 run again after the output grew, or after an export was stopped, and it goes on from there.
+--prune also removes the exported files of shards the tables no longer hold.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true",
                     help="sa1b-json/sa1b-tar: export every shard again and number ids afresh, instead of only "
                          "the shards not exported yet (or changed since)")
+    ap.add_argument("--prune", action="store_true",
+                    help="sa1b-json/sa1b-tar: remove the exported files of shards that the tables no longer hold "
+                         "(the run was redone with --overwrite into other shards), so that --dest holds the "
+                         "tables' shards only; their ids stay reserved")
     ap.add_argument("--prompts", help="for the tables of a jobs.prompt run: its prompts file, written back with "
                                       "each box's mask (coco: a COCO file, ids and categories kept, instead of a "
                                       "class-agnostic one; parquet: a Parquet/CSV table, every column kept)")
@@ -58,6 +63,8 @@ def main(argv=None) -> int:
             ap.error(f"--prompts {args.prompts} is written back as --format {wanted}, not {args.format}")
     elif args.format == "parquet":
         ap.error("--format parquet writes a Parquet/CSV --prompts table back with its masks: name it with --prompts")
+    if args.prune and (args.format not in ("sa1b-json", "sa1b-tar") or args.prompts):
+        ap.error("--prune applies to sa1b-json and sa1b-tar exports (a coco or parquet file is rewritten whole)")
     if args.ray and args.format == "coco":
         ap.error("--ray exports shards in parallel; a coco export is one file, written by this process")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -77,7 +84,7 @@ def main(argv=None) -> int:
                 summary = export_coco(args.tables, args.dest, storage, args.workers or READ_WORKERS)
             else:
                 summary = export_shards(args.tables, args.dest, args.format, storage, args.workers, args.overwrite,
-                                        on_ray=args.ray)
+                                        on_ray=args.ray, prune=args.prune)
     except (KeyboardInterrupt, Terminated) as e:
         return stopped_exit(e, "export")
     except (ValueError, FileNotFoundError) as e:

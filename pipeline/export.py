@@ -6,7 +6,8 @@ this process, or Ray tasks over a cluster), and are resumable and incremental. E
 shard gets a marker ``<dest>/.export/<shard>.json``, written last (hidden, so a folder of
 exported tars stays a valid input folder); it records the tables' marker it was made from and
 the ids it used. A run exports the shards without a marker, and those whose tables changed since
-(``jobs.generate --retry-failed`` redid them); the rest are left as they are. Image and
+(``jobs.generate --retry-failed`` redid them); the rest are left as they are; shards the tables no
+longer hold (redone with ``--overwrite``) keep their files unless ``prune`` removes them. Image and
 annotation ids follow shard and file order on a first export; shards exported later get ids after
 the highest ever given, so ids already handed out are never given to another image or mask.
 
@@ -169,9 +170,11 @@ class ExportDest:
         return {posixpath.basename(p)[: -len(".json")]: json.loads(data) for p, data in blobs.items()}
 
     def mark(self, plan: ShardExport, fmt: str, tables_uri: str, files: Sequence[str]) -> None:
-        marker = {"format": fmt, "tables": tables_uri, **asdict(plan), "files": list(files)}
-        self.fs.makedirs(posixpath.dirname(self._marker_path(plan.shard_id)), exist_ok=True)
-        self.fs.pipe_file(self._marker_path(plan.shard_id), json.dumps(marker).encode())
+        self.write_marker(plan.shard_id, {"format": fmt, "tables": tables_uri, **asdict(plan), "files": list(files)})
+
+    def write_marker(self, shard_id: str, marker: Mapping[str, Any]) -> None:
+        self.fs.makedirs(posixpath.dirname(self._marker_path(shard_id)), exist_ok=True)
+        self.fs.pipe_file(self._marker_path(shard_id), json.dumps(marker).encode())
 
     def unmark(self, shard_id: str) -> None:
         if self.fs.exists(self._marker_path(shard_id)):
@@ -186,31 +189,40 @@ class ExportDest:
     def full_path(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
 
+    def file_path(self, fmt: str, shard_id: str, name: str) -> str:
+        """The path of ``name``, a file a shard's export wrote (as its marker lists it): under
+        ``<dest>/<shard>/`` for sa1b-json, ``<dest>/`` for sa1b-tar."""
+        return self.full_path(shard_id, name) if fmt == "sa1b-json" else self.full_path(name)
 
-def plan_export(tables: OutputDir, dest: ExportDest, fmt: str,
-                tables_uri: str) -> Tuple[List[ShardExport], Dict[str, Dict[str, Any]], int]:
-    """(shards to export, the dest's markers of earlier exports, shards left as they are).
 
-    A shard is left when its export marker was made from the same tables marker. A changed shard
-    keeps its ids if its counts fit the ids reserved for it, else it gets new ones after the
-    highest reserved. A destination holding another format's export, or an export of other tables
-    (``tables_uri``: their full path), raises ``ValueError``."""
-    done = dest.markers()
+def check_dest(done: Mapping[str, Mapping[str, Any]], dest_uri: str, fmt: str, tables_uri: str) -> None:
+    """Raise ``ValueError`` where the destination's markers ``done`` hold another format's export,
+    or an export of other tables (``tables_uri``: their full path)."""
     for shard_id, m in sorted(done.items()):
         if m.get("format") != fmt or m.get("tables") != tables_uri:
             raise ValueError(
-                f"{dest.uri!r} holds a {m.get('format')} export of {m.get('tables')!r} (shard {shard_id}); this is "
+                f"{dest_uri!r} holds a {m.get('format')} export of {m.get('tables')!r} (shard {shard_id}); this is "
                 f"a {fmt} export of {tables_uri!r}. Export into another --dest, or re-run with --overwrite to "
                 "replace that export.")
+
+
+def gone_shards(done: Mapping[str, Mapping[str, Any]], markers: Mapping[str, Any]) -> List[str]:
+    """The shards exported earlier (``done``: the destination's markers) that the tables
+    (``markers``: their shard markers) no longer hold, and whose files are not pruned yet."""
+    return sorted(s for s, m in done.items() if s not in markers and not m.get("pruned"))
+
+
+def plan_export(tables: OutputDir, markers: Mapping[str, Mapping[str, Any]],
+                done: Mapping[str, Mapping[str, Any]]) -> Tuple[List[ShardExport], int]:
+    """(shards to export, shards left as they are) of the tables' shards (``markers``), given the
+    destination's markers of earlier exports (``done``).
+
+    A shard is left when its export marker was made from the same tables marker. A changed shard
+    keeps its ids if its counts fit the ids reserved for it, else it gets new ones after the
+    highest reserved (pruned shards' ids stay reserved)."""
     next_image = max((m["first_image"] + m["image_slots"] for m in done.values()), default=0)
     next_annotation = max((m["first_annotation"] + m["annotation_slots"] for m in done.values()), default=0)
     todo, unchanged = [], 0
-    markers = tables.markers()
-    gone = sorted(set(done) - set(markers))
-    if gone:
-        log.warning("%d shards exported into %s earlier are no longer in the tables (e.g. %s); their exported files "
-                    "stay (--overwrite does not remove them either: use a new destination).", len(gone), dest.uri,
-                    gone[0])
     for shard_id, marker in sorted(markers.items()):
         source, prev = _digest(marker), done.get(shard_id)
         if prev is not None and prev["source"] == source:
@@ -224,7 +236,25 @@ def plan_export(tables: OutputDir, dest: ExportDest, fmt: str,
             ids = (next_image, images, images, next_annotation, annotations, annotations)
             next_image, next_annotation = next_image + images, next_annotation + annotations
         todo.append(ShardExport(shard_id, source, *ids))
-    return todo, done, unchanged
+    return todo, unchanged
+
+
+def prune(dest: ExportDest, done: Dict[str, Dict[str, Any]], shard_ids: Sequence[str]) -> None:
+    """Remove the exported files of ``shard_ids`` (as their markers in ``done`` list them), and
+    of a JSON export the shard's folder once it is empty. Each marker stays, with no files and
+    ``pruned`` set (updated in ``done`` too): the ids it was given stay reserved, never handed to
+    another image, and a shard of that name that comes back is exported again."""
+    for shard_id in shard_ids:
+        marker = done[shard_id]
+        paths = [dest.file_path(marker["format"], shard_id, name) for name in marker.get("files", [])]
+        existing = [p for p in paths if dest.fs.exists(p)]
+        if existing:
+            dest.fs.rm(existing)
+        folder = dest.full_path(shard_id)
+        if marker["format"] == "sa1b-json" and dest.fs.isdir(folder) and not dest.fs.find(folder):
+            dest.fs.rm(folder, recursive=True)  # only empty folders left: what the export made
+        done[shard_id] = {**marker, "source": "", "files": [], "pruned": True}
+        dest.write_marker(shard_id, done[shard_id])
 
 
 # -- sources for the tars ----------------------------------------------------------------------
@@ -308,12 +338,12 @@ def _export_json_shard(tables: OutputDir, plan: ShardExport, dest: ExportDest,
     for _, stem, doc in _documents(tables, plan, ok_images(tables, plan.shard_id)):
         validate_sa1b(doc)
         files.append(f"{stem}.json")
-        path = dest.full_path(plan.shard_id, files[-1])
+        path = dest.file_path("sa1b-json", plan.shard_id, files[-1])
         dest.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         dest.fs.pipe_file(path, json.dumps(doc).encode())  # one C-encoded string (json.dump: ~10x slower)
     stale = sorted(set((previous or {}).get("files", [])) - set(files))
     if stale:
-        dest.fs.rm([dest.full_path(plan.shard_id, name) for name in stale])
+        dest.fs.rm([dest.file_path("sa1b-json", plan.shard_id, name) for name in stale])
     return files
 
 
@@ -356,12 +386,14 @@ SHARD_EXPORTERS = {"sa1b-json": _export_json_shard, "sa1b-tar": _export_tar_shar
 @dataclass
 class ExportSummary:
     """What an export did: shards exported, left as they were (unchanged since their last
-    export) and failed (shard -> error; every other shard was still exported)."""
+    export), pruned (no longer in the tables) and failed (shard -> error; every other shard was
+    still exported)."""
 
     format: str
     dest: str
     shards_exported: int = 0
     shards_unchanged: int = 0
+    shards_pruned: int = 0  # exported earlier, no longer in the tables: files removed (--prune)
     images: int = 0
     annotations: int = 0
     failed: Dict[str, str] = field(default_factory=dict)
@@ -375,6 +407,9 @@ class ExportSummary:
         lines = [f"wrote {self.images} {what} ({self.annotations} masks) under {self.dest}: "
                  f"{self.shards_exported} shards exported, {self.shards_unchanged} unchanged since an earlier "
                  f"export, {len(self.failed)} failed, {self.seconds:.1f} s"]
+        if self.shards_pruned:
+            lines.append(f"  removed the files of {self.shards_pruned} shards exported earlier that the tables no "
+                         "longer hold (--prune)")
         for shard_id, error in sorted(self.failed.items())[:MAX_FAILURE_LINES]:
             lines.append(f"  failed: {shard_id}: {error}")
         if len(self.failed) > MAX_FAILURE_LINES:
@@ -392,7 +427,8 @@ def _tables(tables_uri: str, dest_uri: str, storage_options: Optional[Mapping[st
 
 
 def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Optional[Mapping[str, Any]] = None,
-                  workers: Optional[int] = None, overwrite: bool = False, on_ray: bool = False) -> ExportSummary:
+                  workers: Optional[int] = None, overwrite: bool = False, on_ray: bool = False,
+                  prune: bool = False) -> ExportSummary:
     """Export a run's tables as ``sa1b-json`` (``<dest>/<shard>/<stem>.json`` per ok image, the
     stem keeping the image's folders within its input: ``cam1/0001.json``) or ``sa1b-tar``
     (``<dest>/<shard>.tar``), only the shards not yet exported or changed since (see the module
@@ -400,24 +436,39 @@ def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Opt
     ``READ_WORKERS``), or with ``on_ray`` Ray tasks of one CPU each over the cluster (default: as
     many as it has CPUs; JSON encoding is CPU work that threads of one process do not spread).
     A shard that fails (a source image gone, tables that disagree with their marker) is recorded
-    in the summary and the others go on."""
+    in the summary and the others go on. Shards exported earlier that the tables no longer hold
+    (the run was redone with ``--overwrite``) keep their files with a warning; ``prune`` removes
+    them (:func:`prune`)."""
     if fmt not in SHARD_EXPORTERS:
         raise ValueError(f"Unknown shard export format {fmt!r}; expected one of {sorted(SHARD_EXPORTERS)}.")
     start = time.monotonic()
     tables = _tables(tables_uri, dest_uri, storage_options)
     dest = ExportDest(dest_uri, storage_options)
     with RunLease(dest.fs, _lease_dir(dest)) as lease:  # one export at a time
-        return _export_shards(tables, dest, fmt, storage_options, workers, overwrite, on_ray, lease, start)
+        return _export_shards(tables, dest, fmt, storage_options, workers, overwrite, on_ray, prune, lease, start)
 
 
 def _export_shards(tables: OutputDir, dest: ExportDest, fmt: str, storage_options: Optional[Mapping[str, Any]],
-                   workers: Optional[int], overwrite: bool, on_ray: bool, lease: RunLease, start: float) -> ExportSummary:
+                   workers: Optional[int], overwrite: bool, on_ray: bool, prune_gone: bool, lease: RunLease,
+                   start: float) -> ExportSummary:
     """:func:`export_shards` under the destination's lease."""
+    tables_id = _full_uri(tables.fs, tables.path.rstrip("/"))  # "out/run" and "./out/run/" are one run's tables
+    previous, markers = dest.markers(), tables.markers()
+    if not overwrite:
+        check_dest(previous, dest.uri, fmt, tables_id)
+    gone = gone_shards(previous, markers)
+    if gone and prune_gone:
+        lease.check()
+        prune(dest, previous, gone)
+        log.info("removed the exported files of %d shards no longer in the tables (e.g. %s)", len(gone), gone[0])
+    elif gone:
+        log.warning("%d shards exported into %s earlier are no longer in the tables (e.g. %s); their exported files "
+                    "stay: --prune removes them.", len(gone), dest.uri, gone[0])
     if overwrite:
         dest.clear_markers()
-    tables_id = _full_uri(tables.fs, tables.path.rstrip("/"))  # "out/run" and "./out/run/" are one run's tables
-    todo, previous, unchanged = plan_export(tables, dest, fmt, tables_id)
-    summary = ExportSummary(fmt, dest.uri, shards_unchanged=unchanged)
+        previous = {}
+    todo, unchanged = plan_export(tables, markers, previous)
+    summary = ExportSummary(fmt, dest.uri, shards_unchanged=unchanged, shards_pruned=len(gone) if prune_gone else 0)
     jobs = [(plan, previous.get(plan.shard_id)) for plan in todo]
     done = (_on_ray(jobs, tables_id, _full_uri(dest.fs, dest.path), fmt, storage_options, workers, lease.run_id)
             if on_ray else _in_threads(jobs, tables, dest, fmt, workers or READ_WORKERS, lease))

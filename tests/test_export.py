@@ -388,6 +388,64 @@ def test_sa1b_json_export_resumes_and_grows_without_changing_ids(tmp_path, capsy
                                 "files-00001/d.json": (2, [4, 5]), "files-00002/e.json": (3, [6, 7, 8])}
 
 
+def test_prune_removes_the_exports_of_shards_the_tables_no_longer_hold(tmp_path, capsys, caplog):
+    """Tables redone into other shards (a run with --overwrite) leave exported shards they no
+    longer hold: an export keeps their files with a warning, and --prune removes them (also the
+    folders a JSON export made) while their ids stay reserved; a shard of that name that comes
+    back is exported again with its ids."""
+    from PIL import Image
+
+    for name in ("a.jpg", "b.jpg", "cam1/c.jpg", "cam1/d.jpg", "e.jpg"):
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "src" / name)
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    shard = lambda shard_id, names: synthetic_shard(out, shard_id, names,  # noqa: E731
+                                                   uris=[str(tmp_path / "src" / n) for n in names])
+    shard("files-00000", ["a.jpg", "b.jpg"])
+    shard("files-00001", ["cam1/c.jpg", "cam1/d.jpg"])
+    dest, tars = tmp_path / "sa1b", tmp_path / "tars"
+    args = ["--tables", str(tmp_path / "out"), "--format", "sa1b-json", "--dest", str(dest)]
+    assert export_main(args) == 0
+    assert export_main(["--tables", str(tmp_path / "out"), "--format", "sa1b-tar", "--dest", str(tars)]) == 0
+    assert sorted(export_ids(dest)) == ["files-00000/a.json", "files-00000/b.json", "files-00001/cam1/c.json",
+                                        "files-00001/cam1/d.json"]
+
+    out.clear()  # redone from an input that changed: files-00001 is no more, files-00002 is new
+    shard("files-00000", ["a.jpg"])
+    shard("files-00002", ["e.jpg"])
+    capsys.readouterr()
+    assert export_main(args) == 0
+    assert "1 shards exported into" in caplog.text and "--prune removes them" in caplog.text
+    assert "2 shards exported, 0 unchanged" in capsys.readouterr().out
+    assert "files-00001/cam1/c.json" in export_ids(dest)  # kept, with a warning
+    caplog.clear()
+    assert export_main(args + ["--prune"]) == 0
+    text = capsys.readouterr().out
+    assert "0 shards exported, 2 unchanged" in text and "removed the files of 1 shards" in text
+    assert export_ids(dest) == {"files-00000/a.json": (0, [0, 1]), "files-00002/e.json": (4, [8, 9])}
+    assert not (dest / "files-00001").exists() and "no longer in the tables" not in caplog.text
+    tombstone = json.loads((dest / ".export" / "files-00001.json").read_text())
+    assert tombstone["pruned"] and tombstone["files"] == [] and tombstone["first_image"] == 2
+    assert export_main(args + ["--prune"]) == 0  # nothing more to remove
+    assert "removed" not in capsys.readouterr().out
+
+    shard("files-00001", ["cam1/c.jpg"])  # the shard comes back: its ids again
+    assert export_main(args) == 0
+    assert export_ids(dest)["files-00001/cam1/c.json"] == (2, [4, 5])
+
+    tar_args = ["--tables", str(tmp_path / "out"), "--format", "sa1b-tar", "--dest", str(tars)]
+    out.clear()
+    shard("files-00000", ["a.jpg"])
+    assert export_main(tar_args + ["--prune", "--overwrite"]) == 0  # pruned before the markers are cleared
+    assert sorted(p.name for p in tars.iterdir()) == [".export", "files-00000.tar"]
+    assert sorted(p.name for p in (tars / ".export").glob("*.json")) == ["files-00000.json"]
+    with pytest.raises(SystemExit) as exit_:
+        export_main(["--tables", str(tmp_path / "out"), "--format", "coco", "--dest", str(tmp_path / "c.json"),
+                     "--prune"])
+    assert exit_.value.code == 2
+    assert "--prune applies to sa1b-json and sa1b-tar" in capsys.readouterr().err
+
+
 def test_sa1b_tar_export_reads_each_source_tar_once(tmp_path, monkeypatch):
     """The images of a tar input are copied from one pass over their tar, not one pass from its
     start per image (quadratic: an SA-1B tar of ~11k images would be read ~5k times over)."""
