@@ -22,6 +22,7 @@ import sys
 from jobs.model_args import add_model_args, resolve_model
 from jobs.run_args import EXIT_FAILED_IMAGES, EXIT_STATUS_HELP, add_run_args, run_config_args, run_job
 from pipeline.config import PipelineConfig
+from pipeline.point_grids import with_point_grids
 from pipeline.render import render_gallery
 from pipeline.run import plan_run, run_pipeline
 from pipeline.single_machine import SAMPLE_IMAGES
@@ -31,7 +32,7 @@ from sam_core.precision import FAST_DTYPES
 AMG_FLAGS = ("points_per_side", "points_per_batch", "encoder_batch_size", "pred_iou_thresh", "stability_score_thresh",
              "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
              "crop_n_points_downscale_factor", "min_mask_region_area", "max_mask_area_fraction", "compile",
-             "fast_dtype")
+             "fast_dtype", "point_grids")
 
 
 def fraction_or_none(text: str):
@@ -56,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "and CPUs with avx512_bf16/AMX, fp32 elsewhere, where emulated bf16 is several times "
                          "slower; each image's compute_dtype records which)")
     ap.add_argument("--points-per-side", type=int, help="grid points per side (official default 32)")
+    ap.add_argument("--point-grids", metavar="FILE",
+                    help="prompt grids of your own instead of --points-per-side's: one per crop layer, N x 2 points "
+                         "(x, y) in [0, 1] of the crop, as .npy (N x 2, or L x N x 2), .npz (an array per layer) "
+                         "or .json (a list of grids); local path or fsspec URI")
     ap.add_argument("--points-per-batch", type=int, help="prompts per decoder batch (default 64)")
     ap.add_argument("--pred-iou-thresh", type=float, help="predicted-IoU filter (default 0.88)")
     ap.add_argument("--stability-score-thresh", type=float, help="stability filter (default 0.95)")
@@ -98,8 +103,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(
         input_uri=args.input, output_uri=args.output, model_type=args.model_type,
         checkpoint=args.checkpoint, seed=args.seed, preset=args.preset, mode=args.mode,
-        amg={k: None if getattr(args, k) == "none" else getattr(args, k)
-             for k in AMG_FLAGS if getattr(args, k) is not None},
+        amg=with_point_grids({k: None if getattr(args, k) == "none" else getattr(args, k)
+                              for k in AMG_FLAGS if getattr(args, k) is not None}, run_args["storage_options"]),
         postprocess_workers=args.postprocess_workers, num_cpus_per_postprocessor=args.num_cpus_per_postprocessor,
         resize_short_side=args.resize_short_side, redo_changed=args.redo_changed, **run_args,
     )

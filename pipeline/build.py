@@ -31,6 +31,7 @@ from .config import PipelineConfig
 from .export import FORMATS, ExportSummary, export_coco, export_shards
 from .lease import RunLease
 from .output import READ_WORKERS, OutputDir, settings_changes
+from .point_grids import grids_digested, with_point_grids
 from .run import RunPlan, pending_shards, plan_run, run_pipeline, summarize_tables
 from .shards import filesystem
 from .single_machine import RunSummary
@@ -79,7 +80,8 @@ class BuildSpec:
             input_uri=input_uri, output_uri=posixpath.join(self.output, "data", input_key(input_uri)),
             model_type=self.model_type, checkpoint=bundled_checkpoint(self.model_type, self.checkpoint),
             seed=self.seed, preset=self.preset,
-            mode=self.mode, amg=dict(self.amg), resize_short_side=self.resize_short_side,
+            mode=self.mode, amg=with_point_grids(self.amg, self.storage_options()),
+            resize_short_side=self.resize_short_side,
             images_per_shard=self.images_per_shard,
             images_per_batch=self.images_per_batch, workers=self.workers,
             num_gpus_per_worker=self.num_gpus_per_worker, num_cpus_per_worker=self.num_cpus_per_worker,
@@ -237,7 +239,7 @@ def _build(spec: BuildSpec, manifests: "Manifests", run: Callable[[PipelineConfi
         "version": version,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **identity,
-        "settings": first.generator_settings(),
+        "settings": grids_digested(first.generator_settings()),
         "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()},
         "inputs": [
             {
@@ -283,7 +285,7 @@ def input_configs(spec: BuildSpec, manifests: "Manifests", versions: List[int], 
     if before == identity:
         return configs
     spelled = first.spelled_as(previous.get("settings") or {}, previous["settings_hash"])
-    changes = settings_changes(previous.get("settings") or {}, first.generator_settings())
+    changes = settings_changes(previous.get("settings") or {}, grids_digested(first.generator_settings()))
     if spelled is None:
         raise SpecError(
             f"The spec's model/settings {identity} differ from manifest v{versions[-1]:04d} {before} "

@@ -152,8 +152,11 @@ class PipelineConfig:
 
     def mask_settings(self) -> Dict[str, Any]:
         """The settings that decide the masks: the generator's (batch sizes, memory caps, compile
-        left out) and ``resize_short_side`` when set (the masks are of the downsampled images)."""
-        settings = {k: v for k, v in self.generator_settings().items() if k not in THROUGHPUT_SETTINGS}
+        left out, ``point_grids`` as their digest) and ``resize_short_side`` when set (the masks are
+        of the downsampled images)."""
+        from .point_grids import grids_digested
+
+        settings = {k: v for k, v in grids_digested(self.generator_settings()).items() if k not in THROUGHPUT_SETTINGS}
         if self.resize_short_side is not None:
             settings["resize_short_side"] = self.resize_short_side
         return settings
@@ -174,6 +177,10 @@ class PipelineConfig:
         keeps one settings hash."""
         recorded = {k: v for k, v in settings.items()
                     if k not in THROUGHPUT_SETTINGS and k not in ("output_mode", "mode", "resize_short_side")}
+        if recorded.get("point_grids") is not None:  # a digest: this run's grids, if they are the ones recorded
+            if recorded["point_grids"] != self.mask_settings().get("point_grids"):
+                return None
+            recorded["point_grids"] = self.generator_settings()["point_grids"]
         throughput = {k: v for k, v in self.generator_settings().items() if k in THROUGHPUT_SETTINGS}
         spelled = replace(self, preset=None, amg={**recorded, **throughput})
         try:

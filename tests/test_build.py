@@ -149,6 +149,34 @@ def test_build_goes_on_with_the_same_settings_spelled_otherwise(tmp_path):
         run_build(load_spec(path), run=local_run)
 
 
+def test_a_build_reads_its_point_grids_from_a_file_and_records_their_digest(tmp_path):
+    """``point_grids = "FILE"`` under [build.amg]: the grids are read from the file, the
+    manifests record their digest, a spec spelled otherwise builds on, and other grids in the
+    file are refused, naming the setting."""
+    import numpy as np
+
+    from sam_core.amg.masks import build_point_grid
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "sa_000001.tar", ["scene_00000.png"])
+    np.save(tmp_path / "grid.npy", build_point_grid(4))
+    path = spec_file(tmp_path, [shards], amg=f'point_grids = "{tmp_path / "grid.npy"}"')
+    run_build(load_spec(path), run=local_run)
+    v1 = json.loads((tmp_path / "built/manifests/v0001.json").read_text())
+    assert v1["settings"]["point_grids"].startswith("1 grid (16 points), sha256 ")
+    with open(path, "a") as f:
+        f.write("stability_score_offset = 1.0\n")
+    write_tar(shards / "sa_000002.tar", ["scene_00001.png"])
+    second = run_build(load_spec(path), run=local_run)
+    assert second.new_shards == {str(shards): ["sa_000002"]}
+    v2 = json.loads((tmp_path / "built/manifests/v0002.json").read_text())
+    assert v2["settings_hash"] == v1["settings_hash"]
+    np.save(tmp_path / "grid.npy", build_point_grid(3))
+    with pytest.raises(SpecError, match=r"point_grids 1 grid \(16 points\), sha256 \w+ -> 1 grid \(9 points\)"):
+        run_build(load_spec(path), run=local_run)
+
+
 def test_a_build_says_what_each_input_holds_and_what_failed(tmp_path, capsys):
     """Each build, also one with nothing new, prints what each input's tables hold: images ok and
     failed, the errors by reason and one by one, and whether --retry-failed may recover some; the

@@ -277,6 +277,70 @@ def test_resume_refuses_another_model_or_settings(tmp_path):
         pending_shards(replace(hub, checkpoint=str(moved)))
 
 
+def test_point_grids_from_a_file_make_that_grids_masks_and_are_recorded_by_their_digest(inputs, tmp_path,
+                                                                                         checkpoint, capsys):
+    """--point-grids reads one grid per crop layer from .npy, .npz or .json; the official 4 x 4
+    grid from a file makes the masks of --points-per-side 4. Markers record the grids' digest, not
+    their points; another grid under the same output is refused, the same one resumed however the
+    other settings are spelled. A file that is not grids, or grids the settings cannot run with,
+    is refused before anything starts, naming it."""
+    from jobs.generate import main as generate_main
+    from pipeline.point_grids import read_point_grids, with_point_grids
+    from sam_core.amg.masks import build_point_grid
+
+    grid, small = build_point_grid(4), build_point_grid(2)
+    files = {"one.npy": lambda p: np.save(p, grid.astype(np.float32)), "layers.npy": lambda p: np.save(p, np.stack([grid] * 2)),
+             "layers.npz": lambda p: np.savez(p, grid, small), "one.json": lambda p: p.write_text(json.dumps(grid.tolist())),
+             "layers.json": lambda p: p.write_text(json.dumps([grid.tolist(), small.tolist()]))}
+    for name, write in files.items():
+        write(tmp_path / name)
+    assert read_point_grids(str(tmp_path / "one.npy")) == [grid.astype(np.float32).astype(np.float64).tolist()]
+    assert read_point_grids(str(tmp_path / "layers.npy")) == [grid.tolist()] * 2
+    assert read_point_grids(str(tmp_path / "layers.npz")) == read_point_grids(str(tmp_path / "layers.json")) == [
+        grid.tolist(), small.tolist()]
+    assert read_point_grids(str(tmp_path / "one.json")) == [grid.tolist()]
+    (tmp_path / "far.json").write_text(json.dumps([[0.5, 0.5], [1.5, 0.2]]))
+    (tmp_path / "flat.npy").write_bytes(b"")
+    np.save(tmp_path / "xyz.npy", np.zeros((4, 3)))
+    for name, says in [("missing.npy", "does not exist"),
+                       ("far.json", "grid 0 has points outside [0, 1] (values from 0.2 to 1.5)"),
+                       ("flat.npy", "could not be read as grids: EOFError"),
+                       ("xyz.npy", "grid 0 must be N x 2 points (x, y), N >= 1; got shape (4, 3)"),
+                       ("grid.txt", "expected one of")]:
+        with pytest.raises(ValueError, match=re.escape(f"point grids file {str(tmp_path / name)!r}") + ".*"
+                           + re.escape(says)):
+            read_point_grids(str(tmp_path / name))
+
+    amg = {k: v for k, v in AMG.items() if k != "points_per_side"}
+    by_side = config(inputs, tmp_path / "side", checkpoint)
+    by_file = replace(config(inputs, tmp_path / "file", checkpoint), amg=with_point_grids(
+        {**amg, "point_grids": str(tmp_path / "one.json")}))
+    shard = discover_shards(str(inputs), 10)[0]
+    side_masks, _ = ShardWorker(by_side).process(shard)
+    file_masks, images = ShardWorker(by_file).process(shard)
+    key = lambda rows: [(r["image_id"], r["counts"], r["predicted_iou"], r["point_coords"]) for r in rows]  # noqa: E731
+    assert key(file_masks) == key(side_masks) and len(file_masks) > 0
+    for s in pending_shards(by_file):
+        by_file.output().write_shard(s, file_masks if s == shard else [], images if s == shard else [])
+    recorded = OutputDir(by_file.output_uri).marker(shard.shard_id)["settings"]["point_grids"]
+    assert re.fullmatch(r"1 grid \(16 points\), sha256 [0-9a-f]{16}", recorded)
+    respelled = replace(by_file, amg={**by_file.amg, "stability_score_offset": 1.0})  # the default, written out
+    assert respelled.settings_hash() != by_file.settings_hash() and pending_shards(respelled) == []
+    other = replace(by_file, amg=with_point_grids({**amg, "point_grids": str(tmp_path / "layers.npz")}))
+    with pytest.raises(ValueError, match=re.escape(f"point_grids {recorded} -> 2 grids (16, 4 points)")):
+        pending_shards(other)
+
+    base = ["--output", str(tmp_path / "cli"), "--checkpoint", checkpoint, "--model-type", "tiny", "--dry-run"]
+    capsys.readouterr()
+    assert generate_main(base + ["--point-grids", str(tmp_path / "layers.npz")]) == 0
+    for extra, says in [(["--preset", "sa1b"], "point_grids has 2 grids; crop_n_layers=2 needs 3"),
+                        (["--points-per-side", "4"], "Give exactly one of points_per_side or point_grids"),
+                        (["--point-grids", str(tmp_path / "far.json")], "far.json': grid 0 has points outside")]:
+        grids = [] if extra[0] == "--point-grids" else ["--point-grids", str(tmp_path / "layers.npz")]
+        assert generate_main(base + grids + extra) == 2
+        assert says in capsys.readouterr().err
+
+
 def test_a_dry_run_says_what_a_run_would_do_and_changes_nothing(tmp_path, capsys, monkeypatch):
     """``jobs.generate --dry-run`` (``plan_run``): the checks a run makes before Ray starts (an
     output made with other settings is refused), then the shards a run would write, new and
