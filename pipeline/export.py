@@ -246,13 +246,14 @@ def prune(dest: ExportDest, done: Dict[str, Dict[str, Any]], shard_ids: Sequence
     another image, and a shard of that name that comes back is exported again."""
     for shard_id in shard_ids:
         marker = done[shard_id]
-        paths = [dest.file_path(marker["format"], shard_id, name) for name in marker.get("files", [])]
-        existing = [p for p in paths if dest.fs.exists(p)]
-        if existing:
-            dest.fs.rm(existing)
+        paths = {dest.file_path(marker["format"], shard_id, name) for name in marker.get("files", [])}
         folder = dest.full_path(shard_id)
-        if marker["format"] == "sa1b-json" and dest.fs.isdir(folder) and not dest.fs.find(folder):
-            dest.fs.rm(folder, recursive=True)  # only empty folders left: what the export made
+        json_export = marker["format"] == "sa1b-json"
+        there = set(dest.fs.find(folder)) if json_export else {p for p in paths if dest.fs.exists(p)}  # one listing
+        if paths & there:
+            dest.fs.rm(sorted(paths & there))
+        if json_export and there <= paths and dest.fs.exists(folder):
+            dest.fs.rm(folder, recursive=True)  # only the empty folders the export made are left
         done[shard_id] = {**marker, "source": "", "files": [], "pruned": True}
         dest.write_marker(shard_id, done[shard_id])
 

@@ -395,7 +395,7 @@ def test_prune_removes_the_exports_of_shards_the_tables_no_longer_hold(tmp_path,
     back is exported again with its ids."""
     from PIL import Image
 
-    for name in ("a.jpg", "b.jpg", "cam1/c.jpg", "cam1/d.jpg", "e.jpg"):
+    for name in ("a.jpg", "b.jpg", "cam1/c.jpg", "cam1/d.jpg", "e.jpg", "x.jpg"):
         (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "src" / name)
     out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
@@ -403,27 +403,30 @@ def test_prune_removes_the_exports_of_shards_the_tables_no_longer_hold(tmp_path,
                                                    uris=[str(tmp_path / "src" / n) for n in names])
     shard("files-00000", ["a.jpg", "b.jpg"])
     shard("files-00001", ["cam1/c.jpg", "cam1/d.jpg"])
+    shard("files-00003", ["x.jpg"])
     dest, tars = tmp_path / "sa1b", tmp_path / "tars"
     args = ["--tables", str(tmp_path / "out"), "--format", "sa1b-json", "--dest", str(dest)]
     assert export_main(args) == 0
     assert export_main(["--tables", str(tmp_path / "out"), "--format", "sa1b-tar", "--dest", str(tars)]) == 0
     assert sorted(export_ids(dest)) == ["files-00000/a.json", "files-00000/b.json", "files-00001/cam1/c.json",
-                                        "files-00001/cam1/d.json"]
+                                        "files-00001/cam1/d.json", "files-00003/x.json"]
+    (dest / "files-00003" / "notes.txt").write_text("the user's")  # not the export's: kept
 
-    out.clear()  # redone from an input that changed: files-00001 is no more, files-00002 is new
+    out.clear()  # redone from an input that changed: files-00001 and -00003 are no more, files-00002 is new
     shard("files-00000", ["a.jpg"])
     shard("files-00002", ["e.jpg"])
     capsys.readouterr()
     assert export_main(args) == 0
-    assert "1 shards exported into" in caplog.text and "--prune removes them" in caplog.text
+    assert "2 shards exported into" in caplog.text and "--prune removes them" in caplog.text
     assert "2 shards exported, 0 unchanged" in capsys.readouterr().out
     assert "files-00001/cam1/c.json" in export_ids(dest)  # kept, with a warning
     caplog.clear()
     assert export_main(args + ["--prune"]) == 0
     text = capsys.readouterr().out
-    assert "0 shards exported, 2 unchanged" in text and "removed the files of 1 shards" in text
-    assert export_ids(dest) == {"files-00000/a.json": (0, [0, 1]), "files-00002/e.json": (4, [8, 9])}
-    assert not (dest / "files-00001").exists() and "no longer in the tables" not in caplog.text
+    assert "0 shards exported, 2 unchanged" in text and "removed the files of 2 shards" in text
+    assert export_ids(dest) == {"files-00000/a.json": (0, [0, 1]), "files-00002/e.json": (5, [10, 11])}
+    assert not (dest / "files-00001").exists() and (dest / "files-00003" / "notes.txt").exists()
+    assert "no longer in the tables" not in caplog.text
     tombstone = json.loads((dest / ".export" / "files-00001.json").read_text())
     assert tombstone["pruned"] and tombstone["files"] == [] and tombstone["first_image"] == 2
     assert export_main(args + ["--prune"]) == 0  # nothing more to remove
