@@ -116,9 +116,22 @@ def test_cluster_launcher_config():
     assert doc["docker"]["image"] == containers(load("kuberay/raycluster.yaml")["spec"]["headGroupSpec"]["template"])[0]["image"]
 
 
-def test_example_build_spec_loads():
+def test_example_build_spec_builds_masks_of_the_samples_and_exports_them(tmp_path, monkeypatch):
+    """The README's build example, as a new user runs it (its worker's work without Ray): the
+    bundled demo model with filters it passes, so the build has masks to show."""
+    from dataclasses import replace
+
+    from pipeline.build import run_build
+
+    from .test_build import local_run
+
+    monkeypatch.chdir(INFRA.parent)  # the spec names its input relative to the repository
     spec = load_spec(str(INFRA / "build-spec.example.toml"))
     assert spec.inputs == ("pipeline/sample_images",)
+    result = run_build(replace(spec, output=str(tmp_path / "built")), run=local_run)
+    summary = result.tables["pipeline/sample_images"]
+    assert summary.images_ok == 6 and summary.masks >= 6
+    assert result.exports["pipeline/sample_images"].annotations == summary.masks
 
 
 def test_local_scripts_parse_and_s3_serves_the_samples():
