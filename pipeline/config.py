@@ -131,7 +131,7 @@ class PipelineConfig:
 
     def check_model(self) -> None:
         """Raise now, in the driver, what every model actor would raise on starting: generator
-        settings it cannot run with, an unknown model type, a checkpoint that is missing,
+        settings it cannot run with (and point grids it would leave unused), an unknown model type, a checkpoint that is missing,
         unreadable or of another model (only its tensor names and shapes are read: kB, also from
         object storage). Attached to a cluster (``RAY_ADDRESS``), a local checkpoint path the
         driver does not see is left to the actors: the workers may mount it where the driver does not."""
@@ -139,7 +139,12 @@ class PipelineConfig:
         from sam_core.build import check_checkpoint
         from sam_core.config import get_config
 
-        check_generator_settings(**self.resolved_generator_settings())
+        settings = self.resolved_generator_settings()
+        check_generator_settings(**settings)
+        grids, layers = settings["point_grids"], settings["crop_n_layers"] + 1
+        if grids is not None and len(grids) > layers:  # the generator would leave the rest unused
+            raise ValueError(f"point_grids has {len(grids)} grids; crop_n_layers={layers - 1} uses {layers} (one "
+                             f"per layer): set crop_n_layers={len(grids) - 1}, or leave the extra grids out.")
         get_config(self.model_type)
         if self.checkpoint is None:
             return

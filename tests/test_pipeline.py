@@ -332,11 +332,12 @@ def test_point_grids_from_a_file_make_that_grids_masks_and_are_recorded_by_their
 
     base = ["--output", str(tmp_path / "cli"), "--checkpoint", checkpoint, "--model-type", "tiny", "--dry-run"]
     capsys.readouterr()
-    assert generate_main(base + ["--point-grids", str(tmp_path / "layers.npz")]) == 0
+    assert generate_main(base + ["--point-grids", str(tmp_path / "layers.npz"), "--crop-n-layers", "1"]) == 0
     for extra, says in [(["--preset", "sa1b"], "point_grids has 2 grids; crop_n_layers=2 needs 3"),
+                        ([], "point_grids has 2 grids; crop_n_layers=0 uses 1 (one per layer): set crop_n_layers=1"),
                         (["--points-per-side", "4"], "Give exactly one of points_per_side or point_grids"),
                         (["--point-grids", str(tmp_path / "far.json")], "far.json': grid 0 has points outside")]:
-        grids = [] if extra[0] == "--point-grids" else ["--point-grids", str(tmp_path / "layers.npz")]
+        grids = [] if extra[:1] == ["--point-grids"] else ["--point-grids", str(tmp_path / "layers.npz")]
         assert generate_main(base + grids + extra) == 2
         assert says in capsys.readouterr().err
 
