@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fast-dtype", choices=FAST_DTYPES,
                     help="autocast of --mode fast, which it needs (default auto: bf16 on GPUs from Ampere on "
                          "and CPUs with avx512_bf16/AMX, fp32 elsewhere, where emulated bf16 is several times "
-                         "slower; each image's compute_dtype records which)")
+                         "slower; each image's compute_dtype records which); float16 for GPUs with fp16 tensor "
+                         "cores but no bf16 (V100, T4)")
     ap.add_argument("--points-per-side", type=int, help="grid points per side (official default 32)")
     ap.add_argument("--point-grids", metavar="FILE",
                     help="prompt grids of your own instead of --points-per-side's: one per crop layer, N x 2 points "

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
                          "output keeps one mode)")
     ap.add_argument("--fast-dtype", choices=FAST_DTYPES,
                     help="autocast of --mode fast, which it needs (default auto: bf16 where the device "
-                         "multiplies it in hardware, fp32 elsewhere); a pin is part of the output's identity")
+                         "multiplies it in hardware, fp32 elsewhere; float16 for GPUs with fp16 tensor cores but "
+                         "no bf16: V100, T4); a pin is part of the output's identity")
     add_run_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -63,7 +63,7 @@ IMAGES_SCHEMA = pa.schema([
     ("decode_s", pa.float64()),  # seconds per stage for this image
     ("generate_s", pa.float64()),  # model stage (encoder, decoder, filters, NMS, RLE)
     ("postprocess_s", pa.float64()),  # small-region removal, COCO strings, records
-    ("compute_dtype", pa.string()),  # what the model computed in: "float32" or "bfloat16" (fast
+    ("compute_dtype", pa.string()),  # what the model computed in: "float32", "bfloat16" or "float16" (fast
     # mode's "auto" picks by each worker's device); null for errors and in earlier tables
 ])
 LATER_COLUMNS = ("frames", "compute_dtype")  # images columns that tables of earlier versions lack: read as nulls

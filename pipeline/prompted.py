@@ -175,7 +175,7 @@ class BoxPrompter:
         factored and, where the device multiplies bf16 in hardware, bf16 autocast for encoder
         and decoder, as the generator's fast mode (``sam_core/precision.py``); other masks, so
         another output identity). ``fast_dtype``: fast mode's autocast, as the generator's
-        ("auto", or a pin: "bfloat16", "float32"; a pin is part of the output's identity)."""
+        ("auto", or a pin: "bfloat16", "float16", "float32"; a pin is part of the output's identity)."""
         if max_chunk_pixels < 1:
             raise ValueError(f"max_chunk_pixels must be >= 1, got {max_chunk_pixels}.")
         check_prompt_mode(mode, fast_dtype)

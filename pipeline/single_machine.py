@@ -50,7 +50,7 @@ class RunSummary:
     first_frame_only: List[Dict[str, Any]] = field(default_factory=list)  # the first MAX_ERROR_LINES
     # of them: {"uri", "frames"}
     compute_dtypes: Dict[str, int] = field(default_factory=dict)  # ok images by what the model computed
-    # in ("float32", "bfloat16"; "unknown": shards written before this was recorded)
+    # in ("float32", "bfloat16", "float16"; "unknown": shards written before this was recorded)
 
     @property
     def images_per_second(self) -> float:

@@ -5,6 +5,10 @@ avx512_bf16 or AMX (oneDNN). Elsewhere torch emulates it, and bf16 is several ti
 fp32: on an AVX2-only CPU, fast-mode AMG took 58 s an image in bf16 against 10 s in fp32 (README,
 Performance). So fast mode's default, ``"auto"``, uses bf16 where it is native and fp32 elsewhere;
 the rest of fast mode (large prompt batches, factored decoder tokens, folded attention) stays.
+
+``"float16"`` is a pin for GPUs without bf16 but with fp16 tensor cores (Volta and Turing: V100,
+T4), where fp32 leaves those cores idle. "auto" never picks it: fp16's narrower range is not
+checked on real checkpoints here (the tests check its fidelity on CPU with small models).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Optional, Union
 
 import torch
 
-FAST_DTYPES = ("auto", "bfloat16", "float32")
+FAST_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def native_bf16(device: Union[str, torch.device]) -> bool:
@@ -40,15 +44,16 @@ def check_fast_dtype(mode: str, fast_dtype: str) -> None:
 
 
 def fast_amp_dtype(device: Union[str, torch.device], fast_dtype: str = "auto") -> Optional[torch.dtype]:
-    """The autocast dtype of fast mode on ``device``: ``torch.bfloat16``, or ``None`` (fp32, no
-    autocast). ``fast_dtype``: "auto" (bf16 where :func:`native_bf16`), "bfloat16" or "float32"."""
+    """The autocast dtype of fast mode on ``device``: ``torch.bfloat16``, ``torch.float16`` or
+    ``None`` (fp32, no autocast). ``fast_dtype``: "auto" (bf16 where :func:`native_bf16`, else
+    fp32), or a pin: "bfloat16", "float16", "float32"."""
     check_fast_dtype("fast", fast_dtype)
     if fast_dtype == "auto":
         fast_dtype = "bfloat16" if native_bf16(device) else "float32"
-    return torch.bfloat16 if fast_dtype == "bfloat16" else None
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(fast_dtype)
 
 
 def compute_dtype_name(amp_dtype: Optional[torch.dtype]) -> str:
     """What a model computed in, as recorded on each image of an output (its ``compute_dtype``):
-    the autocast dtype's name ("bfloat16"), or "float32" without autocast (``None``)."""
+    the autocast dtype's name ("bfloat16", "float16"), or "float32" without autocast (``None``)."""
     return "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")

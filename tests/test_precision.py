@@ -35,10 +35,11 @@ def test_cuda_bf16_is_native_from_ampere_on(monkeypatch, ampere):
 
 def test_fast_dtype_choices():
     assert fast_amp_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert fast_amp_dtype("cpu", "float16") == torch.float16  # a pin only: "auto" never picks it
     assert fast_amp_dtype("cpu", "float32") is None
     assert fast_amp_dtype("cpu") == (torch.bfloat16 if native_bf16("cpu") else None)
     with pytest.raises(ValueError, match="fast_dtype must be one of"):
-        fast_amp_dtype("cpu", "float16")
+        fast_amp_dtype("cpu", "half")
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -48,12 +49,12 @@ def test_fast_mode_uses_bf16_only_where_native(tiny_ours, monkeypatch, native):
     assert gen.amp_dtype == gen.predictor.amp_dtype == (torch.bfloat16 if native else None)
     # The rest of fast mode stays: large prompt batches and factored decoder tokens.
     assert gen.factored_decoder and gen.decoder_batch == 256
-    for fast_dtype, amp in (("bfloat16", torch.bfloat16), ("float32", None)):
+    for fast_dtype, amp in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", None)):
         assert SamAutomaticMaskGenerator(tiny_ours, mode="fast", fast_dtype=fast_dtype).amp_dtype == amp
     assert SamAutomaticMaskGenerator(tiny_ours).amp_dtype is None  # exact: fp32
 
 
-@pytest.mark.parametrize("fast_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("fast_dtype", ["bfloat16", "float16", "float32"])
 def test_exact_mode_refuses_a_fast_dtype_pin(tiny_ours, fast_dtype):
     """A pin with exact mode is a contradiction (exact computes in fp32): said, not ignored."""
     with pytest.raises(ValueError, match="applies to mode='fast' only"):
@@ -95,7 +96,8 @@ def test_fast_dtype_is_part_of_a_runs_settings_only_when_given():
     assert base.effective_mask_settings() != pinned.effective_mask_settings()
 
 
-@pytest.mark.parametrize("argv, expected", [([], "auto"), (["--fast-dtype", "float32"], "float32")])
+@pytest.mark.parametrize("argv, expected", [([], "auto"), (["--fast-dtype", "float32"], "float32"),
+                                            (["--fast-dtype", "float16"], "float16")])
 def test_fast_dtype_flag(argv, expected):
     from jobs.generate import config_from_args, parse_args
 

@@ -172,8 +172,9 @@ class SamAutomaticMaskGenerator:
             suppresses nothing. None (the default, as the official generator): no such filter.
         fast_dtype: fast mode's autocast: "auto" (bf16 on devices that multiply it in hardware:
             CUDA from Ampere on, CPUs with avx512_bf16/AMX; fp32 elsewhere, where emulated bf16 is
-            several times slower than fp32), "bfloat16" or "float32" (fast mode only: exact mode
-            refuses a pin). The dtype chosen is ``self.amp_dtype`` (None: fp32).
+            several times slower than fp32), or a pin: "bfloat16", "float16" (GPUs without bf16
+            but with fp16 tensor cores: V100, T4) or "float32" (fast mode only: exact mode refuses
+            a pin). The dtype chosen is ``self.amp_dtype`` (None: fp32).
         """
         check_generator_settings(points_per_side=points_per_side, point_grids=point_grids, output_mode=output_mode,
                                  mode=mode, points_per_batch=points_per_batch, encoder_batch_size=encoder_batch_size,
