@@ -15,6 +15,7 @@ from .config import PipelineConfig
 from .driver import init_ray
 from .lease import RunLease
 from .output import OutputDir, first_frame_only
+from .point_grids import grids_digested
 from .shards import Shard, discover_shards
 from .single_machine import MAX_ERROR_LINES, RunSummary
 from .reading import decode_shards
@@ -143,7 +144,8 @@ def run_stages(config: PipelineConfig, todo: Sequence[Shard], output: OutputDir,
     start = time.perf_counter()
     log.info("%d shards to process", len(todo))
     collector = ShardCollector(todo, output.open_shard)
-    with recorded(output, job, asdict(config), todo, collector.written) as record:
+    settings = {**asdict(config), "amg": grids_digested(config.amg)}  # a grid's points: its digest
+    with recorded(output, job, settings, todo, collector.written) as record:
         if todo:
             _stream(config, todo, collector, stages, item_fields)
     summary = summarize_tables(output)

@@ -278,7 +278,8 @@ def test_resume_refuses_another_model_or_settings(tmp_path):
 
 
 def test_point_grids_from_a_file_make_that_grids_masks_and_are_recorded_by_their_digest(inputs, tmp_path,
-                                                                                         checkpoint, capsys):
+                                                                                         checkpoint, capsys,
+                                                                                         monkeypatch):
     """--point-grids reads one grid per crop layer from .npy, .npz or .json; the official 4 x 4
     grid from a file makes the masks of --points-per-side 4. Markers record the grids' digest, not
     their points; another grid under the same output is refused, the same one resumed however the
@@ -326,6 +327,14 @@ def test_point_grids_from_a_file_make_that_grids_masks_and_are_recorded_by_their
     assert re.fullmatch(r"1 grid \(16 points\), sha256 [0-9a-f]{16}", recorded)
     respelled = replace(by_file, amg={**by_file.amg, "stability_score_offset": 1.0})  # the default, written out
     assert respelled.settings_hash() != by_file.settings_hash() and pending_shards(respelled) == []
+    import pipeline.run
+
+    monkeypatch.setattr(pipeline.run, "_stream", lambda *args: None)  # the run's record, not its work
+    recording = replace(by_file, output_uri=str(tmp_path / "recorded"))
+    output = recording.output()
+    with output.hold_lease():
+        record = pipeline.run.run_stages(recording, [shard], output, []).run_record
+    assert json.loads(open(record).read())["config"]["amg"]["point_grids"] == recorded  # not 16 points, one a line
     other = replace(by_file, amg=with_point_grids({**amg, "point_grids": str(tmp_path / "layers.npz")}))
     with pytest.raises(ValueError, match=re.escape(f"point_grids {recorded} -> 2 grids (16, 4 points)")):
         pending_shards(other)
