@@ -239,7 +239,7 @@ def plan_export(tables: OutputDir, markers: Mapping[str, Mapping[str, Any]],
     return todo, unchanged
 
 
-def prune(dest: ExportDest, done: Dict[str, Dict[str, Any]], shard_ids: Sequence[str]) -> None:
+def prune_shards(dest: ExportDest, done: Dict[str, Dict[str, Any]], shard_ids: Sequence[str]) -> None:
     """Remove the exported files of ``shard_ids`` (as their markers in ``done`` list them), and
     of a JSON export the shard's folder once it is empty. Each marker stays, with no files and
     ``pruned`` set (updated in ``done`` too): the ids it was given stay reserved, never handed to
@@ -439,7 +439,7 @@ def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Opt
     A shard that fails (a source image gone, tables that disagree with their marker) is recorded
     in the summary and the others go on. Shards exported earlier that the tables no longer hold
     (the run was redone with ``--overwrite``) keep their files with a warning; ``prune`` removes
-    them (:func:`prune`)."""
+    them (:func:`prune_shards`)."""
     if fmt not in SHARD_EXPORTERS:
         raise ValueError(f"Unknown shard export format {fmt!r}; expected one of {sorted(SHARD_EXPORTERS)}.")
     start = time.monotonic()
@@ -450,7 +450,7 @@ def export_shards(tables_uri: str, dest_uri: str, fmt: str, storage_options: Opt
 
 
 def _export_shards(tables: OutputDir, dest: ExportDest, fmt: str, storage_options: Optional[Mapping[str, Any]],
-                   workers: Optional[int], overwrite: bool, on_ray: bool, prune_gone: bool, lease: RunLease,
+                   workers: Optional[int], overwrite: bool, on_ray: bool, prune: bool, lease: RunLease,
                    start: float) -> ExportSummary:
     """:func:`export_shards` under the destination's lease."""
     tables_id = _full_uri(tables.fs, tables.path.rstrip("/"))  # "out/run" and "./out/run/" are one run's tables
@@ -458,9 +458,9 @@ def _export_shards(tables: OutputDir, dest: ExportDest, fmt: str, storage_option
     if not overwrite:
         check_dest(previous, dest.uri, fmt, tables_id)
     gone = gone_shards(previous, markers)
-    if gone and prune_gone:
+    if gone and prune:
         lease.check()
-        prune(dest, previous, gone)
+        prune_shards(dest, previous, gone)
         log.info("removed the exported files of %d shards no longer in the tables (e.g. %s)", len(gone), gone[0])
     elif gone:
         log.warning("%d shards exported into %s earlier are no longer in the tables (e.g. %s); their exported files "
@@ -469,7 +469,7 @@ def _export_shards(tables: OutputDir, dest: ExportDest, fmt: str, storage_option
         dest.clear_markers()
         previous = {}
     todo, unchanged = plan_export(tables, markers, previous)
-    summary = ExportSummary(fmt, dest.uri, shards_unchanged=unchanged, shards_pruned=len(gone) if prune_gone else 0)
+    summary = ExportSummary(fmt, dest.uri, shards_unchanged=unchanged, shards_pruned=len(gone) if prune else 0)
     jobs = [(plan, previous.get(plan.shard_id)) for plan in todo]
     done = (_on_ray(jobs, tables_id, _full_uri(dest.fs, dest.path), fmt, storage_options, workers, lease.run_id)
             if on_ray else _in_threads(jobs, tables, dest, fmt, workers or READ_WORKERS, lease))
