@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 from .decode import DEFAULT_MAX_PIXELS
+from .point_grids import grids_digested
 
 if TYPE_CHECKING:
     from .output import OutputDir
@@ -131,10 +132,11 @@ class PipelineConfig:
 
     def check_model(self) -> None:
         """Raise now, in the driver, what every model actor would raise on starting: generator
-        settings it cannot run with (and point grids it would leave unused), an unknown model type, a checkpoint that is missing,
-        unreadable or of another model (only its tensor names and shapes are read: kB, also from
-        object storage). Attached to a cluster (``RAY_ADDRESS``), a local checkpoint path the
-        driver does not see is left to the actors: the workers may mount it where the driver does not."""
+        settings it cannot run with (and point grids it would leave unused), an unknown model
+        type, a checkpoint that is missing, unreadable or of another model (only its tensor names
+        and shapes are read: kB, also from object storage). Attached to a cluster
+        (``RAY_ADDRESS``), a local checkpoint path the driver does not see is left to the actors:
+        the workers may mount it where the driver does not."""
         from sam_core.amg import check_generator_settings
         from sam_core.build import check_checkpoint
         from sam_core.config import get_config
@@ -159,9 +161,8 @@ class PipelineConfig:
         """The settings that decide the masks: the generator's (batch sizes, memory caps, compile
         left out, ``point_grids`` as their digest) and ``resize_short_side`` when set (the masks are
         of the downsampled images)."""
-        from .point_grids import grids_digested
-
-        settings = {k: v for k, v in grids_digested(self.generator_settings()).items() if k not in THROUGHPUT_SETTINGS}
+        settings = grids_digested(self.generator_settings())
+        settings = {k: v for k, v in settings.items() if k not in THROUGHPUT_SETTINGS}
         if self.resize_short_side is not None:
             settings["resize_short_side"] = self.resize_short_side
         return settings
