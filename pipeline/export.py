@@ -277,7 +277,7 @@ def iter_sources(uris: Sequence[str], storage_options: Optional[Mapping[str, Any
             continue
         if tar != tar_uri:
             tar_uri, members = tar, _iter_tar(tar, opts)
-        for _, member_uri, data, error in members:
+        for _, member_uri, data, error, _ in members:
             if error is not None:
                 raise OSError(f"source tar {tar} could not be read: {error}")
             if member_uri == uri:

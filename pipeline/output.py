@@ -65,8 +65,12 @@ IMAGES_SCHEMA = pa.schema([
     ("postprocess_s", pa.float64()),  # small-region removal, COCO strings, records
     ("compute_dtype", pa.string()),  # what the model computed in: "float32", "bfloat16" or "float16" (fast
     # mode's "auto" picks by each worker's device); null for errors and in earlier tables
+    ("member_offset", pa.int64()),  # a member of an uncompressed tar: where its data lies in the tar,
+    ("member_size", pa.int64()),  # for one ranged read (shards.read_source); null for files,
+    # gzipped tars and in earlier tables
 ])
-LATER_COLUMNS = ("frames", "compute_dtype")  # images columns that tables of earlier versions lack: read as nulls
+# images columns that tables of earlier versions lack: read as nulls
+LATER_COLUMNS = ("frames", "compute_dtype", "member_offset", "member_size")
 
 
 def first_frame_only(frames: Optional[int]) -> bool:

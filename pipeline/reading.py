@@ -55,12 +55,13 @@ def decoded_images(
     row's ``frames`` says how many the file has.
     """
     first: Dict[str, int] = {}  # name -> position of the first image with it
-    for index, (name, uri, data, read_error) in enumerate(iter_shard_files(shard, storage_options)):
+    for index, (name, uri, data, read_error, member_range) in enumerate(iter_shard_files(shard, storage_options)):
         repeat = first.setdefault(name, index) != index
+        offset, size = member_range or (None, None)
         row: Row = dict(image_id=f"{shard.shard_id}/{name}" + (f"#{index}" if repeat else ""), uri=uri,
                         shard=shard.shard_id, width=None, height=None, mask_count=None, status="error",
                         error_reason=None, error_detail=None, decode_s=None, generate_s=None, postprocess_s=None,
-                        compute_dtype=None)
+                        compute_dtype=None, member_offset=offset, member_size=size)
         if read_error is not None:
             row.update(error_reason=read_error_reason(read_error), error_detail=read_error)
         elif repeat:

@@ -23,7 +23,7 @@ from pycocotools import mask as mask_utils
 from .decode import decode_image
 from .export import images_with_masks
 from .output import OutputDir, resized_short_side
-from .shards import filesystem, read_source
+from .shards import filesystem, member_range, read_source
 from .stats import format_stats, table_stats
 
 ALPHA = 0.5
@@ -78,7 +78,7 @@ def render_gallery(tables_uri: str, dest: str, image_ids: Optional[Sequence[str]
     for image_id in chosen:
         image, masks = available[image_id]
         short_side = resized_short_side(markers.get(image_id.split("/", 1)[0]))
-        pixels = decode_image(read_source(image["uri"], storage_options), short_side=short_side)
+        pixels = decode_image(read_source(image["uri"], storage_options, member_range(image)), short_side=short_side)
         buf = io.BytesIO()
         Image.fromarray(overlay(pixels, masks, seed)).save(buf, format="PNG")
         name = _file_name(image_id)

@@ -229,10 +229,14 @@ def _read_with_retries(uri: str, opts: Dict[str, Any]) -> Tuple[Optional[bytes],
     raise AssertionError("unreachable")
 
 
-def iter_shard_files(
-    shard: Shard, storage_options: Optional[Mapping[str, Any]] = None
-) -> Iterator[Tuple[str, str, Optional[bytes], Optional[str]]]:
-    """(name, uri, bytes, read_error) for every image of the shard, in order.
+MemberRange = Optional[Tuple[int, int]]  # (offset, size) of a tar member's data in its uncompressed tar
+ShardFile = Tuple[str, str, Optional[bytes], Optional[str], MemberRange]  # name, uri, bytes, read error, range
+
+
+def iter_shard_files(shard: Shard, storage_options: Optional[Mapping[str, Any]] = None) -> Iterator[ShardFile]:
+    """(name, uri, bytes, read_error, member_range) for every image of the shard, in order;
+    ``member_range``: where a member of an uncompressed tar lies in it (for ranged reads later,
+    :func:`read_source`), else None.
 
     A file that cannot be read gives ``bytes=None`` and the reason; tar sidecar ``.json`` files
     (SA-1B annotations) are not images and are passed over. A tar that cannot be read to its end
@@ -242,7 +246,7 @@ def iter_shard_files(
     if shard.kind == "files":
         for uri in shard.uris:
             data, error = _read_with_retries(uri, opts)
-            yield shard.name_of(uri), uri, data, error
+            yield shard.name_of(uri), uri, data, error, None
         return
     (tar_uri,) = shard.uris
     yield from _iter_tar(tar_uri, opts)
@@ -263,12 +267,13 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise
 
 
-def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[Tuple[str, str, Optional[bytes], Optional[str]]]:
+def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[ShardFile]:
     """:func:`iter_shard_files` for a tar: its image members in order and, if the tar cannot be
     read to its end, one more record named after the tar with the reason (the members before it
     are kept). Errors other than missing or corrupt data are retried (``READ_ATTEMPTS`` reads
     from the start, members already given passed over)."""
     name = posixpath.basename(tar_uri)
+    ranged = tar_uri.endswith(".tar")  # a gzipped tar's offsets are of its uncompressed stream
     given, member_name = 0, None  # image members yielded; the member being read
     delay = RETRY_BASE_DELAY_S
     for attempt in range(1, READ_ATTEMPTS + 1):
@@ -285,20 +290,21 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[Tuple[str, str, Op
                     member_name = member.name
                     data = tar.extractfile(member).read()
                     given, member_name = given + 1, None
-                    yield _member_path(member.name), f"{tar_uri}#{member.name}", data, None
+                    yield (_member_path(member.name), f"{tar_uri}#{member.name}", data, None,
+                           (member.offset_data, member.size) if ranged else None)
                 bad_end = getattr(tar, "bad_end", None)
             if bad_end is not None:
-                yield name, tar_uri, None, _tar_error(given, member_name, bad_end, "truncated or corrupt")
+                yield name, tar_uri, None, _tar_error(given, member_name, bad_end, "truncated or corrupt"), None
             return
         except FileNotFoundError as e:
-            yield name, tar_uri, None, f"{MISSING}{e}"
+            yield name, tar_uri, None, f"{MISSING}{e}", None
             return
         except (tarfile.TarError, EOFError, zlib.error) as e:  # the bytes are bad: reading again would not help
-            yield name, tar_uri, None, _tar_error(given, member_name, e, "truncated or corrupt")
+            yield name, tar_uri, None, _tar_error(given, member_name, e, "truncated or corrupt"), None
             return
         except Exception as e:  # transient object-store and network errors
             if attempt == READ_ATTEMPTS:
-                yield name, tar_uri, None, _tar_error(given, member_name, e, f"unreadable after {attempt} attempts")
+                yield name, tar_uri, None, _tar_error(given, member_name, e, f"unreadable after {attempt} attempts"), None
                 return
             time.sleep(delay)
             delay *= 2
@@ -347,6 +353,34 @@ def tar_index(tar_uri: str, storage_options: Optional[Mapping[str, Any]] = None)
     return index
 
 
+def member_range(image: Mapping[str, Any]) -> MemberRange:
+    """The recorded ``(offset, size)`` of an images-table row's tar member, or None (a file, a
+    gzipped tar, a table of an earlier version)."""
+    offset, size = image.get("member_offset"), image.get("member_size")
+    return None if offset is None or size is None else (int(offset), int(size))
+
+
+def _read_recorded_member(tar_uri: str, member: str, member_range: Tuple[int, int],
+                          opts: Dict[str, Any]) -> Optional[bytes]:
+    """The data of ``member`` at its recorded ``(offset, size)`` in ``tar_uri``, read with the
+    header block before it in one ranged read; None where that header is not the member's (the
+    tar was rewritten since the run) or cannot be read there."""
+    offset, size = member_range
+    if offset < tarfile.BLOCKSIZE:
+        return None
+    fs, path = filesystem(tar_uri, opts)
+    try:
+        block = fs.cat_file(path, start=offset - tarfile.BLOCKSIZE, end=offset + size)
+        info = tarfile.TarInfo.frombuf(block[: tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
+    except (OSError, ValueError, tarfile.HeaderError):
+        return None
+    # A name over 100 bytes has its whole form in a header before this one; this one holds its start.
+    names_it = info.name == member or (len(info.name) >= 99 and member.startswith(info.name))
+    if len(block) != tarfile.BLOCKSIZE + size or info.size != size or not names_it:
+        return None
+    return block[tarfile.BLOCKSIZE :]
+
+
 def tar_of_member(uri: str) -> Optional[str]:
     """The tar of an images-table ``uri`` of a tar member (``<tar uri>#<member>``), else None."""
     if "#" in uri and uri.split("#", 1)[0].endswith(TAR_EXTENSIONS):
@@ -354,16 +388,24 @@ def tar_of_member(uri: str) -> Optional[str]:
     return None
 
 
-def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> bytes:
+def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+                member_range: MemberRange = None) -> bytes:
     """Bytes of an images-table ``uri``: a file, or ``<tar uri>#<member>``. A member of an
-    uncompressed tar is read at its offset (:func:`tar_index`: one scan of the tar's headers,
-    then one ranged read per image, not a pass from the tar's start per image); a gzipped tar
-    has no offsets, so it is read from its start up to the member."""
+    uncompressed tar is read at its offset: ``member_range`` as the run recorded it (the images
+    table's ``member_offset``, ``member_size``), one ranged read that also takes the member's
+    header and checks that it still names the member; without it, or where the tar changed
+    since, :func:`tar_index` (one scan of the tar's headers: on an object store, about the whole
+    tar's bytes), then one ranged read per image. A gzipped tar has no offsets, so it is read
+    from its start up to the member."""
     opts = dict(storage_options or {})
     tar_uri = tar_of_member(uri)
     if tar_uri is not None:
         member = uri.split("#", 1)[1]
         if tar_uri.endswith(".tar"):
+            if member_range is not None:
+                data = _read_recorded_member(tar_uri, member, member_range, opts)
+                if data is not None:
+                    return data
             if member not in tar_index(tar_uri, opts):
                 raise FileNotFoundError(f"{member} not in {tar_uri}")
             offset, size = tar_index(tar_uri, opts)[member]

@@ -12,12 +12,12 @@ from sam_core.training import Sample
 from .decode import decode_image
 from .export import ok_images
 from .output import OutputDir, resized_short_side
-from .shards import read_source
+from .shards import MemberRange, member_range, read_source
 
 SHUFFLE_SHARDS = 8  # shards whose images are drawn from at once (memory: their masks' RLE strings)
 
-Entry = Tuple[str, List[str], Tuple[int, int], Optional[int]]  # (source uri, masks' COCO counts, (height, width),
-# the shorter side the run downsampled the image to, or None)
+Entry = Tuple[str, List[str], Tuple[int, int], Optional[int], MemberRange]  # (source uri, masks' COCO counts,
+# (height, width), the shorter side the run downsampled the image to or None, where a tar member lies or None)
 
 
 def _shard_entries(tables: OutputDir, shard_id: str, short_side: Optional[int]) -> List[Entry]:
@@ -26,7 +26,7 @@ def _shard_entries(tables: OutputDir, shard_id: str, short_side: Optional[int]) 
     for row in tables.read_shard("masks", shard_id, ["image_id", "mask_id", "counts"]).to_pylist():
         rows.setdefault(row["image_id"], []).append((row["mask_id"], row["counts"]))
     return [(image["uri"], [c for _, c in sorted(rows[image["image_id"]])], (image["height"], image["width"]),
-             short_side) for image in ok_images(tables, shard_id) if rows.get(image["image_id"])]
+             short_side, member_range(image)) for image in ok_images(tables, shard_id) if rows.get(image["image_id"])]
 
 
 def table_samples(tables_uri: str, storage_options: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Iterator[Sample]:
@@ -54,8 +54,8 @@ def table_samples(tables_uri: str, storage_options: Optional[Mapping[str, Any]] 
 
 
 def _sample(entry: Entry, storage_options: Optional[Mapping[str, Any]]) -> Sample:
-    uri, counts, (h, w), short_side = entry
-    image = decode_image(read_source(uri, storage_options), short_side=short_side)
+    uri, counts, (h, w), short_side, where = entry
+    image = decode_image(read_source(uri, storage_options, where), short_side=short_side)
     if image.shape[:2] != (h, w):
         raise ValueError(f"{uri} decodes to {image.shape[1]}x{image.shape[0]}, the tables say {w}x{h}.")
     masks = [mask_utils.decode({"size": [h, w], "counts": c.encode()}).astype(bool) for c in counts]

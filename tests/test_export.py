@@ -188,7 +188,7 @@ def test_sa1b_tar_export_round_trips_and_reads_back_as_input(tables, tmp_path, c
                 seen[f"{path.stem}/{doc['image']['file_name']}"] = decode_masks(doc)
         # An exported shard is valid input again (the .json sidecars are passed over).
         shard = discover_shards(str(path))[0]
-        assert all(n.endswith(".jpg") for n, _, _, _ in iter_shard_files(shard))
+        assert all(n.endswith(".jpg") for n, *_ in iter_shard_files(shard))
     assert sorted(seen) == sorted(expected)  # sources were .jpg, so names are unchanged
     for image_id, got in seen.items():
         assert len(got) == len(expected[image_id]) and all(np.array_equal(a, b) for a, b in zip(got, expected[image_id]))

@@ -94,7 +94,7 @@ def test_discover_folder_glob_tar_and_manifest(inputs, tmp_path):
     stat = tar_path.stat()
     assert tar_shard == Shard("sa_000001", "tar", (str(tar_path),), digests=(f"{stat.st_size}:{stat.st_mtime}",))
     files = list(iter_shard_files(tar_shard))
-    assert [(n, u.endswith("#sa_1.jpg")) for n, u, _, _ in files] == [("sa_1.jpg", True)]
+    assert [(n, u.endswith("#sa_1.jpg")) for n, u, _, _, _ in files] == [("sa_1.jpg", True)]
     manifest = tmp_path / "list.parquet"
     pq.write_table(pa.table({"uri": [str(inputs / n) for n in SAMPLES]}), manifest)
     assert [s.shard_id for s in discover_shards(str(manifest), 2)] == ["list-00000", "list-00001"]
@@ -290,8 +290,10 @@ def test_point_grids_from_a_file_make_that_grids_masks_and_are_recorded_by_their
     from sam_core.amg.masks import build_point_grid
 
     grid, small = build_point_grid(4), build_point_grid(2)
-    files = {"one.npy": lambda p: np.save(p, grid.astype(np.float32)), "layers.npy": lambda p: np.save(p, np.stack([grid] * 2)),
-             "layers.npz": lambda p: np.savez(p, grid, small), "one.json": lambda p: p.write_text(json.dumps(grid.tolist())),
+    files = {"one.npy": lambda p: np.save(p, grid.astype(np.float32)),
+             "layers.npy": lambda p: np.save(p, np.stack([grid] * 2)),
+             "layers.npz": lambda p: np.savez(p, grid, small),
+             "one.json": lambda p: p.write_text(json.dumps(grid.tolist())),
              "layers.json": lambda p: p.write_text(json.dumps([grid.tolist(), small.tolist()]))}
     for name, write in files.items():
         write(tmp_path / name)
@@ -760,13 +762,13 @@ def test_images_are_named_by_their_path_so_one_file_name_in_two_folders_stays_tw
         (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
         (inputs / rel).write_bytes(sample_bytes("coffee.jpg"))
     (shard,) = discover_shards(str(inputs))
-    assert [n for n, _, _, _ in iter_shard_files(shard)] == ["cam1/0001.jpg", "cam2/0001.jpg", "top.jpg"]
+    assert [n for n, *_ in iter_shard_files(shard)] == ["cam1/0001.jpg", "cam2/0001.jpg", "top.jpg"]
     (flat,) = discover_shards(str(inputs / "cam1"))  # a flat folder: file names, as before
-    assert [n for n, _, _, _ in iter_shard_files(flat)] == ["0001.jpg"]
+    assert [n for n, *_ in iter_shard_files(flat)] == ["0001.jpg"]
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"uri\n{inputs}/cam1/0001.jpg\n{inputs}/cam2/0001.jpg\n")
     (listed,) = discover_shards(str(manifest))
-    assert [n for n, _, _, _ in iter_shard_files(listed)] == ["cam1/0001.jpg", "cam2/0001.jpg"]
+    assert [n for n, *_ in iter_shard_files(listed)] == ["cam1/0001.jpg", "cam2/0001.jpg"]
     manifest.write_text(f"uri\n{inputs}/top.jpg\n{inputs}/cam1/0001.jpg\n{inputs}/top.jpg\n")
     with pytest.raises(ValueError, match=r"lists 1 uri\(s\) more than once"):
         discover_shards(str(manifest))
@@ -832,7 +834,7 @@ def test_a_tar_that_cannot_be_read_to_its_end_is_recorded(tmp_path):
         assert f"{kept} image(s) read, then" in bad["error_detail"] and says in bad["error_detail"], (name, bad)
     (tmp_path / "whole.tar").write_bytes(whole + b"\0" * 512)  # zero blocks: the proper end
     files = list(iter_shard_files(Shard("whole", "tar", (str(tmp_path / "whole.tar"),))))
-    assert [(n, e) for n, _, _, e in files] == [(n, None) for n in SAMPLES]
+    assert [(n, e) for n, _, _, e, _ in files] == [(n, None) for n in SAMPLES]
     (missing,) = iter_shard_files(Shard("gone", "tar", (str(tmp_path / "gone.tar"),)))
     assert missing[:3] == ("gone.tar", str(tmp_path / "gone.tar"), None) and "FileNotFoundError" in missing[3]
 
@@ -843,7 +845,7 @@ def test_a_tar_that_cannot_be_read_to_its_end_is_recorded(tmp_path):
     (gz / "sa_000002.tgz").write_bytes(gzip.compress(whole)[:3000])
     full, cut = discover_shards(str(gz))
     assert (full.shard_id, full.kind, cut.shard_id) == ("sa_000001", "tar", "sa_000002")
-    assert [n for n, _, _, _ in iter_shard_files(full)] == list(SAMPLES)
+    assert [n for n, *_ in iter_shard_files(full)] == list(SAMPLES)
     bad = list(iter_shard_files(cut))[-1]
     assert bad[0] == "sa_000002.tgz" and "truncated or corrupt: 0 image(s) read, then reading member" in bad[3]
 
@@ -883,13 +885,13 @@ def test_a_tar_read_that_fails_midway_is_retried_without_repeats(tmp_path, monke
     monkeypatch.setattr(shards_mod.fsspec, "open", Flaky)
     monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
     files = list(iter_shard_files(Shard("sa_000000", "tar", (str(path),))))
-    assert [(n, d == sample_bytes(n), e) for n, _, d, e in files] == [(n, True, None) for n in SAMPLES]
+    assert [(n, d == sample_bytes(n), e) for n, _, d, e, _ in files] == [(n, True, None) for n in SAMPLES]
     assert len(opens) == 3  # two broken reads, then the rest of the tar; no member twice
 
     opens.clear()
     monkeypatch.setattr(shards_mod, "READ_ATTEMPTS", 2)  # every read breaks: the tar is recorded
     files = list(iter_shard_files(Shard("sa_000000", "tar", (str(path),))))
-    assert [n for n, _, _, _ in files] == [SAMPLES[0], "sa_000000.tar"]
+    assert [n for n, *_ in files] == [SAMPLES[0], "sa_000000.tar"]
     assert files[-1][3].startswith("tar unreadable after 2 attempts: 1 image(s) read, then")
     assert "ConnectionError: connection reset by peer" in files[-1][3]
 
@@ -1014,6 +1016,53 @@ def test_tar_members_are_read_at_their_offsets(s3_server, tmp_path, monkeypatch)
             read_source(f"{tar_uri}#nope.jpg", o)
     gz = str(tmp_path / "t.tar.gz")
     assert {name: read_source(f"{gz}#{name}") for name in expected} == expected
+
+
+def test_a_tar_members_place_is_recorded_and_read_back_in_one_ranged_read(tmp_path, checkpoint, monkeypatch):
+    """A run records where each member of an uncompressed tar lies (``member_offset``,
+    ``member_size``), so the renderer and the fine-tuning reader read it with one ranged read
+    instead of scanning the tar's headers (on an object store, about the whole tar's bytes). The
+    header read with it must still name the member: a tar rewritten since is scanned again.
+    Names over 100 bytes, held in an extended header before the member's own, work too."""
+    import pipeline.shards as shards_mod
+    from pipeline.render import render_gallery
+    from pipeline.shards import member_range, read_source
+
+    long_name = "deep/" + "x" * 120 + ".jpg"
+    members = [("a.jpg", sample_bytes("chelsea.jpg")), (long_name, sample_bytes("coffee.jpg")),
+               ("b.jpg", sample_bytes("astronaut.jpg"))]
+
+    def write(order):
+        with tarfile.open(tmp_path / "in" / "sa_000001.tar", "w") as tar:
+            for name, data in order:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    (tmp_path / "in").mkdir()
+    write(members)
+    cfg = config(tmp_path / "in", tmp_path / "out", checkpoint)
+    (shard,) = discover_shards(cfg.input_uri)
+    worker = ShardWorker(cfg)
+    worker.output.write_shard(shard, *worker.process(shard))
+    rows = OutputDir(cfg.output_uri).read_shard("images", shard.shard_id).to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    index = shards_mod.tar_index(shard.uris[0])
+    assert [member_range(r) for r in rows] == [index[name] for name, _ in members]
+
+    def no_scan(*args):
+        raise AssertionError("the tar's headers were scanned")
+
+    monkeypatch.setattr(shards_mod, "tar_index", no_scan)
+    assert [read_source(r["uri"], None, member_range(r)) for r in rows] == [data for _, data in members]
+    assert render_gallery(cfg.output_uri, str(tmp_path / "gallery"), sample=3)  # the renderer reads them so
+    monkeypatch.undo()
+    shards_mod._TAR_INDEXES.clear()
+    write(members[::-1])  # rewritten since the run: the recorded places hold other members now
+    assert [read_source(r["uri"], None, member_range(r)) for r in rows] == [data for _, data in members]
+    (tmp_path / "in" / "sa_000002.tar.gz").write_bytes(gzip.compress((tmp_path / "in" / "sa_000001.tar").read_bytes()))
+    gz = Shard("sa_000002", "tar", (str(tmp_path / "in" / "sa_000002.tar.gz"),))
+    assert [where for *_, where in iter_shard_files(gz)] == [None] * 3  # no offsets in a gzipped tar
 
 
 def test_shard_writer_streams_to_s3(s3_server):
