@@ -43,6 +43,7 @@ from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 from .decode import decode_image, resized_size
 from .driver import init_ray
 from .lease import RunLease, check_holder
+from .marker_index import load_markers
 from .output import READ_WORKERS, OutputDir, resized_short_side
 from .shards import _full_uri, _iter_tar, _read_with_retries, filesystem, tar_of_member
 
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("sa1b-json", "sa1b-tar", "coco")
 EXPORT_MARKERS = ".export"  # <dest>/.export/<shard>.json, per exported shard
+EXPORT_INDEX = "_index.parquet"  # <dest>/.export/_index.parquet, those markers in one file
 EXIF_ORIENTATION = 0x0112
 COCO_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 PROGRESS_EVERY_S = 10.0
@@ -163,11 +165,12 @@ class ExportDest:
     def _marker_path(self, shard_id: str) -> str:
         return posixpath.join(self.path, EXPORT_MARKERS, f"{shard_id}.json")
 
-    def markers(self) -> Dict[str, Dict[str, Any]]:
-        """The exported shards' markers by shard id (one listing, one concurrent read)."""
-        paths = self.fs.glob(posixpath.join(self.path, EXPORT_MARKERS, "*.json"))
-        blobs = self.fs.cat(sorted(paths)) if paths else {}
-        return {posixpath.basename(p)[: -len(".json")]: json.loads(data) for p, data in blobs.items()}
+    def markers(self, update: bool = False) -> Dict[str, Dict[str, Any]]:
+        """The exported shards' markers by shard id: one listing, the index of them and one
+        concurrent read of those it does not hold (:mod:`pipeline.marker_index`); ``update`` (the
+        export holding the lease): bring the index up to date."""
+        return load_markers(self.fs, self.full_path(EXPORT_MARKERS), self.full_path(EXPORT_MARKERS, EXPORT_INDEX),
+                            update=update)
 
     def mark(self, plan: ShardExport, fmt: str, tables_uri: str, files: Sequence[str]) -> None:
         self.write_marker(plan.shard_id, {"format": fmt, "tables": tables_uri, **asdict(plan), "files": list(files)})
@@ -181,8 +184,9 @@ class ExportDest:
             self.fs.rm(self._marker_path(shard_id))
 
     def clear_markers(self) -> None:
-        """Remove every shard's marker (not the lease beside them)."""
+        """Remove every shard's marker and their index (not the lease beside them)."""
         paths = self.fs.glob(posixpath.join(self.path, EXPORT_MARKERS, "*.json"))
+        paths += self.fs.glob(self.full_path(EXPORT_MARKERS, EXPORT_INDEX))
         if paths:
             self.fs.rm(paths)
 
@@ -454,7 +458,7 @@ def _export_shards(tables: OutputDir, dest: ExportDest, fmt: str, storage_option
                    start: float) -> ExportSummary:
     """:func:`export_shards` under the destination's lease."""
     tables_id = _full_uri(tables.fs, tables.path.rstrip("/"))  # "out/run" and "./out/run/" are one run's tables
-    previous, markers = dest.markers(), tables.markers()
+    previous, markers = dest.markers(update=True), tables.markers()
     if not overwrite:
         check_dest(previous, dest.uri, fmt, tables_id)
     gone = gone_shards(previous, markers)

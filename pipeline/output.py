@@ -6,6 +6,7 @@ Layout under the output URI::
     images/<shard>.parquet   one row per input file (ok or error)
     _done/<shard>.json       written last: the shard's members (and their digests: jobs.prompt's
                              boxes), counts (errors by reason), model and settings
+    _done_index.parquet      the markers in one file, a cache (pipeline.marker_index)
 
 A shard whose marker exists is complete; data files without a marker are leftovers of an
 interrupted run (or a shard being written): readers skip them and the next run rewrites them.
@@ -30,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .lease import RunLease
+from .marker_index import INDEX_FILE, load_markers
 from .shards import Shard, filesystem
 
 MASKS_SCHEMA = pa.schema([
@@ -242,16 +244,10 @@ class OutputDir:
 
     def markers(self, shard_ids: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
         """The markers of the completed shards (of those of ``shard_ids`` if given), by shard id:
-        one listing of ``_done/`` and one read of the markers found (fsspec fetches many paths
-        concurrently from object stores, where one request per shard would make resuming a large
-        run slow)."""
-        done = self.shard_ids()
-        if shard_ids is not None:
-            done = sorted(set(done) & set(shard_ids))
-        if not done:
-            return {}
-        blobs = self.fs.cat([self._p("_done", f"{i}.json") for i in done])
-        return {posixpath.basename(path)[: -len(".json")]: json.loads(data) for path, data in blobs.items()}
+        one listing of ``_done/``, the marker index and one concurrent read of the markers it
+        does not hold as listed (:mod:`pipeline.marker_index`; one request per shard would make
+        resuming a large run slow). The run holding the lease brings the index up to date."""
+        return load_markers(self.fs, self._p("_done"), self._p(INDEX_FILE), shard_ids, update=self.lease is not None)
 
     def is_complete(self, shard: Shard) -> bool:
         """True if ``shard`` was written; raises as :meth:`check_marker` if it cannot be resumed."""
@@ -306,7 +302,7 @@ class OutputDir:
             self.fs.rm(path)
 
     def clear(self) -> None:
-        for sub in ("masks", "images", "_done"):
+        for sub in ("masks", "images", "_done", INDEX_FILE):
             if self.fs.exists(self._p(sub)):
                 self.fs.rm(self._p(sub), recursive=True)
 

@@ -98,3 +98,14 @@ def test_pipeline_benchmark_runs_and_prints_its_ratio(capsys):
     out = capsys.readouterr().out
     assert "images ok: 4, errors: 0" in out
     assert re.search(r"engine +[0-9.]+ images/s", out) and re.search(r"pipeline / engine = [0-9.]+%", out)
+
+
+def test_markers_benchmark_reads_every_marker_without_the_index_and_none_with_it(tmp_path, capsys):
+    """``python -m bench.markers`` (the README's command) on 5 shards of a local moto S3 server."""
+    from bench import markers as bench_markers
+
+    bench_markers.main(["--shards", "5", "--files-per-shard", "2", "--json", str(tmp_path / "m.json")])
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert [(result[k]["markers"], result[k]["fetched"]) for k in ("no_index", "writing_index", "with_index")] == [
+        (5, 5), (5, 5), (5, 0)]
+    assert re.search(r"with the index [0-9.]+x faster", capsys.readouterr().out)

@@ -637,7 +637,7 @@ def test_an_export_stopped_by_sigterm_finishes_the_shard_it_is_on_and_starts_no_
     monkeypatch.undo()
     assert export_main(args) == 0
     assert sorted(p.name for p in (tmp_path / "sa1b" / ".export").iterdir()) == [
-        "files-00000.json", "files-00001.json", "files-00002.json", "lease"]
+        "_index.parquet", "files-00000.json", "files-00001.json", "files-00002.json", "lease"]
 
 
 def test_stats_of_more_masks_than_a_sample_holds(tmp_path, monkeypatch, capsys):

@@ -916,22 +916,6 @@ def test_config_rejects_empty_batches():
             PipelineConfig("in", "out", **{name: 0})
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on 127.0.0.1, as s3fs's own test suite runs it."""
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
     import s3fs
 
@@ -953,8 +937,8 @@ def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
     summary = run_pipeline(cfg)
     assert (summary.images_ok, summary.images_error) == (2, 1)
     assert summary.errors[0]["uri"] == "s3://inbucket/photos/broken.jpg"
-    assert sorted(fs.ls("outbucket/run1")) == ["outbucket/run1/_done", "outbucket/run1/_runs", "outbucket/run1/images",
-                                               "outbucket/run1/masks"]
+    assert sorted(fs.ls("outbucket/run1")) == ["outbucket/run1/_done", "outbucket/run1/_done_index.parquet",
+                                               "outbucket/run1/_runs", "outbucket/run1/images", "outbucket/run1/masks"]
     (run,) = read_runs(OutputDir("s3://outbucket/run1", opts))
     assert run["status"] == "finished" and run["images"] == 3 and run["error_reasons"] == {"empty": 1}
     assert "storage_options" not in run["config"] and "testing" not in json.dumps(run)  # no credentials
@@ -965,6 +949,10 @@ def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
     assert read_tables(tmp_path / "local")[0].equals(masks.sort_by([("image_id", "ascending"), ("mask_id", "ascending")]))
     assert local.masks == summary.masks
     assert run_pipeline(cfg).shards_processed == 0
+    reader = OutputDir("s3://outbucket/run1", opts)  # the run's end left the marker index current
+    reader.fs = type(reader.fs)(skip_instance_cache=True, **opts)
+    reader.fs.cat = None  # no marker is read one by one
+    assert reader.markers() == {p.split("/")[-1][:-5]: json.loads(fs.cat_file(p)) for p in fs.ls("outbucket/run1/_done")}
 
     # Exports to the same store use its endpoint (sa1b-json wrote to the default AWS one before).
     assert export_sa1b_json("s3://outbucket/run1", "s3://outbucket/sa1b", opts).images == 2
@@ -1065,14 +1053,9 @@ def test_a_tar_members_place_is_recorded_and_read_back_in_one_ranged_read(tmp_pa
     assert [where for *_, where in iter_shard_files(gz)] == [None] * 3  # no offsets in a gzipped tar
 
 
-def test_shard_writer_streams_to_s3(s3_server):
+def test_shard_writer_streams_to_s3(s3_bucket):
     """Row groups streamed to an S3 object (written when closed), read back; abort leaves nothing."""
-    import boto3
-
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_server,
-                                                                      "region_name": "us-east-1"}}
-    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="streambucket")
+    opts = s3_bucket("streambucket")
     out = OutputDir("s3://streambucket/run", opts)
     rows = [mask_row("s/x.jpg", i) for i in range(5)]
     writer = ShardWriter(out, Shard("s", "files", ("x.jpg",)), row_group_rows=2)
