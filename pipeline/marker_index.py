@@ -29,7 +29,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shards import fingerprint
+from .shards import fingerprint, forget_listings
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ def list_markers(fs: Any, marker_dir: str) -> Dict[str, Optional[str]]:
     """The markers in ``marker_dir`` by shard id, with their fingerprints (None where the listing
     has none: such a marker is always read), from one listing."""
     infos = fs.glob(posixpath.join(marker_dir, "*.json"), detail=True)
+    forget_listings(fs)
     return {posixpath.basename(p)[: -len(".json")]: fingerprint(info) for p, info in infos.items()}
 
 

@@ -61,15 +61,13 @@ def common_root(uris: Sequence[str]) -> str:
     return "/".join(common)
 
 
-def naming_root(input_uri: str, uris: Sequence[str], storage_options: Optional[Mapping[str, Any]] = None) -> str:
-    """The folder the images of ``input_uri`` (its files ``uris``) are named under: the input
-    folder itself, so that names stay as the folder gains subfolders (a bucket holding only
-    ``2026-11-24/`` names its images ``2026-11-24/a.jpg``, as it will once ``2026-11-25/``
-    arrives); for a glob or a single file, the deepest folder common to ``uris``."""
-    fs, path = filesystem(input_uri, storage_options)
-    if not any(c in path for c in "*?[") and fs.isdir(path):
-        return _full_uri(fs, path.rstrip("/"))
-    return common_root(uris)
+def naming_root(folder: Optional[str], uris: Sequence[str]) -> str:
+    """The folder the images of an input (its files ``uris``) are named under: the input folder
+    itself (``folder``, its full URI: :attr:`Listing.folder`), so that names stay as the folder
+    gains subfolders (a bucket holding only ``2026-11-24/`` names its images ``2026-11-24/a.jpg``,
+    as it will once ``2026-11-25/`` arrives); for a glob or a single file (``folder`` None), the
+    deepest folder common to ``uris``."""
+    return folder if folder is not None else common_root(uris)
 
 
 def filesystem(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Tuple[Any, str]:
@@ -107,17 +105,34 @@ def fingerprint(info: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
+def forget_listings(fs: Any) -> None:
+    """Drop the listings ``fs`` keeps: s3fs and gcsfs cache every entry a ``find`` or ``glob``
+    returned (~1.4 KB per file on S3, 14 GB for 10M input files) for as long as the filesystem
+    instance lives, which is the driver's whole run; what we keep of a file is ~0.2 KB."""
+    fs.invalidate_cache()
+
+
+@dataclass(frozen=True)
+class Listing:
+    """An input's files, sorted, as full URIs with their fingerprints (:func:`fingerprint`), and the input
+    folder's full URI when the input is a folder (None for a glob or a single file)."""
+    fingerprints: Dict[str, Optional[str]]
+    folder: Optional[str]
+
+
 def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
                output_uri: Optional[str] = None) -> List[str]:
     """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs
-    (:func:`list_fingerprints` without the fingerprints)."""
-    return list(list_fingerprints(input_uri, storage_options, output_uri))
+    (:func:`list_input` without the fingerprints)."""
+    return list(list_input(input_uri, storage_options, output_uri).fingerprints)
 
 
-def list_fingerprints(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
-                      output_uri: Optional[str] = None) -> Dict[str, Optional[str]]:
+def list_input(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+               output_uri: Optional[str] = None) -> Listing:
     """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs, with
-    its :func:`fingerprint` (from the same listing: no request per file).
+    its :func:`fingerprint` (from the same listing: no request per file), from one listing: a
+    folder is told from a file by what its ``find`` returns (s3fs's ``isdir`` would list a flat
+    folder once more, whole: 10k requests for 10M files).
 
     Hidden files and folders (names starting with ".") under a folder are skipped; anything else
     is returned, so that a file that is not an image is reported as such rather than silently
@@ -125,15 +140,19 @@ def list_fingerprints(input_uri: str, storage_options: Optional[Mapping[str, Any
     folder, when it lies inside its input) are the run's own tables, not inputs: left out.
     """
     fs, path = filesystem(input_uri, storage_options)
-    if fs.isdir(path):
-        base = path.rstrip("/") + "/"
-        infos = {p: i for p, i in fs.find(path, detail=True).items()  # hidden files and folders (.git, .export) left out
-                 if not any(part.startswith(".") for part in p[len(base):].split("/"))}
-    elif any(c in path for c in "*?["):
+    folder = None
+    if any(c in path for c in "*?["):
         infos = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
     else:
-        infos = {path: fs.info(path)} if fs.exists(path) else {}
+        infos = fs.find(path, detail=True)  # a single file: itself
+        if infos and list(infos) != [path.rstrip("/")]:
+            folder = path.rstrip("/")
+            base = folder + "/"
+            infos = {p: i for p, i in infos.items()  # hidden files and folders (.git, .export) left out
+                     if not any(part.startswith(".") for part in p[len(base):].split("/"))}
     fingerprints = {_full_uri(fs, p): fingerprint(infos[p]) for p in sorted(infos)}
+    del infos
+    forget_listings(fs)
     uris = list(fingerprints)
     if output_uri is not None:
         out_fs, out_path = filesystem(output_uri, storage_options)
@@ -145,7 +164,7 @@ def list_fingerprints(input_uri: str, storage_options: Optional[Mapping[str, Any
         uris = kept
     if not uris:
         raise FileNotFoundError(f"No input files at {input_uri!r}.")
-    return {u: fingerprints[u] for u in uris}
+    return Listing({u: fingerprints[u] for u in uris}, _full_uri(fs, folder) if folder is not None else None)
 
 
 def discover_shards(
@@ -159,12 +178,13 @@ def discover_shards(
         raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}.")
     if input_uri.endswith((".parquet", ".csv")) and not any(c in input_uri for c in "*?["):
         return _manifest_shards(input_uri, images_per_shard, storage_options)
-    fingerprints = list_fingerprints(input_uri, storage_options, output_uri)
+    listing = list_input(input_uri, storage_options, output_uri)
+    fingerprints = listing.fingerprints
     uris = list(fingerprints)
     tars = [u for u in uris if u.endswith(TAR_EXTENSIONS)]
     others = [u for u in uris if not u.endswith(TAR_EXTENSIONS)]
     shards = [Shard(_tar_stem(posixpath.basename(u)), "tar", (u,), digests=(fingerprints[u],)) for u in tars]
-    root = naming_root(input_uri, others, storage_options)
+    root = naming_root(listing.folder, others)
     for i in range(0, len(others), images_per_shard):
         members = tuple(others[i : i + images_per_shard])
         shards.append(Shard(f"files-{i // images_per_shard:05d}", "files", members, root,

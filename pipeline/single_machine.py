@@ -24,7 +24,7 @@ from .decode import DEFAULT_MAX_PIXELS
 from .export import export_stems
 from .output import first_frame_only
 from .reading import decoded_images
-from .shards import Shard, filesystem, list_files, naming_root
+from .shards import Shard, filesystem, list_input, naming_root
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,9 @@ def run_single_machine(
     start = time.perf_counter()
     out_fs, out_path = filesystem(output_uri)
     out_fs.makedirs(out_path, exist_ok=True)
-    uris = list_files(input_uri, output_uri=output_uri)
-    files = Shard("files", "files", tuple(uris), naming_root(input_uri, uris))  # names: paths under the input
+    listing = list_input(input_uri, output_uri=output_uri)
+    uris = list(listing.fingerprints)
+    files = Shard("files", "files", tuple(uris), naming_root(listing.folder, uris))  # names: paths under the input
     stems = export_stems([files.name_of(u) for u in uris])  # cam1/0001.jpg -> cam1/0001.json
     for image_id, (row, image) in enumerate(decoded_images(files, None, max_pixels, short_side=short_side)):
         if image is None:

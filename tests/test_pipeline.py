@@ -966,6 +966,33 @@ def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
     assert (again.shards_exported, again.shards_unchanged) == (0, len(shard_ids))
 
 
+def test_an_input_is_listed_once_and_not_kept_in_the_filesystems_cache(s3_bucket, monkeypatch):
+    """One listing of the input (s3fs's isdir listed a flat folder once more, whole), and s3fs's
+    cache of it (~1.4 KB per file, for as long as its instance lives: the driver's whole run,
+    14 GB for 10M input files) dropped once what the run needs is taken from it."""
+    from pipeline.shards import filesystem
+
+    opts = s3_bucket("listbucket")
+    fs = filesystem("s3://listbucket", opts)[0]
+    fs.pipe({f"listbucket/photos/d{i % 3}/{i:03d}.jpg": b"x" for i in range(20)})
+    fs.invalidate_cache()
+    listings, lsdir = [], type(fs)._lsdir
+
+    async def noting(self, path, *args, **kwargs):
+        listings.append((path, kwargs.get("delimiter", "/")))
+        return await lsdir(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "_lsdir", noting)
+    shards = discover_shards("s3://listbucket/photos/", 8, opts)
+    assert listings == [("listbucket/photos", "")]
+    assert shards[0].root == "s3://listbucket/photos" and shards[0].name_of(shards[0].uris[0]) == "d0/000.jpg"
+    assert [len(s.uris) for s in shards] == [8, 8, 4] and all(d and d.startswith("1:") for s in shards for d in s.digests)
+    assert not fs.dircache
+    out = OutputDir("s3://listbucket/out", opts)
+    out.write_shard(shards[0], [], [])
+    assert list(out.markers()) == [shards[0].shard_id] and not fs.dircache
+
+
 def test_tar_members_are_read_at_their_offsets(s3_server, tmp_path, monkeypatch):
     """``read_source`` of a tar member (the renderer's and the fine-tuning reader's random access)
     scans the tar's headers once and then reads each member at its offset, locally and on S3,
