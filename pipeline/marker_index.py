@@ -38,6 +38,7 @@ FORMAT_KEY, FORMAT = b"sam_datagen.marker_index", b"1"
 SCHEMA = pa.schema([("shard_id", pa.string()), ("fingerprint", pa.string()),
                     ("marker", pa.large_string())],  # 10M loose files: ~2 GB of markers, past 32-bit offsets
                    metadata={FORMAT_KEY: FORMAT})
+ROWS = 1024  # markers per row group, read a group at a time: Arrow holds ~12 MB of 64-file markers at once
 FEW = 32  # a reader wanting at most this many markers (a gallery's shards) reads them, not the index
 
 Entry = Tuple[str, str]  # (fingerprint, marker JSON text)
@@ -58,16 +59,19 @@ def read_index(fs: Any, path: str) -> Dict[str, Entry]:
         data = fs.cat_file(path)
     except FileNotFoundError:
         return {}
+    entries: Dict[str, Entry] = {}
     try:
-        table = pq.read_table(pa.BufferReader(data))
-        found = (table.schema.metadata or {}).get(FORMAT_KEY)
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        found = (parquet.schema_arrow.metadata or {}).get(FORMAT_KEY)
         if found != FORMAT:
             raise ValueError(f"format {found!r}, this version reads {FORMAT!r}")
-        columns = [table.column(name).to_pylist() for name in SCHEMA.names]
+        for batch in parquet.iter_batches(batch_size=ROWS, columns=SCHEMA.names):
+            columns = [batch.column(name).to_pylist() for name in SCHEMA.names]
+            entries.update((shard, (fp, marker)) for shard, fp, marker in zip(*columns))
     except (pa.ArrowException, KeyError, ValueError) as e:
         log.warning("Passing over the marker index %s (%s): reading every marker instead.", path, e)
         return {}
-    return {shard: (fp, marker) for shard, fp, marker in zip(*columns)}
+    return entries
 
 
 def write_index(fs: Any, path: str, entries: Mapping[str, Entry]) -> None:
@@ -77,7 +81,7 @@ def write_index(fs: Any, path: str, entries: Mapping[str, Entry]) -> None:
     shards = sorted(entries)
     table = pa.table([shards, [entries[s][0] for s in shards], [entries[s][1] for s in shards]], schema=SCHEMA)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=16384)
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROWS)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     staged = f"{path}.{uuid.uuid4().hex}.tmp" if local else path
     fs.pipe_file(staged, buf.getvalue())
@@ -98,13 +102,19 @@ def load_markers(fs: Any, marker_dir: str, index_path: str, shard_ids: Optional[
     index = read_index(fs, index_path) if shard_ids is None or len(wanted) > FEW else {}
     cached = {s: index[s][1] for s in wanted if s in index and listed[s] is not None and index[s][0] == listed[s]}
     unread = [s for s in wanted if s not in cached]
-    blobs = fs.cat([posixpath.join(marker_dir, f"{s}.json") for s in unread]) if unread else {}
-    texts = dict(cached)
-    texts.update({posixpath.basename(p)[: -len(".json")]: data.decode() for p, data in blobs.items()})
-    if update and shard_ids is None and (unread or len(index) != len(cached)):
+    stale = len(index) != len(cached)
+    del index
+    texts = cached
+    if unread:
+        blobs = fs.cat([posixpath.join(marker_dir, f"{s}.json") for s in unread])
+        while blobs:  # each marker's bytes let go of as it is decoded: memory holds one copy
+            path, data = blobs.popitem()
+            texts[posixpath.basename(path)[: -len(".json")]] = data.decode()
+    if update and shard_ids is None and (unread or stale):
         entries = {s: (listed[s], texts[s]) for s in wanted if listed[s] is not None}
         try:
             write_index(fs, index_path, entries)
         except Exception:  # a cache: a failed write costs the next run reads, not the run
             log.warning("Could not write the marker index %s.", index_path, exc_info=True)
-    return {s: json.loads(texts[s]) for s in wanted}
+        del entries
+    return {s: json.loads(texts.pop(s)) for s in wanted}  # each text let go of as it is parsed
