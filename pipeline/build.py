@@ -33,7 +33,7 @@ from .lease import RunLease
 from .output import READ_WORKERS, OutputDir, settings_changes
 from .point_grids import grids_digested, with_point_grids
 from .run import RunPlan, pending_shards, plan_run, run_pipeline, summarize_tables
-from .shards import filesystem
+from .storage import filesystem
 from .single_machine import RunSummary
 
 if sys.version_info >= (3, 11):

@@ -28,7 +28,7 @@ from pycocotools import mask as mask_utils
 from sam_core.training.data import check_coco, coco_rle
 
 from .output import OutputDir
-from .shards import open_uri
+from .storage import open_uri
 
 SIZES = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, float("inf")))
 THRESHOLDS = (0.5, 0.8)

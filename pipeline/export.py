@@ -45,7 +45,8 @@ from .driver import init_ray
 from .lease import RunLease, check_holder
 from .marker_index import load_markers
 from .output import READ_WORKERS, OutputDir, resized_short_side
-from .shards import _full_uri, _iter_tar, _read_with_retries, filesystem, tar_of_member
+from .shards import _iter_tar, _read_with_retries, tar_of_member
+from .storage import filesystem, full_uri
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +458,7 @@ def _export_shards(tables: OutputDir, dest: ExportDest, fmt: str, storage_option
                    workers: Optional[int], overwrite: bool, on_ray: bool, prune: bool, lease: RunLease,
                    start: float) -> ExportSummary:
     """:func:`export_shards` under the destination's lease."""
-    tables_id = _full_uri(tables.fs, tables.path.rstrip("/"))  # "out/run" and "./out/run/" are one run's tables
+    tables_id = full_uri(tables.fs, tables.path.rstrip("/"))  # "out/run" and "./out/run/" are one run's tables
     previous, markers = dest.markers(update=True), tables.markers()
     if not overwrite:
         check_dest(previous, dest.uri, fmt, tables_id)
@@ -475,7 +476,7 @@ def _export_shards(tables: OutputDir, dest: ExportDest, fmt: str, storage_option
     todo, unchanged = plan_export(tables, markers, previous)
     summary = ExportSummary(fmt, dest.uri, shards_unchanged=unchanged, shards_pruned=len(gone) if prune else 0)
     jobs = [(plan, previous.get(plan.shard_id)) for plan in todo]
-    done = (_on_ray(jobs, tables_id, _full_uri(dest.fs, dest.path), fmt, storage_options, workers, lease.run_id)
+    done = (_on_ray(jobs, tables_id, full_uri(dest.fs, dest.path), fmt, storage_options, workers, lease.run_id)
             if on_ray else _in_threads(jobs, tables, dest, fmt, workers or READ_WORKERS, lease))
     last_log = time.monotonic()
     for plan, error in done:
@@ -502,7 +503,7 @@ def _export_one(tables: OutputDir, dest: ExportDest, fmt: str, plan: ShardExport
     dest.unmark(plan.shard_id)
     files = SHARD_EXPORTERS[fmt](tables, plan, dest, previous)
     still_held()
-    dest.mark(plan, fmt, _full_uri(tables.fs, tables.path.rstrip("/")), files)
+    dest.mark(plan, fmt, full_uri(tables.fs, tables.path.rstrip("/")), files)
 
 
 def _lease_dir(dest: ExportDest) -> str:

@@ -9,7 +9,7 @@ start and end, on a shared filesystem (NFS, EFS, a PVC) 156k opens, one after an
 
 The index is a cache, never the truth. Each entry carries the fingerprint its marker had in the
 listing of ``_done/`` when it was read (size and ETag on S3, generation on GCS, size and mtime on
-a local or mounted filesystem: :func:`pipeline.shards.fingerprint`, as for input files), and is
+a local or mounted filesystem: :func:`pipeline.storage.fingerprint`, as for input files), and is
 used only while the listing still shows that fingerprint. A marker written, rewritten or removed
 since is read, or left out, as the listing says, so a stale, partial or unreadable index costs
 reads, never a wrong marker. Only the run holding the output's lease rewrites it (readers may
@@ -29,7 +29,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shards import fingerprint, forget_listings
+from .storage import files_under, full_uri
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ Entry = Tuple[str, str]  # (fingerprint, marker JSON text)
 def list_markers(fs: Any, marker_dir: str) -> Dict[str, Optional[str]]:
     """The markers in ``marker_dir`` by shard id, with their fingerprints (None where the listing
     has none: such a marker is always read), from one listing."""
-    infos = fs.glob(posixpath.join(marker_dir, "*.json"), detail=True)
-    forget_listings(fs)
-    return {posixpath.basename(p)[: -len(".json")]: fingerprint(info) for p, info in infos.items()}
+    start = len(full_uri(fs, marker_dir.rstrip("/"))) + 1
+    return {uri[start : -len(".json")]: fp for uri, fp in files_under(fs, marker_dir).items()
+            if uri.endswith(".json") and "/" not in uri[start:]}
 
 
 def read_index(fs: Any, path: str) -> Dict[str, Entry]:

@@ -31,8 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .lease import RunLease
-from .marker_index import INDEX_FILE, load_markers
-from .shards import Shard, filesystem
+from .marker_index import INDEX_FILE, list_markers, load_markers
+from .shards import Shard
+from .storage import filesystem
 
 MASKS_SCHEMA = pa.schema([
     ("image_id", pa.string()),  # "<shard>/<file name>"
@@ -327,8 +328,8 @@ class OutputDir:
         self.fs.pipe_file(path, data)
 
     def shard_ids(self) -> List[str]:
-        """Completed shards, sorted."""
-        return sorted(posixpath.basename(p)[: -len(".json")] for p in self.fs.glob(self._p("_done", "*.json")))
+        """Completed shards, sorted (from one listing, not kept in the filesystem's cache)."""
+        return sorted(list_markers(self.fs, self._p("_done")))
 
     def read_shard(self, name: str, shard_id: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
         """One completed shard's ``masks`` or ``images`` table, or only its ``columns`` (a masks

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .shards import open_uri
+from .storage import open_uri
 
 Grids = List[List[List[float]]]  # per layer, N x [x, y]
 EXTENSIONS = (".npy", ".npz", ".json")

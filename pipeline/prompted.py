@@ -37,7 +37,8 @@ from .reading import Row, decoded_images, to_table
 from .resuming import Todo, select_pending
 from .run import RunPlan, run_stages, summarize_tables
 from .run_records import recorded, written_shard
-from .shards import Shard, common_root, open_uri
+from .shards import Shard, common_root
+from .storage import open_uri
 from .single_machine import RunSummary
 from .stages import batch_then_each
 from .worker_deaths import DeathGuard

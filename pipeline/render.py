@@ -23,7 +23,8 @@ from pycocotools import mask as mask_utils
 from .decode import decode_image
 from .export import images_with_masks
 from .output import OutputDir, resized_short_side
-from .shards import filesystem, member_range, read_source
+from .shards import member_range, read_source
+from .storage import filesystem
 from .stats import format_stats, table_stats
 
 ALPHA = 0.5

@@ -25,6 +25,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
 
+from .storage import filesystem, list_input, open_uri
+
 log = logging.getLogger(__name__)
 
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # a file with one of these is a shard of its own
@@ -40,7 +42,7 @@ class Shard:
     uris: Tuple[str, ...]
     root: Optional[str] = None  # "files": images are named by their path under it (None: file name)
     # Per uri, what besides the uri decides its masks: jobs.prompt, the image's boxes; jobs.generate,
-    # the file's listing fingerprint (size and ETag or modification time, see fingerprint).
+    # the file's listing fingerprint (size and ETag or modification time, see pipeline.storage.fingerprint).
     digests: Optional[Tuple[Optional[str], ...]] = None
 
     def name_of(self, uri: str) -> str:
@@ -63,108 +65,11 @@ def common_root(uris: Sequence[str]) -> str:
 
 def naming_root(folder: Optional[str], uris: Sequence[str]) -> str:
     """The folder the images of an input (its files ``uris``) are named under: the input folder
-    itself (``folder``, its full URI: :attr:`Listing.folder`), so that names stay as the folder
+    itself (``folder``, its full URI: :attr:`pipeline.storage.Listing.folder`), so that names stay as the folder
     gains subfolders (a bucket holding only ``2026-11-24/`` names its images ``2026-11-24/a.jpg``,
     as it will once ``2026-11-25/`` arrives); for a glob or a single file (``folder`` None), the
     deepest folder common to ``uris``."""
     return folder if folder is not None else common_root(uris)
-
-
-def filesystem(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Tuple[Any, str]:
-    """``(fsspec filesystem, path)`` of ``uri``; a scheme whose package is not installed
-    (``gs://`` without gcsfs) is a ``ValueError`` naming it, before any work is done."""
-    try:
-        return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-    except ImportError as e:  # fsspec: "Please install gcsfs to access Google Storage"
-        raise ValueError(f"Cannot open {uri!r}: {e} (in every node's environment).") from None
-
-
-def open_uri(uri: str, mode: str = "rb", storage_options: Optional[Mapping[str, Any]] = None):
-    """``fsspec.open(uri, mode)``, with :func:`filesystem`'s ``ValueError`` for a scheme whose
-    package is not installed."""
-    filesystem(uri, storage_options)
-    return fsspec.open(uri, mode, **dict(storage_options or {}))
-
-
-def _full_uri(fs, path: str) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
-
-
-FINGERPRINT_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "mtime", "LastModified", "last_modified",
-                    "updated")  # S3, GCS, local and others' listings
-
-
-def fingerprint(info: Mapping[str, Any]) -> Optional[str]:
-    """What tells a stored file's content from another's without reading it, from its listing
-    entry: its size and its ETag (S3), checksum or generation (GCS) or modification time (local);
-    None where the listing has none of them."""
-    for key in FINGERPRINT_KEYS:
-        if info.get(key) is not None:
-            return f"{info.get('size')}:{info[key]}"
-    return None
-
-
-def forget_listings(fs: Any) -> None:
-    """Drop the listings ``fs`` keeps: s3fs and gcsfs cache every entry a ``find`` or ``glob``
-    returned (~1.4 KB per file on S3, 14 GB for 10M input files) for as long as the filesystem
-    instance lives, which is the driver's whole run; what we keep of a file is ~0.2 KB."""
-    fs.invalidate_cache()
-
-
-@dataclass(frozen=True)
-class Listing:
-    """An input's files, sorted, as full URIs with their fingerprints (:func:`fingerprint`), and the input
-    folder's full URI when the input is a folder (None for a glob or a single file)."""
-    fingerprints: Dict[str, Optional[str]]
-    folder: Optional[str]
-
-
-def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
-               output_uri: Optional[str] = None) -> List[str]:
-    """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs
-    (:func:`list_input` without the fingerprints)."""
-    return list(list_input(input_uri, storage_options, output_uri).fingerprints)
-
-
-def list_input(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
-               output_uri: Optional[str] = None) -> Listing:
-    """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs, with
-    its :func:`fingerprint` (from the same listing: no request per file), from one listing: a
-    folder is told from a file by what its ``find`` returns (s3fs's ``isdir`` would list a flat
-    folder once more, whole: 10k requests for 10M files).
-
-    Hidden files and folders (names starting with ".") under a folder are skipped; anything else
-    is returned, so that a file that is not an image is reported as such rather than silently
-    ignored. Files under ``output_uri`` (a run's output
-    folder, when it lies inside its input) are the run's own tables, not inputs: left out.
-    """
-    fs, path = filesystem(input_uri, storage_options)
-    folder = None
-    if any(c in path for c in "*?["):
-        infos = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
-    else:
-        infos = fs.find(path, detail=True)  # a single file: itself
-        if infos and list(infos) != [path.rstrip("/")]:
-            folder = path.rstrip("/")
-            base = folder + "/"
-            infos = {p: i for p, i in infos.items()  # hidden files and folders (.git, .export) left out
-                     if not any(part.startswith(".") for part in p[len(base):].split("/"))}
-    fingerprints = {_full_uri(fs, p): fingerprint(infos[p]) for p in sorted(infos)}
-    del infos
-    forget_listings(fs)
-    uris = list(fingerprints)
-    if output_uri is not None:
-        out_fs, out_path = filesystem(output_uri, storage_options)
-        inside = _full_uri(out_fs, out_path.rstrip("/")) + "/"
-        kept = [u for u in uris if not u.startswith(inside)]
-        if len(kept) < len(uris):
-            log.info("Leaving out %d files under the output folder %s (this run's tables), which lies in the input.",
-                     len(uris) - len(kept), output_uri)
-        uris = kept
-    if not uris:
-        raise FileNotFoundError(f"No input files at {input_uri!r}.")
-    return Listing({u: fingerprints[u] for u in uris}, _full_uri(fs, folder) if folder is not None else None)
 
 
 def discover_shards(
@@ -172,7 +77,7 @@ def discover_shards(
     output_uri: Optional[str] = None,
 ) -> List[Shard]:
     """Shards of ``input_uri``: a folder, a glob, a single tar/manifest, or a folder of tars
-    (files under ``output_uri`` left out: see :func:`list_files`). The shards of a listing carry
+    (files under ``output_uri`` left out: see :func:`pipeline.storage.list_input`). The shards of a listing carry
     each file's :func:`fingerprint` as its digest (a manifest's do not: it is not listed)."""
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}.")

@@ -24,7 +24,8 @@ from .decode import DEFAULT_MAX_PIXELS
 from .export import export_stems
 from .output import first_frame_only
 from .reading import decoded_images
-from .shards import Shard, filesystem, list_input, naming_root
+from .shards import Shard, naming_root
+from .storage import filesystem, list_input
 
 log = logging.getLogger(__name__)
 

@@ -109,3 +109,26 @@ def test_markers_benchmark_reads_every_marker_without_the_index_and_none_with_it
     assert [(result[k]["markers"], result[k]["fetched"]) for k in ("no_index", "writing_index", "with_index")] == [
         (5, 5), (5, 5), (5, 0)]
     assert re.search(r"with the index [0-9.]+x faster", capsys.readouterr().out)
+
+
+def test_listing_benchmark_lists_every_file_both_ways_and_removes_them(tmp_path, capsys):
+    """``python -m bench.listing`` (the README's command) on 30 files of a moto S3 server in a
+    process of its own and of a local folder: one LIST request each way on S3 (the placeholders
+    it writes are not counted as files), the files removed after, a prefix holding files refused."""
+    from bench import listing as bench_listing
+
+    bench_listing.main(["--files", "30", "--folders", "3", "--json", str(tmp_path / "l.json")])
+    s3, local = json.loads((tmp_path / "l.json").read_text())
+    assert s3["input"] == "s3://bench/listing" and (s3["fsspec_find"]["requests"], s3["list_input"]["requests"]) == (1, 1)
+    assert (local["fsspec_find"]["requests"], local["list_input"]["requests"]) == (0, 0)
+    assert all(r[k]["peak_bytes"] >= r[k]["held_bytes"] > 0 for r in (s3, local)
+               for k in ("fsspec_find", "list_input"))
+    assert len(re.findall(r"list_input's peak is [0-9.]+x smaller", capsys.readouterr().out)) == 2
+    folder = tmp_path / "in"
+    bench_listing.main(["--input", str(folder), "--files", "4", "--folders", "2"])
+    assert not folder.exists()
+    folder.mkdir()
+    (folder / "kept.jpg").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="already holds files"):
+        bench_listing.main(["--input", str(folder), "--files", "4"])
+    assert (folder / "kept.jpg").exists()

@@ -551,14 +551,34 @@ def test_coco_export_streams_every_shard(tmp_path):
     assert list(out.iter_masks("files-00004")) == list(out.iter_masks("files-00004", out.masks_file("files-00004")))
 
 
-def test_hidden_folders_are_not_inputs(tmp_path):
-    """An export's .export/ markers (or a .git folder) inside an input folder are not images."""
-    from pipeline.shards import list_files
+def test_hidden_folders_are_not_inputs(tmp_path, monkeypatch):
+    """An export's .export/ markers (or a .git folder) inside an input folder are not images:
+    locally (walked a directory entry at a time, hidden folders not entered: fsspec's whole
+    find/ls not called) and on a filesystem listed with its find (memory://), in sorted order."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
 
-    for rel in ("a.jpg", ".b.jpg", "sub/c.jpg", ".export/files-00000.json", "sub/.git/x"):
+    from pipeline.storage import list_files, list_input
+
+    files = ("a.jpg", ".b.jpg", "sub/c.jpg", ".export/files-00000.json", "sub/.git/x", "a/z.jpg", "a.b/y.jpg")
+    expected = ["a.b/y.jpg", "a.jpg", "a/z.jpg", "sub/c.jpg"]  # as strings sort: "." < "/"
+    memory = fsspec.filesystem("memory")
+    for rel in files:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    assert list_files(str(tmp_path)) == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "c.jpg")]
+        memory.pipe_file(f"/in/{rel}", b"x")
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a whole listing was built")
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalFileSystem, "find", whole)
+        m.setattr(LocalFileSystem, "ls", whole)
+        listing = list_input(str(tmp_path))
+    assert list(listing.fingerprints) == [str(tmp_path / rel) for rel in expected] and listing.folder == str(tmp_path)
+    stat = (tmp_path / "a.jpg").stat()
+    assert listing.fingerprints[str(tmp_path / "a.jpg")] == f"{stat.st_size}:{stat.st_mtime}"  # as fsspec's listing
+    assert list_files("memory://in") == [f"memory:///in/{rel}" for rel in expected]
 
 
 def test_export_on_ray_equals_the_threaded_export(ray_local, tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline import decode
 from pipeline.decode import ImageDecodeError, decode_image, heif_brand, heif_plugin
-from pipeline.shards import list_files
+from pipeline.storage import list_files
 from pipeline.single_machine import SAMPLE_IMAGES, run_single_machine
 from sam_core import SamAutomaticMaskGenerator, build_sam
 from sam_core.amg.sa1b import read_sa1b_json

@@ -33,7 +33,8 @@ from pipeline.run import StageStartError, pending_shards, run_pipeline, run_stag
 from pipeline.run_records import read_runs
 from pipeline.worker_deaths import MAX_WORKER_DEATHS, start_ledger
 from pipeline.reading import decode_rows, decode_shards
-from pipeline.shards import Shard, discover_shards, iter_shard_files, list_files
+from pipeline.shards import Shard, discover_shards, iter_shard_files
+from pipeline.storage import list_files
 from pipeline.single_machine import SAMPLE_IMAGES
 from pipeline.stages import ModelStage, PostprocessStage, ShardCollector, ShardWorker, build_generator
 from sam_core import SamAutomaticMaskGenerator
@@ -966,28 +967,46 @@ def test_run_on_s3(ray_local, s3_server, tmp_path, checkpoint):
     assert (again.shards_exported, again.shards_unchanged) == (0, len(shard_ids))
 
 
-def test_an_input_is_listed_once_and_not_kept_in_the_filesystems_cache(s3_bucket, monkeypatch):
-    """One listing of the input (s3fs's isdir listed a flat folder once more, whole), and s3fs's
-    cache of it (~1.4 KB per file, for as long as its instance lives: the driver's whole run,
-    14 GB for 10M input files) dropped once what the run needs is taken from it."""
-    from pipeline.shards import filesystem
+def test_an_input_is_listed_once_a_page_at_a_time_and_not_kept_in_the_filesystems_cache(s3_bucket, monkeypatch):
+    """One paginated listing of the input (s3fs's isdir listed a flat folder once more, whole),
+    each page reduced to what the run keeps as it comes in: s3fs's find, which builds every
+    entry first (~1.5 KB a file, 15 GB at once for 10M files) and caches them for the instance's
+    life, is not called, and nothing is left in its cache. A console's "folder/" placeholder
+    keys are folders, not input files; hidden keys are left out as locally."""
+    from pipeline.storage import filesystem
 
     opts = s3_bucket("listbucket")
     fs = filesystem("s3://listbucket", opts)[0]
     fs.pipe({f"listbucket/photos/d{i % 3}/{i:03d}.jpg": b"x" for i in range(20)})
+    fs.pipe({"listbucket/photos/": b"", "listbucket/photos/d0/": b"", "listbucket/photos/.git/HEAD": b"x",
+             "listbucket/photos-old/a.jpg": b"x"})  # a sibling sharing the prefix's characters
     fs.invalidate_cache()
-    listings, lsdir = [], type(fs)._lsdir
+    listings, iterdir = [], type(fs)._iterdir
 
-    async def noting(self, path, *args, **kwargs):
-        listings.append((path, kwargs.get("delimiter", "/")))
-        return await lsdir(self, path, *args, **kwargs)
+    def noting(self, bucket, *args, **kwargs):
+        listings.append((bucket, kwargs.get("prefix"), kwargs.get("delimiter")))
+        return iterdir(self, bucket, *args, **kwargs)
 
-    monkeypatch.setattr(type(fs), "_lsdir", noting)
+    def whole(*args, **kwargs):
+        raise AssertionError("a whole listing was built")
+
+    monkeypatch.setattr(type(fs), "_iterdir", noting)
+    monkeypatch.setattr(type(fs), "_find", whole)
+    monkeypatch.setattr(type(fs), "_lsdir", whole)
     shards = discover_shards("s3://listbucket/photos/", 8, opts)
-    assert listings == [("listbucket/photos", "")]
+    assert listings == [("listbucket", "photos/", "")]
     assert shards[0].root == "s3://listbucket/photos" and shards[0].name_of(shards[0].uris[0]) == "d0/000.jpg"
     assert [len(s.uris) for s in shards] == [8, 8, 4] and all(d and d.startswith("1:") for s in shards for d in s.digests)
+    assert all(u.endswith(".jpg") and "/photos/d" in u for s in shards for u in s.uris)
+    assert [u for s in shards for u in s.uris] == sorted(u for s in shards for u in s.uris)
     assert not fs.dircache
+    (single,) = discover_shards("s3://listbucket/photos/d1/001.jpg", 8, opts)  # a file: nothing under it, then its info
+    assert single.uris == ("s3://listbucket/photos/d1/001.jpg",) and single.digests[0].startswith("1:")
+    with pytest.raises(FileNotFoundError, match="No input files"):
+        discover_shards("s3://listbucket/photos/d0x", 8, opts)
+    fs.pipe({"listbucket/empty/": b""})
+    with pytest.raises(FileNotFoundError, match="No input files"):  # a placeholder alone: an empty folder
+        discover_shards("s3://listbucket/empty", 8, opts)
     out = OutputDir("s3://listbucket/out", opts)
     out.write_shard(shards[0], [], [])
     assert list(out.markers()) == [shards[0].shard_id] and not fs.dircache

@@ -1,0 +1,192 @@
+"""Reaching and listing storage through fsspec: filesystems of URIs, and an input folder's files
+with their fingerprints, listed as the listing pages in.
+
+A driver lists its whole input before a run and keeps ~0.2 KB of each file (its URI and
+fingerprint). fsspec's ``find`` builds its full entry for every file first (~1.5 KB on S3, ~1 KB
+locally: 15 GB at once for 10M files), and s3fs keeps them in its cache for the instance's life;
+:func:`files_under` keeps only what a run needs, a page (S3: 1,000 keys) or a directory entry
+(local and mounted filesystems) at a time. Other filesystems (gcsfs, ...) are listed with their
+``find``, whole, and their cache dropped after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import fsspec
+from fsspec.asyn import sync
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+
+def filesystem(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Tuple[Any, str]:
+    """``(fsspec filesystem, path)`` of ``uri``; a scheme whose package is not installed
+    (``gs://`` without gcsfs) is a ``ValueError`` naming it, before any work is done."""
+    try:
+        return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    except ImportError as e:  # fsspec: "Please install gcsfs to access Google Storage"
+        raise ValueError(f"Cannot open {uri!r}: {e} (in every node's environment).") from None
+
+
+def open_uri(uri: str, mode: str = "rb", storage_options: Optional[Mapping[str, Any]] = None):
+    """``fsspec.open(uri, mode)``, with :func:`filesystem`'s ``ValueError`` for a scheme whose
+    package is not installed."""
+    filesystem(uri, storage_options)
+    return fsspec.open(uri, mode, **dict(storage_options or {}))
+
+
+def full_uri(fs: Any, path: str) -> str:
+    """``path`` of ``fs`` as a URI that names its filesystem (a local path stays a path)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+FINGERPRINT_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "mtime", "LastModified", "last_modified",
+                    "updated")  # S3, GCS, local and others' listings
+
+
+def fingerprint(info: Mapping[str, Any]) -> Optional[str]:
+    """What tells a stored file's content from another's without reading it, from its listing
+    entry: its size and its ETag (S3), checksum or generation (GCS) or modification time (local);
+    None where the listing has none of them."""
+    for key in FINGERPRINT_KEYS:
+        if info.get(key) is not None:
+            return f"{info.get('size')}:{info[key]}"
+    return None
+
+
+def forget_listings(fs: Any) -> None:
+    """Drop the listings ``fs`` keeps: s3fs and gcsfs cache every entry a ``find``, ``glob`` or
+    ``ls`` returned (~1.4 KB per file on S3) for as long as the filesystem instance lives, which
+    is the driver's whole run."""
+    fs.invalidate_cache()
+
+
+def _visible(relative: str) -> bool:
+    """Whether a file at ``relative`` (its path under the listed folder) is not hidden: no part
+    of it starts with "." (``.git/``, an export's ``.export/``)."""
+    return not any(part.startswith(".") for part in relative.split("/"))
+
+
+def files_under(fs: Any, folder: str) -> Dict[str, Optional[str]]:
+    """Every file under ``folder`` (a path of ``fs``; subfolders included, hidden files and
+    folders left out) as its full URI (:func:`full_uri`) -> :func:`fingerprint`, in the listing's
+    order; {} for a folder that holds none, or for a path that is no folder.
+
+    S3 is listed in one paginated listing (1,000 keys a request, delimiter ""), each page reduced
+    to what is kept before the next comes in; zero-byte keys ending in "/" are the placeholders a
+    console's "Create folder" writes, folders rather than files, and are left out. A local or
+    mounted filesystem is walked a directory entry at a time, hidden folders not entered.
+    """
+    folder = folder.rstrip("/")
+    if isinstance(fs, LocalFileSystem):
+        return _local_files(fs, folder)
+    if hasattr(fs, "_iterdir") and hasattr(fs, "split_path"):  # s3fs
+        return _s3_files(fs, folder)
+    found = fs.find(folder, detail=True)
+    forget_listings(fs)
+    base = folder + "/"
+    return {full_uri(fs, p): fingerprint(info) for p, info in found.items()
+            if p.startswith(base) and not p.endswith("/") and _visible(p[len(base):])}
+
+
+def _local_files(fs: LocalFileSystem, folder: str) -> Dict[str, Optional[str]]:
+    found: Dict[str, Optional[str]] = {}
+    if not os.path.isdir(folder):
+        return found
+    pending = [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    info = fs.info(entry)  # as fsspec's own listing has it: the same fingerprint
+                except FileNotFoundError:  # removed while being listed: not in the input
+                    continue
+                if info["type"] == "directory":
+                    pending.append(entry.path)
+                else:
+                    found[info["name"]] = fingerprint(info)
+    return found
+
+
+def _s3_files(fs: Any, folder: str) -> Dict[str, Optional[str]]:
+    bucket, key, _ = fs.split_path(folder)
+    prefix = f"{key}/" if key else ""
+    start = len(bucket) + 1 + len(prefix)  # an entry's "name" is "<bucket>/<key>"
+
+    async def collect() -> Dict[str, Optional[str]]:
+        found: Dict[str, Optional[str]] = {}
+        async for entry in fs._iterdir(bucket, delimiter="", prefix=prefix):
+            name = entry["name"]
+            if entry["type"] == "file" and not name.endswith("/") and _visible(name[start:]):
+                found[full_uri(fs, name)] = fingerprint(entry)
+        return found
+
+    return sync(fs.loop, collect)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """An input's files, sorted, as full URIs with their fingerprints (:func:`fingerprint`), and the input
+    folder's full URI when the input is a folder (None for a glob or a single file)."""
+    fingerprints: Dict[str, Optional[str]]
+    folder: Optional[str]
+
+
+def list_files(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+               output_uri: Optional[str] = None) -> List[str]:
+    """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs
+    (:func:`list_input` without the fingerprints)."""
+    return list(list_input(input_uri, storage_options, output_uri).fingerprints)
+
+
+def list_input(input_uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+               output_uri: Optional[str] = None) -> Listing:
+    """Every file under ``input_uri`` (a folder, glob or single file), sorted, as full URIs, with
+    its :func:`fingerprint` (from the same listing: no request per file). A folder is listed once
+    (:func:`files_under`); a path under which nothing is listed is looked up as a single file.
+
+    Hidden files and folders (names starting with ".") under a folder are skipped; anything else
+    is returned, so that a file that is not an image is reported as such rather than silently
+    ignored. Files under ``output_uri`` (a run's output
+    folder, when it lies inside its input) are the run's own tables, not inputs: left out.
+    """
+    fs, path = filesystem(input_uri, storage_options)
+    folder = None
+    if any(c in path for c in "*?["):
+        fingerprints = {full_uri(fs, p): fingerprint(i) for p, i in fs.glob(path, detail=True).items()
+                        if i.get("type") != "directory" and not p.endswith("/")}
+        forget_listings(fs)
+    else:
+        fingerprints = files_under(fs, path)
+        if fingerprints:
+            folder = path.rstrip("/")
+        else:
+            try:
+                info = fs.info(path)
+            except FileNotFoundError:
+                info = None
+            forget_listings(fs)
+            if info is not None and info.get("type") != "directory":
+                fingerprints = {full_uri(fs, info["name"]): fingerprint(info)}
+    if any(a > b for a, b in zip(fingerprints, islice(fingerprints, 1, None))):  # S3 lists in order already
+        fingerprints = {u: fingerprints[u] for u in sorted(fingerprints)}
+    if output_uri is not None:
+        out_fs, out_path = filesystem(output_uri, storage_options)
+        inside = full_uri(out_fs, out_path.rstrip("/")) + "/"
+        inner = [u for u in fingerprints if u.startswith(inside)]
+        if inner:
+            log.info("Leaving out %d files under the output folder %s (this run's tables), which lies in the input.",
+                     len(inner), output_uri)
+            for u in inner:
+                del fingerprints[u]
+    if not fingerprints:
+        raise FileNotFoundError(f"No input files at {input_uri!r}.")
+    return Listing(fingerprints, full_uri(fs, folder) if folder is not None else None)
