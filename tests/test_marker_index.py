@@ -158,3 +158,18 @@ def test_an_exports_markers_have_an_index_of_their_own(tmp_path):
     assert reader.markers() == truth and read == []
     dest.clear_markers()  # --overwrite
     assert list((tmp_path / "sa1b" / EXPORT_MARKERS).iterdir()) == [] and dest.markers() == {}
+
+
+def test_markers_hold_one_string_per_uri(tmp_path):
+    """A marker's digests are keyed by the very strings of its members, read through the index or
+    not: a driver resuming 10M loose files holds every marker, and each URI twice would be ~1 GB."""
+    folder = tmp_path / "out"
+    out = OutputDir(str(folder))
+    uris = tuple(f"/src/cam{k}/{k:04d}.jpg" for k in range(3))
+    out.write_shard(Shard("files-00000", "files", uris, "/src", tuple(f"{k}:1.5" for k in range(3))), [], [])
+    for readers_turn in (False, True):  # without the index (it is written), then through it
+        with out.hold_lease():
+            (marker,) = out.markers().values()
+        assert marker == _on_disk(folder)["files-00000"] and list(marker["digests"]) == list(uris)
+        assert all(key is member for key, member in zip(marker["digests"], marker["members"]))
+    assert (folder / INDEX_FILE).exists()
