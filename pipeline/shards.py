@@ -23,8 +23,6 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import fsspec
-
 from .storage import filesystem, list_input, open_uri
 
 log = logging.getLogger(__name__)
@@ -142,7 +140,7 @@ def _read_with_retries(uri: str, opts: Dict[str, Any]) -> Tuple[Optional[bytes],
     delay = RETRY_BASE_DELAY_S
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
-            with fsspec.open(uri, "rb", **opts) as f:
+            with open_uri(uri, "rb", opts) as f:
                 return f.read(), None
         except FileNotFoundError as e:
             return None, f"{MISSING}{e}"
@@ -204,7 +202,7 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[ShardFile]:
     for attempt in range(1, READ_ATTEMPTS + 1):
         seen = 0
         try:
-            with fsspec.open(tar_uri, "rb", **opts) as f, \
+            with open_uri(tar_uri, "rb", opts) as f, \
                     tarfile.open(fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
                 for member in tar:
                     if not member.isfile() or member.name.endswith(TAR_SIDECAR_EXTENSIONS):
@@ -267,7 +265,7 @@ def tar_index(tar_uri: str, storage_options: Optional[Mapping[str, Any]] = None)
             _TAR_INDEXES.move_to_end(tar_uri)
             return _TAR_INDEXES[tar_uri]
     index: Dict[str, Tuple[int, int]] = {}
-    with fsspec.open(tar_uri, "rb", **dict(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    with open_uri(tar_uri, "rb", storage_options) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for m in tar:
             if m.isfile():
                 index.setdefault(m.name, (m.offset_data, m.size))
@@ -336,10 +334,10 @@ def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
             offset, size = tar_index(tar_uri, opts)[member]
             fs, path = filesystem(tar_uri, opts)
             return fs.cat_file(path, start=offset, end=offset + size)  # one ranged read, no read-ahead
-        with fsspec.open(tar_uri, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with open_uri(tar_uri, "rb", opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for m in tar:
                 if m.name == member:
                     return tar.extractfile(m).read()
         raise FileNotFoundError(f"{member} not in {tar_uri}")
-    with fsspec.open(uri, "rb", **opts) as f:
+    with open_uri(uri, "rb", opts) as f:
         return f.read()

@@ -12,6 +12,7 @@ locally: 15 GB at once for 10M files), and s3fs keeps them in its cache for the 
 from __future__ import annotations
 
 import logging
+import inspect
 import os
 from dataclasses import dataclass
 from itertools import islice
@@ -24,19 +25,56 @@ from fsspec.implementations.local import LocalFileSystem
 log = logging.getLogger(__name__)
 
 
+def _wrappers() -> Tuple[type, ...]:
+    try:  # fsspec >= 2025: the base of the filesystems it chains (caches, dirfs, async wrappers)
+        from fsspec.implementations.chained import ChainedFileSystem
+        return (ChainedFileSystem,)
+    except ImportError:
+        from fsspec.implementations.cached import CachingFileSystem
+        from fsspec.implementations.dirfs import DirFileSystem
+        return (CachingFileSystem, DirFileSystem)
+
+
+def chained(uri: str) -> bool:
+    """Whether ``uri`` chains filesystems with "::" as fsspec reads it: its first link is a
+    filesystem that wraps the next (``simplecache::s3://b/k``, ``zip://a.csv::s3://b/a.zip``: a
+    cache, or an archive opened from a file). Otherwise a "::" is part of a file's name
+    (``s3://b/12::30.jpg``, ``/data/x::/y.jpg``), which fsspec would take for a chain and fail
+    to open."""
+    if "::" not in uri:
+        return False
+    first = uri.split("::", 1)[0]
+    protocol = fsspec.core.split_protocol(first)[0]
+    if protocol is None:  # "simplecache::...", or a local path
+        return first in fsspec.available_protocols()
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError):
+        return False
+    return issubclass(cls, _wrappers()) or "fo" in inspect.signature(cls.__init__).parameters
+
+
 def filesystem(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Tuple[Any, str]:
     """``(fsspec filesystem, path)`` of ``uri``; a scheme whose package is not installed
-    (``gs://`` without gcsfs) is a ``ValueError`` naming it, before any work is done."""
+    (``gs://`` without gcsfs) is a ``ValueError`` naming it, before any work is done. A "::" in
+    a name is part of the name (:func:`chained`)."""
+    opts = dict(storage_options or {})
     try:
-        return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+        if "::" in uri and not chained(uri):
+            cls = fsspec.get_filesystem_class(fsspec.core.split_protocol(uri)[0] or "file")
+            return fsspec.filesystem(cls.protocol if isinstance(cls.protocol, str) else cls.protocol[0],
+                                     **{**cls._get_kwargs_from_urls(uri), **opts}), cls._strip_protocol(uri)
+        return fsspec.core.url_to_fs(uri, **opts)
     except ImportError as e:  # fsspec: "Please install gcsfs to access Google Storage"
         raise ValueError(f"Cannot open {uri!r}: {e} (in every node's environment).") from None
 
 
 def open_uri(uri: str, mode: str = "rb", storage_options: Optional[Mapping[str, Any]] = None):
     """``fsspec.open(uri, mode)``, with :func:`filesystem`'s ``ValueError`` for a scheme whose
-    package is not installed."""
-    filesystem(uri, storage_options)
+    package is not installed, and a "::" in a name taken as part of it (:func:`chained`)."""
+    fs, path = filesystem(uri, storage_options)
+    if "::" in uri and not chained(uri):
+        return fs.open(path, mode)
     return fsspec.open(uri, mode, **dict(storage_options or {}))
 
 

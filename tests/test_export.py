@@ -454,8 +454,6 @@ def test_sa1b_tar_export_reads_each_source_tar_once(tmp_path, monkeypatch):
     start per image (quadratic: an SA-1B tar of ~11k images would be read ~5k times over)."""
     import fsspec
 
-    import pipeline.shards
-
     src = tmp_path / "sa_000001.tar"
     names = [f"sa_{i}.jpg" for i in range(6)]
     blobs = {}
@@ -473,7 +471,7 @@ def test_sa1b_tar_export_reads_each_source_tar_once(tmp_path, monkeypatch):
     synthetic_shard(out, "sa_000001", names, uris=[f"{src}#{n}" for n in names], errors={"sa_2.jpg"})
     opened = []
     real_open = fsspec.open
-    monkeypatch.setattr(pipeline.shards.fsspec, "open", lambda uri, *a, **k: opened.append(uri) or real_open(uri, *a, **k))
+    monkeypatch.setattr(fsspec, "open", lambda uri, *a, **k: opened.append(uri) or real_open(uri, *a, **k))
     dest = tmp_path / "tars"
     assert export_main(["--tables", str(tmp_path / "out"), "--format", "sa1b-tar", "--dest", str(dest)]) == 0
     assert opened == [str(src)]

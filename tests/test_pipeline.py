@@ -713,7 +713,7 @@ def test_transient_read_errors_are_retried(tmp_path, monkeypatch):
             raise ConnectionError("connection reset")
         return real_open(uri, *args, **kwargs)
 
-    monkeypatch.setattr(shards_mod.fsspec, "open", flaky_open)
+    monkeypatch.setattr(fsspec, "open", flaky_open)
     monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
     shard = Shard("files-00000", "files", (str(path), str(tmp_path / "missing.jpg")))
     (ok, missing) = list(iter_shard_files(shard))
@@ -725,6 +725,8 @@ def test_a_file_not_there_is_missing_and_a_read_that_keeps_failing_is_unreadable
     """A manifest naming a file not uploaded (or a tar gone) gets reason ``missing`` at once; a
     storage error still failing after the retries gets ``unreadable``. Both are retried by
     ``--retry-failed`` (the file may be there now, the outage over)."""
+    import fsspec
+
     from pipeline import shards as shards_mod
     from pipeline.config import RETRIED_REASONS
 
@@ -738,7 +740,7 @@ def test_a_file_not_there_is_missing_and_a_read_that_keeps_failing_is_unreadable
     def outage(uri, *args, **kwargs):
         raise ConnectionError("connection reset")
 
-    monkeypatch.setattr(shards_mod.fsspec, "open", outage)
+    monkeypatch.setattr(fsspec, "open", outage)
     monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
     (row,) = [json.loads(r["image"]) for r in decode_rows(Shard("f", "files", (str(tmp_path / "a.jpg"),)), {}, 10**8)
               if r.get("image")]
@@ -883,7 +885,7 @@ def test_a_tar_read_that_fails_midway_is_retried_without_repeats(tmp_path, monke
         def __exit__(self, *exc):
             return self.of.__exit__(*exc)
 
-    monkeypatch.setattr(shards_mod.fsspec, "open", Flaky)
+    monkeypatch.setattr(fsspec, "open", Flaky)
     monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
     files = list(iter_shard_files(Shard("sa_000000", "tar", (str(path),))))
     assert [(n, d == sample_bytes(n), e) for n, _, d, e, _ in files] == [(n, True, None) for n in SAMPLES]
@@ -1012,6 +1014,42 @@ def test_an_input_is_listed_once_a_page_at_a_time_and_not_kept_in_the_filesystem
     assert list(out.markers()) == [shards[0].shard_id] and not fs.dircache
 
 
+def test_file_names_with_url_characters_are_read_locally_and_on_s3(s3_bucket, tmp_path):
+    """Names as photo libraries have them ("12::30.jpg", "#", "?", "%20", brackets, spaces,
+    non-ASCII) are listed, read by the run and read back (a gallery, a tar member): fsspec takes
+    a "::" for a chain of filesystems, which failed every read of such a file after 3 tries."""
+    from pipeline.shards import read_source
+    from pipeline.storage import chained, filesystem
+
+    names = ["a b.jpg", "c#1.jpg", "12::30.jpg", "d%20e.jpg", "f?g.jpg", "o[1].jpg", "ü.jpg", "x::/y.jpg"]
+    opts = s3_bucket("namesbucket")
+    fs = filesystem("s3://namesbucket", opts)[0]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(name.encode())
+            tar.addfile(info, io.BytesIO(name.encode()))
+    for name in names:
+        fs.pipe_file(f"namesbucket/photos/{name}", name.encode())
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / name).write_bytes(name.encode())
+    fs.pipe_file("namesbucket/tars/t::1.tar", buf.getvalue())
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "tars" / "t::1.tar").write_bytes(buf.getvalue())
+    for root, o in [("s3://namesbucket", opts), (str(tmp_path), {})]:
+        (files,) = discover_shards(f"{root}/photos", 64, o)
+        (tar,) = discover_shards(f"{root}/tars", 64, o)
+        for shard in (files, tar):
+            read = {name: (data, error) for name, uri, data, error, _ in iter_shard_files(shard, o)}
+            assert read == {name: (name.encode(), None) for name in names}, root
+        assert {n: read_source(u, o) for n, u, *_ in iter_shard_files(tar, o)} == {n: n.encode() for n in names}
+        assert {files.name_of(u): read_source(u, o) for u in files.uris} == {n: n.encode() for n in names}
+    assert chained("simplecache::s3://b/k") and chained("zip://a.csv::s3://b/a.zip") and chained("blockcache::/data/x")
+    assert not chained("s3://b/12::30.jpg") and not chained("/data/12::30.jpg") and not chained("s3://b/x::/y.jpg")
+    assert not chained("s3://b/k") and not chained("memory://x::s3://y")
+
+
 def test_tar_members_are_read_at_their_offsets(s3_server, tmp_path, monkeypatch):
     """``read_source`` of a tar member (the renderer's and the fine-tuning reader's random access)
     scans the tar's headers once and then reads each member at its offset, locally and on S3,
@@ -1020,7 +1058,6 @@ def test_tar_members_are_read_at_their_offsets(s3_server, tmp_path, monkeypatch)
     import boto3
     import fsspec
 
-    import pipeline.shards
     from pipeline.shards import read_source
 
     members = [("a.jpg", b"A" * 700), ("b.jpg", b"B" * 1500), ("a.jpg", b"second a"), ("c/d.jpg", b"D" * 10)]
@@ -1040,7 +1077,7 @@ def test_tar_members_are_read_at_their_offsets(s3_server, tmp_path, monkeypatch)
                                                                       "region_name": "us-east-1"}}
     opened = []
     real_open = fsspec.open
-    monkeypatch.setattr(pipeline.shards.fsspec, "open", lambda uri, *a, **k: opened.append(uri) or real_open(uri, *a, **k))
+    monkeypatch.setattr(fsspec, "open", lambda uri, *a, **k: opened.append(uri) or real_open(uri, *a, **k))
     expected = {"c/d.jpg": b"D" * 10, "b.jpg": b"B" * 1500, "a.jpg": b"A" * 700}  # the first a.jpg
     for tar_uri, o in [(str(tmp_path / "t.tar"), {}), ("s3://tarbucket/sa_1.tar", opts)]:
         opened.clear()
