@@ -134,12 +134,15 @@ def files_under(fs: Any, folder: str) -> Dict[str, Optional[str]]:
 
 
 def _local_files(fs: LocalFileSystem, folder: str) -> Dict[str, Optional[str]]:
+    """A symlink to a folder is followed (as ``torchvision``'s ``ImageFolder`` does: datasets
+    assembled from links to camera folders), unless it leads back into a folder it lies in."""
     found: Dict[str, Optional[str]] = {}
     if not os.path.isdir(folder):
         return found
-    pending = [folder]
+    pending: List[Tuple[str, Tuple[str, ...]]] = [(folder, (os.path.realpath(folder),))]  # (folder, real paths to it)
     while pending:
-        with os.scandir(pending.pop()) as entries:
+        current, within = pending.pop()
+        with os.scandir(current) as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
@@ -147,8 +150,13 @@ def _local_files(fs: LocalFileSystem, folder: str) -> Dict[str, Optional[str]]:
                     info = fs.info(entry)  # as fsspec's own listing has it: the same fingerprint
                 except FileNotFoundError:  # removed while being listed: not in the input
                     continue
-                if info["type"] == "directory":
-                    pending.append(entry.path)
+                linked_folder = info["islink"] and entry.is_dir()
+                if info["type"] == "directory" or linked_folder:
+                    real = os.path.realpath(entry.path)
+                    if real in within:
+                        log.warning("Not following %s: it links to %s, a folder it lies in.", entry.path, real)
+                        continue
+                    pending.append((entry.path, within + (real,)))
                 else:
                     found[info["name"]] = fingerprint(info)
     return found

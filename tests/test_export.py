@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import tarfile
 
 import numpy as np
@@ -577,6 +578,28 @@ def test_hidden_folders_are_not_inputs(tmp_path, monkeypatch):
     stat = (tmp_path / "a.jpg").stat()
     assert listing.fingerprints[str(tmp_path / "a.jpg")] == f"{stat.st_size}:{stat.st_mtime}"  # as fsspec's listing
     assert list_files("memory://in") == [f"memory:///in/{rel}" for rel in expected]
+
+
+def test_linked_folders_of_a_local_input_are_followed_once(tmp_path, caplog):
+    """A symlink to a folder (a dataset assembled from links to camera folders) is listed as a
+    folder, its images named by their path through the link, not taken for one unreadable file;
+    a link back into a folder it lies in is not followed (logged); a broken link is a file that
+    is missing (an images row says so)."""
+    from pipeline.shards import discover_shards, iter_shard_files, read_error_reason
+
+    (tmp_path / "cameras" / "cam1").mkdir(parents=True)
+    (tmp_path / "cameras" / "cam1" / "a.jpg").write_bytes(b"a")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "own.jpg").write_bytes(b"o")
+    (inputs / "cam1").symlink_to(tmp_path / "cameras" / "cam1")
+    (inputs / "back").symlink_to(inputs)
+    (inputs / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
+        (shard,) = discover_shards(str(inputs), 8)
+    assert "Not following" in caplog.text and str(inputs / "back") in caplog.text
+    read = {name: (data, error and read_error_reason(error)) for name, _, data, error, _ in iter_shard_files(shard)}
+    assert read == {"cam1/a.jpg": (b"a", None), "gone.jpg": (None, "missing"), "own.jpg": (b"o", None)}
 
 
 def test_export_on_ray_equals_the_threaded_export(ray_local, tmp_path):
