@@ -15,51 +15,18 @@ in a process of its own, so its memory is not counted. The files are removed at 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import tracemalloc
-from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Optional
 
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.storage import filesystem, fingerprint, full_uri, list_input
 
 from .common import machine
-
-
-@contextmanager
-def moto_process() -> Iterator[Dict[str, Any]]:
-    """A moto S3 server in a child process on 127.0.0.1 with a bucket "bench"; the storage options
-    that reach it."""
-    import boto3
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench",
-                              aws_secret_access_key="bench", region_name="us-east-1")
-        for _ in range(100):
-            try:
-                client.create_bucket(Bucket="bench")
-                break
-            except Exception:  # not listening yet
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"The moto server on {endpoint} did not start.")
-        yield {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    finally:
-        server.terminate()
-        server.wait()
+from .stores import moto_bucket, s3_options, write_json
 
 
 def measured(fn: Callable[[], Any], files: int, requests: Callable[[], int]) -> Dict[str, Any]:
@@ -139,19 +106,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     results = []
     if args.input:
-        opts = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else None
-        results.append(run(args.input, opts, args.files, args.folders))
+        results.append(run(args.input, s3_options(args.s3_endpoint_url), args.files, args.folders))
     else:
-        with moto_process() as opts:
+        with moto_bucket() as opts:
             results.append(run("s3://bench/listing", opts, args.files, args.folders))
         with tempfile.TemporaryDirectory() as tmp:
             results.append(run(os.path.join(tmp, "listing"), None, args.files, args.folders))
     for result in results:
         report(result)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import time
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 from pipeline.marker_index import INDEX_FILE
 from pipeline.output import OutputDir
 
 from .common import machine
+from .stores import moto_bucket, s3_options, write_json
 
 
 def marker(i: int, files: int) -> Dict[str, Any]:
@@ -36,26 +34,6 @@ def marker(i: int, files: int) -> Dict[str, Any]:
             "run_id": "0123456789abcdef0123456789abcdef", "model": "vit_h:sam_vit_h_4b8939.pth",
             "weights": "zip-crc32:459fd963b87967e0", "settings_hash": "674b4ddd29fd4582",
             "settings": {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}}
-
-
-@contextmanager
-def moto_bucket() -> Iterator[Dict[str, Any]]:
-    """A moto S3 server on 127.0.0.1 with a bucket; the storage options that reach it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
-                 region_name="us-east-1").create_bucket(Bucket="bench")
-    try:
-        yield {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    finally:
-        server.stop()
 
 
 def timed_read(uri: str, opts: Optional[Dict[str, Any]], lease: bool = False) -> Dict[str, Any]:
@@ -111,8 +89,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     if args.output:
-        opts = {"client_kwargs": {"endpoint_url": args.s3_endpoint_url}} if args.s3_endpoint_url else None
-        result = run(args.output, opts, args.shards, args.files_per_shard)
+        result = run(args.output, s3_options(args.s3_endpoint_url), args.shards, args.files_per_shard)
     else:
         with moto_bucket() as opts:
             result = run("s3://bench/markers", opts, args.shards, args.files_per_shard)
@@ -122,9 +99,7 @@ def main(argv=None) -> None:
     print(f"markers {result['marker_bytes'] / 1e6:.1f} MB, index {result['index_bytes'] / 1e6:.2f} MB; "
           f"with the index {result['speedup']}x faster")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""The stores the storage benchmarks (bench.markers, bench.listing) write to, and their output."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Optional
+
+
+@contextmanager
+def moto_bucket() -> Iterator[Dict[str, Any]]:
+    """A moto S3 server in a child process on 127.0.0.1 with a bucket "bench"; the storage options
+    that reach it."""
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench",
+                              aws_secret_access_key="bench", region_name="us-east-1")
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="bench")
+                break
+            except Exception:  # not listening yet
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"The moto server on {endpoint} did not start.")
+        yield {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def s3_options(endpoint_url: Optional[str]) -> Optional[Dict[str, Any]]:
+    """Storage options that reach an S3-compatible store's ``endpoint_url`` (None: the usual AWS ones)."""
+    return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
+
+
+def write_json(path: str, result: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
