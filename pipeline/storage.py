@@ -206,11 +206,12 @@ def list_input(input_uri: str, storage_options: Optional[Mapping[str, Any]] = No
     """
     fs, path = filesystem(input_uri, storage_options)
     folder = None
+    fingerprints: Dict[str, Optional[str]] = {}
     if any(c in path for c in "*?["):
         fingerprints = {full_uri(fs, p): fingerprint(i) for p, i in fs.glob(path, detail=True).items()
                         if i.get("type") != "directory" and not p.endswith("/")}
         forget_listings(fs)
-    else:
+    if not fingerprints:  # not a glob, or one matching no file: a folder or file by that name ("photos [2024]")
         fingerprints = files_under(fs, path)
         if fingerprints:
             folder = path.rstrip("/")

@@ -553,7 +553,8 @@ def test_coco_export_streams_every_shard(tmp_path):
 def test_hidden_folders_are_not_inputs(tmp_path, monkeypatch):
     """An export's .export/ markers (or a .git folder) inside an input folder are not images:
     locally (walked a directory entry at a time, hidden folders not entered: fsspec's whole
-    find/ls not called) and on a filesystem listed with its find (memory://), in sorted order."""
+    find/ls not called) and on a filesystem listed with its find (memory://), in sorted order. A
+    folder whose name a glob would read as a pattern is listed as the folder it is."""
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
@@ -578,6 +579,11 @@ def test_hidden_folders_are_not_inputs(tmp_path, monkeypatch):
     stat = (tmp_path / "a.jpg").stat()
     assert listing.fingerprints[str(tmp_path / "a.jpg")] == f"{stat.st_size}:{stat.st_mtime}"  # as fsspec's listing
     assert list_files("memory://in") == [f"memory:///in/{rel}" for rel in expected]
+    (tmp_path / "photos [2024]" / "x").mkdir(parents=True)  # a name a glob would read as a pattern, matching nothing
+    (tmp_path / "photos [2024]" / "x" / "a.jpg").write_bytes(b"x")
+    assert list_input(str(tmp_path / "photos [2024]")).folder == str(tmp_path / "photos [2024]")
+    assert list_files(str(tmp_path / "photos [2024]" / "x" / "a.jpg")) == [str(tmp_path / "photos [2024]" / "x" / "a.jpg")]
+    assert list_files(str(tmp_path / "photos [[]2024]" / "*" / "*.jpg")) == [str(tmp_path / "photos [2024]" / "x" / "a.jpg")]
 
 
 def test_linked_folders_of_a_local_input_are_followed_once(tmp_path, caplog):
