@@ -305,9 +305,12 @@ def _read_recorded_member(tar_uri: str, member: str, member_range: Tuple[int, in
 
 
 def tar_of_member(uri: str) -> Optional[str]:
-    """The tar of an images-table ``uri`` of a tar member (``<tar uri>#<member>``), else None."""
-    if "#" in uri and uri.split("#", 1)[0].endswith(TAR_EXTENSIONS):
-        return uri.split("#", 1)[0]
+    """The tar of an images-table ``uri`` of a tar member (``<tar uri>#<member>``), else None:
+    the ``uri`` up to the first "#" that follows a tar's extension, since a folder's name may hold
+    a "#" too (``batch #3/sa_000.tar#a.jpg``), and so may the member's."""
+    for cut in (i for i, c in enumerate(uri) if c == "#"):
+        if uri[:cut].endswith(TAR_EXTENSIONS):
+            return uri[:cut]
     return None
 
 
@@ -323,7 +326,7 @@ def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
     opts = dict(storage_options or {})
     tar_uri = tar_of_member(uri)
     if tar_uri is not None:
-        member = uri.split("#", 1)[1]
+        member = uri[len(tar_uri) + 1 :]
         if tar_uri.endswith(".tar"):
             if member_range is not None:
                 data = _read_recorded_member(tar_uri, member, member_range, opts)

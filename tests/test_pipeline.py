@@ -1017,7 +1017,10 @@ def test_an_input_is_listed_once_a_page_at_a_time_and_not_kept_in_the_filesystem
 def test_file_names_with_url_characters_are_read_locally_and_on_s3(s3_bucket, tmp_path):
     """Names as photo libraries have them ("12::30.jpg", "#", "?", "%20", brackets, spaces,
     non-ASCII) are listed, read by the run and read back (a gallery, a tar member): fsspec takes
-    a "::" for a chain of filesystems, which failed every read of such a file after 3 tries."""
+    a "::" for a chain of filesystems, which failed every read of such a file after 3 tries. A
+    tar in a folder whose name holds a "#" ("tars #2/") is read back by its members' URIs
+    (``<tar>#<member>``), which were taken for files."""
+    from pipeline.export import iter_sources
     from pipeline.shards import read_source
     from pipeline.storage import chained, filesystem
 
@@ -1034,16 +1037,19 @@ def test_file_names_with_url_characters_are_read_locally_and_on_s3(s3_bucket, tm
         fs.pipe_file(f"namesbucket/photos/{name}", name.encode())
         (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "photos" / name).write_bytes(name.encode())
-    fs.pipe_file("namesbucket/tars/t::1.tar", buf.getvalue())
-    (tmp_path / "tars").mkdir()
-    (tmp_path / "tars" / "t::1.tar").write_bytes(buf.getvalue())
+    fs.pipe_file("namesbucket/tars #2/t::1.tar", buf.getvalue())
+    (tmp_path / "tars #2").mkdir()
+    (tmp_path / "tars #2" / "t::1.tar").write_bytes(buf.getvalue())
     for root, o in [("s3://namesbucket", opts), (str(tmp_path), {})]:
         (files,) = discover_shards(f"{root}/photos", 64, o)
-        (tar,) = discover_shards(f"{root}/tars", 64, o)
+        (tar,) = discover_shards(f"{root}/tars #2", 64, o)
         for shard in (files, tar):
             read = {name: (data, error) for name, uri, data, error, _ in iter_shard_files(shard, o)}
             assert read == {name: (name.encode(), None) for name in names}, root
-        assert {n: read_source(u, o) for n, u, *_ in iter_shard_files(tar, o)} == {n: n.encode() for n in names}
+        members = {n: (u, where) for n, u, _, _, where in iter_shard_files(tar, o)}
+        assert {n: read_source(u, o) for n, (u, _) in members.items()} == {n: n.encode() for n in names}
+        assert {n: read_source(u, o, where) for n, (u, where) in members.items()} == {n: n.encode() for n in names}
+        assert list(iter_sources([u for u, _ in members.values()], o)) == [n.encode() for n in members]
         assert {files.name_of(u): read_source(u, o) for u in files.uris} == {n: n.encode() for n in names}
     assert chained("simplecache::s3://b/k") and chained("zip://a.csv::s3://b/a.zip") and chained("blockcache::/data/x")
     assert not chained("s3://b/12::30.jpg") and not chained("/data/12::30.jpg") and not chained("s3://b/x::/y.jpg")
