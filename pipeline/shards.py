@@ -28,6 +28,7 @@ from .storage import filesystem, list_input, open_uri
 log = logging.getLogger(__name__)
 
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # a file with one of these is a shard of its own
+MANIFEST_EXTENSIONS = (".parquet", ".csv")  # an input path with one of these is a manifest
 TAR_SIDECAR_EXTENSIONS = (".json",)  # SA-1B tars pair each jpg with its annotation json
 READ_ATTEMPTS = 3  # tries per file before its read error is recorded
 RETRY_BASE_DELAY_S = 0.5  # doubled after every failed try
@@ -79,8 +80,9 @@ def discover_shards(
     each file's :func:`fingerprint` as its digest (a manifest's do not: it is not listed)."""
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}.")
-    if input_uri.endswith((".parquet", ".csv")) and not any(c in input_uri for c in "*?["):
-        return _manifest_shards(input_uri, images_per_shard, storage_options)
+    if input_uri.endswith(MANIFEST_EXTENSIONS) and (not any(c in input_uri for c in "*?[")
+                                                    or _is_file(input_uri, storage_options)):
+        return _manifest_shards(input_uri, images_per_shard, storage_options)  # "list [2024].csv" too
     listing = list_input(input_uri, storage_options, output_uri)
     fingerprints = listing.fingerprints
     uris = list(fingerprints)
@@ -96,6 +98,11 @@ def discover_shards(
     if len(set(ids)) != len(ids):
         raise ValueError(f"Two input tars share a name: {sorted(i for i in ids if ids.count(i) > 1)}.")
     return shards
+
+
+def _is_file(uri: str, storage_options: Optional[Mapping[str, Any]]) -> bool:
+    fs, path = filesystem(uri, storage_options)
+    return fs.isfile(path)
 
 
 def _manifest_shards(uri: str, images_per_shard: int, storage_options) -> List[Shard]:

@@ -99,6 +99,9 @@ def test_discover_folder_glob_tar_and_manifest(inputs, tmp_path):
     manifest = tmp_path / "list.parquet"
     pq.write_table(pa.table({"uri": [str(inputs / n) for n in SAMPLES]}), manifest)
     assert [s.shard_id for s in discover_shards(str(manifest), 2)] == ["list-00000", "list-00001"]
+    bracketed = tmp_path / "list [2024].parquet"  # a glob's characters in a manifest's name: still the manifest
+    bracketed.write_bytes(manifest.read_bytes())
+    assert [s.uris for s in discover_shards(str(bracketed), 2)] == [s.uris for s in discover_shards(str(manifest), 2)]
     (tmp_path / "bad.csv").write_text("path\nx.jpg\n")
     with pytest.raises(ValueError, match="no 'uri' column"):
         discover_shards(str(tmp_path / "bad.csv"))
