@@ -13,7 +13,7 @@ import html
 import io
 import posixpath
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import numpy as np
 import pyarrow.compute as pc
@@ -47,8 +47,15 @@ def _ok_ids(tables: OutputDir, shard_id: str) -> List[str]:
     return images.filter(pc.equal(images.column("status"), "ok")).column("image_id").to_pylist()
 
 
-def _file_name(image_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id) + ".png"
+def _file_name(image_id: str, taken: Set[str]) -> str:
+    """A file name for ``image_id``'s overlay: its id with what a file name or URL cannot hold
+    made "_", and, where another image of the gallery got that name ("a b.jpg", "a_b.jpg"), a
+    digest of the id after it."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)
+    if name + ".png" in taken:
+        name += "-" + hashlib.sha1(image_id.encode()).hexdigest()[:10]
+    taken.add(name + ".png")
+    return name + ".png"
 
 
 def render_gallery(tables_uri: str, dest: str, image_ids: Optional[Sequence[str]] = None, sample: int = 12,
@@ -75,19 +82,19 @@ def render_gallery(tables_uri: str, dest: str, image_ids: Optional[Sequence[str]
     markers = tables.markers(sorted({i.split("/", 1)[0] for i in chosen}))
     fs, root = filesystem(dest, storage_options)
     fs.makedirs(posixpath.join(root, "img"), exist_ok=True)
-    figures = []
+    figures, names = [], set()
     for image_id in chosen:
         image, masks = available[image_id]
         short_side = resized_short_side(markers.get(image_id.split("/", 1)[0]))
         pixels = decode_image(read_source(image["uri"], storage_options, member_range(image)), short_side=short_side)
         buf = io.BytesIO()
         Image.fromarray(overlay(pixels, masks, seed)).save(buf, format="PNG")
-        name = _file_name(image_id)
+        name = _file_name(image_id, names)
         fs.pipe_file(posixpath.join(root, "img", name), buf.getvalue())
         ious = [m["predicted_iou"] for m in masks]
         area = image["width"] * image["height"]
         fractions = [m["area"] / area for m in masks]
-        caption = (f"{image_id}<br>{image['width']}×{image['height']}, {len(masks)} masks"
+        caption = (f"{html.escape(image_id)}<br>{image['width']}×{image['height']}, {len(masks)} masks"
                    + (f"<br>median IoU {np.median(ious):.3f}, median area {np.median(fractions):.1%}" if masks else ""))
         figures.append(f'<figure><img src="img/{html.escape(name)}" alt="{html.escape(image_id)}">'
                        f"<figcaption>{caption}</figcaption></figure>")

@@ -166,6 +166,32 @@ def test_render_gallery_loads_in_headless_chromium(tables, tmp_path, capsys):
     assert "nope/x.jpg" in capsys.readouterr().err
 
 
+def test_a_gallery_gives_each_image_its_own_overlay_and_shows_names_as_text(tmp_path):
+    """Names that come to the same file name ("a b.jpg", "a_b.jpg") get an overlay each, not
+    one over the other; a name holding HTML ("<b>x & y.jpg") is shown as the text it is."""
+    from PIL import Image
+
+    from pipeline.render import render_gallery
+
+    names = ["a b.jpg", "a_b.jpg", "<b>x & y.jpg"]
+    src = tmp_path / "src"
+    src.mkdir()
+    for k, name in enumerate(names):
+        Image.fromarray(np.full((30, 40, 3), 60 * k, np.uint8)).save(src / name, format="JPEG", quality=100)
+    out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    synthetic_shard(out, "files-00000", names, uris=[str(src / n) for n in names])
+    dest = tmp_path / "gallery"
+    assert sorted(render_gallery(str(tmp_path / "out"), str(dest), sample=3)) == sorted(f"files-00000/{n}" for n in names)
+    pngs = sorted((dest / "img").glob("*.png"))
+    assert len(pngs) == 3
+    shades = sorted(int(np.median(np.asarray(Image.open(p).convert("L")))) for p in pngs)
+    assert [round(v / 60) for v in shades] == [0, 1, 2]  # each image's own pixels
+    page = (dest / "index.html").read_text()
+    assert "<b>x" not in page and page.count("&lt;b&gt;x &amp; y.jpg") == 2  # alt and caption
+    for p in pngs:
+        assert f'src="img/{p.name}"' in page
+
+
 def test_sa1b_tar_export_round_trips_and_reads_back_as_input(tables, tmp_path, capsys):
     import tarfile
 
