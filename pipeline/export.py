@@ -109,18 +109,33 @@ def images_with_masks(tables: OutputDir, shard_ids: Optional[Sequence[str]] = No
         yield from shard_images_with_masks(tables, shard_id, images, masks_file)
 
 
+def relative_path(name: str) -> str:
+    """``name`` as a path that stays under the folder it is joined to: without empty and "."
+    parts (an S3 key's "//", "./"), and a ".." part (a tar member "../../x.jpg") as "__"."""
+    parts = ["__" if p == ".." else p for p in name.split("/") if p not in ("", ".")]
+    return "/".join(parts) or "_"
+
+
 def export_stems(names: Sequence[str]) -> Dict[str, str]:
     """Per image name of one shard (``cam1/0001.jpg``), the stem its exported files are named by:
     the name without its extension (``cam1/0001``), or the whole name where that would name two
-    images alike (``a.jpg`` and ``a.png`` stay ``a.jpg`` and ``a.png``)."""
-    stems = {n: posixpath.splitext(n)[0] for n in names}
+    images alike (``a.jpg`` and ``a.png`` stay ``a.jpg`` and ``a.png``). A stem is a
+    :func:`relative_path`, never leading out of the shard's folder; two names that come to the same
+    one (``a//b.jpg``, ``a/b.jpg``) get it once, the other a digest of its name after it."""
+    whole = {n: relative_path(n) for n in names}
+    stems = {n: posixpath.splitext(whole[n])[0] for n in names}
     while True:
         count = Counter(stems.values())
-        clashing = [n for n, stem in stems.items() if count[stem] > 1 and stem != n]
-        if not clashing:  # names are unique, so whole names never clash with each other
-            return stems
+        clashing = [n for n, stem in stems.items() if count[stem] > 1 and stem != whole[n]]
+        if not clashing:
+            break
         for n in clashing:
-            stems[n] = n
+            stems[n] = whole[n]
+    count = Counter(stems.values())
+    for n in names:  # whole names clash only where relative_path changed one of them
+        if count[stems[n]] > 1 and whole[n] != n:
+            stems[n] = f"{whole[n]}-{hashlib.sha1(n.encode()).hexdigest()[:10]}"
+    return stems
 
 
 # -- plan: which shards, which ids -------------------------------------------------------------
@@ -199,6 +214,16 @@ class ExportDest:
         ``<dest>/<shard>/`` for sa1b-json, ``<dest>/`` for sa1b-tar."""
         return self.full_path(shard_id, name) if fmt == "sa1b-json" else self.full_path(name)
 
+    def files_to_remove(self, fmt: str, shard_id: str, names: Sequence[str]) -> List[str]:
+        """:meth:`file_path` of each of ``names``, files an earlier export of the shard wrote, but
+        of those that lead out of the destination or elsewhere in it (an export before
+        :func:`relative_path` named "../x.json" as its image was named): those are kept, logged."""
+        outside = [n for n in names if relative_path(n) != n]
+        if outside:
+            log.warning("Not removing %d file(s) an earlier export of %s named outside its folder: %s",
+                        len(outside), shard_id, outside[:5])
+        return [self.file_path(fmt, shard_id, n) for n in names if relative_path(n) == n]
+
 
 def check_dest(done: Mapping[str, Mapping[str, Any]], dest_uri: str, fmt: str, tables_uri: str) -> None:
     """Raise ``ValueError`` where the destination's markers ``done`` hold another format's export,
@@ -251,7 +276,7 @@ def prune_shards(dest: ExportDest, done: Dict[str, Dict[str, Any]], shard_ids: S
     another image, and a shard of that name that comes back is exported again."""
     for shard_id in shard_ids:
         marker = done[shard_id]
-        paths = {dest.file_path(marker["format"], shard_id, name) for name in marker.get("files", [])}
+        paths = set(dest.files_to_remove(marker["format"], shard_id, marker.get("files", [])))
         folder = dest.full_path(shard_id)
         json_export = marker["format"] == "sa1b-json"
         there = set(dest.fs.find(folder)) if json_export else {p for p in paths if dest.fs.exists(p)}  # one listing
@@ -348,8 +373,9 @@ def _export_json_shard(tables: OutputDir, plan: ShardExport, dest: ExportDest,
         dest.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         dest.fs.pipe_file(path, json.dumps(doc).encode())  # one C-encoded string (json.dump: ~10x slower)
     stale = sorted(set((previous or {}).get("files", [])) - set(files))
+    stale = dest.files_to_remove("sa1b-json", plan.shard_id, stale)
     if stale:
-        dest.fs.rm([dest.file_path("sa1b-json", plan.shard_id, name) for name in stale])
+        dest.fs.rm(stale)
     return files
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -335,6 +336,45 @@ def test_export_stems_are_unique_within_a_shard():
     # "a.jpg.png" would take the stem "a.jpg", which "a.jpg" keeps as its whole name: both keep theirs
     stems = export_stems(["a.jpg", "a.png", "a.jpg.png"])
     assert stems == {"a.jpg": "a.jpg", "a.png": "a.png", "a.jpg.png": "a.jpg.png"}
+    # S3 keys and tar members may hold "//", "./" and "..": stems stay under the shard's folder, one each
+    stems = export_stems(["../../evil.jpg", "/abs.jpg", "./c.jpg", "a//b.jpg", "a/b.jpg", "..", "x/./y/../z.png"])
+    assert stems == {"../../evil.jpg": "__/__/evil", "/abs.jpg": "abs", "./c.jpg": "c", "a/b.jpg": "a/b.jpg",
+                     "a//b.jpg": "a/b.jpg-" + hashlib.sha1(b"a//b.jpg").hexdigest()[:10], "..": "__",
+                     "x/./y/../z.png": "x/y/__/z"}
+
+
+def test_an_export_writes_every_image_inside_its_destination(tmp_path, caplog):
+    """Image names from S3 keys or tar members ("../../x.jpg", "a//b.jpg" beside "a/b.jpg") are
+    exported each to a file of its own under the destination (one was written two folders above
+    it, and two images to one file, the second over the first); files an earlier export's marker
+    names outside the destination are never removed."""
+    from PIL import Image
+
+    from pipeline.export import ExportDest, export_shards
+
+    names = ["../../evil.jpg", "a//b.jpg", "a/b.jpg", "./c.jpg", "/d.jpg"]
+    out = OutputDir(str(tmp_path / "run" / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    synthetic_shard(out, "sa_1", names)
+    dest = tmp_path / "run" / "dest"
+    assert export_shards(str(tmp_path / "run" / "out"), str(dest), "sa1b-json").images == 5
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json") if not {"_done", ".export"} & set(p.parts))
+    assert len(written) == 5 and all(w.startswith("run/dest/sa_1/") for w in written), written
+    assert sorted(d["image"]["file_name"] for d in map(read_sa1b_json, (str(tmp_path / w) for w in written))) == sorted(names)
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(len(names)):
+        Image.fromarray(np.full((30, 40, 3), 40 * k, np.uint8)).save(src / f"{k}.jpg")
+    out = OutputDir(str(tmp_path / "tars" / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
+    synthetic_shard(out, "sa_1", names, uris=[str(src / f"{k}.jpg") for k in range(len(names))])
+    assert export_shards(str(tmp_path / "tars" / "out"), str(tmp_path / "tars" / "dest"), "sa1b-tar").images == 5
+    with tarfile.open(tmp_path / "tars" / "dest" / "sa_1.tar") as tar:
+        members = tar.getnames()
+    assert len(set(members)) == 10 and not any(m.startswith("/") or ".." in m.split("/") or "//" in m for m in members)
+    (tmp_path / "keep.json").write_text("{}")
+    export = ExportDest(str(dest))
+    with caplog.at_level(logging.WARNING, logger="pipeline.export"):
+        paths = export.files_to_remove("sa1b-json", "sa_1", ["a/b.jpg.json", "../../../keep.json", "/keep.json"])
+    assert paths == [export.file_path("sa1b-json", "sa_1", "a/b.jpg.json")] and "Not removing 2 file(s)" in caplog.text
 
 
 # -- exports at scale: one pass per source tar, resumable, incremental, failures recorded -----
