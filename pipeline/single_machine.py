@@ -5,6 +5,7 @@ The Ray pipeline distributes the same steps; this runner is the reference and th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -113,8 +114,8 @@ def run_single_machine(
     short_side: Optional[int] = None,
 ) -> RunSummary:
     """Generate masks for every input file; write ``<stem>.json`` (SA-1B) per image, named by its
-    path under the input folder as exports are (:func:`pipeline.export.export_stems`), and
-    ``summary.json`` under ``output_uri``. Bad inputs (unreadable after retries, or not a usable
+    path under the input folder as exports are (:func:`pipeline.export.export_stems`; an image
+    whose stem is "summary" gets a digest after it), and ``summary.json`` under ``output_uri``. Bad inputs (unreadable after retries, or not a usable
     image) are recorded, never skipped silently. ``short_side``: images downsampled so their
     shorter side is at most that (as ``jobs.generate --resize-short-side``)."""
     if generator.output_mode != "coco_rle":
@@ -127,6 +128,9 @@ def run_single_machine(
     uris = list(listing.fingerprints)
     files = Shard("files", "files", tuple(uris), naming_root(listing.folder, uris))  # names: paths under the input
     stems = export_stems([files.name_of(u) for u in uris])  # cam1/0001.jpg -> cam1/0001.json
+    for name, stem in stems.items():  # "summary.jpg" would be overwritten by the run's summary.json
+        if stem == "summary":
+            stems[name] = f"summary-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
     for image_id, (row, image) in enumerate(decoded_images(files, None, max_pixels, short_side=short_side)):
         if image is None:
             summary.images_error += 1
