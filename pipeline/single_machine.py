@@ -15,10 +15,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-import fsspec
-
 from sam_core import SamAutomaticMaskGenerator
-from sam_core.amg.sa1b import sa1b_document, write_sa1b_json
+from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 from sam_core.precision import compute_dtype_name
 
 from .decode import DEFAULT_MAX_PIXELS
@@ -140,7 +138,10 @@ def run_single_machine(
         records = generator.generate(image)
         h, w = image.shape[:2]
         doc = sa1b_document(image_id, name, w, h, records)
-        write_sa1b_json(posixpath.join(output_uri, stems[name] + ".json"), doc)
+        validate_sa1b(doc)
+        path = posixpath.join(out_path, stems[name] + ".json")  # through its filesystem: "12::30.json" is no chain
+        out_fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        out_fs.pipe_file(path, json.dumps(doc).encode())
         summary.images_ok += 1
         summary.masks += len(records)
         if first_frame_only(row["frames"]):
@@ -150,6 +151,5 @@ def run_single_machine(
     if summary.images_ok:
         summary.compute_dtypes = {compute_dtype_name(generator.amp_dtype): summary.images_ok}
     summary.seconds = time.perf_counter() - start
-    with fsspec.open(posixpath.join(output_uri, "summary.json"), "w") as f:
-        json.dump(summary.as_dict(), f, indent=2)
+    out_fs.pipe_file(posixpath.join(out_path, "summary.json"), json.dumps(summary.as_dict(), indent=2).encode())
     return summary

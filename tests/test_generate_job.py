@@ -181,19 +181,23 @@ def test_single_machine_runner_on_samples_and_bad_files(tmp_path):
 
 def test_single_machine_run_keeps_an_image_named_summary_apart_from_its_summary(tmp_path):
     """An image "summary.jpg" at the input's top would be written as summary.json, then
-    overwritten by the run's summary: its masks get a file of their own."""
+    overwritten by the run's summary: its masks get a file of their own. "12::30.jpg" (which
+    fsspec alone takes for a chain of filesystems) is written as 12::30.json."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "summary.jpg").write_bytes(open(f"{SAMPLE_IMAGES}/coffee.jpg", "rb").read())
+    (inputs / "12::30.jpg").write_bytes(open(f"{SAMPLE_IMAGES}/chelsea.jpg", "rb").read())
     out = tmp_path / "out"
     torch.manual_seed(0)
     generator = SamAutomaticMaskGenerator(build_sam("tiny"), points_per_side=2, pred_iou_thresh=0,
                                           stability_score_thresh=0, output_mode="coco_rle")
     result = run_single_machine(str(inputs), str(out), generator)
-    assert json.loads((out / "summary.json").read_text())["images_ok"] == 1
+    assert json.loads((out / "summary.json").read_text())["images_ok"] == 2 == result.images_ok
     (doc_file,) = out.glob("summary-*.json")
     doc = read_sa1b_json(str(doc_file))
-    assert doc["image"]["file_name"] == "summary.jpg" and len(doc["annotations"]) == result.masks > 0
+    other = json.loads((out / "12::30.json").read_text())
+    assert doc["image"]["file_name"] == "summary.jpg" and other["image"]["file_name"] == "12::30.jpg"
+    assert len(doc["annotations"]) + len(other["annotations"]) == result.masks and doc["annotations"]
 
 
 @pytest.mark.parametrize("argv, expected", [
