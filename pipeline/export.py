@@ -109,6 +109,11 @@ def images_with_masks(tables: OutputDir, shard_ids: Optional[Sequence[str]] = No
         yield from shard_images_with_masks(tables, shard_id, images, masks_file)
 
 
+def name_digest(name: str) -> str:
+    """Ten hex digits of ``name``'s SHA-1: what tells apart names that come to one file name."""
+    return hashlib.sha1(name.encode()).hexdigest()[:10]
+
+
 def relative_path(name: str) -> str:
     """``name`` as a path that stays under the folder it is joined to: without empty and "."
     parts (an S3 key's "//", "./"), and a ".." part (a tar member "../../x.jpg") as "__"."""
@@ -134,7 +139,7 @@ def export_stems(names: Sequence[str]) -> Dict[str, str]:
     count = Counter(stems.values())
     for n in names:  # whole names clash only where relative_path changed one of them
         if count[stems[n]] > 1 and whole[n] != n:
-            stems[n] = f"{whole[n]}-{hashlib.sha1(n.encode()).hexdigest()[:10]}"
+            stems[n] = f"{whole[n]}-{name_digest(n)}"
     return stems
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .decode import decode_image
-from .export import images_with_masks
+from .export import images_with_masks, name_digest
 from .output import OutputDir, resized_short_side
 from .shards import member_range, read_source
 from .storage import filesystem
@@ -53,7 +53,7 @@ def _file_name(image_id: str, taken: Set[str]) -> str:
     digest of the id after it."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)
     if name + ".png" in taken:
-        name += "-" + hashlib.sha1(image_id.encode()).hexdigest()[:10]
+        name += "-" + name_digest(image_id)
     taken.add(name + ".png")
     return name + ".png"
 

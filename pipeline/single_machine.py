@@ -5,7 +5,6 @@ The Ray pipeline distributes the same steps; this runner is the reference and th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from sam_core.amg.sa1b import sa1b_document, validate_sa1b
 from sam_core.precision import compute_dtype_name
 
 from .decode import DEFAULT_MAX_PIXELS
-from .export import export_stems
+from .export import export_stems, name_digest
 from .output import first_frame_only
 from .reading import decoded_images
 from .shards import Shard, naming_root
@@ -128,7 +127,7 @@ def run_single_machine(
     stems = export_stems([files.name_of(u) for u in uris])  # cam1/0001.jpg -> cam1/0001.json
     for name, stem in stems.items():  # "summary.jpg" would be overwritten by the run's summary.json
         if stem == "summary":
-            stems[name] = f"summary-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+            stems[name] = f"summary-{name_digest(name)}"
     for image_id, (row, image) in enumerate(decoded_images(files, None, max_pixels, short_side=short_side)):
         if image is None:
             summary.images_error += 1
