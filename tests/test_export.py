@@ -169,24 +169,25 @@ def test_render_gallery_loads_in_headless_chromium(tables, tmp_path, capsys):
 
 def test_a_gallery_gives_each_image_its_own_overlay_and_shows_names_as_text(tmp_path):
     """Names that come to the same file name ("a b.jpg", "a_b.jpg") get an overlay each, not
-    one over the other; a name holding HTML ("<b>x & y.jpg") is shown as the text it is."""
+    one over the other; a name holding HTML ("<b>x & y.jpg") is shown as the text it is; a name
+    too long for a file name (an S3 key may be 1,024 bytes) gets a shortened one."""
     from PIL import Image
 
     from pipeline.render import render_gallery
 
-    names = ["a b.jpg", "a_b.jpg", "<b>x & y.jpg"]
+    names = ["a b.jpg", "a_b.jpg", "<b>x & y.jpg", "x" * 300 + ".jpg"]
     src = tmp_path / "src"
     src.mkdir()
-    for k, name in enumerate(names):
-        Image.fromarray(np.full((30, 40, 3), 60 * k, np.uint8)).save(src / name, format="JPEG", quality=100)
+    for k in range(len(names)):
+        Image.fromarray(np.full((30, 40, 3), 60 * k, np.uint8)).save(src / f"{k}.jpg", format="JPEG", quality=100)
     out = OutputDir(str(tmp_path / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
-    synthetic_shard(out, "files-00000", names, uris=[str(src / n) for n in names])
+    synthetic_shard(out, "files-00000", names, uris=[str(src / f"{k}.jpg") for k in range(len(names))])
     dest = tmp_path / "gallery"
-    assert sorted(render_gallery(str(tmp_path / "out"), str(dest), sample=3)) == sorted(f"files-00000/{n}" for n in names)
+    assert sorted(render_gallery(str(tmp_path / "out"), str(dest), sample=4)) == sorted(f"files-00000/{n}" for n in names)
     pngs = sorted((dest / "img").glob("*.png"))
-    assert len(pngs) == 3
+    assert len(pngs) == 4 and max(len(p.name.encode()) for p in pngs) <= 255
     shades = sorted(int(np.median(np.asarray(Image.open(p).convert("L")))) for p in pngs)
-    assert [round(v / 60) for v in shades] == [0, 1, 2]  # each image's own pixels
+    assert [round(v / 60) for v in shades] == [0, 1, 2, 3]  # each image's own pixels
     page = (dest / "index.html").read_text()
     assert "<b>x" not in page and page.count("&lt;b&gt;x &amp; y.jpg") == 2  # alt and caption
     for p in pngs:
@@ -341,24 +342,32 @@ def test_export_stems_are_unique_within_a_shard():
     assert stems == {"../../evil.jpg": "__/__/evil", "/abs.jpg": "abs", "./c.jpg": "c", "a/b.jpg": "a/b.jpg",
                      "a//b.jpg": "a/b.jpg-" + hashlib.sha1(b"a//b.jpg").hexdigest()[:10], "..": "__",
                      "x/./y/../z.png": "x/y/__/z"}
+    # a name too long for a file name (S3 keys may be 1,024 bytes): its start, a digest, its extension
+    long = ["d/" + "é" * 150 + "a.jpg", "d/" + "é" * 150 + "b.jpg"]
+    stems = export_stems(long)
+    assert len(set(stems.values())) == 2 and all(s.startswith("d/éé") for s in stems.values())
+    assert all(len((s + ".json").split("/")[-1].encode()) <= 255 for s in stems.values())
+    digest = hashlib.sha1(b"x" * 300 + b".jpg").hexdigest()[:10]
+    assert export_stems(["x" * 300 + ".jpg", "x" * 200]) == {"x" * 300 + ".jpg": "x" * 185 + "~" + digest, "x" * 200: "x" * 200}
 
 
 def test_an_export_writes_every_image_inside_its_destination(tmp_path, caplog):
-    """Image names from S3 keys or tar members ("../../x.jpg", "a//b.jpg" beside "a/b.jpg") are
-    exported each to a file of its own under the destination (one was written two folders above
-    it, and two images to one file, the second over the first); files an earlier export's marker
-    names outside the destination are never removed."""
+    """Image names from S3 keys or tar members ("../../x.jpg", "a//b.jpg" beside "a/b.jpg", 300
+    characters) are exported each to a file of its own under the destination (one was written two
+    folders above it, two images to one file, the second over the first, and a name too long for
+    a file name failed its shard); files an earlier export's marker names outside the destination
+    are never removed."""
     from PIL import Image
 
     from pipeline.export import ExportDest, export_shards
 
-    names = ["../../evil.jpg", "a//b.jpg", "a/b.jpg", "./c.jpg", "/d.jpg"]
+    names = ["../../evil.jpg", "a//b.jpg", "a/b.jpg", "./c.jpg", "/d.jpg", "x" * 300 + ".png"]
     out = OutputDir(str(tmp_path / "run" / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
     synthetic_shard(out, "sa_1", names)
     dest = tmp_path / "run" / "dest"
-    assert export_shards(str(tmp_path / "run" / "out"), str(dest), "sa1b-json").images == 5
+    assert export_shards(str(tmp_path / "run" / "out"), str(dest), "sa1b-json").images == 6
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json") if not {"_done", ".export"} & set(p.parts))
-    assert len(written) == 5 and all(w.startswith("run/dest/sa_1/") for w in written), written
+    assert len(written) == 6 and all(w.startswith("run/dest/sa_1/") for w in written), written
     assert sorted(d["image"]["file_name"] for d in map(read_sa1b_json, (str(tmp_path / w) for w in written))) == sorted(names)
     src = tmp_path / "src"
     src.mkdir()
@@ -366,10 +375,10 @@ def test_an_export_writes_every_image_inside_its_destination(tmp_path, caplog):
         Image.fromarray(np.full((30, 40, 3), 40 * k, np.uint8)).save(src / f"{k}.jpg")
     out = OutputDir(str(tmp_path / "tars" / "out"), identity={"model": "tiny:x", "settings_hash": "h"})
     synthetic_shard(out, "sa_1", names, uris=[str(src / f"{k}.jpg") for k in range(len(names))])
-    assert export_shards(str(tmp_path / "tars" / "out"), str(tmp_path / "tars" / "dest"), "sa1b-tar").images == 5
+    assert export_shards(str(tmp_path / "tars" / "out"), str(tmp_path / "tars" / "dest"), "sa1b-tar").images == 6
     with tarfile.open(tmp_path / "tars" / "dest" / "sa_1.tar") as tar:
         members = tar.getnames()
-    assert len(set(members)) == 10 and not any(m.startswith("/") or ".." in m.split("/") or "//" in m for m in members)
+    assert len(set(members)) == 12 and not any(m.startswith("/") or ".." in m.split("/") or "//" in m for m in members)
     (tmp_path / "keep.json").write_text("{}")
     export = ExportDest(str(dest))
     with caplog.at_level(logging.WARNING, logger="pipeline.export"):
