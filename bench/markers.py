@@ -41,13 +41,13 @@ def timed_read(uri: str, opts: Optional[Dict[str, Any]], lease: bool = False) ->
     one by one."""
     out = OutputDir(uri, opts)
     out.fs = type(out.fs)(skip_instance_cache=True, **(opts or {}))
-    fetched, cat = [], out.fs.cat
+    fetched, cat = [], out.fs.cat_ranges
 
     def counting(paths, *args, **kwargs):
         fetched.extend(paths)
         return cat(paths, *args, **kwargs)
 
-    out.fs.cat = counting
+    out.fs.cat_ranges = counting
     start = time.perf_counter()
     if lease:
         with out.hold_lease():  # the run: it writes the index

@@ -46,7 +46,7 @@ from .lease import RunLease, check_holder
 from .marker_index import load_markers
 from .output import READ_WORKERS, OutputDir, resized_short_side
 from .shards import _iter_tar, _read_with_retries, tar_of_member
-from .storage import filesystem, full_uri
+from .storage import files_in, filesystem, full_uri, remove
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +219,13 @@ class ExportDest:
 
     def unmark(self, shard_id: str) -> None:
         if self.fs.exists(self._marker_path(shard_id)):
-            self.fs.rm(self._marker_path(shard_id))
+            remove(self.fs, self._marker_path(shard_id))
 
     def clear_markers(self) -> None:
         """Remove every shard's marker and their index (not the lease beside them)."""
-        paths = self.fs.glob(posixpath.join(self.path, EXPORT_MARKERS, "*.json"))
-        paths += self.fs.glob(self.full_path(EXPORT_MARKERS, EXPORT_INDEX))
-        if paths:
-            self.fs.rm(paths)
+        folder = self.full_path(EXPORT_MARKERS)
+        paths = [posixpath.join(folder, name) for name in files_in(self.fs, folder, ".json")]
+        remove(self.fs, paths + [p for p in [self.full_path(EXPORT_MARKERS, EXPORT_INDEX)] if self.fs.exists(p)])
 
     def full_path(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
@@ -303,9 +302,9 @@ def prune_shards(dest: ExportDest, done: Dict[str, Dict[str, Any]], shard_ids: S
         json_export = marker["format"] == "sa1b-json"
         there = set(dest.fs.find(folder)) if json_export else {p for p in paths if dest.fs.exists(p)}  # one listing
         if paths & there:
-            dest.fs.rm(sorted(paths & there))
+            remove(dest.fs, sorted(paths & there))
         if json_export and there <= paths and dest.fs.exists(folder):
-            dest.fs.rm(folder, recursive=True)  # only the empty folders the export made are left
+            remove(dest.fs, folder, recursive=True)  # only the empty folders the export made are left
         done[shard_id] = {**marker, "source": "", "files": [], "pruned": True}
         dest.write_marker(shard_id, done[shard_id])
 
@@ -397,7 +396,7 @@ def _export_json_shard(tables: OutputDir, plan: ShardExport, dest: ExportDest,
     stale = sorted(set((previous or {}).get("files", [])) - set(files))
     stale = dest.files_to_remove("sa1b-json", plan.shard_id, stale)
     if stale:
-        dest.fs.rm(stale)
+        remove(dest.fs, stale)
     return files
 
 
@@ -427,7 +426,7 @@ def _export_tar_shard(tables: OutputDir, plan: ShardExport, dest: ExportDest,
                 _add(tar, f"{stem}.json", json.dumps(doc).encode())
     except BaseException:  # closing the file above stored what was written: remove the partial tar
         if dest.fs.exists(dest.full_path(name)):
-            dest.fs.rm(dest.full_path(name))
+            remove(dest.fs, dest.full_path(name))
         raise
     return [name]
 
@@ -644,7 +643,7 @@ def export_coco(tables_uri: str, dest_uri: str, storage_options: Optional[Mappin
         image_id, annotation_id = _write_coco(tables, tables_uri, shard_ids, fs, path, workers)
     except BaseException:  # closing the file stored what was written: remove the partial file
         if fs.exists(path):
-            fs.rm(path)
+            remove(fs, path)
         raise
     summary.shards_exported, summary.images, summary.annotations = len(shard_ids), image_id, annotation_id
     summary.seconds = time.monotonic() - start

@@ -32,6 +32,8 @@ import time
 import uuid
 from typing import Any, Dict, Optional
 
+from .storage import remove, write_whole
+
 log = logging.getLogger(__name__)
 
 LEASE_FILE = "_lease.json"
@@ -128,7 +130,7 @@ class RunLease:
         try:
             held = self._read()
             if held is not None and held["run_id"] == self.run_id:
-                self.fs.rm(self.path)
+                remove(self.fs, self.path)
         except Exception:  # never hide the run's own outcome; the lease lapses on its own
             log.warning("Could not remove the lease %s; it lapses in %.0f s.", self.path, self.expiry_s, exc_info=True)
 
@@ -144,13 +146,10 @@ class RunLease:
                 log.warning("Could not renew the lease %s.", self.path, exc_info=True)
 
     def _write(self) -> None:
-        """Write the lease whole: to a name of this run's, then moved into place (a rename on a
-        local or mounted filesystem; object stores replace an object whole anyway), so that two
-        runs writing at once leave one run's lease, not a mix of their bytes."""
+        """Write the lease whole (:func:`pipeline.storage.write_whole`), so that two runs writing
+        at once leave one run's lease, not a mix of their bytes."""
         self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-        staged = f"{self.path}.{self.run_id}.tmp"
-        self.fs.pipe_file(staged, json.dumps(dict(self.record, renewed=time.time())).encode())
-        self.fs.mv(staged, self.path)
+        write_whole(self.fs, self.path, json.dumps(dict(self.record, renewed=time.time())).encode())
 
     def _read(self) -> Optional[Dict[str, Any]]:
         """The lease in the file, or None if there is none. A file caught mid-write is read again."""

@@ -23,13 +23,12 @@ import io
 import json
 import logging
 import posixpath
-import uuid
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import files_under, full_uri
+from .storage import files_in, read_files, write_whole
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +46,7 @@ Entry = Tuple[str, str]  # (fingerprint, marker JSON text)
 def list_markers(fs: Any, marker_dir: str) -> Dict[str, Optional[str]]:
     """The markers in ``marker_dir`` by shard id, with their fingerprints (None where the listing
     has none: such a marker is always read), from one listing."""
-    start = len(full_uri(fs, marker_dir.rstrip("/"))) + 1
-    return {uri[start : -len(".json")]: fp for uri, fp in files_under(fs, marker_dir).items()
-            if uri.endswith(".json") and "/" not in uri[start:]}
+    return {name[: -len(".json")]: fp for name, fp in files_in(fs, marker_dir, ".json").items()}
 
 
 def read_index(fs: Any, path: str) -> Dict[str, Entry]:
@@ -82,11 +79,7 @@ def write_index(fs: Any, path: str, entries: Mapping[str, Entry]) -> None:
     table = pa.table([shards, [entries[s][0] for s in shards], [entries[s][1] for s in shards]], schema=SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=ROWS)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    staged = f"{path}.{uuid.uuid4().hex}.tmp" if local else path
-    fs.pipe_file(staged, buf.getvalue())
-    if local:
-        fs.mv(staged, path)
+    write_whole(fs, path, buf.getvalue())
 
 
 def load_markers(fs: Any, marker_dir: str, index_path: str, shard_ids: Optional[Sequence[str]] = None,
@@ -106,7 +99,7 @@ def load_markers(fs: Any, marker_dir: str, index_path: str, shard_ids: Optional[
     del index
     texts = cached
     if unread:
-        blobs = fs.cat([posixpath.join(marker_dir, f"{s}.json") for s in unread])
+        blobs = read_files(fs, [posixpath.join(marker_dir, f"{s}.json") for s in unread])
         while blobs:  # each marker's bytes let go of as it is decoded: memory holds one copy
             path, data = blobs.popitem()
             texts[posixpath.basename(path)[: -len(".json")]] = data.decode()

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from .lease import RunLease
 from .marker_index import INDEX_FILE, list_markers, load_markers
 from .shards import Shard
-from .storage import filesystem
+from .storage import filesystem, remove
 
 MASKS_SCHEMA = pa.schema([
     ("image_id", pa.string()),  # "<shard>/<file name>"
@@ -300,12 +300,12 @@ class OutputDir:
         that a run stopped while rewriting it leaves no marker over half-written files."""
         path = self._p("_done", f"{shard.shard_id}.json")
         if self.fs.exists(path):
-            self.fs.rm(path)
+            remove(self.fs, path)
 
     def clear(self) -> None:
         for sub in ("masks", "images", "_done", INDEX_FILE):
             if self.fs.exists(self._p(sub)):
-                self.fs.rm(self._p(sub), recursive=True)
+                remove(self.fs, self._p(sub), recursive=True)
 
     def open_shard(self, shard: Shard) -> "ShardWriter":
         """A writer for ``shard``'s tables (masks streamed, then images, then the marker)."""
@@ -462,4 +462,4 @@ class ShardWriter:
             except Exception:  # already failing; the file is removed (or rewritten next run) anyway
                 pass
         if self.output.fs.exists(self._path):
-            self.output.fs.rm(self._path)
+            remove(self.output.fs, self._path)

@@ -33,6 +33,8 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
+from .storage import files_in, read_files
+
 if TYPE_CHECKING:
     from .output import OutputDir
     from .shards import Shard
@@ -155,8 +157,9 @@ def written_shard(shard_id: str, images: Sequence[Mapping[str, Any]], masks: int
 
 def read_runs(output: "OutputDir") -> List[Dict[str, Any]]:
     """The run records of an output, oldest first."""
-    paths = sorted(output.fs.glob(output._p(RUNS, "*.json")))
-    blobs = output.fs.cat(paths) if paths else {}
+    folder = output._p(RUNS)
+    paths = [posixpath.join(folder, name) for name in sorted(files_in(output.fs, folder, ".json"))]
+    blobs = read_files(output.fs, paths)
     return [json.loads(blobs[p]) for p in paths]
 
 

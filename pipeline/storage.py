@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import sys
+import uuid
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -178,6 +179,67 @@ def _s3_files(fs: Any, folder: str) -> Dict[str, Optional[str]]:
         return found
 
     return sync(fs.loop, collect)
+
+
+# -- literal paths: fsspec's cat(list), rm and glob take a path holding "*", "?" or "[" for a glob --
+
+_GLOB_CHARACTERS = ("*", "?", "[")
+
+
+def _literal(paths: List[str]) -> bool:
+    return not any(c in p for p in paths for c in _GLOB_CHARACTERS)
+
+
+def files_in(fs: Any, folder: str, suffix: str = "") -> Dict[str, Optional[str]]:
+    """The files directly in ``folder`` (not in its subfolders) whose names end with ``suffix``,
+    by name, with their fingerprints: one listing (:func:`files_under`), where a glob
+    ``<folder>/*<suffix>`` would take ``masks [v2]`` for a pattern (and list ``masks v``)."""
+    start = len(full_uri(fs, folder.rstrip("/"))) + 1
+    return {uri[start:]: fp for uri, fp in files_under(fs, folder).items()
+            if uri.endswith(suffix) and "/" not in uri[start:]}
+
+
+def read_files(fs: Any, paths: List[str]) -> Dict[str, bytes]:
+    """The bytes of each of ``paths`` (of ``fs``) by path, read concurrently where ``fs`` reads
+    so (S3): ``cat_ranges`` takes each path as it is, where ``fs.cat`` would glob."""
+    paths = list(paths)
+    return dict(zip(paths, fs.cat_ranges(paths, None, None, on_error="raise"))) if paths else {}
+
+
+def remove(fs: Any, paths: Any, recursive: bool = False) -> None:
+    """Remove ``paths`` (a path or a list; with ``recursive``, folders and all under them) as
+    the paths they are. On S3 (and other object stores) fsspec's ``rm`` takes a path holding
+    "*", "?" or "[" for a glob and removes what that matches: ``out [v2]/masks`` matched, and
+    removed, ``out v/masks``. Such paths are listed literally and removed in batches of 1,000
+    (S3), or a file at a time."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths:
+        return
+    if isinstance(fs, LocalFileSystem) or _literal(paths):  # the local rm takes paths as they are
+        fs.rm(paths, recursive=recursive)
+        return
+    files = sorted({f for p in paths for f in (fs.find(p) if recursive else [p])})
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is not None and isinstance(fs, s3fs.S3FileSystem):
+        for i in range(0, len(files), 1000):  # one bucket: an output's or an export's
+            sync(fs.loop, fs._bulk_delete, files[i : i + 1000])
+    else:
+        for f in files:
+            fs.rm_file(f)
+    fs.invalidate_cache()
+
+
+def write_whole(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` as the file at ``path``, whole: on a local or mounted filesystem to a name
+    of its own, then renamed into place, so that a reader never sees half of it and two writers
+    at once leave one's bytes, not a mix; an object store replaces an object whole anyway, so
+    there it is one PUT (fsspec's ``mv`` there is a copy and an ``rm``, which globs)."""
+    if isinstance(fs, LocalFileSystem):
+        staged = f"{path}.{uuid.uuid4().hex}.tmp"
+        fs.pipe_file(staged, data)
+        fs.mv(staged, path)  # os.replace-like, of the paths as they are
+    else:
+        fs.pipe_file(path, data)
 
 
 @dataclass(frozen=True)

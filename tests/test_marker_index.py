@@ -20,14 +20,14 @@ def _on_disk(folder) -> dict:
 
 
 def _counting_reads(out) -> list:
-    """Make ``out`` note every marker path it reads in one concurrent read."""
-    read, cat = [], out.fs.cat
+    """Make ``out`` note every marker path it reads in one concurrent read (``cat_ranges``)."""
+    read, cat = [], out.fs.cat_ranges
 
     def counting(paths, *args, **kwargs):
         read.extend(os.path.basename(p) for p in paths)
         return cat(paths, *args, **kwargs)
 
-    out.fs.cat = counting
+    out.fs.cat_ranges = counting
     return read
 
 

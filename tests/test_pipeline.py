@@ -1059,6 +1059,44 @@ def test_file_names_with_url_characters_are_read_locally_and_on_s3(s3_bucket, tm
     assert not chained("s3://b/k") and not chained("memory://x::s3://y")
 
 
+def test_an_output_whose_name_holds_glob_characters_is_read_and_cleared_as_itself(s3_bucket, tmp_path):
+    """An output (or export) named "out [v2]" beside "out v", which "[v2]" read as a glob
+    matches: its markers, run records and export markers are its own, and clearing it
+    (--overwrite) leaves the other alone. fsspec's cat, glob and (on S3) rm took the name for a
+    pattern: the markers could not be read (every run failed at its end), the other output's run
+    records were read, and clearing removed the other output's files, locally and on S3."""
+    from pipeline.export import ExportDest
+    from pipeline.shards import Shard
+    from pipeline.storage import filesystem
+
+    opts = s3_bucket("globbucket")
+    for root, o in [(str(tmp_path), {}), ("s3://globbucket", opts)]:
+        fs = filesystem(root, o)[0]
+        for name in ("out v", "out [v2]"):
+            out = OutputDir(f"{root}/{name}", o)
+            for k in range(2):
+                out.write_shard(Shard(f"files-0000{k}", "files", (f"/src/{name}/{k}.jpg",), "/src"), [], [])
+            record = filesystem(f"{root}/{name}/_runs/r.json", o)[1]
+            fs.makedirs(posixpath.dirname(record), exist_ok=True)
+            fs.pipe_file(record, json.dumps({"run_id": name}).encode())
+            ExportDest(f"{root}/exp {name}", o).write_marker("files-00000", {"format": "sa1b-json", "files": []})
+        mine, theirs = OutputDir(f"{root}/out [v2]", o), OutputDir(f"{root}/out v", o)
+        assert {s: m["members"] for s, m in mine.markers().items()} == {
+            f"files-0000{k}": [f"/src/out [v2]/{k}.jpg"] for k in range(2)}, root
+        assert read_runs(mine) == [{"run_id": "out [v2]"}]
+        with mine.hold_lease():  # the index written, then read; the lease removed
+            assert mine.markers() == OutputDir(f"{root}/out [v2]", o).markers()
+        assert fs.exists(filesystem(f"{root}/out [v2]/_done_index.parquet", o)[1])
+        assert not fs.exists(filesystem(f"{root}/out [v2]/_lease.json", o)[1])
+        mine.clear()
+        ExportDest(f"{root}/exp out [v2]", o).clear_markers()
+        fs.invalidate_cache()
+        assert mine.shard_ids() == [] and not mine.markers() and not ExportDest(f"{root}/exp out [v2]", o).markers()
+        assert len(theirs.markers()) == 2 and read_runs(theirs) == [{"run_id": "out v"}], root
+        assert sorted(theirs.shard_ids()) == ["files-00000", "files-00001"]
+        assert list(ExportDest(f"{root}/exp out v", o).markers()) == ["files-00000"]
+
+
 def test_tar_members_are_read_at_their_offsets(s3_server, tmp_path, monkeypatch):
     """``read_source`` of a tar member (the renderer's and the fine-tuning reader's random access)
     scans the tar's headers once and then reads each member at its offset, locally and on S3,
