@@ -203,7 +203,11 @@ def read_files(fs: Any, paths: List[str]) -> Dict[str, bytes]:
     """The bytes of each of ``paths`` (of ``fs``) by path, read concurrently where ``fs`` reads
     so (S3): ``cat_ranges`` takes each path as it is, where ``fs.cat`` would glob."""
     paths = list(paths)
-    return dict(zip(paths, fs.cat_ranges(paths, None, None, on_error="raise"))) if paths else {}
+    blobs = fs.cat_ranges(paths, None, None) if paths else []
+    for blob in blobs:
+        if isinstance(blob, BaseException):  # S3 returns a read's error in its place
+            raise blob
+    return dict(zip(paths, blobs))
 
 
 def remove(fs: Any, paths: Any, recursive: bool = False) -> None:
