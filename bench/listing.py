@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.storage import filesystem, fingerprint, full_uri, list_input
+from pipeline.storage import filesystem, fingerprint, full_uri, list_input, remove
 
 from .common import machine
 from .stores import moto_bucket, s3_options, write_json
@@ -83,7 +83,7 @@ def run(uri: str, opts: Optional[Dict[str, Any]], files: int, folders: int) -> D
             if hasattr(fs, "_call_s3"):
                 type(fs)._call_s3 = real
     finally:
-        fs.rm(path, recursive=True)
+        remove(fs, path, recursive=True)
     return {"input": uri, "files": files, "folders": folders, "fsspec_find": whole, "list_input": ours,
             "peak_ratio": round(whole["peak_bytes"] / ours["peak_bytes"], 1), "machine": machine()}
 

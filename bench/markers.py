@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional
 
 from pipeline.marker_index import INDEX_FILE
 from pipeline.output import OutputDir
+from pipeline.storage import remove
 
 from .common import machine
 from .stores import moto_bucket, s3_options, write_json
@@ -71,9 +72,9 @@ def run(uri: str, opts: Optional[Dict[str, Any]], shards: int, files: int) -> Di
         with_index = timed_read(uri, opts)
         index_bytes = out.fs.size(f"{out.path}/{INDEX_FILE}")
     finally:
-        out.fs.rm(f"{out.path}/_done", recursive=True)
+        remove(out.fs, f"{out.path}/_done", recursive=True)
         if out.fs.exists(f"{out.path}/{INDEX_FILE}"):
-            out.fs.rm(f"{out.path}/{INDEX_FILE}")
+            remove(out.fs, f"{out.path}/{INDEX_FILE}")
     return {"output": uri, "shards": shards, "files_per_shard": files,
             "marker_bytes": sum(len(b) for b in blobs.values()), "index_bytes": index_bytes,
             "no_index": no_index, "writing_index": writing, "with_index": with_index,
