@@ -23,7 +23,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from .storage import filesystem, list_input, open_uri
+from .storage import filesystem, is_glob, list_input, open_uri
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ def discover_shards(
     each file's :func:`fingerprint` as its digest (a manifest's do not: it is not listed)."""
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}.")
-    if input_uri.endswith(MANIFEST_EXTENSIONS) and (not any(c in input_uri for c in "*?[")
-                                                    or _is_file(input_uri, storage_options)):
+    if input_uri.endswith(MANIFEST_EXTENSIONS) and (not is_glob(input_uri) or _is_file(input_uri, storage_options)):
         return _manifest_shards(input_uri, images_per_shard, storage_options)  # "list [2024].csv" too
     listing = list_input(input_uri, storage_options, output_uri)
     fingerprints = listing.fingerprints

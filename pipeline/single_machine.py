@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from sam_core import SamAutomaticMaskGenerator
-from sam_core.amg.sa1b import sa1b_document, validate_sa1b
+from sam_core.amg.sa1b import sa1b_document
 from sam_core.precision import compute_dtype_name
 
 from .decode import DEFAULT_MAX_PIXELS
-from .export import export_stems, name_digest
+from .export import export_stems, name_digest, write_document
 from .output import first_frame_only
 from .reading import decoded_images
 from .shards import Shard, naming_root
@@ -112,8 +112,9 @@ def run_single_machine(
 ) -> RunSummary:
     """Generate masks for every input file; write ``<stem>.json`` (SA-1B) per image, named by its
     path under the input folder as exports are (:func:`pipeline.export.export_stems`; an image
-    whose stem is "summary" gets a digest after it), and ``summary.json`` under ``output_uri``. Bad inputs (unreadable after retries, or not a usable
-    image) are recorded, never skipped silently. ``short_side``: images downsampled so their
+    whose stem is "summary" gets a digest after it), and ``summary.json`` under ``output_uri``.
+    Bad inputs (unreadable after retries, or not a usable image) are recorded, never skipped
+    silently. ``short_side``: images downsampled so their
     shorter side is at most that (as ``jobs.generate --resize-short-side``)."""
     if generator.output_mode != "coco_rle":
         raise ValueError("run_single_machine needs a generator with output_mode='coco_rle'.")
@@ -137,10 +138,7 @@ def run_single_machine(
         records = generator.generate(image)
         h, w = image.shape[:2]
         doc = sa1b_document(image_id, name, w, h, records)
-        validate_sa1b(doc)
-        path = posixpath.join(out_path, stems[name] + ".json")  # through its filesystem: "12::30.json" is no chain
-        out_fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        out_fs.pipe_file(path, json.dumps(doc).encode())
+        write_document(out_fs, posixpath.join(out_path, stems[name] + ".json"), doc)
         summary.images_ok += 1
         summary.masks += len(records)
         if first_frame_only(row["frames"]):

@@ -183,11 +183,9 @@ def _s3_files(fs: Any, folder: str) -> Dict[str, Optional[str]]:
 
 # -- literal paths: fsspec's cat(list), rm and glob take a path holding "*", "?" or "[" for a glob --
 
-_GLOB_CHARACTERS = ("*", "?", "[")
-
-
-def _literal(paths: List[str]) -> bool:
-    return not any(c in p for p in paths for c in _GLOB_CHARACTERS)
+def is_glob(path: str) -> bool:
+    """Whether fsspec takes ``path`` for a glob: it holds "*", "?" or "["."""
+    return any(c in path for c in "*?[")
 
 
 def files_in(fs: Any, folder: str, suffix: str = "") -> Dict[str, Optional[str]]:
@@ -219,7 +217,7 @@ def remove(fs: Any, paths: Any, recursive: bool = False) -> None:
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         return
-    if isinstance(fs, LocalFileSystem) or _literal(paths):  # the local rm takes paths as they are
+    if isinstance(fs, LocalFileSystem) or not any(map(is_glob, paths)):  # the local rm takes paths as they are
         fs.rm(paths, recursive=recursive)
         return
     files = sorted({f for p in paths for f in (fs.find(p) if recursive else [p])})
@@ -275,7 +273,7 @@ def list_input(input_uri: str, storage_options: Optional[Mapping[str, Any]] = No
     fs, path = filesystem(input_uri, storage_options)
     folder = None
     fingerprints: Dict[str, Optional[str]] = {}
-    if any(c in path for c in "*?["):
+    if is_glob(path):
         fingerprints = {full_uri(fs, p): fingerprint(i) for p, i in fs.glob(path, detail=True).items()
                         if i.get("type") != "directory" and not p.endswith("/")}
         forget_listings(fs)
