@@ -44,6 +44,7 @@ from .decode import decode_image, resized_size
 from .driver import init_ray
 from .lease import RunLease, check_holder
 from .marker_index import load_markers
+from .names import name_digest, relative_path
 from .output import READ_WORKERS, OutputDir, resized_short_side
 from .shards import _iter_tar, _read_with_retries, tar_of_member
 from .storage import files_in, filesystem, full_uri, remove
@@ -109,40 +110,11 @@ def images_with_masks(tables: OutputDir, shard_ids: Optional[Sequence[str]] = No
         yield from shard_images_with_masks(tables, shard_id, images, masks_file)
 
 
-def name_digest(name: str) -> str:
-    """Ten hex digits of ``name``'s SHA-1: what tells apart names that come to one file name."""
-    return hashlib.sha1(name.encode()).hexdigest()[:10]
-
-
-PART_BYTES = 200  # of a path's part: filesystems take 255, and an export adds ".json" and a digest
-
-
-def short_part(part: str, limit: int = PART_BYTES) -> str:
-    """``part`` (a file or folder name), or, where it is longer than ``limit`` bytes in UTF-8 (an
-    S3 key may be 1,024, a local file name 255), its start, "~" and :func:`name_digest` of it,
-    then its extension (``<start>~<digest>.jpg``)."""
-    if len(part.encode()) <= limit:
-        return part
-    stem, ext = posixpath.splitext(part)
-    ext = ext if len(ext.encode()) <= 16 else ""
-    room = limit - len(ext.encode()) - 11
-    start = part.encode()[:room].decode(errors="ignore")  # whole characters only
-    return f"{start}~{name_digest(part)}{ext}"
-
-
-def relative_path(name: str) -> str:
-    """``name`` as a path that stays under the folder it is joined to: without empty and "."
-    parts (an S3 key's "//", "./"), a ".." part (a tar member "../../x.jpg") as "__", and each
-    part at most :data:`PART_BYTES` long (:func:`short_part`)."""
-    parts = [short_part("__" if p == ".." else p) for p in name.split("/") if p not in ("", ".")]
-    return "/".join(parts) or "_"
-
-
 def export_stems(names: Sequence[str]) -> Dict[str, str]:
     """Per image name of one shard (``cam1/0001.jpg``), the stem its exported files are named by:
     the name without its extension (``cam1/0001``), or the whole name where that would name two
     images alike (``a.jpg`` and ``a.png`` stay ``a.jpg`` and ``a.png``). A stem is a
-    :func:`relative_path`, never leading out of the shard's folder; two names that come to the same
+    :func:`pipeline.names.relative_path`, never leading out of the shard's folder; two names that come to the same
     one (``a//b.jpg``, ``a/b.jpg``) get it once, the other a digest of its name after it."""
     whole = {n: relative_path(n) for n in names}
     stems = {n: posixpath.splitext(whole[n])[0] for n in names}

@@ -21,7 +21,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .decode import decode_image
-from .export import images_with_masks, name_digest, short_part
+from .export import images_with_masks
+from .names import name_digest, short_part
 from .output import OutputDir, resized_short_side
 from .shards import member_range, read_source
 from .storage import filesystem
@@ -49,7 +50,7 @@ def _ok_ids(tables: OutputDir, shard_id: str) -> List[str]:
 
 def _file_name(image_id: str, taken: Set[str]) -> str:
     """A file name for ``image_id``'s overlay: its id with what a file name or URL cannot hold
-    made "_", shortened where it is long (:func:`pipeline.export.short_part`), and, where another
+    made "_", shortened where it is long (:func:`pipeline.names.short_part`), and, where another
     image of the gallery got that name ("a b.jpg", "a_b.jpg"), a digest of the id after it."""
     name = short_part(re.sub(r"[^A-Za-z0-9._-]+", "_", image_id))
     if name + ".png" in taken:

@@ -10,7 +10,8 @@ with ``redo_changed``: the file's listing fingerprint, i.e. it was replaced unde
 it, such files are counted in a warning) or, with ``retry_failed``, when it holds images that
 failed for a reason a retry may fix, or, with ``redo_runs``, when one of those runs wrote it
 (:mod:`pipeline.run_records`). A tar is a shard
-of its own, named after it; a completed one of that name made from another tar is refused.
+of its own, named after its path (a completed tar keeps the id it was completed as); a completed
+one of that name made from another tar is refused.
 Completed shards of another model or settings are refused too (an output never mixes two
 configurations), and ``overwrite`` starts afresh. With ``max_shards`` a run does the first of
 those shards only (tars in input order; of loose files, the shards to redo before the new ones)
@@ -25,6 +26,7 @@ import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .config import RETRIED_REASONS, PipelineConfig
+from .names import name_digest
 from .output import OutputDir, settings_changes
 from .shards import TAR_EXTENSIONS, Shard
 
@@ -71,6 +73,7 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
     markers = output.markers()
     for shard_id, done in markers.items():
         output.check_identity(shard_id, done)
+    shards = _named_as_completed(shards, markers)
     pending: List[Shard] = []
     for shard in (s for s in shards if s.kind == "tar"):
         done = markers.get(shard.shard_id)
@@ -88,6 +91,24 @@ def select_pending(shards: Sequence[Shard], output: OutputDir, images_per_shard:
             if shard.shard_id in markers:  # a completed shard redone: its marker goes first
                 output.reopen(shard)
     return todo
+
+
+def _named_as_completed(shards: Sequence[Shard], markers: Mapping[str, Mapping[str, Any]]) -> List[Shard]:
+    """``shards``, each tar under the id it was completed as where that differs from the one
+    planned now (a tar in a subfolder, completed when shard ids were tar names alone:
+    ``2026-12-01/00000.tar`` as ``00000``; a glob's common folder moved), so that a completed tar
+    is neither done again nor held twice. A tar planned under an id that another tar of the
+    input now keeps gets a digest of its URI after it."""
+    completed = {done["members"][0]: i for i, done in markers.items() if _is_tar(done)}
+    kept = {s.shard_id: completed[s.uris[0]] for s in shards if s.kind == "tar" and s.uris[0] in completed}
+    taken = set(kept.values())
+    named = []
+    for shard in shards:
+        shard_id = kept.get(shard.shard_id)
+        if shard_id is None and shard.kind == "tar" and shard.shard_id in taken:
+            shard_id = f"{shard.shard_id}~{name_digest(shard.uris[0])}"
+        named.append(shard if shard_id in (None, shard.shard_id) else dataclasses.replace(shard, shard_id=shard_id))
+    return named
 
 
 def _first(pending: List[Shard], max_shards: Optional[int]) -> Todo:

@@ -1,9 +1,13 @@
 """Inputs as shards: deterministic groups of images that are processed, written and resumed whole.
 
 - a folder or glob of image files: sorted, grouped ``images_per_shard`` at a time (``files-00000``);
-- tar shards (``sa_000000.tar``, also gzipped: ``.tar.gz``, ``.tgz``): one shard per tar, named after it;
+- tar shards (``sa_000000.tar``, also gzipped: ``.tar.gz``, ``.tgz``): one shard per tar, named after
+  its path under the input folder (``sa_000000``; ``2026-12-01/00000.tar`` is ``2026-12-01__00000``);
 - a manifest (``.parquet`` or ``.csv`` with a ``uri`` column): rows grouped like loose files,
   named ``<manifest stem>-00000``.
+
+A shard id names the output's files (``masks/<shard>.parquet``), so it is one file name a local
+filesystem takes: at most :data:`SHARD_ID_BYTES` long (a longer one keeps its start and a digest).
 
 An image's name in its shard (its ``image_id`` is ``<shard>/<name>``) is its path under the
 input folder (``cam1/0001.jpg``; the file name for a flat folder; for a glob or a manifest, under
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import re
 import tarfile
 import threading
 import time
@@ -23,6 +28,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from .names import name_digest, short_part
 from .storage import filesystem, is_glob, list_input, open_uri
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,10 @@ MANIFEST_EXTENSIONS = (".parquet", ".csv")  # an input path with one of these is
 TAR_SIDECAR_EXTENSIONS = (".json",)  # SA-1B tars pair each jpg with its annotation json
 READ_ATTEMPTS = 3  # tries per file before its read error is recorded
 RETRY_BASE_DELAY_S = 0.5  # doubled after every failed try
+# Of a shard id: a local output stages "masks/<id>.parquet" as "<id>.parquet.<32 hex>.tmp" (45 bytes
+# more; a file name may be 255), and a manifest's shards add "-00000" to its name.
+SHARD_ID_BYTES = 160
+LOOSE_FILES_ID = re.compile(r"files-\d{5,}")  # the loose files' shards of a listing, numbered as they come
 
 
 @dataclass(frozen=True)
@@ -87,16 +97,31 @@ def discover_shards(
     uris = list(fingerprints)
     tars = [u for u in uris if u.endswith(TAR_EXTENSIONS)]
     others = [u for u in uris if not u.endswith(TAR_EXTENSIONS)]
-    shards = [Shard(_tar_stem(posixpath.basename(u)), "tar", (u,), digests=(fingerprints[u],)) for u in tars]
     root = naming_root(listing.folder, others)
-    for i in range(0, len(others), images_per_shard):
-        members = tuple(others[i : i + images_per_shard])
-        shards.append(Shard(f"files-{i // images_per_shard:05d}", "files", members, root,
-                            tuple(fingerprints[u] for u in members)))
+    files = [Shard(f"files-{i // images_per_shard:05d}", "files", tuple(others[i : i + images_per_shard]), root,
+                   tuple(fingerprints[u] for u in others[i : i + images_per_shard]))
+             for i in range(0, len(others), images_per_shard)]
+    ids = tar_shard_ids(tars, naming_root(listing.folder, tars))
+    shards = [Shard(i, "tar", (u,), digests=(fingerprints[u],)) for i, u in zip(ids, tars)] + files
     ids = [s.shard_id for s in shards]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"Two input tars share a name: {sorted(i for i in ids if ids.count(i) > 1)}.")
+    if len(set(ids)) != len(ids):  # only where two digests of ten hex digits meet
+        raise ValueError(f"Two input shards share a name: {sorted(i for i in ids if ids.count(i) > 1)}.")
     return shards
+
+
+def tar_shard_ids(tars: Sequence[str], root: str) -> List[str]:
+    """The shard ids of the tars at ``tars`` (full URIs under the folder ``root``): each tar's
+    path under ``root`` without its extension, its folders joined by "__" (``sa_000000.tar`` is
+    ``sa_000000``, ``2026-12-01/00000.tar`` is ``2026-12-01__00000``), at most
+    :data:`SHARD_ID_BYTES` long (:func:`pipeline.names.short_part`). Where ids would meet (each
+    other's: ``a/b.tar`` and ``a__b.tar``; the loose files' shards': ``files-00003.tar``), each
+    of those tars gets "~" and a digest of its path after its id."""
+    paths = [u[len(root) + 1 :] if root and u.startswith(root + "/") else posixpath.basename(u) for u in tars]
+    plain = [short_part("__".join(p for p in _tar_stem(path).split("/") if p not in ("", ".")) or "_",
+                        SHARD_ID_BYTES - 11) for path in paths]
+    count = Counter(plain)
+    return [i if count[i] == 1 and not LOOSE_FILES_ID.fullmatch(i) else f"{i}~{name_digest(path)}"
+            for i, path in zip(plain, paths)]
 
 
 def _is_file(uri: str, storage_options: Optional[Mapping[str, Any]]) -> bool:
@@ -123,7 +148,7 @@ def _manifest_shards(uri: str, images_per_shard: int, storage_options) -> List[S
     if repeated:
         raise ValueError(f"Manifest {uri!r} lists {len(repeated)} uri(s) more than once (e.g. {repeated[:3]}); "
                          "each image must be listed once.")
-    stem = posixpath.splitext(posixpath.basename(uri))[0]
+    stem = short_part(posixpath.splitext(posixpath.basename(uri))[0], SHARD_ID_BYTES - 8)  # "-00000" after it
     root = common_root(uris)
     return [
         Shard(f"{stem}-{i // images_per_shard:05d}", "files", tuple(uris[i : i + images_per_shard]), root)
@@ -240,7 +265,7 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[ShardFile]:
 
 
 def _tar_stem(name: str) -> str:
-    """A tar's name without its extension: its shard id ("sa_000000.tar.gz" -> "sa_000000")."""
+    """A tar's name or path without its extension ("d/sa_000000.tar.gz" -> "d/sa_000000")."""
     return name[: -len(next(e for e in TAR_EXTENSIONS if name.endswith(e)))]
 
 

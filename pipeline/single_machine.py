@@ -19,7 +19,8 @@ from sam_core.amg.sa1b import sa1b_document
 from sam_core.precision import compute_dtype_name
 
 from .decode import DEFAULT_MAX_PIXELS
-from .export import export_stems, name_digest, write_document
+from .export import export_stems, write_document
+from .names import name_digest
 from .output import first_frame_only
 from .reading import decoded_images
 from .shards import Shard, naming_root

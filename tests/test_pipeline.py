@@ -35,6 +35,7 @@ from pipeline.worker_deaths import MAX_WORKER_DEATHS, start_ledger
 from pipeline.reading import decode_rows, decode_shards
 from pipeline.shards import Shard, discover_shards, iter_shard_files
 from pipeline.storage import list_files
+from pipeline.names import name_digest
 from pipeline.single_machine import SAMPLE_IMAGES
 from pipeline.stages import ModelStage, PostprocessStage, ShardCollector, ShardWorker, build_generator
 from sam_core import SamAutomaticMaskGenerator
@@ -574,14 +575,17 @@ def test_run_on_tar_shards(ray_local, tmp_path, checkpoint):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     (shards / "sa_000002.tar").write_bytes(tar_bytes(SAMPLES)[:2000])  # truncated in its first member
+    (shards / "later").mkdir()  # a tar of the same name in a subfolder: a shard of its own
+    (shards / "later" / "sa_000000.tar").write_bytes(tar_bytes(SAMPLES[2:]))
     summary = run_pipeline(config(shards, tmp_path / "out", checkpoint))
-    assert (summary.images_ok, summary.images_error, summary.shards_processed) == (3, 1, 3)
+    assert (summary.images_ok, summary.images_error, summary.shards_processed) == (4, 1, 4)
     assert summary.errors[0]["uri"].endswith("sa_000002.tar") and "truncated" in summary.errors[0]["detail"]
     _, images = read_tables(tmp_path / "out")
     assert images.column("image_id").to_pylist() == [
-        "sa_000000/astronaut.jpg", "sa_000000/chelsea.jpg", "sa_000001/coffee.jpg", "sa_000002/sa_000002.tar"]
+        "later__sa_000000/coffee.jpg", "sa_000000/astronaut.jpg", "sa_000000/chelsea.jpg", "sa_000001/coffee.jpg",
+        "sa_000002/sa_000002.tar"]
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == [
-        "sa_000000.parquet", "sa_000001.parquet", "sa_000002.parquet"]
+        "later__sa_000000.parquet", "sa_000000.parquet", "sa_000001.parquet", "sa_000002.parquet"]
 
 
 def test_generate_job_cli(ray_local, tmp_path, checkpoint, capsys):
@@ -815,6 +819,48 @@ def test_images_are_named_by_their_path_so_one_file_name_in_two_folders_stays_tw
                                              "sa_000009/a/x.jpg#3"]
     assert [r["error_reason"] for r in rows] == [None, None, None, "duplicate_name"]
     assert rows[3]["error_detail"] == "image 0 of the shard has this name too" and rows[3]["width"] is None
+
+
+def test_tars_are_named_by_their_path_so_one_tar_name_in_two_folders_stays_two(tmp_path):
+    """A tar's shard id is its path under the input folder (``d1/00000.tar`` is ``d1__00000``:
+    dated folders of ``00000.tar`` each are one input), one file name a local output takes;
+    ids that would meet get a digest; a tar completed under another id (its name alone, as
+    before ids were paths) keeps it, so resuming neither redoes it nor holds it twice."""
+    from pipeline.resuming import select_pending
+    from pipeline.shards import SHARD_ID_BYTES
+
+    inputs = tmp_path / "in"
+    long_name = "x" * 230
+    for path in ["00001.tar", "d1/00000.tar", "d2/00000.tar.gz", "a/b.tar", "a__b.tar", "files-00003.tar",
+                 f"{long_name}.tar", "loose.jpg"]:
+        (inputs / path).parent.mkdir(parents=True, exist_ok=True)
+        (inputs / path).write_bytes(tar_bytes(SAMPLES[:1]))
+    shards = discover_shards(str(inputs), 64)
+    ids = {s.uris[0][len(str(inputs)) + 1 :]: s.shard_id for s in shards}
+    assert ids["00001.tar"] == "00001" and ids["d1/00000.tar"] == "d1__00000" and ids["d2/00000.tar.gz"] == "d2__00000"
+    assert ids["loose.jpg"] == "files-00000"
+    assert re.fullmatch(r"a__b~[0-9a-f]{10}", ids["a/b.tar"]) and re.fullmatch(r"a__b~[0-9a-f]{10}", ids["a__b.tar"])
+    assert ids["a/b.tar"] != ids["a__b.tar"]
+    assert re.fullmatch(r"files-00003~[0-9a-f]{10}", ids["files-00003.tar"])  # never one of the loose files' ids
+    assert re.fullmatch(r"x+~[0-9a-f]{10}", ids[f"{long_name}.tar"])
+    assert max(len(i.encode()) for i in ids.values()) <= SHARD_ID_BYTES
+    assert discover_shards(str(inputs / "d1"), 64)[0].shard_id == "00000"  # a folder of its own: its name
+    manifest = tmp_path / f"{long_name}.csv"
+    manifest.write_text(f"uri\n{inputs / 'loose.jpg'}\n")
+    (listed,) = discover_shards(str(manifest), 64)
+    assert re.fullmatch(r"x+~[0-9a-f]{10}-00000", listed.shard_id) and len(listed.shard_id.encode()) <= SHARD_ID_BYTES
+
+    out = OutputDir(str(tmp_path / "out"))
+    d1 = next(s for s in shards if s.shard_id == "d1__00000")
+    before = replace(d1, shard_id="00000")  # completed when a tar's id was its file name
+    out.write_shard(before, [], [dict(image_id="00000/astronaut.jpg", uri=d1.uris[0], shard="00000", status="ok")])
+    todo = select_pending(shards, out, 64, reopen=False)
+    assert "00000" not in [s.shard_id for s in todo] and len(todo) == len(shards) - 1
+    top = inputs / "00000.tar"  # a new tar whose id is the one d1/00000.tar keeps: it gets a digest
+    top.write_bytes(tar_bytes(SAMPLES[:1]))
+    todo = select_pending(discover_shards(str(inputs), 64), out, 64, reopen=False)
+    assert [s.shard_id for s in todo if s.uris == (str(top),)] == [f"00000~{name_digest(str(top))}"]
+    assert not any(s.uris == d1.uris for s in todo)
 
 
 def test_a_tar_that_cannot_be_read_to_its_end_is_recorded(tmp_path):
