@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import posixpath
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -20,11 +21,11 @@ from sam_core.precision import compute_dtype_name
 
 from .decode import DEFAULT_MAX_PIXELS
 from .export import export_stems, write_document
-from .names import name_digest
+from .names import name_digest, relative_path
 from .output import first_frame_only
 from .reading import decoded_images
-from .shards import Shard, naming_root
-from .storage import filesystem, list_input
+from .shards import discover_shards
+from .storage import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,28 @@ class RunSummary:
         return lines
 
 
+class Stems:
+    """The stems of a run's SA-1B files (``<stem>.json``): the loose files' from their names
+    (:func:`pipeline.export.export_stems`), and a tar member's under its shard's name, given as
+    it comes (``sa_000000/sa_1``); one that another file has (or "summary", the run's summary)
+    gets a digest of its name after it."""
+
+    def __init__(self, names: List[str]) -> None:
+        self.loose = export_stems(names)  # cam1/0001.jpg -> cam1/0001
+        for name, stem in self.loose.items():
+            if stem == "summary":
+                self.loose[name] = f"summary-{name_digest(name)}"
+        self.taken = set(self.loose.values()) | {"summary"}
+
+    def of_member(self, shard_id: str, name: str) -> str:
+        whole = relative_path(f"{shard_id}/{name}")
+        for stem in (posixpath.splitext(whole)[0], whole, f"{whole}-{name_digest(f'{shard_id}/{name}')}"):
+            if stem not in self.taken:
+                break
+        self.taken.add(stem)
+        return stem
+
+
 def run_single_machine(
     input_uri: str,
     output_uri: str,
@@ -111,35 +134,34 @@ def run_single_machine(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     short_side: Optional[int] = None,
 ) -> RunSummary:
-    """Generate masks for every input file; write ``<stem>.json`` (SA-1B) per image, named by its
-    path under the input folder as exports are (:func:`pipeline.export.export_stems`; an image
-    whose stem is "summary" gets a digest after it), and ``summary.json`` under ``output_uri``.
-    Bad inputs (unreadable after retries, or not a usable image) are recorded, never skipped
-    silently. ``short_side``: images downsampled so their
-    shorter side is at most that (as ``jobs.generate --resize-short-side``)."""
+    """Generate masks for every image of the input (a folder, glob, manifest or tar shards, as
+    :func:`pipeline.shards.discover_shards` reads them); write ``<stem>.json`` (SA-1B) per image,
+    named by its path under the input folder as exports are (:func:`pipeline.export.export_stems`),
+    a tar's members under its shard's name (``sa_000000/sa_1.json``, as a ``sa1b-json`` export
+    has them), and ``summary.json`` under ``output_uri``; a name met again (an image whose stem is
+    "summary", a loose ``sa_000000/sa_1.jpg``) gets a digest after it. Bad inputs (unreadable
+    after retries, or not a usable image) are recorded, never skipped silently. ``short_side``:
+    images downsampled so their shorter side is at most that (as ``jobs.generate --resize-short-side``)."""
     if generator.output_mode != "coco_rle":
         raise ValueError("run_single_machine needs a generator with output_mode='coco_rle'.")
     summary = RunSummary()
     start = time.perf_counter()
     out_fs, out_path = filesystem(output_uri)
     out_fs.makedirs(out_path, exist_ok=True)
-    listing = list_input(input_uri, output_uri=output_uri)
-    uris = list(listing.fingerprints)
-    files = Shard("files", "files", tuple(uris), naming_root(listing.folder, uris))  # names: paths under the input
-    stems = export_stems([files.name_of(u) for u in uris])  # cam1/0001.jpg -> cam1/0001.json
-    for name, stem in stems.items():  # "summary.jpg" would be overwritten by the run's summary.json
-        if stem == "summary":
-            stems[name] = f"summary-{name_digest(name)}"
-    for image_id, (row, image) in enumerate(decoded_images(files, None, max_pixels, short_side=short_side)):
+    shards = discover_shards(input_uri, sys.maxsize, output_uri=output_uri)  # loose files: one shard
+    stems = Stems([s.name_of(u) for s in shards if s.kind == "files" for u in s.uris])
+    rows = ((s, r, i) for s in shards for r, i in decoded_images(s, None, max_pixels, short_side=short_side))
+    for image_id, (shard, row, image) in enumerate(rows):
         if image is None:
             summary.images_error += 1
             summary.errors.append({"uri": row["uri"], "reason": row["error_reason"], "detail": row["error_detail"]})
             continue
-        uri, name = row["uri"], files.name_of(row["uri"])
+        uri, name = row["uri"], row["image_id"].split("/", 1)[1]
+        stem = stems.of_member(shard.shard_id, name) if shard.kind == "tar" else stems.loose[name]
         records = generator.generate(image)
         h, w = image.shape[:2]
         doc = sa1b_document(image_id, name, w, h, records)
-        write_document(out_fs, posixpath.join(out_path, stems[name] + ".json"), doc)
+        write_document(out_fs, posixpath.join(out_path, stem + ".json"), doc)
         summary.images_ok += 1
         summary.masks += len(records)
         if first_frame_only(row["frames"]):

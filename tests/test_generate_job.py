@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -179,25 +180,40 @@ def test_single_machine_runner_on_samples_and_bad_files(tmp_path):
     assert "first frame only: " + str(inputs / "anim.gif") + " (2 frames)" in printed
 
 
-def test_single_machine_run_keeps_an_image_named_summary_apart_from_its_summary(tmp_path):
+def test_single_machine_run_reads_tars_and_keeps_every_image_apart(tmp_path):
     """An image "summary.jpg" at the input's top would be written as summary.json, then
     overwritten by the run's summary: its masks get a file of their own. "12::30.jpg" (which
-    fsspec alone takes for a chain of filesystems) is written as 12::30.json."""
+    fsspec alone takes for a chain of filesystems) is written as 12::30.json. A tar's members are
+    read and written under its shard's name (``sa_000000/a.json``), as an export has them; a
+    loose ``sa_000000/a.jpg`` there too keeps that stem, the member gets its whole name."""
     inputs = tmp_path / "in"
-    inputs.mkdir()
-    (inputs / "summary.jpg").write_bytes(open(f"{SAMPLE_IMAGES}/coffee.jpg", "rb").read())
-    (inputs / "12::30.jpg").write_bytes(open(f"{SAMPLE_IMAGES}/chelsea.jpg", "rb").read())
+    (inputs / "sa_000000").mkdir(parents=True)
+    coffee, chelsea = (open(f"{SAMPLE_IMAGES}/{n}.jpg", "rb").read() for n in ("coffee", "chelsea"))
+    (inputs / "summary.jpg").write_bytes(coffee)
+    (inputs / "12::30.jpg").write_bytes(chelsea)
+    (inputs / "sa_000000" / "a.jpg").write_bytes(chelsea)
+    with tarfile.open(inputs / "sa_000000.tar", "w") as tar:
+        for name, data in (("a.jpg", coffee), ("b.jpg", b"not a jpeg")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "out"
     torch.manual_seed(0)
     generator = SamAutomaticMaskGenerator(build_sam("tiny"), points_per_side=2, pred_iou_thresh=0,
                                           stability_score_thresh=0, output_mode="coco_rle")
     result = run_single_machine(str(inputs), str(out), generator)
-    assert json.loads((out / "summary.json").read_text())["images_ok"] == 2 == result.images_ok
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images_ok"] == 4 == result.images_ok and summary["images_error"] == 1
+    assert summary["errors"][0]["uri"] == f"{inputs / 'sa_000000.tar'}#b.jpg"
     (doc_file,) = out.glob("summary-*.json")
     doc = read_sa1b_json(str(doc_file))
     other = json.loads((out / "12::30.json").read_text())
     assert doc["image"]["file_name"] == "summary.jpg" and other["image"]["file_name"] == "12::30.jpg"
-    assert len(doc["annotations"]) + len(other["annotations"]) == result.masks and doc["annotations"]
+    loose, member = (json.loads((out / "sa_000000" / f).read_text()) for f in ("a.json", "a.jpg.json"))
+    assert loose["image"]["file_name"] == "sa_000000/a.jpg" and loose["image"]["width"] == 451  # chelsea
+    assert member["image"]["file_name"] == "a.jpg" and member["image"]["width"] == 512  # coffee, from the tar
+    docs = (doc, other, loose, member)
+    assert sum(len(d["annotations"]) for d in docs) == result.masks and all(d["annotations"] for d in docs)
 
 
 @pytest.mark.parametrize("argv, expected", [
