@@ -13,6 +13,9 @@ from sam_core.testing import official_sam, ours_from, sharpen  # noqa: F401  (re
 
 # Checkpoints read from object storage are cached here, not in ~/.cache (Ray workers inherit it).
 os.environ.setdefault("SAM_DATAGEN_CACHE", tempfile.mkdtemp(prefix="sam_datagen_cache_"))
+# gcsfs's experimental filesystem (its default from 2026.10) first asks a bucket's type over gRPC,
+# which the GCS emulator does not serve (a minute of retries per bucket): the tests use its plain one.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +95,23 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket():
+    """A bucket "gcsbucket" on gcp-storage-emulator (in memory, on 127.0.0.1); the storage
+    options that reach it."""
+    import socket
+
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="gcsbucket")
+    server.start()
+    yield {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "test"}
     server.stop()
 
 

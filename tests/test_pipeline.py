@@ -1063,6 +1063,46 @@ def test_an_input_is_listed_once_a_page_at_a_time_and_not_kept_in_the_filesystem
     assert list(out.markers()) == [shards[0].shard_id] and not fs.dircache
 
 
+def test_a_gcs_input_is_listed_a_page_at_a_time_with_finds_fingerprints(gcs_bucket, monkeypatch):
+    """On GCS as on S3: one paginated objects listing, each page reduced as it comes in (gcsfs's
+    find is not called, nor its cache filled), each file's fingerprint the one find gives;
+    "folder/" placeholders and hidden objects are not input files."""
+    from pipeline.storage import filesystem, files_under, fingerprint
+
+    fs = filesystem("gs://gcsbucket", gcs_bucket)[0]
+    for i in range(7):
+        fs.pipe_file(f"gcsbucket/photos/d{i % 2}/{i:03d}.jpg", b"x" * i)
+    for key in ("photos/d0/", "photos/.git/HEAD", "photos-old/a.jpg"):  # a sibling sharing the prefix's characters
+        fs.pipe_file(f"gcsbucket/{key}", b"x" if "." in key else b"")
+    found = fs.find("gcsbucket/photos", detail=True)
+    expected = {f"gs://{p}": fingerprint(i) for p, i in found.items() if "/." not in p and not p.endswith("/")}
+    fs.invalidate_cache()
+    pages, call = [], type(fs)._call
+
+    async def paging(self, method, path, *args, maxResults=None, pageToken=None, **kwargs):  # noqa: N803
+        """objects.list as GCS serves it, ``maxResults`` at a time (the emulator returns all at once)."""
+        page = await call(self, method, path, *args, **kwargs)
+        start = int(pageToken or 0)
+        pages.append((args, kwargs.get("prefix"), maxResults, start))
+        items = page["items"][start : start + 3]  # 3 here where GCS serves the 1,000 asked for
+        token = start + 3 if start + 3 < len(page["items"]) else None
+        return dict(page, items=items, **({"nextPageToken": str(token)} if token else {}))
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a whole listing was built")
+
+    monkeypatch.setattr(type(fs), "_call", paging)
+    for name in ("find", "_find", "_list_objects"):  # find's sync wrapper is bound to the instance
+        monkeypatch.setattr(fs, name, whole)
+    assert files_under(fs, "gcsbucket/photos/") == expected and len(expected) == 7
+    assert pages == [(("gcsbucket",), "photos/", 1000, start) for start in (0, 3, 6)]
+    assert all(d.startswith(f"{n}:") for n, d in zip(sorted(range(7), key=lambda i: (i % 2, i)), expected.values()))
+    assert not fs.dircache
+    shards = discover_shards("gs://gcsbucket/photos", 4, gcs_bucket)
+    assert [s.uris for s in shards] == [tuple(sorted(expected))[:4], tuple(sorted(expected))[4:]]
+    assert shards[0].name_of(shards[0].uris[0]) == "d0/000.jpg"
+
+
 def test_file_names_with_url_characters_are_read_locally_and_on_s3(s3_bucket, tmp_path):
     """Names as photo libraries have them ("12::30.jpg", "#", "?", "%20", brackets, spaces,
     non-ASCII) are listed, read by the run and read back (a gallery, a tar member): fsspec takes
@@ -1105,18 +1145,18 @@ def test_file_names_with_url_characters_are_read_locally_and_on_s3(s3_bucket, tm
     assert not chained("s3://b/k") and not chained("memory://x::s3://y")
 
 
-def test_an_output_whose_name_holds_glob_characters_is_read_and_cleared_as_itself(s3_bucket, tmp_path):
+def test_an_output_whose_name_holds_glob_characters_is_read_and_cleared_as_itself(s3_bucket, gcs_bucket, tmp_path):
     """An output (or export) named "out [v2]" beside "out v", which "[v2]" read as a glob
     matches: its markers, run records and export markers are its own, and clearing it
     (--overwrite) leaves the other alone. fsspec's cat, glob and (on S3) rm took the name for a
     pattern: the markers could not be read (every run failed at its end), the other output's run
-    records were read, and clearing removed the other output's files, locally and on S3."""
+    records were read, and clearing removed the other output's files, locally and on S3 (GCS too)."""
     from pipeline.export import ExportDest
     from pipeline.shards import Shard
     from pipeline.storage import filesystem
 
     opts = s3_bucket("globbucket")
-    for root, o in [(str(tmp_path), {}), ("s3://globbucket", opts)]:
+    for root, o in [(str(tmp_path), {}), ("s3://globbucket", opts), ("gs://gcsbucket", gcs_bucket)]:
         fs = filesystem(root, o)[0]
         for name in ("out v", "out [v2]"):
             out = OutputDir(f"{root}/{name}", o)
