@@ -57,9 +57,9 @@ def test_dockerfile_installs_the_package():
     for folder in ("sam_core", "pipeline", "jobs"):
         assert f"COPY --chown=ray:users {folder} ./{folder}" in text
     assert "torch" in text
-    # The package, with the extras of --build-arg EXTRAS (heif) if given: what the shell makes of it.
+    # The package, with the extras of --build-arg EXTRAS (heif, gcs) if given: what the shell makes of it.
     (arg,) = re.findall(r'pip install --no-cache-dir -e ("[^"]*")', text)
-    for extras, target in (("", "."), ("heif", ".[heif]")):
+    for extras, target in (("", "."), ("heif", ".[heif]"), ("gcs,heif", ".[gcs,heif]")):
         out = subprocess.run(["sh", "-c", f"EXTRAS={extras}; printf %s {arg}"], capture_output=True, text=True)
         assert out.stdout == target
     assert "build-essential" in text  # --compile needs a compiler (sam_core.compiler_check)
