@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 
+
 def name_digest(name: str) -> str:
     """Ten hex digits of ``name``'s SHA-1: what tells apart names that come to one file name."""
     return hashlib.sha1(name.encode()).hexdigest()[:10]

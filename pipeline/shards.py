@@ -98,9 +98,9 @@ def discover_shards(
     tars = [u for u in uris if u.endswith(TAR_EXTENSIONS)]
     others = [u for u in uris if not u.endswith(TAR_EXTENSIONS)]
     root = naming_root(listing.folder, others)
-    files = [Shard(f"files-{i // images_per_shard:05d}", "files", tuple(others[i : i + images_per_shard]), root,
-                   tuple(fingerprints[u] for u in others[i : i + images_per_shard]))
-             for i in range(0, len(others), images_per_shard)]
+    groups = [tuple(others[i : i + images_per_shard]) for i in range(0, len(others), images_per_shard)]
+    files = [Shard(f"files-{n:05d}", "files", members, root, tuple(fingerprints[u] for u in members))
+             for n, members in enumerate(groups)]
     ids = tar_shard_ids(tars, naming_root(listing.folder, tars))
     shards = [Shard(i, "tar", (u,), digests=(fingerprints[u],)) for i, u in zip(ids, tars)] + files
     ids = [s.shard_id for s in shards]

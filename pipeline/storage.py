@@ -18,7 +18,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Tuple
 
 import fsspec
 from fsspec.asyn import sync
@@ -168,14 +168,17 @@ def _local_files(fs: LocalFileSystem, folder: str) -> Dict[str, Optional[str]]:
     return found
 
 
-def _s3_files(fs: Any, folder: str) -> Dict[str, Optional[str]]:
+def _store_files(fs: Any, folder: str, entries: Callable[[str, str], AsyncIterator[Dict[str, Any]]]
+                 ) -> Dict[str, Optional[str]]:
+    """The files under ``folder`` of an object store, from ``entries(bucket, prefix)`` (its
+    listing entries, a page at a time), each reduced to URI and fingerprint as it comes in."""
     bucket, key, _ = fs.split_path(folder)
     prefix = f"{key}/" if key else ""
     start = len(bucket) + 1 + len(prefix)  # an entry's "name" is "<bucket>/<key>"
 
     async def collect() -> Dict[str, Optional[str]]:
         found: Dict[str, Optional[str]] = {}
-        async for entry in fs._iterdir(bucket, delimiter="", prefix=prefix):
+        async for entry in entries(bucket, prefix):
             name = entry["name"]
             if entry["type"] == "file" and not name.endswith("/") and _visible(name[start:]):
                 found[full_uri(fs, name)] = fingerprint(entry)
@@ -184,29 +187,26 @@ def _s3_files(fs: Any, folder: str) -> Dict[str, Optional[str]]:
     return sync(fs.loop, collect)
 
 
+def _s3_files(fs: Any, folder: str) -> Dict[str, Optional[str]]:
+    return _store_files(fs, folder, lambda bucket, prefix: fs._iterdir(bucket, delimiter="", prefix=prefix))
+
+
 def _gcs_files(fs: Any, folder: str) -> Dict[str, Optional[str]]:
     """GCS's objects.list a page at a time, as gcsfs's ``find`` requests it, each object made the
-    entry ``find`` would give (so its fingerprint is the same) and reduced to that at once."""
-    bucket, key, _ = fs.split_path(folder)
-    prefix = f"{key}/" if key else None
-    start = len(bucket) + 1 + len(prefix or "")
+    entry ``find`` would give (so its fingerprint is the same)."""
 
-    async def collect() -> Dict[str, Optional[str]]:
-        found: Dict[str, Optional[str]] = {}
+    async def entries(bucket: str, prefix: str) -> AsyncIterator[Dict[str, Any]]:
         token = None
         while True:
-            page = await fs._call("GET", "b/{}/o", bucket, json_out=True, prefix=prefix, maxResults=1000,
+            page = await fs._call("GET", "b/{}/o", bucket, json_out=True, prefix=prefix or None, maxResults=1000,
                                   pageToken=token)
             for item in page.get("items", []):
-                entry = fs._process_object(bucket, item)
-                name = entry["name"]
-                if not name.endswith("/") and _visible(name[start:]):
-                    found[full_uri(fs, name)] = fingerprint(entry)
+                yield fs._process_object(bucket, item)
             token = page.get("nextPageToken")
             if not token:
-                return found
+                return
 
-    return sync(fs.loop, collect)
+    return _store_files(fs, folder, entries)
 
 
 # -- literal paths: fsspec's cat(list), rm and glob take a path holding "*", "?" or "[" for a glob --
