@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .names import name_digest, short_part
-from .storage import filesystem, is_glob, list_input, open_uri
+from .storage import failure, filesystem, is_glob, list_input, not_there, open_uri
 
 log = logging.getLogger(__name__)
 
@@ -167,19 +167,23 @@ def read_error_reason(read_error: str) -> str:
 
 
 def _read_with_retries(uri: str, opts: Dict[str, Any]) -> Tuple[Optional[bytes], Optional[str]]:
-    """(bytes, None), or (None, reason) after READ_ATTEMPTS failures; a missing file fails at once."""
+    """(bytes, None), or (None, reason) after READ_ATTEMPTS failures; a file not there fails at
+    once (:func:`~pipeline.storage.not_there`: over HTTP, a 404 or 410, not a 503)."""
     delay = RETRY_BASE_DELAY_S
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
             with open_uri(uri, "rb", opts) as f:
                 return f.read(), None
         except FileNotFoundError as e:
-            return None, f"{MISSING}{e}"
+            if not_there(e):
+                return None, f"{MISSING}{e}"
+            error = failure(e)
         except Exception as e:  # transient object-store and network errors
-            if attempt == READ_ATTEMPTS:
-                return None, f"{type(e).__name__} after {attempt} attempts: {e}"
-            time.sleep(delay)
-            delay *= 2
+            error = e
+        if attempt == READ_ATTEMPTS:
+            return None, f"{type(error).__name__} after {attempt} attempts: {error}"
+        time.sleep(delay)
+        delay *= 2
     raise AssertionError("unreachable")
 
 
@@ -251,17 +255,20 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[ShardFile]:
                 yield name, tar_uri, None, _tar_error(given, member_name, bad_end, "truncated or corrupt"), None
             return
         except FileNotFoundError as e:
-            yield name, tar_uri, None, f"{MISSING}{e}", None
-            return
+            if not_there(e):
+                yield name, tar_uri, None, f"{MISSING}{e}", None
+                return
+            error: BaseException = failure(e)
         except (tarfile.TarError, EOFError, zlib.error) as e:  # the bytes are bad: reading again would not help
             yield name, tar_uri, None, _tar_error(given, member_name, e, "truncated or corrupt"), None
             return
         except Exception as e:  # transient object-store and network errors
-            if attempt == READ_ATTEMPTS:
-                yield name, tar_uri, None, _tar_error(given, member_name, e, f"unreadable after {attempt} attempts"), None
-                return
-            time.sleep(delay)
-            delay *= 2
+            error = e
+        if attempt == READ_ATTEMPTS:
+            yield name, tar_uri, None, _tar_error(given, member_name, error, f"unreadable after {attempt} attempts"), None
+            return
+        time.sleep(delay)
+        delay *= 2
 
 
 def _tar_stem(name: str) -> str:

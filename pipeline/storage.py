@@ -80,6 +80,30 @@ def open_uri(uri: str, mode: str = "rb", storage_options: Optional[Mapping[str, 
     return fsspec.open(uri, mode, **dict(storage_options or {}))
 
 
+NOT_FOUND_STATUSES = (404, 410)  # HTTP statuses that say a file is not there
+
+
+def not_there(error: FileNotFoundError) -> bool:
+    """Whether ``error`` says the file is not there. fsspec's HTTP filesystem raises
+    ``FileNotFoundError`` for any HEAD or GET that fails (a 503, a refused connection, a DNS
+    failure, a timeout), with that failure as its cause: those are network errors, to be
+    retried, not a missing file. Other filesystems raise it for a missing file only."""
+    cause = error.__cause__
+    status = getattr(cause, "status", None)
+    if isinstance(status, int):
+        return status in NOT_FOUND_STATUSES
+    network = isinstance(cause, (OSError, TimeoutError)) or type(cause).__module__.split(".")[0] == "aiohttp"
+    return not network or isinstance(cause, FileNotFoundError)
+
+
+def failure(error: BaseException) -> BaseException:
+    """The error to report of a failed read: the network error behind a ``FileNotFoundError``
+    that is not :func:`not_there`, else ``error`` itself."""
+    if isinstance(error, FileNotFoundError) and error.__cause__ is not None and not not_there(error):
+        return error.__cause__
+    return error
+
+
 def full_uri(fs: Any, path: str) -> str:
     """``path`` of ``fs`` as a URI that names its filesystem (a local path stays a path)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]

@@ -33,7 +33,7 @@ from pipeline.run import StageStartError, pending_shards, run_pipeline, run_stag
 from pipeline.run_records import read_runs
 from pipeline.worker_deaths import MAX_WORKER_DEATHS, start_ledger
 from pipeline.reading import decode_rows, decode_shards
-from pipeline.shards import Shard, discover_shards, iter_shard_files
+from pipeline.shards import Shard, discover_shards, iter_shard_files, read_error_reason
 from pipeline.storage import list_files
 from pipeline.names import name_digest
 from pipeline.single_machine import SAMPLE_IMAGES
@@ -753,6 +753,64 @@ def test_a_file_not_there_is_missing_and_a_read_that_keeps_failing_is_unreadable
               if r.get("image")]
     assert row["error_reason"] == "unreadable" and "ConnectionError after 3 attempts" in row["error_detail"]
     assert {"missing", "unreadable"} <= set(RETRIED_REASONS)
+
+
+def test_an_http_error_other_than_404_is_retried_not_taken_for_a_missing_file(tmp_path, monkeypatch):
+    """fsspec's HTTP filesystem raises FileNotFoundError for any HEAD/GET that fails, a 503 or a
+    refused connection too: a manifest of URLs must retry those (then ``unreadable``, naming the
+    network error) and keep ``missing`` for a 404 or 410."""
+    import http.server
+    import socket
+
+    from pipeline import shards as shards_mod
+
+    tar = tar_bytes(["chelsea.jpg", "coffee.jpg"])
+    bodies = {"/a.jpg": sample_bytes("chelsea.jpg"), "/flaky.jpg": sample_bytes("coffee.jpg"), "/flaky.tar": tar}
+    hits = Counter()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.respond(body=False)
+
+        def do_GET(self):
+            self.respond(body=True)
+
+        def respond(self, body):
+            hits[self.path] += 1
+            if self.path.startswith("/flaky") and hits[self.path] <= 2:  # its first two requests
+                return self.send_error(503)
+            if self.path not in bodies:
+                return self.send_error(410 if self.path == "/removed.jpg" else 404)
+            data = bodies[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}/x.jpg"
+    monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        files = Shard("l-00000", "files", tuple(f"{url}/{n}" for n in ("a.jpg", "flaky.jpg", "gone.jpg", "removed.jpg"))
+                      + (refused,))
+        got = {uri.rsplit("/", 1)[-1]: (data, error) for _, uri, data, error, _ in iter_shard_files(files)}
+        tar_files = list(iter_shard_files(Shard("flaky", "tar", (f"{url}/flaky.tar",))))
+    finally:
+        server.shutdown()
+    assert got["a.jpg"] == (bodies["/a.jpg"], None) and got["flaky.jpg"] == (bodies["/flaky.jpg"], None)
+    assert [read_error_reason(got[n][1]) for n in ("gone.jpg", "removed.jpg", "x.jpg")] == [
+        "missing", "missing", "unreadable"]
+    assert "ClientConnectorError after 3 attempts: Cannot connect to host" in got["x.jpg"][1]
+    assert [(name, data, error) for name, _, data, error, _ in tar_files] == [
+        ("chelsea.jpg", bodies["/a.jpg"], None), ("coffee.jpg", bodies["/flaky.jpg"], None)]
 
 
 def tar_bytes(names):
