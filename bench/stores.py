@@ -13,16 +13,18 @@ from typing import Any, Dict, Iterator, Optional
 
 
 @contextmanager
-def moto_bucket() -> Iterator[Dict[str, Any]]:
+def moto_bucket(latency_s: float = 0.0) -> Iterator[Dict[str, Any]]:
     """A moto S3 server in a child process on 127.0.0.1 with a bucket "bench"; the storage options
-    that reach it."""
+    that reach it. ``latency_s``: each request is answered that much later, as a store's
+    time to first byte (S3's is tens of ms; moto's own, on this machine, ~1 ms)."""
     import boto3
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = (["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)] if not latency_s
+               else ["-c", SLOW_MOTO, str(port), str(latency_s)])
+    server = subprocess.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench",
@@ -39,6 +41,18 @@ def moto_bucket() -> Iterator[Dict[str, Any]]:
     finally:
         server.terminate()
         server.wait()
+
+
+SLOW_MOTO = """
+import sys, time
+from moto.server import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import run_simple
+app, latency = DomainDispatcherApplication(create_backend_app), float(sys.argv[2])
+def slow(environ, start_response):
+    time.sleep(latency)
+    return app(environ, start_response)
+run_simple("127.0.0.1", int(sys.argv[1]), slow, threaded=True)
+"""  # moto's server, each answer delayed
 
 
 def s3_options(endpoint_url: Optional[str]) -> Optional[Dict[str, Any]]:

@@ -17,6 +17,7 @@ name in different folders stay two images.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import posixpath
 import re
@@ -24,9 +25,10 @@ import tarfile
 import threading
 import time
 import zlib
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .names import name_digest, short_part
 from .storage import failure, filesystem, is_glob, list_input, not_there, open_uri
@@ -38,6 +40,10 @@ MANIFEST_EXTENSIONS = (".parquet", ".csv")  # an input path with one of these is
 TAR_SIDECAR_EXTENSIONS = (".json",)  # SA-1B tars pair each jpg with its annotation json
 READ_ATTEMPTS = 3  # tries per file before its read error is recorded
 RETRY_BASE_DELAY_S = 0.5  # doubled after every failed try
+# A shard's files are read this many at a time, in threads, while the ones before them decode: an
+# object store's latency (tens of ms a request) would otherwise be paid once per image, in turn.
+READ_AHEAD = 8
+READ_AHEAD_BYTES = 256 * 1024 * 1024  # ...and no more are started while those read hold this much
 # Of a shard id: a local output stages "masks/<id>.parquet" as "<id>.parquet.<32 hex>.tmp" (45 bytes
 # more; a file name may be 255), and a manifest's shards add "-00000" to its name.
 SHARD_ID_BYTES = 160
@@ -172,19 +178,63 @@ def _read_with_retries(uri: str, opts: Dict[str, Any]) -> Tuple[Optional[bytes],
     delay = RETRY_BASE_DELAY_S
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
-            with open_uri(uri, "rb", opts) as f:
-                return f.read(), None
-        except FileNotFoundError as e:
+            return read_file(uri, opts), None
+        except Exception as e:  # transient object-store and network errors, unless the file is not there
             if not_there(e):
-                return None, f"{MISSING}{e}"
+                return None, _missing(uri, e)
             error = failure(e)
-        except Exception as e:  # transient object-store and network errors
-            error = e
         if attempt == READ_ATTEMPTS:
             return None, f"{type(error).__name__} after {attempt} attempts: {error}"
         time.sleep(delay)
         delay *= 2
     raise AssertionError("unreachable")
+
+
+def _missing(uri: str, error: BaseException) -> str:
+    return f"{MISSING}{error}" if isinstance(error, FileNotFoundError) else f"{MISSING}{uri} ({error})"
+
+
+def read_file(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> bytes:
+    """The bytes of the file at ``uri`` in one request: an object store's GET, where an ``open``
+    and ``read`` would ask for its size first (a HEAD, a second round trip), and so would s3fs's
+    ``cat_file`` since its parallel downloads (fsspec/s3fs#1007, 2026), to fetch a file over its
+    block size in parts, unless told ``max_concurrency=1``."""
+    fs, path = filesystem(uri, storage_options)
+    one_request = {"max_concurrency": 1} if _takes(fs, "_cat_file", "max_concurrency") else {}
+    return fs.cat_file(path, **one_request)
+
+
+def _takes(fs: Any, method: str, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(getattr(fs, method)).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _read_ahead(uris: Sequence[str], opts: Dict[str, Any]) -> Iterator[Tuple[Optional[bytes], Optional[str]]]:
+    """:func:`_read_with_retries` of each uri, in order, with up to ``READ_AHEAD`` read at once in
+    threads, fewer while those read ahead hold ``READ_AHEAD_BYTES`` (a read not yet done counted
+    as the largest file read so far). Reads not yet started when the caller stops are cancelled."""
+    pool = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="read-ahead")
+    window: Deque[Future] = deque()
+    todo = iter(uris)
+    largest = 0
+    try:
+        while True:
+            while len(window) < READ_AHEAD:
+                sizes = [len(f.result()[0] or b"") if f.done() else None for f in window]
+                largest = max([largest] + [n for n in sizes if n is not None])
+                if sum(largest if n is None else n for n in sizes) >= READ_AHEAD_BYTES:
+                    break
+                uri = next(todo, None)
+                if uri is None:
+                    break
+                window.append(pool.submit(_read_with_retries, uri, opts))
+            if not window:
+                return
+            yield window.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 MemberRange = Optional[Tuple[int, int]]  # (offset, size) of a tar member's data in its uncompressed tar
@@ -202,8 +252,7 @@ def iter_shard_files(shard: Shard, storage_options: Optional[Mapping[str, Any]] 
     """
     opts: Dict[str, Any] = dict(storage_options or {})
     if shard.kind == "files":
-        for uri in shard.uris:
-            data, error = _read_with_retries(uri, opts)
+        for uri, (data, error) in zip(shard.uris, _read_ahead(shard.uris, opts)):
             yield shard.name_of(uri), uri, data, error, None
         return
     (tar_uri,) = shard.uris
@@ -254,16 +303,14 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[ShardFile]:
             if bad_end is not None:
                 yield name, tar_uri, None, _tar_error(given, member_name, bad_end, "truncated or corrupt"), None
             return
-        except FileNotFoundError as e:
-            if not_there(e):
-                yield name, tar_uri, None, f"{MISSING}{e}", None
-                return
-            error: BaseException = failure(e)
         except (tarfile.TarError, EOFError, zlib.error) as e:  # the bytes are bad: reading again would not help
             yield name, tar_uri, None, _tar_error(given, member_name, e, "truncated or corrupt"), None
             return
-        except Exception as e:  # transient object-store and network errors
-            error = e
+        except Exception as e:  # transient object-store and network errors, unless the tar is not there
+            if not_there(e):
+                yield name, tar_uri, None, _missing(tar_uri, e), None
+                return
+            error = failure(e)
         if attempt == READ_ATTEMPTS:
             yield name, tar_uri, None, _tar_error(given, member_name, error, f"unreadable after {attempt} attempts"), None
             return
@@ -380,5 +427,4 @@ def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
                 if m.name == member:
                     return tar.extractfile(m).read()
         raise FileNotFoundError(f"{member} not in {tar_uri}")
-    with open_uri(uri, "rb", opts) as f:
-        return f.read()
+    return read_file(uri, opts)

@@ -83,15 +83,17 @@ def open_uri(uri: str, mode: str = "rb", storage_options: Optional[Mapping[str, 
 NOT_FOUND_STATUSES = (404, 410)  # HTTP statuses that say a file is not there
 
 
-def not_there(error: FileNotFoundError) -> bool:
-    """Whether ``error`` says the file is not there. fsspec's HTTP filesystem raises
-    ``FileNotFoundError`` for any HEAD or GET that fails (a 503, a refused connection, a DNS
-    failure, a timeout), with that failure as its cause: those are network errors, to be
-    retried, not a missing file. Other filesystems raise it for a missing file only."""
-    cause = error.__cause__
+def not_there(error: BaseException) -> bool:
+    """Whether a read's ``error`` says the file is not there: a ``FileNotFoundError``, or an
+    HTTP 404 or 410 however raised. fsspec's HTTP filesystem raises ``FileNotFoundError`` for any
+    HEAD or GET that fails (a 503, a refused connection, a DNS failure, a timeout), with that
+    failure as its cause: those are network errors, to be retried, not a missing file."""
+    cause = error.__cause__ if isinstance(error, FileNotFoundError) else error
     status = getattr(cause, "status", None)
     if isinstance(status, int):
         return status in NOT_FOUND_STATUSES
+    if not isinstance(error, FileNotFoundError):
+        return False
     network = isinstance(cause, (OSError, TimeoutError)) or type(cause).__module__.split(".")[0] == "aiohttp"
     return not network or isinstance(cause, FileNotFoundError)
 

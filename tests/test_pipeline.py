@@ -706,21 +706,22 @@ def test_a_checkpoint_the_driver_does_not_see_is_left_to_a_clusters_workers(tmp_
 
 
 def test_transient_read_errors_are_retried(tmp_path, monkeypatch):
-    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
 
     from pipeline import shards as shards_mod
 
     path = tmp_path / "a.jpg"
     path.write_bytes(b"abc")
-    real_open, calls = fsspec.open, []
+    real_cat, calls = LocalFileSystem.cat_file, []
 
-    def flaky_open(uri, *args, **kwargs):
-        calls.append(uri)
+    def flaky_cat(self, path, *args, **kwargs):
+        calls.append(path)
         if len(calls) < 3:
             raise ConnectionError("connection reset")
-        return real_open(uri, *args, **kwargs)
+        return real_cat(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(fsspec, "open", flaky_open)
+    monkeypatch.setattr(LocalFileSystem, "cat_file", flaky_cat)
+    monkeypatch.setattr(shards_mod, "READ_AHEAD", 1)  # one read at a time: the calls come in order
     monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
     shard = Shard("files-00000", "files", (str(path), str(tmp_path / "missing.jpg")))
     (ok, missing) = list(iter_shard_files(shard))
@@ -728,11 +729,68 @@ def test_transient_read_errors_are_retried(tmp_path, monkeypatch):
     assert missing[2] is None and missing[3].startswith("FileNotFoundError")
 
 
+def test_a_shards_files_are_read_ahead_in_order_and_each_in_one_request(s3_bucket, monkeypatch):
+    """A shard's files are read ``READ_AHEAD`` at a time in threads while the ones before them
+    decode, so an object store's latency is not paid per image in turn; they come in order
+    whatever order the reads end in; no more are started while those read hold
+    ``READ_AHEAD_BYTES``; a reader stopped early starts no other read. On S3 a file is one GET,
+    with no HEAD before it (s3fs's cat_file asks for the size first to download in parts)."""
+    import random
+    import time
+
+    from pipeline import shards as shards_mod
+    from pipeline.storage import filesystem
+
+    lock, active, peak, started = threading.Lock(), [0], [0], []
+
+    def slow_read(uri, opts=None):
+        with lock:
+            started.append(uri)
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(random.uniform(0.02, 0.08))
+        with lock:
+            active[0] -= 1
+        return uri.encode() * 100
+
+    monkeypatch.setattr(shards_mod, "read_file", slow_read)
+    uris = tuple(f"/in/{i:02d}.jpg" for i in range(20))
+    shard = Shard("files-00000", "files", uris, "/in")
+    assert [(name, data) for name, _, data, _, _ in iter_shard_files(shard)] == [
+        (u[4:], u.encode() * 100) for u in uris]
+    assert peak[0] == shards_mod.READ_AHEAD == 8
+
+    def started_after(reader, step=0.3):
+        next(reader)
+        time.sleep(step)  # every read started has ended
+        return len(started)
+
+    started.clear()
+    monkeypatch.setattr(shards_mod, "READ_AHEAD_BYTES", 2.5 * 1000)  # two and a half files
+    reader = iter_shard_files(shard)
+    assert [started_after(reader) for _ in range(7)] == [8, 8, 8, 8, 8, 8, 9]  # 2 held: one more
+    reader.close()
+    time.sleep(0.3)
+    assert len(started) == 9
+
+    monkeypatch.undo()
+    opts = s3_bucket("readbucket")
+    fs = filesystem("s3://readbucket", opts)[0]
+    fs.pipe({f"readbucket/p/{i}.jpg": bytes([i]) * 10 for i in range(3)})
+
+    def head(*args, **kwargs):
+        raise AssertionError("a HEAD before the GET")
+
+    monkeypatch.setattr(type(fs), "_info", head)
+    got = list(iter_shard_files(Shard("files-00000", "files", tuple(f"s3://readbucket/p/{i}.jpg" for i in range(3))), opts))
+    assert [(data, error) for _, _, data, error, _ in got] == [(bytes([i]) * 10, None) for i in range(3)]
+
+
 def test_a_file_not_there_is_missing_and_a_read_that_keeps_failing_is_unreadable(tmp_path, monkeypatch):
     """A manifest naming a file not uploaded (or a tar gone) gets reason ``missing`` at once; a
     storage error still failing after the retries gets ``unreadable``. Both are retried by
     ``--retry-failed`` (the file may be there now, the outage over)."""
-    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
 
     from pipeline import shards as shards_mod
     from pipeline.config import RETRIED_REASONS
@@ -744,10 +802,10 @@ def test_a_file_not_there_is_missing_and_a_read_that_keeps_failing_is_unreadable
                for s in (shard, gone_tar) for r in decode_rows(s, {}, 10**8) if r.get("image")}
     assert reasons == {"a.jpg": None, "gone.jpg": "missing", "gone.tar": "missing"}
 
-    def outage(uri, *args, **kwargs):
+    def outage(self, path, *args, **kwargs):
         raise ConnectionError("connection reset")
 
-    monkeypatch.setattr(fsspec, "open", outage)
+    monkeypatch.setattr(LocalFileSystem, "cat_file", outage)
     monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
     (row,) = [json.loads(r["image"]) for r in decode_rows(Shard("f", "files", (str(tmp_path / "a.jpg"),)), {}, 10**8)
               if r.get("image")]
