@@ -48,7 +48,7 @@ def one_at_a_time(shard: Shard, opts: Optional[Dict[str, Any]]) -> int:
     return len(shard.uris)
 
 
-def read_ahead(shard: Shard, opts: Optional[Dict[str, Any]]) -> int:
+def decode_stage(shard: Shard, opts: Optional[Dict[str, Any]]) -> int:
     rows = [r for r in decode_rows(shard, opts, 10**8) if r["image_index"] >= 0]
     assert all(r.get("pixels") for r in rows), "an image did not decode"
     return len(rows)
@@ -83,9 +83,9 @@ def run(uri: str, opts: Optional[Dict[str, Any]], images: int, latency_ms: float
     try:
         shard = Shard("files-00000", "files", tuple(uris), f"s3://{path}")
         warm = Shard("warm", "files", tuple(uris[:2]), f"s3://{path}")
-        one_at_a_time(warm, opts), read_ahead(warm, opts)  # a client, botocore's models: once a process
+        one_at_a_time(warm, opts), decode_stage(warm, opts)  # a client, botocore's models: once a process
         before = measured(lambda: one_at_a_time(shard, opts), calls)
-        ours = measured(lambda: read_ahead(shard, opts), calls)
+        ours = measured(lambda: decode_stage(shard, opts), calls)
     finally:
         type(fs)._call_s3 = real
         remove(fs, path, recursive=True)

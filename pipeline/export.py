@@ -46,7 +46,7 @@ from .lease import RunLease, check_holder
 from .marker_index import load_markers
 from .names import name_digest, relative_path
 from .output import READ_WORKERS, OutputDir, resized_short_side
-from .shards import _iter_tar, _read_with_retries, tar_of_member
+from .shards import _iter_tar, read_ahead, tar_of_member
 from .storage import files_in, filesystem, full_uri, remove
 
 log = logging.getLogger(__name__)
@@ -284,16 +284,17 @@ def prune_shards(dest: ExportDest, done: Dict[str, Dict[str, Any]], shard_ids: S
 # -- sources for the tars ----------------------------------------------------------------------
 
 def iter_sources(uris: Sequence[str], storage_options: Optional[Mapping[str, Any]] = None) -> Iterator[bytes]:
-    """The bytes of each images-table ``uri``, in order: a file in one read (with the run's
-    retries), the members of a tar from one pass over it (a shard's members come in tar order),
-    not a pass from the start per member. A source that is gone or unreadable raises ``OSError``
-    naming it."""
+    """The bytes of each images-table ``uri``, in order: files read as a run reads them (with its
+    retries, a few ahead), the members of a tar from one pass over it (a shard's members come in
+    tar order), not a pass from the start per member. A source that is gone or unreadable raises
+    ``OSError`` naming it."""
     opts = dict(storage_options or {})
     tar_uri, members = None, iter(())
+    files = read_ahead([uri for uri in uris if tar_of_member(uri) is None], opts)
     for uri in uris:
         tar = tar_of_member(uri)
         if tar is None:
-            data, error = _read_with_retries(uri, opts)
+            data, error = next(files)
             if error is not None:
                 raise OSError(f"source image {uri} could not be read: {error}")
             yield data

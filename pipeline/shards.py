@@ -211,7 +211,7 @@ def _takes(fs: Any, method: str, argument: str) -> bool:
         return False
 
 
-def _read_ahead(uris: Sequence[str], opts: Dict[str, Any]) -> Iterator[Tuple[Optional[bytes], Optional[str]]]:
+def read_ahead(uris: Sequence[str], opts: Dict[str, Any]) -> Iterator[Tuple[Optional[bytes], Optional[str]]]:
     """:func:`_read_with_retries` of each uri, in order, with up to ``READ_AHEAD`` read at once in
     threads, fewer while those read ahead hold ``READ_AHEAD_BYTES`` (a read not yet done counted
     as the largest file read so far). Reads not yet started when the caller stops are cancelled."""
@@ -252,7 +252,7 @@ def iter_shard_files(shard: Shard, storage_options: Optional[Mapping[str, Any]] 
     """
     opts: Dict[str, Any] = dict(storage_options or {})
     if shard.kind == "files":
-        for uri, (data, error) in zip(shard.uris, _read_ahead(shard.uris, opts)):
+        for uri, (data, error) in zip(shard.uris, read_ahead(shard.uris, opts)):
             yield shard.name_of(uri), uri, data, error, None
         return
     (tar_uri,) = shard.uris
