@@ -27,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.storage import filesystem, fingerprint, full_uri, list_input, remove
 
 from .common import machine
-from .stores import moto_bucket, s3_options, write_json
+from .stores import moto_bucket, print_and_write, refuse_a_prefix_with_files, s3_calls, s3_options
 
 
 def measured(fn: Callable[[], Any], files: int, requests: Callable[[], int]) -> Dict[str, Any]:
@@ -49,8 +49,7 @@ def measured(fn: Callable[[], Any], files: int, requests: Callable[[], int]) -> 
 def run(uri: str, opts: Optional[Dict[str, Any]], files: int, folders: int) -> Dict[str, Any]:
     fs, path = filesystem(uri, opts)
     path = path.rstrip("/")
-    if fs.exists(path) and fs.find(path):
-        raise SystemExit(f"error: {uri} already holds files; give an empty prefix (the benchmark removes its own).")
+    refuse_a_prefix_with_files(fs, path, uri)
     names = [f"{path}/d{i % folders:03d}/img_{i:07d}.jpg" for i in range(files)]
     if isinstance(fs, LocalFileSystem):
         for folder in {n.rsplit("/", 1)[0] for n in names}:
@@ -65,23 +64,11 @@ def run(uri: str, opts: Optional[Dict[str, Any]], files: int, folders: int) -> D
             fs.invalidate_cache()
             return found
 
-        calls = []
-        if hasattr(fs, "_call_s3"):  # count S3 requests on every instance
-            real = type(fs)._call_s3
-
-            async def counting(self, method, *args, **kwargs):
-                calls.append(method)
-                return await real(self, method, *args, **kwargs)
-
-            type(fs)._call_s3 = counting
-        try:
+        with s3_calls(fs) as calls:
             lists = lambda: sum(c.startswith("list_") for c in calls)  # noqa: E731
             list_input(uri, opts)  # once unmeasured: what a process loads once (botocore's API models, a client)
             whole = measured(find_whole, files, lists)
             ours = measured(lambda: list_input(uri, opts).fingerprints, files, lists)
-        finally:
-            if hasattr(fs, "_call_s3"):
-                type(fs)._call_s3 = real
     finally:
         remove(fs, path, recursive=True)
     return {"input": uri, "files": files, "folders": folders, "fsspec_find": whole, "list_input": ours,
@@ -115,10 +102,7 @@ def main(argv=None) -> None:
             results.append(run("s3://bench/listing", opts, args.files, args.folders))
         with tempfile.TemporaryDirectory() as tmp:
             results.append(run(os.path.join(tmp, "listing"), None, args.files, args.folders))
-    for result in results:
-        report(result)
-    if args.json:
-        write_json(args.json, results)
+    print_and_write(results, report, args.json)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pipeline.single_machine import SAMPLE_IMAGES
 from pipeline.storage import filesystem, open_uri, remove
 
 from .common import machine
-from .stores import moto_bucket, s3_options, write_json
+from .stores import moto_bucket, print_and_write, refuse_a_prefix_with_files, s3_calls, s3_options
 
 
 def sample_jpeg() -> bytes:
@@ -67,27 +67,18 @@ def measured(fn: Callable[[], int], calls: List[str]) -> Dict[str, Any]:
 def run(uri: str, opts: Optional[Dict[str, Any]], images: int, latency_ms: float) -> Dict[str, Any]:
     fs, path = filesystem(uri, opts)
     path = path.rstrip("/")
-    if fs.exists(path) and fs.find(path):
-        raise SystemExit(f"error: {uri} already holds files; give an empty prefix (the benchmark removes its own).")
+    refuse_a_prefix_with_files(fs, path, uri)
     data = sample_jpeg()
     uris = [f"s3://{path}/{i:05d}.jpg" for i in range(images)]
     fs.pipe({u[len("s3://"):]: data for u in uris})
-    calls: List[str] = []
-    real = type(fs)._call_s3
-
-    async def counting(self, method, *args, **kwargs):
-        calls.append(method)
-        return await real(self, method, *args, **kwargs)
-
-    type(fs)._call_s3 = counting
     try:
-        shard = Shard("files-00000", "files", tuple(uris), f"s3://{path}")
-        warm = Shard("warm", "files", tuple(uris[:2]), f"s3://{path}")
-        one_at_a_time(warm, opts), decode_stage(warm, opts)  # a client, botocore's models: once a process
-        before = measured(lambda: one_at_a_time(shard, opts), calls)
-        ours = measured(lambda: decode_stage(shard, opts), calls)
+        with s3_calls(fs) as calls:
+            shard = Shard("files-00000", "files", tuple(uris), f"s3://{path}")
+            warm = Shard("warm", "files", tuple(uris[:2]), f"s3://{path}")
+            one_at_a_time(warm, opts), decode_stage(warm, opts)  # a client, botocore's models: once a process
+            before = measured(lambda: one_at_a_time(shard, opts), calls)
+            ours = measured(lambda: decode_stage(shard, opts), calls)
     finally:
-        type(fs)._call_s3 = real
         remove(fs, path, recursive=True)
     return {"input": uri, "images": images, "jpeg_bytes": len(data), "added_latency_ms": latency_ms,
             "read_ahead": READ_AHEAD, "one_at_a_time": before, "decode_rows": ours,
@@ -120,10 +111,7 @@ def main(argv=None) -> None:
         for latency_ms in sorted({0.0, args.latency_ms}):
             with moto_bucket(latency_ms / 1000) as opts:
                 results.append(run("s3://bench/reading", opts, args.images, latency_ms))
-    for result in results:
-        report(result)
-    if args.json:
-        write_json(args.json, results)
+    print_and_write(results, report, args.json)
 
 
 if __name__ == "__main__":

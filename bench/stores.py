@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 
 @contextmanager
@@ -55,6 +55,34 @@ run_simple("127.0.0.1", int(sys.argv[1]), slow, threaded=True)
 """  # moto's server, each answer delayed
 
 
+@contextmanager
+def s3_calls(fs: Any) -> Iterator[List[str]]:
+    """The S3 API methods (``get_object``, ``list_objects_v2``...) that every s3fs instance calls
+    while in the block, in order; nothing for another filesystem."""
+    calls: List[str] = []
+    real = getattr(type(fs), "_call_s3", None)
+    if real is None:
+        yield calls
+        return
+
+    async def counting(self, method, *args, **kwargs):
+        calls.append(method)
+        return await real(self, method, *args, **kwargs)
+
+    type(fs)._call_s3 = counting
+    try:
+        yield calls
+    finally:
+        type(fs)._call_s3 = real
+
+
+def refuse_a_prefix_with_files(fs: Any, path: str, uri: str) -> None:
+    """A benchmark writes its files under ``path`` and removes the prefix at the end: one that
+    holds files already is refused."""
+    if fs.exists(path) and fs.find(path):
+        raise SystemExit(f"error: {uri} already holds files; give an empty prefix (the benchmark removes its own).")
+
+
 def s3_options(endpoint_url: Optional[str]) -> Optional[Dict[str, Any]]:
     """Storage options that reach an S3-compatible store's ``endpoint_url`` (None: the usual AWS ones)."""
     return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
@@ -64,3 +92,12 @@ def write_json(path: str, result: Any) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+
+
+def print_and_write(results: List[Dict[str, Any]], report: Callable[[Dict[str, Any]], None],
+                    json_path: Optional[str]) -> None:
+    """Each result printed by ``report``; all of them written to ``json_path`` if given."""
+    for result in results:
+        report(result)
+    if json_path:
+        write_json(json_path, results)
