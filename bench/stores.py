@@ -13,17 +13,19 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 
 @contextmanager
-def moto_bucket(latency_s: float = 0.0) -> Iterator[Dict[str, Any]]:
+def moto_bucket(latency_s: float = 0.0, bytes_per_s: float = 0.0) -> Iterator[Dict[str, Any]]:
     """A moto S3 server in a child process on 127.0.0.1 with a bucket "bench"; the storage options
     that reach it. ``latency_s``: each request is answered that much later, as a store's
-    time to first byte (S3's is tens of ms; moto's own, on this machine, ~1 ms)."""
+    time to first byte (S3's is tens of ms; moto's own, on this machine, ~1 ms); ``bytes_per_s``
+    (0: as fast as it goes): each answer's body sent at that pace, as a store's throughput per
+    connection."""
     import boto3
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = (["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)] if not latency_s
-               else ["-c", SLOW_MOTO, str(port), str(latency_s)])
+    command = (["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)] if not (latency_s or bytes_per_s)
+               else ["-c", SLOW_MOTO, str(port), str(latency_s), str(bytes_per_s)])
     server = subprocess.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -47,12 +49,18 @@ SLOW_MOTO = """
 import sys, time
 from moto.server import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import run_simple
-app, latency = DomainDispatcherApplication(create_backend_app), float(sys.argv[2])
+app, latency, pace = DomainDispatcherApplication(create_backend_app), float(sys.argv[2]), float(sys.argv[3])
+def paced(body):
+    for part in body:
+        for i in range(0, len(part), 65536):
+            time.sleep(len(part[i:i + 65536]) / pace)
+            yield part[i:i + 65536]
 def slow(environ, start_response):
     time.sleep(latency)
-    return app(environ, start_response)
+    body = app(environ, start_response)
+    return paced(body) if pace else body
 run_simple("127.0.0.1", int(sys.argv[1]), slow, threaded=True)
-"""  # moto's server, each answer delayed
+"""  # moto's server, each answer delayed and paced
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .names import name_digest, short_part
-from .storage import failure, filesystem, is_glob, list_input, not_there, open_uri
+from .storage import failure, filesystem, is_glob, list_input, not_there, open_stream, open_uri
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def _iter_tar(tar_uri: str, opts: Dict[str, Any]) -> Iterator[ShardFile]:
     for attempt in range(1, READ_ATTEMPTS + 1):
         seen = 0
         try:
-            with open_uri(tar_uri, "rb", opts) as f, \
+            with open_stream(tar_uri, opts) as f, \
                     tarfile.open(fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
                 for member in tar:
                     if not member.isfile() or member.name.endswith(TAR_SIDECAR_EXTENSIONS):
@@ -422,7 +422,7 @@ def read_source(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
             offset, size = tar_index(tar_uri, opts)[member]
             fs, path = filesystem(tar_uri, opts)
             return fs.cat_file(path, start=offset, end=offset + size)  # one ranged read, no read-ahead
-        with open_uri(tar_uri, "rb", opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with open_stream(tar_uri, opts) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for m in tar:
                 if m.name == member:
                     return tar.extractfile(m).read()

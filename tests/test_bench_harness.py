@@ -136,25 +136,30 @@ def test_listing_benchmark_lists_every_file_both_ways_and_removes_them(tmp_path,
 
 def test_reading_benchmark_reads_every_image_both_ways_with_the_requests_each_makes(tmp_path, capsys):
     """``python -m bench.reading`` (the README's command) on 4 images of a moto S3 server in a
-    process of its own, as it answers and 20 ms later: the reader before made a HEAD and a GET
-    per image, the decode stage's makes one GET; the images are removed after."""
+    process of its own, as it answers and slowed: loose files, the reader before made a HEAD and
+    a GET per image, the decode stage's makes one GET; the tar (2.3 MB, one range) is read with
+    its size and one GET; the files are removed after."""
     import boto3
 
     from bench import reading as bench_reading
-
-    bench_reading.main(["--images", "4", "--latency-ms", "20", "--json", str(tmp_path / "r.json")])
-    results = json.loads((tmp_path / "r.json").read_text())
-    assert [r["added_latency_ms"] for r in results] == [0.0, 20.0]
-    for r in results:
-        assert r["one_at_a_time"]["requests_per_image"] == {"get_object": 1.0, "head_object": 1.0}
-        assert r["decode_rows"]["requests_per_image"] == {"get_object": 1.0}
-    assert len(re.findall(r"decode_rows / one_at_a_time: [0-9.]+", capsys.readouterr().out)) == 2
     from bench.stores import moto_bucket
 
+    bench_reading.main(["--images", "4", "--latency-ms", "20", "--mb-per-s", "200", "--json", str(tmp_path / "r.json")])
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["added_latency_ms"], r["mb_per_s_per_connection"]) for r in results] == [(0.0, 0.0), (20.0, 200.0)]
+    for r in results:
+        files, tar = r["loose_files"], r["tar"]
+        assert files["one_at_a_time"]["requests_per_image"] == {"get_object": 1.0, "head_object": 1.0}
+        assert files["decode_rows"]["requests_per_image"] == {"get_object": 1.0}
+        assert tar["decode_rows"]["requests_per_image"] == {"get_object": 0.25, "head_object": 0.25}
+        assert tar["one_stream"]["seconds"] > 0 and files["ratio"] > 0 and tar["ratio"] > 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"decode_rows / one_at_a_time: [0-9.]+", out)) == len(
+        re.findall(r"decode_rows / one_stream: [0-9.]+", out)) == 2
     with moto_bucket(0.01) as opts:  # a prefix that holds files is refused, and they are kept
         client = boto3.client("s3", endpoint_url=opts["client_kwargs"]["endpoint_url"], aws_access_key_id="bench",
                               aws_secret_access_key="bench", region_name="us-east-1")
         client.put_object(Bucket="bench", Key="mine/kept.jpg", Body=b"x")
         with pytest.raises(SystemExit, match="already holds files"):
-            bench_reading.run("s3://bench/mine", opts, 2, 10.0)
+            bench_reading.run("s3://bench/mine", opts, 2, 10.0, 0.0)
         assert client.get_object(Bucket="bench", Key="mine/kept.jpg")["Body"].read() == b"x"

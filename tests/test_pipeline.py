@@ -1303,6 +1303,66 @@ def test_an_output_whose_name_holds_glob_characters_is_read_and_cleared_as_itsel
         assert list(ExportDest(f"{root}/exp out v", o).markers()) == ["files-00000"]
 
 
+def test_a_tar_on_s3_is_read_in_ranged_gets_ahead_of_its_members(s3_bucket, tmp_path, monkeypatch):
+    """A tar shard on S3 (or GCS) is read front to back in ranged GETs, several in flight ahead
+    of the member being decoded, rather than in fsspec's blocks fetched when the reader reaches
+    them: the members are those a local read gives, in order, with their offsets; the ranges
+    cover the tar once; a range that comes back short (the tar replaced while read) is an error,
+    not bytes of two files; a tar not there is missing."""
+    from pipeline import shards as shards_mod
+    from pipeline import storage as storage_mod
+    from pipeline.storage import filesystem, open_stream
+
+    names = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg", "d/chelsea.jpg"]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in names:
+            blob = sample_bytes(posixpath.basename(name))
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    data = buf.getvalue()
+    (tmp_path / "sa_1.tar").write_bytes(data)
+    opts = s3_bucket("tarranges")
+    fs = filesystem("s3://tarranges", opts)[0]
+    fs.pipe("tarranges/sa_1.tar", data)
+    range_bytes = 40_000
+    monkeypatch.setattr(storage_mod, "STREAM_RANGE_BYTES", range_bytes)
+    calls, real = [], type(fs)._call_s3
+
+    async def noting(self, method, *args, **kwargs):
+        calls.append((method, kwargs.get("Range")))
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "_call_s3", noting)
+    local = list(iter_shard_files(Shard("sa_1", "tar", (str(tmp_path / "sa_1.tar"),))))
+    remote = list(iter_shard_files(Shard("sa_1", "tar", ("s3://tarranges/sa_1.tar",)), opts))
+    assert [(n, d, e, r) for n, _, d, e, r in remote] == [(n, d, e, r) for n, _, d, e, r in local]
+    assert [n for n, *_ in remote] == names
+    gets = [r for m, r in calls if m == "get_object"]
+    starts = list(range(0, len(data), range_bytes))
+    assert gets == [f"bytes={s}-{min(s + range_bytes, len(data)) - 1}" for s in starts] and len(gets) > 4
+    assert [m for m, _ in calls if m != "get_object"] == ["head_object"]  # the size, once
+
+    class Shrinking:  # a store whose second range comes back short: the tar was replaced meanwhile
+        protocol = "s3"
+
+        def size(self, path):
+            return len(data)
+
+        def cat_file(self, path, start, end):
+            return data[start:end] if start == 0 else data[start:end - 10]
+
+    monkeypatch.setattr(storage_mod, "filesystem", lambda uri, opts=None: (Shrinking(), "b/sa_1.tar"))
+    with pytest.raises(OSError, match=r"gave 39990 bytes where 40000 were asked for: the file changed"):
+        with open_stream("s3://b/sa_1.tar") as f:
+            f.read()
+    monkeypatch.undo()
+    monkeypatch.setattr(shards_mod, "RETRY_BASE_DELAY_S", 0.0)
+    (gone,) = iter_shard_files(Shard("gone", "tar", ("s3://tarranges/gone.tar",)), opts)
+    assert read_error_reason(gone[3]) == "missing"
+
+
 def test_tar_members_are_read_at_their_offsets(s3_server, tmp_path, monkeypatch):
     """``read_source`` of a tar member (the renderer's and the fine-tuning reader's random access)
     scans the tar's headers once and then reads each member at its offset, locally and on S3,
