@@ -5,8 +5,9 @@ stage's work: read, decode, the rows):
 - loose files: ``pipeline.reading.decode_rows`` (each file in one GET, ``READ_AHEAD`` read while
   the ones before them decode) against ``open`` and ``read`` a file at a time (a HEAD and a GET,
   in turn with the decoding);
-- a tar: ``decode_rows`` (ranged GETs, ``STREAM_RANGES_AHEAD`` in flight ahead of the members)
-  against fsspec's file of the tar (a block fetched when the reader reaches it).
+- a tar: ``decode_rows`` (``pipeline.storage.open_stream``: blocks of ``STREAM_RANGE_BYTES``, the
+  next fetched while the members before it decode) against fsspec's default file of the tar (a
+  block fetched when the reader reaches it).
 
     python -m bench.reading                                   # a local moto S3 server, as it is and slowed
     python -m bench.reading --input s3://bucket/bench-reading # a real bucket (an empty prefix)
@@ -36,7 +37,7 @@ from pipeline import shards, storage
 from pipeline.reading import decode_rows
 from pipeline.shards import READ_AHEAD, Shard
 from pipeline.single_machine import SAMPLE_IMAGES
-from pipeline.storage import STREAM_RANGE_BYTES, STREAM_RANGES_AHEAD, filesystem, open_uri, remove
+from pipeline.storage import STREAM_RANGE_BYTES, filesystem, open_uri, remove
 
 from .common import machine
 from .stores import moto_bucket, print_and_write, refuse_a_prefix_with_files, s3_calls, s3_options
@@ -143,7 +144,7 @@ def run(uri: str, opts: Optional[Dict[str, Any]], images: int, latency_ms: float
         remove(fs, path, recursive=True)
     return {"input": uri, "images": images, "repeats": repeats, "jpeg_bytes": len(data), "added_latency_ms": latency_ms,
             "mb_per_s_per_connection": mb_per_s, "read_ahead": READ_AHEAD, "stream_range_bytes": STREAM_RANGE_BYTES,
-            "stream_ranges_ahead": STREAM_RANGES_AHEAD, "loose_files": files, "tar": tar, "machine": machine()}
+            "loose_files": files, "tar": tar, "machine": machine()}
 
 
 def report(result: Dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ name in different folders stay two images.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import posixpath
@@ -200,15 +201,17 @@ def read_file(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> 
     ``cat_file`` since its parallel downloads (fsspec/s3fs#1007, 2026), to fetch a file over its
     block size in parts, unless told ``max_concurrency=1``."""
     fs, path = filesystem(uri, storage_options)
-    one_request = {"max_concurrency": 1} if _takes(fs, "_cat_file", "max_concurrency") else {}
-    return fs.cat_file(path, **one_request)
+    return fs.cat_file(path, **_one_request(type(fs)))
 
 
-def _takes(fs: Any, method: str, argument: str) -> bool:
+@functools.lru_cache(maxsize=None)
+def _one_request(fs_class: type) -> Dict[str, Any]:
+    """What a filesystem class's ``cat_file`` needs to read a file in one request."""
     try:
-        return argument in inspect.signature(getattr(fs, method)).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
+        takes = "max_concurrency" in inspect.signature(fs_class._cat_file).parameters
+    except (AttributeError, TypeError, ValueError):  # not an async filesystem
+        takes = False
+    return {"max_concurrency": 1} if takes else {}
 
 
 def read_ahead(uris: Sequence[str], opts: Dict[str, Any]) -> Iterator[Tuple[Optional[bytes], Optional[str]]]:

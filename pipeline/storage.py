@@ -1,5 +1,5 @@
 """Reaching and listing storage through fsspec: filesystems of URIs, an input folder's files
-with their fingerprints, listed as the listing pages in, and files streamed in ranges read ahead.
+with their fingerprints, listed as the listing pages in, and files streamed with a block read ahead.
 
 A driver lists its whole input before a run and keeps ~0.2 KB of each file (its URI and
 fingerprint). fsspec's ``find`` builds its full entry for every file first (~1.4 KB on S3, ~0.8
@@ -12,16 +12,13 @@ listed with their ``find``, whole, and their cache dropped after.
 from __future__ import annotations
 
 import inspect
-import io
 import logging
 import os
 import sys
 import uuid
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, AsyncIterator, BinaryIO, Callable, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Any, AsyncIterator, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple
 
 import fsspec
 from fsspec.asyn import sync
@@ -83,66 +80,23 @@ def open_uri(uri: str, mode: str = "rb", storage_options: Optional[Mapping[str, 
     return fsspec.open(uri, mode, **dict(storage_options or {}))
 
 
-# A file read front to back from S3 or GCS (a tar shard) comes in ranged GETs of this size, this
-# many in flight in threads ahead of the reader: its members decode while the next ones download.
+# A file read front to back from S3 or GCS (a tar shard) comes in ranged GETs of this size, the
+# next one fetched in a thread while the reader is in the one before: its members decode while the
+# next ones download.
 STREAM_RANGE_BYTES = 8 * 1024 * 1024
-STREAM_RANGES_AHEAD = 4
-RANGED_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})  # stores whose GETs honour a byte range
+RANGED_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})  # stores whose files fsspec reads in ranged GETs
 
 
 def open_stream(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> BinaryIO:
-    """``uri`` opened to be read front to back. On S3 and GCS, in ranged GETs read ahead
-    (``STREAM_RANGES_AHEAD`` of ``STREAM_RANGE_BYTES``): fsspec's file reads a block (s3fs: 50
-    MB) only when the reader reaches it, so decoding and downloading would take turns. Elsewhere
-    (local, HTTP, chained), :func:`open_uri`."""
+    """``uri`` opened to be read front to back. On S3 and GCS with fsspec's "background" cache
+    (``STREAM_RANGE_BYTES`` blocks, the next fetched ahead, 2 kept): its default file fetches a
+    block (s3fs: 50 MB) only when the reader reaches it, so decoding and downloading would take
+    turns. Elsewhere (local, HTTP, chained), :func:`open_uri`."""
     fs, path = filesystem(uri, storage_options)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol not in RANGED_PROTOCOLS:
         return open_uri(uri, "rb", storage_options)
-    return io.BufferedReader(_RangesAhead(fs, path, fs.size(path)), buffer_size=1 << 20)
-
-
-class _RangesAhead(io.RawIOBase):
-    """A file of ``size`` bytes read front to back in ranged GETs (``fs.cat_file(path, start,
-    end)``), up to ``STREAM_RANGES_AHEAD`` in flight ahead of the reader."""
-
-    def __init__(self, fs: Any, path: str, size: int) -> None:
-        super().__init__()
-        self._fs, self._path, self._size = fs, path, size
-        self._pool = ThreadPoolExecutor(STREAM_RANGES_AHEAD, thread_name_prefix="ranges-ahead")
-        self._ranges: Deque[Tuple[int, Future]] = deque()  # (its length, its GET)
-        self._requested = 0  # bytes asked for so far, from the start
-        self._chunk = memoryview(b"")  # what is left of the range being read
-
-    def readable(self) -> bool:
-        return True
-
-    def _request(self) -> None:
-        while len(self._ranges) < STREAM_RANGES_AHEAD and self._requested < self._size:
-            start, end = self._requested, min(self._requested + STREAM_RANGE_BYTES, self._size)
-            self._ranges.append((end - start, self._pool.submit(self._fs.cat_file, self._path, start=start, end=end)))
-            self._requested = end
-
-    def readinto(self, buffer: Any) -> int:
-        if not self._chunk:
-            self._request()
-            if not self._ranges:
-                return 0
-            length, got = self._ranges.popleft()
-            data = got.result()
-            if len(data) != length:
-                raise OSError(f"a ranged read of {self._path} gave {len(data)} bytes where {length} were asked "
-                              f"for: the file changed while it was read")
-            self._chunk = memoryview(data)
-            self._request()
-        n = min(len(buffer), len(self._chunk))
-        buffer[:n] = self._chunk[:n]
-        self._chunk = self._chunk[n:]
-        return n
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        super().close()
+    return fs.open(path, "rb", block_size=STREAM_RANGE_BYTES, cache_type="background", cache_options={"maxblocks": 2})
 
 
 NOT_FOUND_STATUSES = (404, 410)  # HTTP statuses that say a file is not there
@@ -164,9 +118,9 @@ def not_there(error: BaseException) -> bool:
 
 
 def failure(error: BaseException) -> BaseException:
-    """The error to report of a failed read: the network error behind a ``FileNotFoundError``
-    that is not :func:`not_there`, else ``error`` itself."""
-    if isinstance(error, FileNotFoundError) and error.__cause__ is not None and not not_there(error):
+    """The error to report of a failed read that is not :func:`not_there`: the network error
+    behind a ``FileNotFoundError``, else ``error`` itself."""
+    if isinstance(error, FileNotFoundError) and error.__cause__ is not None:
         return error.__cause__
     return error
 
